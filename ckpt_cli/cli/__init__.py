@@ -1,0 +1,1 @@
+"""The Typer shell: one module per command, shared options, one output sink, one error table."""

@@ -1,0 +1,35 @@
+"""The `ckpt` command: builds the Typer app and registers the commands; nothing else lives here."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from ckpt_cli import __version__
+from ckpt_cli.cli import convert, demo
+
+app = typer.Typer(
+    name="ckpt", no_args_is_help=True, pretty_exceptions_enable=False, add_completion=True,
+    help="Convert LLM checkpoints between Hugging Face safetensors and MaxText (Orbax), streaming, and prove "
+         "each conversion right.")
+app.add_typer(convert.app, name="convert")
+app.command("demo")(demo.demo)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"ckpt {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def root(
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                          help="Print the version and exit.")] = False,
+) -> None:
+    """ckpt: HF <-> MaxText checkpoint conversion."""
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,71 @@
+"""The one table from our error types to exit codes, and the guard every command runs under.
+
+Only `CkptError`s (things a user can cause) become one-line messages. Any other exception is a bug:
+it keeps its traceback. CKPT_DEBUG=1 shows tracebacks for user errors too.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import signal
+from collections.abc import Callable
+
+import typer
+
+from ckpt_cli import errors as E
+
+EXIT_CODES: dict[type[E.CkptError], int] = {
+    E.VerificationFailed: 1,
+    E.SourceError: 2,
+    E.UnknownModelError: 2,
+    E.ConfigMismatchError: 2,
+    E.ShapeMismatchError: 2,
+    E.UnsupportedError: 2,
+    E.OutputError: 3,
+    E.RemoteError: 4,
+    E.CkptError: 2,
+}
+INTERRUPTED = 130
+
+
+def exit_code(exc: E.CkptError) -> int:
+    for cls in type(exc).__mro__:
+        if cls in EXIT_CODES:
+            return EXIT_CODES[cls]
+    return 2
+
+
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def guarded(fn: Callable) -> Callable:
+    """Run a command: user errors -> one line on stderr + exit code; Ctrl-C/SIGTERM -> exit 130."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        from rich.console import Console
+
+        err = Console(stderr=True, highlight=False)
+        previous = signal.getsignal(signal.SIGTERM)
+        try:
+            signal.signal(signal.SIGTERM, _raise_interrupt)
+        except ValueError:  # not the main thread (e.g. some test runners)
+            previous = None
+        try:
+            return fn(*args, **kwargs)
+        except E.CkptError as exc:
+            if os.environ.get("CKPT_DEBUG"):
+                raise
+            err.print(f"[bold red]error:[/bold red] {exc}", highlight=False)
+            raise typer.Exit(exit_code(exc)) from None
+        except KeyboardInterrupt:
+            err.print("[bold red]interrupted:[/bold red] nothing was published; partial output removed",
+                      highlight=False)
+            raise typer.Exit(INTERRUPTED) from None
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
+
+    return wrapper

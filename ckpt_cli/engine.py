@@ -1,0 +1,125 @@
+"""Executes a plan as a stream: read one source slice, transform, cast, write one target slice, drop it.
+
+Reads and transforms run on a small thread pool (file reads, numpy copies and tensorstore all release
+the GIL), ordered by where the sources sit on disk; writes are staged from the calling thread. A
+byte budget bounds what is held at once, so peak memory depends on the largest slice, not on the
+model. The engine knows nothing of model families.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+
+from ckpt_cli.dtypes import is_float
+from ckpt_cli.errors import ShapeMismatchError
+from ckpt_cli.plan import ConversionPlan, SliceTask, SourceSlice, TensorPlan
+from ckpt_cli.resources import peak_rss_bytes
+
+
+class Reader(Protocol):
+    def describe(self, name: str) -> tuple[tuple[int, ...], np.dtype]: ...   # full shape and dtype of a source
+    def read(self, source: SourceSlice) -> np.ndarray: ...
+    def order_key(self, source: SourceSlice) -> tuple: ...
+
+
+class Writer(Protocol):
+    def create(self, target: str, shape: tuple[int, ...], dtype: np.dtype, chunk: tuple[int, ...]) -> None: ...
+    def write(self, target: str, index: tuple, array: np.ndarray) -> int: ...
+    def flush(self) -> None: ...
+
+
+@dataclass
+class Stats:
+    """What a run did: counts, bytes and time."""
+
+    tensors: int = 0
+    tasks: int = 0
+    bytes_read: int = 0
+    bytes_written: int = 0
+    wall_s: float = 0.0
+    peak_rss: int = 0
+    extra: dict = field(default_factory=dict)
+
+
+ProgressFn = Callable[[int, int], None]   # (bytes done, bytes total)
+
+
+def source_slice_shape(shape: tuple[int, ...], source: SourceSlice) -> tuple[int, ...]:
+    return tuple(s for a, s in enumerate(shape) if a not in source.axes)
+
+
+def validate(plan: ConversionPlan, reader: Reader) -> None:
+    """Every source present with the planned shape and a float dtype, before anything is written."""
+    for tensor in plan.tensors:
+        for task in tensor.tasks:
+            shape, dtype = reader.describe(task.source.name)
+            got = source_slice_shape(shape, task.source)
+            if got != tensor.source_shape:
+                raise ShapeMismatchError(f"tensor {task.source.name}: expected shape {tensor.source_shape} "
+                                         f"for {tensor.target}, found {got}")
+            if not is_float(dtype):
+                raise ShapeMismatchError(f"tensor {task.source.name}: expected a float dtype, found {dtype}")
+
+
+def execute(plan: ConversionPlan, reader: Reader, writer: Writer, progress: ProgressFn | None = None,
+            workers: int = 2, budget_bytes: int | None = None) -> Stats:
+    """Run every task of the plan once. Returns Stats; raises on the first failure (after cancelling)."""
+    start = time.perf_counter()
+    for t in plan.tensors:
+        writer.create(t.target, t.shape, t.dtype, t.chunk_shape)
+    jobs: list[tuple[TensorPlan, SliceTask]] = [(t, task) for t in plan.tensors for task in t.tasks]
+    jobs.sort(key=lambda j: reader.order_key(j[1].source))
+    total = sum(_task_cost(t) for t, _ in jobs)
+    budget = budget_bytes or max(256 << 20, 2 * max(_task_cost(t) for t, _ in jobs))
+    stats = Stats(tensors=len(plan.tensors), tasks=len(jobs))
+
+    def run(tensor: TensorPlan, task: SliceTask) -> tuple[np.ndarray, int]:
+        x = reader.read(task.source)
+        return tensor.apply(x, plan.direction), x.nbytes
+
+    in_flight: deque[tuple[TensorPlan, SliceTask, Future, int]] = deque()
+    held = 0
+    done = 0
+    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ckpt-io")
+    try:
+        it = iter(jobs)
+        nxt = next(it, None)
+        while nxt is not None or in_flight:
+            while nxt is not None and (not in_flight or held + _task_cost(nxt[0]) <= budget):
+                cost = _task_cost(nxt[0])
+                in_flight.append((nxt[0], nxt[1], pool.submit(run, *nxt), cost))
+                held += cost
+                nxt = next(it, None)
+            tensor, task, fut, cost = in_flight.popleft()
+            array, nread = fut.result()
+            stats.bytes_read += nread
+            writer.write(tensor.target, tensor.target_index(task), array)
+            del array
+            held -= cost
+            done += cost
+            stats.bytes_written += tensor.slice_nbytes
+            if progress:
+                progress(done, total)
+        writer.flush()
+    except BaseException:
+        for *_, fut, _ in in_flight:
+            fut.cancel()
+        pool.shutdown(wait=True, cancel_futures=True)
+        raise
+    pool.shutdown(wait=True)
+    stats.wall_s = time.perf_counter() - start
+    stats.peak_rss = peak_rss_bytes()
+    return stats
+
+
+def _task_cost(tensor: TensorPlan) -> int:
+    """Bytes one task holds at its peak: source slice plus its transformed copy."""
+    return math.prod(tensor.source_shape) * 4 + tensor.slice_nbytes

@@ -1,0 +1,70 @@
+"""Qwen3 dense (MaxText decoder_block qwen3): maxtext-layout.md §5.
+
+No query scaling (applied at run time), no RoPE permutation (rotate-half on both sides), per-head
+q/k RMSNorm, tied embeddings for the small sizes (no logits_dense then).
+"""
+
+from __future__ import annotations
+
+from ckpt_cli.errors import UnsupportedError
+from ckpt_cli.families.base import Block, Dims, Family, config_int, head_dim, row, uniform_blocks
+
+P = "model.layers.{layer}."
+
+LAYER = (
+    row("pre_self_attention_layer_norm/scale", P + "input_layernorm.weight", "E", "E"),
+    row("post_self_attention_layer_norm/scale", P + "post_attention_layernorm.weight", "E", "E"),
+    row("self_attention/query/kernel", P + "self_attn.q_proj.weight", "E,N,D", "N*D,E", "transpose"),
+    row("self_attention/key/kernel", P + "self_attn.k_proj.weight", "E,K,D", "K*D,E", "transpose"),
+    row("self_attention/value/kernel", P + "self_attn.v_proj.weight", "E,K,D", "K*D,E", "transpose"),
+    row("self_attention/out/kernel", P + "self_attn.o_proj.weight", "N,D,E", "E,N*D", "transpose"),
+    row("self_attention/query_norm/scale", P + "self_attn.q_norm.weight", "D", "D"),
+    row("self_attention/key_norm/scale", P + "self_attn.k_norm.weight", "D", "D"),
+    row("mlp/wi_0/kernel", P + "mlp.gate_proj.weight", "E,F", "F,E", "transpose"),
+    row("mlp/wi_1/kernel", P + "mlp.up_proj.weight", "E,F", "F,E", "transpose"),
+    row("mlp/wo/kernel", P + "mlp.down_proj.weight", "F,E", "E,F", "transpose"),
+)
+
+TOP = (
+    row("token_embedder/embedding", "model.embed_tokens.weight", "V,E", "V,E"),
+    row("decoder/decoder_norm/scale", "model.norm.weight", "E", "E"),
+)
+HEAD = row("decoder/logits_dense/kernel", "lm_head.weight", "E,V", "V,E", "transpose")
+
+
+def dims(cfg: dict) -> Dims:
+    return {
+        "E": config_int(cfg, "hidden_size"), "N": config_int(cfg, "num_attention_heads"),
+        "K": config_int(cfg, "num_key_value_heads", cfg.get("num_attention_heads")), "D": head_dim(cfg),
+        "F": config_int(cfg, "intermediate_size"), "L": config_int(cfg, "num_hidden_layers"),
+        "V": config_int(cfg, "vocab_size"),
+    }
+
+
+def tied(cfg: dict) -> bool:
+    return bool(cfg.get("tie_word_embeddings", False))
+
+
+def top_rules(d: Dims, cfg: dict) -> tuple:
+    return TOP if tied(cfg) else (*TOP, HEAD)
+
+
+def blocks(d: Dims, cfg: dict, scan: bool) -> list[Block]:
+    return uniform_blocks(LAYER, d["L"], scan)
+
+
+def check_config(cfg: dict) -> list[str]:
+    if cfg.get("attention_bias"):
+        raise UnsupportedError("config.json sets attention_bias: Qwen3 in MaxText has no q/k/v biases")
+    if cfg.get("use_sliding_window"):
+        raise UnsupportedError("config.json sets use_sliding_window: not supported for Qwen3 in MaxText")
+    return []
+
+
+FAMILY = Family(
+    name="qwen3", model_types=("qwen3",), dims=dims, top_rules=top_rules, blocks=blocks,
+    check_config=check_config,
+    reference_keys=("hidden_size", "num_attention_heads", "num_key_value_heads", "head_dim",
+                    "intermediate_size", "num_hidden_layers", "vocab_size", "tie_word_embeddings"),
+    extra={"tied": tied, "layer_rules": LAYER, "top_table": (*TOP, HEAD)},
+)

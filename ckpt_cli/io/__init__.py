@@ -1,0 +1,1 @@
+"""Readers and writers of checkpoint formats. Nothing here knows a model family."""

@@ -1,0 +1,229 @@
+"""MaxText checkpoints as Orbax writes them, written and read slice by slice with tensorstore.
+
+Layout (maxtext-layout.md §3.5): `OUT/0/items` is an Orbax PyTree checkpoint of
+`{"step": 0, "params": {"params": W}, "opt_state": {}}`; each leaf is a zarr3 (or zarr v2) array
+inside one OCDBT key-value store (or one directory per array); `OUT/0/_CHECKPOINT_METADATA` carries
+`custom_metadata` with `scan_layers` and our provenance. We write into `OUT.partial` and publish by
+rename after the completion markers, so an interrupted run never leaves a checkpoint that looks complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from collections import deque
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import tensorstore as ts
+
+from ckpt_cli.dtypes import dtype_name
+from ckpt_cli.errors import OutputError
+
+HANDLER = "orbax.checkpoint._src.handlers.pytree_checkpoint_handler.PyTreeCheckpointHandler"
+ROOT_KEYS = ("params", "params")
+BATCH_BYTES = 256 * 1024 * 1024
+MAX_PENDING_COMMITS = 2
+
+
+@dataclass(frozen=True)
+class StorageOptions:
+    """How arrays are stored; the defaults are MaxText's (OCDBT + zarr3, zstd)."""
+
+    use_ocdbt: bool = True
+    use_zarr3: bool = True
+    compression: str = "zstd"      # "zstd" or "none"
+    zstd_level: int = 1
+
+
+def param_name(path: str) -> str:
+    """'decoder/layers/mlp/wo/kernel' -> 'params.params.decoder.layers.mlp.wo.kernel' (Orbax's leaf name)."""
+    return ".".join((*ROOT_KEYS, *path.split("/")))
+
+
+def _context() -> ts.Context:
+    # No cache (we never re-read what we write); fsync once at the end instead of per write.
+    return ts.Context({"cache_pool": {"total_bytes_limit": 0}, "file_io_sync": False,
+                       "data_copy_concurrency": {"limit": max(2, os.cpu_count() or 2)}})
+
+
+def kvstore_spec(items_dir: Path, name: str, opts: StorageOptions) -> dict:
+    """The tensorstore kvstore spec of one leaf of an items directory."""
+    if opts.use_ocdbt:
+        return {"driver": "ocdbt", "base": f"file://{items_dir.resolve()}/", "path": f"{name}/"}
+    return {"driver": "file", "path": f"{items_dir.resolve()}/{name}/"}
+
+
+def array_spec(items_dir: Path, name: str, shape: tuple[int, ...], dtype: np.dtype, chunk: tuple[int, ...],
+               opts: StorageOptions) -> dict:
+    """A tensorstore spec creating one zarr3/zarr array."""
+    kv = kvstore_spec(items_dir, name, opts)
+    if opts.use_zarr3:
+        codecs: list[dict] = [{"name": "bytes", "configuration": {"endian": "little"}}]
+        if opts.compression == "zstd":
+            codecs.append({"name": "zstd", "configuration": {"level": opts.zstd_level, "checksum": False}})
+        metadata = {"shape": list(shape), "data_type": dtype_name(dtype), "fill_value": 0,
+                    "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": list(chunk)}},
+                    "codecs": codecs}
+        return {"driver": "zarr3", "kvstore": kv, "metadata": metadata, "create": True,
+                "store_data_equal_to_fill_value": True}
+    compressor = {"id": "zstd", "level": opts.zstd_level} if opts.compression == "zstd" else None
+    metadata = {"shape": list(shape), "chunks": list(chunk) or [1], "dtype": _zarr2_dtype(dtype),
+                "compressor": compressor, "fill_value": None}
+    return {"driver": "zarr", "kvstore": kv, "metadata": metadata, "create": True,
+            "store_data_equal_to_fill_value": True}
+
+
+def _zarr2_dtype(dtype: np.dtype) -> str:
+    return "bfloat16" if dtype_name(dtype) == "bfloat16" else np.dtype(dtype).str
+
+
+def _leaf_metadata(keys: tuple[str, ...], value_type: str, skip: bool = False) -> dict:
+    return {"key_metadata": [{"key": k, "key_type": 2} for k in keys],
+            "value_metadata": {"value_type": value_type, "skip_deserialize": skip}}
+
+
+def tree_metadata(paths: Iterable[str], opts: StorageOptions) -> dict:
+    """Orbax's `_METADATA` for the MaxText state tree with these parameter paths."""
+    tree = {"('step',)": _leaf_metadata(("step",), "scalar"),
+            "('opt_state',)": _leaf_metadata(("opt_state",), "Dict", skip=True)}
+    for path in paths:
+        keys = (*ROOT_KEYS, *path.split("/"))
+        tree[str(keys)] = _leaf_metadata(keys, "np.ndarray")
+    return {"tree_metadata": tree, "use_ocdbt": opts.use_ocdbt, "use_zarr3": opts.use_zarr3,
+            "store_array_data_equal_to_fill_value": True, "custom_metadata": None}
+
+
+def partial_dir(out: Path) -> Path:
+    return out.with_name(out.name + ".partial")
+
+
+class OrbaxWriter:
+    """Creates every array up front, takes slice writes in batched transactions, publishes atomically."""
+
+    def __init__(self, out: Path, opts: StorageOptions, overwrite: bool = False):
+        self.out = Path(out)
+        self.opts = opts
+        if self.out.exists() and any(self.out.iterdir()) and not overwrite:
+            raise OutputError(f"{self.out} exists and is not empty (use --overwrite to replace it)")
+        self.tmp = partial_dir(self.out)
+        if self.tmp.exists():
+            shutil.rmtree(self.tmp)
+        self.items = self.tmp / "0" / "items"
+        try:
+            self.items.mkdir(parents=True)
+        except OSError as exc:
+            raise OutputError(f"cannot create {self.items}: {exc.strerror}") from None
+        self.context = _context()
+        self.arrays: dict[str, ts.TensorStore] = {}
+        self.txn: ts.Transaction | None = None
+        self.txn_bytes = 0
+        self.pending: deque[tuple[ts.Future, int]] = deque()
+        self.init_ns = time.time_ns()
+
+    def create(self, path: str, shape: tuple[int, ...], dtype: np.dtype, chunk: tuple[int, ...]) -> None:
+        """Create one leaf array (metadata only)."""
+        spec = array_spec(self.items, param_name(path), shape, dtype, chunk, self.opts)
+        self.arrays[path] = _result(ts.open(spec, context=self.context), f"creating {path}")
+
+    def write(self, path: str, index: tuple, array: np.ndarray) -> int:
+        """Stage one slice; returns the bytes now waiting in unfinished commits (for the engine's budget)."""
+        if self.txn is None:
+            self.txn = ts.Transaction()
+        _result(self.arrays[path].with_transaction(self.txn)[index].write(array), f"writing {path}")
+        self.txn_bytes += array.nbytes
+        if self.txn_bytes >= BATCH_BYTES:
+            self._commit()
+        return self.pending_bytes
+
+    @property
+    def pending_bytes(self) -> int:
+        return self.txn_bytes + sum(n for _, n in self.pending)
+
+    def _commit(self) -> None:
+        if self.txn is None:
+            return
+        self.pending.append((self.txn.commit_async(), self.txn_bytes))
+        self.txn, self.txn_bytes = None, 0
+        while len(self.pending) > MAX_PENDING_COMMITS:
+            self._wait_oldest()
+
+    def _wait_oldest(self) -> None:
+        future, _ = self.pending.popleft()
+        _result(future, "committing writes")
+
+    def flush(self) -> None:
+        """Commit everything staged and wait for it."""
+        self._commit()
+        while self.pending:
+            self._wait_oldest()
+
+    def finalize(self, custom_metadata: dict) -> None:
+        """Write the step scalar, Orbax metadata and completion markers, fsync, and publish by rename."""
+        self.flush()
+        step = _result(ts.open(array_spec(self.items, "step", (), np.dtype(np.int64), (), self.opts),
+                               context=self.context), "writing step")
+        _result(step.write(np.int64(0)), "writing step")
+        _write_json(self.items / "_METADATA", tree_metadata(self.arrays, self.opts))
+        _fsync_tree(self.tmp)
+        (self.items / "commit_success.txt").write_text("Checkpoint commit was successful.")
+        step_dir = self.tmp / "0"
+        _write_json(step_dir / "_CHECKPOINT_METADATA", {
+            "item_handlers": {"items": HANDLER}, "metrics": {}, "performance_metrics": {},
+            "init_timestamp_nsecs": self.init_ns, "commit_timestamp_nsecs": time.time_ns(),
+            "custom_metadata": custom_metadata})
+        (step_dir / "commit_success.txt").write_text("Checkpoint commit was successful.")
+        _fsync_tree(self.tmp, data=False)
+        if self.out.exists():
+            shutil.rmtree(self.out)
+        os.replace(self.tmp, self.out)
+        _fsync_dir(self.out.parent)
+
+    def abort(self) -> None:
+        """Drop everything written so far (interrupt or error): no partial output survives."""
+        self.txn = None
+        self.pending.clear()
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def _result(future, what: str):
+    try:
+        return future.result()
+    except ValueError as exc:  # tensorstore reports I/O failures (ENOSPC, EACCES) as ValueError
+        msg = str(exc)
+        if "No space left" in msg or "ENOSPC" in msg:
+            raise OutputError(f"disk full while {what}") from None
+        if "Permission denied" in msg or "Read-only" in msg:
+            raise OutputError(f"cannot write output while {what}: permission denied") from None
+        raise
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    try:
+        path.write_text(json.dumps(obj, indent=1))
+    except OSError as exc:
+        raise OutputError(f"cannot write {path}: {exc.strerror}") from None
+
+
+def _fsync_tree(root: Path, data: bool = True) -> None:
+    for dirpath, _, files in os.walk(root):
+        if data:
+            for f in files:
+                fd = os.open(os.path.join(dirpath, f), os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+        _fsync_dir(Path(dirpath))
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

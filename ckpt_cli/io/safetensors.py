@@ -1,0 +1,232 @@
+"""Safetensors without mmap: headers parsed directly, tensors read with pread into owned buffers.
+
+Reading through pread (not mmap) keeps file-backed pages out of our RSS, so peak memory is the
+tensors we hold, not the files we touched. A folder is a single `model.safetensors`, a sharded set
+with `model.safetensors.index.json`, or any `*.safetensors` files.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ckpt_cli.dtypes import SAFETENSORS_NAMES, numpy_dtype_of_safetensors
+from ckpt_cli.errors import OutputError, SourceError
+
+MAX_HEADER_BYTES = 100 * 1024 * 1024
+INDEX_NAME = "model.safetensors.index.json"
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where one tensor lives: file, dtype, shape and absolute byte range."""
+
+    name: str
+    file: Path
+    dtype: np.dtype
+    shape: tuple[int, ...]
+    begin: int
+    end: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.begin
+
+
+def parse_header(raw_len: bytes, raw_header: bytes, file: Path, file_size: int | None) -> dict[str, TensorInfo]:
+    """Parse a safetensors header (the 8-byte length and the JSON) into TensorInfo records."""
+    (n,) = struct.unpack("<Q", raw_len)
+    try:
+        header = json.loads(raw_header[:n])
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise SourceError(f"{file}: not a safetensors file (bad header: {exc})") from None
+    base = 8 + n
+    out: dict[str, TensorInfo] = {}
+    for name, meta in header.items():
+        if name == "__metadata__":
+            continue
+        dtype = numpy_dtype_of_safetensors(meta["dtype"], name)
+        shape = tuple(int(s) for s in meta["shape"])
+        begin, end = (int(x) for x in meta["data_offsets"])
+        if end - begin != int(np.prod(shape, dtype=np.int64)) * dtype.itemsize:
+            raise SourceError(f"{file}: tensor {name} has {end - begin} bytes for shape {shape} {dtype}")
+        if file_size is not None and base + end > file_size:
+            raise SourceError(f"{file} is truncated: tensor {name} ends at byte {base + end}, "
+                              f"the file has {file_size}")
+        out[name] = TensorInfo(name, file, dtype, shape, base + begin, base + end)
+    return out
+
+
+def read_header(file: Path) -> dict[str, TensorInfo]:
+    """Read the header of one local safetensors file, checking it against the file size."""
+    try:
+        size = file.stat().st_size
+        with open(file, "rb") as fh:
+            raw_len = fh.read(8)
+            if len(raw_len) < 8:
+                raise SourceError(f"{file} is truncated: no safetensors header")
+            (n,) = struct.unpack("<Q", raw_len)
+            if n > MAX_HEADER_BYTES or 8 + n > size:
+                raise SourceError(f"{file} is truncated or not safetensors (header length {n}, file {size} bytes)")
+            raw = fh.read(n)
+    except FileNotFoundError:
+        raise SourceError(f"missing file {file}") from None
+    except IsADirectoryError:
+        raise SourceError(f"{file} is a directory, expected a safetensors file") from None
+    return parse_header(raw_len, raw, file, size)
+
+
+def shard_files(folder: Path) -> list[Path]:
+    """The safetensors files of a checkpoint folder, from its index when there is one."""
+    index = folder / INDEX_NAME
+    if index.exists():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError) as exc:
+            raise SourceError(f"{index}: unreadable index ({exc})") from None
+        files = sorted(set(weight_map.values()))
+        missing = [f for f in files if not (folder / f).exists()]
+        if missing:
+            raise SourceError(f"{folder}: shard {missing[0]} named in {INDEX_NAME} is missing")
+        return [folder / f for f in files]
+    files = sorted(p for p in folder.glob("*.safetensors") if not p.name.startswith("."))
+    if not files:
+        raise SourceError(f"{folder}: no safetensors files (model.safetensors or an index) found")
+    return files
+
+
+class SafetensorsFolder:
+    """All tensors of a local folder of safetensors shards, read one tensor at a time."""
+
+    def __init__(self, folder: Path, files: Iterable[Path] | None = None):
+        self.folder = Path(folder)
+        self.tensors: dict[str, TensorInfo] = {}
+        for f in files if files is not None else shard_files(self.folder):
+            for name, info in read_header(f).items():
+                if name in self.tensors:
+                    raise SourceError(f"tensor {name} appears in both {self.tensors[name].file.name} and {f.name}")
+                self.tensors[name] = info
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.tensors
+
+    def info(self, name: str) -> TensorInfo:
+        try:
+            return self.tensors[name]
+        except KeyError:
+            raise SourceError(f"tensor {name} is missing from {self.folder}") from None
+
+    def read(self, name: str) -> np.ndarray:
+        """Read one whole tensor into a fresh array (pread; no mmap)."""
+        info = self.info(name)
+        return read_range(info.file, info.begin, info.nbytes).view(info.dtype).reshape(info.shape)
+
+    def read_rows(self, name: str, start: int, stop: int) -> np.ndarray:
+        """Read rows [start, stop) of axis 0 of one tensor."""
+        info = self.info(name)
+        row = int(np.prod(info.shape[1:], dtype=np.int64)) * info.dtype.itemsize
+        data = read_range(info.file, info.begin + start * row, (stop - start) * row)
+        return data.view(info.dtype).reshape((stop - start, *info.shape[1:]))
+
+
+def read_range(file: Path, offset: int, nbytes: int) -> np.ndarray:
+    """pread `nbytes` at `offset` into a new uint8 array; a short read means a truncated file."""
+    buf = np.empty(nbytes, dtype=np.uint8)
+    view = memoryview(buf)
+    fd = os.open(file, os.O_RDONLY)
+    try:
+        done = 0
+        while done < nbytes:
+            got = os.preadv(fd, [view[done:]], offset + done)
+            if got == 0:
+                raise SourceError(f"{file} is truncated: wanted {nbytes} bytes at offset {offset}")
+            done += got
+    finally:
+        os.close(fd)
+    return buf
+
+
+@dataclass(frozen=True)
+class PlannedTensor:
+    """A tensor to be written into a safetensors file: name, dtype, shape."""
+
+    name: str
+    dtype: np.dtype
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64)) * np.dtype(self.dtype).itemsize
+
+
+class StreamingSafetensorsWriter:
+    """Writes a safetensors file whose header is known up front; tensors arrive in any order.
+
+    The header (names, dtypes, shapes, offsets) is written first, then each tensor is written at its
+    offset with pwrite as it is produced, so no tensor is held longer than its own write.
+    """
+
+    def __init__(self, path: Path, tensors: Iterable[PlannedTensor], metadata: dict[str, str] | None = None):
+        self.path = Path(path)
+        header: dict[str, object] = {"__metadata__": metadata} if metadata else {}
+        self.offsets: dict[str, tuple[int, int]] = {}
+        pos = 0
+        for t in sorted(tensors, key=lambda t: t.name):
+            header[t.name] = {"dtype": SAFETENSORS_NAMES[np.dtype(t.dtype)], "shape": list(t.shape),
+                              "data_offsets": [pos, pos + t.nbytes]}
+            self.offsets[t.name] = (pos, pos + t.nbytes)
+            pos += t.nbytes
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)
+        self.base = 8 + len(raw)
+        self.total = self.base + pos
+        self.written: set[str] = set()
+        try:
+            self.fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            os.pwrite(self.fd, struct.pack("<Q", len(raw)) + raw, 0)
+        except OSError as exc:
+            raise OutputError(f"cannot write {self.path}: {exc.strerror}") from None
+
+    def write(self, name: str, array: np.ndarray) -> None:
+        begin, end = self.offsets[name]
+        data = memoryview(np.ascontiguousarray(array).reshape(-1).view(np.uint8))
+        if len(data) != end - begin:
+            raise ValueError(f"{name}: {len(data)} bytes, planned {end - begin}")
+        done = 0
+        try:
+            while done < len(data):
+                done += os.pwrite(self.fd, data[done:], self.base + begin + done)
+        except OSError as exc:
+            raise OutputError(f"cannot write {self.path}: {exc.strerror}") from None
+        self.written.add(name)
+
+    def close(self) -> None:
+        """Check every tensor was written, fsync, close."""
+        missing = set(self.offsets) - self.written
+        try:
+            if not missing:
+                os.fsync(self.fd)
+        finally:
+            os.close(self.fd)
+        if missing:
+            raise ValueError(f"{self.path}: tensors never written: {sorted(missing)[:3]}")
+
+
+def save_file(path: Path, tensors: dict[str, np.ndarray], metadata: dict[str, str] | None = None) -> None:
+    """Write a dict of arrays as one safetensors file (small files: demo models, tests)."""
+    writer = StreamingSafetensorsWriter(path, [PlannedTensor(k, v.dtype, v.shape) for k, v in tensors.items()],
+                                        metadata)
+    for name, arr in tensors.items():
+        writer.write(name, arr)
+    writer.close()
+
+
+def iter_names(folder: SafetensorsFolder) -> Iterator[str]:
+    """Tensor names in on-disk order (file, then offset): the order that reads sequentially."""
+    yield from (t.name for t in sorted(folder.tensors.values(), key=lambda t: (str(t.file), t.begin)))

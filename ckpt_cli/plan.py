@@ -1,0 +1,194 @@
+"""A conversion as frozen data: every target tensor, its shape, dtype, chunking, transform and sources.
+
+Built from metadata only (an HF config.json, or a MaxText checkpoint's metadata), never from tensor
+data. Each target tensor is written as a set of slice tasks; a task reads one source slice, applies
+the tensor's transform chain and writes one target slice. The engine executes any plan without
+knowing the family.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ckpt_cli import transforms as T
+from ckpt_cli.families import Family
+from ckpt_cli.families.base import Block, Dims, Rule, eval_shape, resolve_steps
+
+Shape = tuple[int, ...]
+TO_MAXTEXT = "hf-to-maxtext"
+TO_HF = "maxtext-to-hf"
+CHUNK_TARGET_BYTES = 128 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class SourceSlice:
+    """A source tensor, or one slice of it: `source[index]` with `index` placed on `axes`."""
+
+    name: str
+    index: tuple[int, ...] = ()
+    axes: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
+class SliceTask:
+    """Write `transform(read(source))` at `target[index]` (index placed on the tensor's stack_axes)."""
+
+    index: tuple[int, ...]
+    source: SourceSlice
+
+
+@dataclass(frozen=True)
+class TensorPlan:
+    """One target tensor."""
+
+    target: str                 # MaxText path under params/params ("decoder/layers/mlp/wo/kernel") or HF name
+    shape: Shape
+    dtype: np.dtype
+    slice_shape: Shape          # shape each task produces
+    source_shape: Shape         # shape each task reads
+    stack_axes: tuple[int, ...]  # target axes indexed by tasks: (1,) scanned, (0, 1) scanned experts, ...
+    chain: T.Chain
+    tasks: tuple[SliceTask, ...]
+    chunk_shape: Shape
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * np.dtype(self.dtype).itemsize
+
+    @property
+    def slice_nbytes(self) -> int:
+        return math.prod(self.slice_shape) * np.dtype(self.dtype).itemsize
+
+    @property
+    def source_names(self) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(t.source.name for t in self.tasks))
+
+    def target_index(self, task: SliceTask) -> tuple:
+        """The numpy/tensorstore index of a task's slice in the target."""
+        idx: list = [slice(None)] * len(self.shape)
+        for axis, i in zip(self.stack_axes, task.index, strict=True):
+            idx[axis] = i
+        return tuple(idx)
+
+    def apply(self, x: np.ndarray, direction: str) -> np.ndarray:
+        """Transform one source slice into one target slice of the target dtype."""
+        if direction == TO_MAXTEXT:
+            y = self.chain.to_maxtext(x, self.slice_shape)
+        else:
+            y = self.chain.to_hf(x, self.slice_shape)
+        if y.shape != self.slice_shape:
+            raise AssertionError(f"{self.target}: transform produced {y.shape}, planned {self.slice_shape}")
+        return y.astype(self.dtype, copy=False)
+
+
+@dataclass(frozen=True)
+class ConversionPlan:
+    """A whole conversion: direction, family, layout options and every target tensor in write order."""
+
+    direction: str
+    family: str
+    scan_layers: bool
+    dtype: np.dtype
+    tensors: tuple[TensorPlan, ...]
+    hf_config: dict = field(compare=False, hash=False)
+    dims: Dims = field(compare=False, hash=False)
+    notes: tuple[str, ...] = ()
+
+    @property
+    def output_bytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors)
+
+    @property
+    def largest_slice_bytes(self) -> int:
+        return max(t.slice_nbytes for t in self.tensors)
+
+    def tensor(self, target: str) -> TensorPlan:
+        for t in self.tensors:
+            if t.target == target:
+                return t
+        raise KeyError(target)
+
+
+def chunk_shape(shape: Shape, stack_axes: tuple[int, ...], itemsize: int) -> Shape:
+    """One chunk per task slice (1 on stacked axes), split along the first free axis if too large.
+
+    Each task then writes whole chunks (no read-modify-write), and reverse conversion reads one layer
+    slice as whole chunks.
+    """
+    chunk = [1 if a in stack_axes else s for a, s in enumerate(shape)]
+    free = [a for a in range(len(shape)) if a not in stack_axes and shape[a] > 1]
+    nbytes = math.prod(chunk) * itemsize
+    if free and nbytes > CHUNK_TARGET_BYTES:
+        axis = free[0]
+        parts = math.ceil(nbytes / CHUNK_TARGET_BYTES)
+        chunk[axis] = max(1, math.ceil(shape[axis] / parts))
+    return tuple(chunk)
+
+
+def _stacked(shape: Shape, rule: Rule, block: Block | None, dims: Dims) -> tuple[Shape, tuple[int, ...]]:
+    """Full target shape and the stacked axes for a rule in a block."""
+    stack_axes: list[int] = []
+    full = list(shape)
+    if rule.experts is not None:
+        full.insert(0, dims[rule.experts])
+        stack_axes.append(0)
+    if block is not None and block.stacked:
+        full.insert(1, len(block.hf_layers))
+        stack_axes.append(1)
+    return tuple(full), tuple(stack_axes)
+
+
+def _tasks(rule: Rule, block: Block | None, dims: Dims) -> tuple[SliceTask, ...]:
+    experts = range(dims[rule.experts]) if rule.experts is not None else [None]
+    if block is None:
+        layers: list[tuple[int | None, int | None]] = [(None, None)]
+    elif block.stacked:
+        layers = list(enumerate(block.hf_layers))
+    else:
+        layers = [(None, block.hf_layers[0])]
+    tasks = []
+    for e, (s, hf_layer) in itertools.product(experts, layers):
+        index = tuple(i for i in (e, s) if i is not None)
+        name = rule.hf.format(layer=hf_layer, expert=e) if (rule.slots or e is not None) else rule.hf
+        tasks.append(SliceTask(index, SourceSlice(name)))
+    return tuple(tasks)
+
+
+def build_to_maxtext(family: Family, hf_config: dict, scan_layers: bool, dtype: np.dtype) -> ConversionPlan:
+    """The HF -> MaxText plan for a config: every MaxText leaf with its HF sources (metadata only)."""
+    notes = tuple(family.check_config(hf_config))
+    dims = family.dims(hf_config)
+    entries: list[tuple[Rule, Block | None, str]] = [(r, None, r.maxtext) for r in family.top_rules(dims, hf_config)]
+    for block in family.blocks(dims, hf_config, scan_layers):
+        entries += [(r, block, f"{block.prefix}/{r.maxtext}") for r in block.rules]
+    tensors = []
+    for rule, block, path in entries:
+        slice_shape = eval_shape(rule.maxtext_shape, dims)
+        shape, axes = _stacked(slice_shape, rule, block, dims)
+        tensors.append(TensorPlan(
+            target=path, shape=shape, dtype=np.dtype(dtype), slice_shape=slice_shape,
+            source_shape=eval_shape(rule.hf_shape, dims), stack_axes=axes,
+            chain=resolve_steps(rule.steps, dims), tasks=_tasks(rule, block, dims),
+            chunk_shape=chunk_shape(shape, axes, np.dtype(dtype).itemsize)))
+    check_coverage(tensors)
+    return ConversionPlan(TO_MAXTEXT, family.name, scan_layers, np.dtype(dtype), tuple(tensors), dict(hf_config),
+                          dims, notes)
+
+
+def check_coverage(tensors: list[TensorPlan]) -> None:
+    """Every target slice written exactly once, every source read by one task, no duplicate targets."""
+    targets = [t.target for t in tensors]
+    if len(set(targets)) != len(targets):
+        raise AssertionError("plan has duplicate targets")
+    sources = [(task.source.name, task.source.index) for t in tensors for task in t.tasks]
+    if len(set(sources)) != len(sources):
+        raise AssertionError("plan reads a source slice twice")
+    for t in tensors:
+        want = set(itertools.product(*(range(t.shape[a]) for a in t.stack_axes)))
+        got = [task.index for task in t.tasks]
+        if set(got) != want or len(got) != len(want):
+            raise AssertionError(f"{t.target}: tasks do not cover the stacked axes exactly once")

@@ -1,0 +1,89 @@
+"""MaxText model names: family, default Hugging Face repo and reference hyperparameters.
+
+Reference values follow maxtext-layout.md (§2, §5.1, §6.1). `reference_config` turns an entry into
+an HF-style config.json dict, so `plan`/`inspect` can price and show real models without any data.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ckpt_cli.errors import ConfigMismatchError, UnknownModelError
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    family: str
+    repo_id: str
+    config: dict = field(hash=False)
+
+
+def _qwen3(name: str, repo: str, e: int, n: int, f: int, layers: int, tied: bool, theta: float = 1e6) -> ModelSpec:
+    return ModelSpec(name, "qwen3", repo, {
+        "architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "hidden_size": e, "num_attention_heads": n,
+        "num_key_value_heads": 8, "head_dim": 128, "intermediate_size": f, "num_hidden_layers": layers,
+        "vocab_size": 151936, "tie_word_embeddings": tied, "rms_norm_eps": 1e-6, "rope_theta": theta,
+        "hidden_act": "silu", "attention_bias": False, "max_position_embeddings": 40960, "torch_dtype": "bfloat16",
+    })
+
+
+_LLAMA_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 8192}
+
+
+def _llama(name: str, repo: str, e: int, n: int, f: int, layers: int) -> ModelSpec:
+    return ModelSpec(name, "llama3.1", repo, {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": e, "num_attention_heads": n,
+        "num_key_value_heads": 8, "head_dim": 128, "intermediate_size": f, "num_hidden_layers": layers,
+        "vocab_size": 128256, "tie_word_embeddings": False, "rms_norm_eps": 1e-5, "rope_theta": 500000.0,
+        "rope_scaling": dict(_LLAMA_ROPE), "hidden_act": "silu", "attention_bias": False, "mlp_bias": False,
+        "max_position_embeddings": 131072, "bos_token_id": 128000, "eos_token_id": 128001, "torch_dtype": "bfloat16",
+    })
+
+
+MODELS: dict[str, ModelSpec] = {m.name: m for m in (
+    _qwen3("qwen3-0.6b", "Qwen/Qwen3-0.6B", 1024, 16, 3072, 28, True),
+    _qwen3("qwen3-1.7b", "Qwen/Qwen3-1.7B", 2048, 16, 6144, 28, True),
+    _qwen3("qwen3-4b", "Qwen/Qwen3-4B", 2560, 32, 9728, 36, True),
+    _qwen3("qwen3-4b-thinking-2507", "Qwen/Qwen3-4B-Thinking-2507", 2560, 32, 9728, 36, True, 5e6),
+    _qwen3("qwen3-8b", "Qwen/Qwen3-8B", 4096, 32, 12288, 36, False),
+    _qwen3("qwen3-14b", "Qwen/Qwen3-14B", 5120, 40, 17408, 40, False),
+    _qwen3("qwen3-32b", "Qwen/Qwen3-32B", 5120, 64, 25600, 64, False),
+    _llama("llama3.1-8b", "meta-llama/Llama-3.1-8B", 4096, 32, 14336, 32),
+    _llama("llama3.1-8b-Instruct", "meta-llama/Llama-3.1-8B-Instruct", 4096, 32, 14336, 32),
+    _llama("llama3.1-70b", "meta-llama/Llama-3.1-70B", 8192, 64, 28672, 80),
+    _llama("llama3.1-70b-Instruct", "meta-llama/Llama-3.1-70B-Instruct", 8192, 64, 28672, 80),
+    _llama("llama3.1-405b", "meta-llama/Llama-3.1-405B", 16384, 128, 53248, 126),
+)}
+
+
+def lookup(name: str) -> ModelSpec:
+    """A registered MaxText model name (case-insensitive), or an UnknownModelError listing close names."""
+    for key, spec in MODELS.items():
+        if key.lower() == name.lower():
+            return spec
+    close = [k for k in MODELS if k.split("-")[0] == name.lower().split("-")[0]] or sorted(MODELS)
+    raise UnknownModelError(f"unknown model {name!r}; known: {', '.join(close)}")
+
+
+def is_model_name(text: str) -> bool:
+    return any(k.lower() == text.lower() for k in MODELS)
+
+
+def reference_config(name: str) -> dict:
+    """An HF-style config.json dict for a registered model (a copy)."""
+    return dict(lookup(name).config)
+
+
+def check_against(spec: ModelSpec, cfg: dict, keys: tuple[str, ...]) -> None:
+    """Raise ConfigMismatchError on the first reference hyperparameter the config disagrees with."""
+    for key in keys:
+        want = spec.config.get(key)
+        got = cfg.get(key)
+        if key == "head_dim" and got is None and cfg.get("hidden_size") and cfg.get("num_attention_heads"):
+            got = cfg["hidden_size"] // cfg["num_attention_heads"]
+        if key == "tie_word_embeddings":
+            want, got = bool(want), bool(got)
+        if want is not None and got != want:
+            raise ConfigMismatchError(f"config.json {key} = {got}, but {spec.name} has {want}")

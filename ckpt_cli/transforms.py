@@ -1,0 +1,178 @@
+"""The vocabulary of tensor transforms between Hugging Face and MaxText, each beside its inverse.
+
+A transform maps one per-layer HF array to one per-layer MaxText array (`to_maxtext`) and back
+(`to_hf`). Only `Linear` and `Reshape` change shapes; the others act elementwise or permute the last
+axis. Arithmetic (scale, offset) is computed in float32 and returned as float32: the engine casts
+once, to the requested output dtype, at the end. Everything is defined once, here.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+Shape = tuple[int, ...]
+
+
+class Transform:
+    """One reversible step. `shape` arguments are the per-layer shape on the side being produced."""
+
+    name = "transform"
+
+    def to_maxtext(self, x: np.ndarray, shape: Shape) -> np.ndarray:
+        raise NotImplementedError
+
+    def to_hf(self, x: np.ndarray, shape: Shape) -> np.ndarray:
+        raise NotImplementedError
+
+    def describe(self) -> str:
+        return self.name
+
+
+@dataclass(frozen=True)
+class Identity(Transform):
+    """Copy (norm scales, embeddings, biases already in MaxText shape)."""
+
+    name = "identity"
+
+    def to_maxtext(self, x: np.ndarray, shape: Shape) -> np.ndarray:
+        return x.reshape(shape)
+
+    def to_hf(self, x: np.ndarray, shape: Shape) -> np.ndarray:
+        return x.reshape(shape)
+
+
+@dataclass(frozen=True)
+class Reshape(Transform):
+    """HF flat (heads*head_dim,) <-> MaxText (heads, head_dim), head-major."""
+
+    name = "reshape"
+
+    def to_maxtext(self, x: np.ndarray, shape: Shape) -> np.ndarray:
+        return x.reshape(shape)
+
+    def to_hf(self, x: np.ndarray, shape: Shape) -> np.ndarray:
+        return x.reshape(shape)
+
+
+@dataclass(frozen=True)
+class Linear(Transform):
+    """HF Linear weight (out, in) <-> MaxText kernel (in..., out...): transpose, then reshape.
+
+    `q_mt[e, h, d] = q_hf[h*D + d, e]`; `out_mt[h, d, e] = o_hf[e, h*D + d]` (head-major flattening).
+    """
+
+    name = "transpose"
+
+    def to_maxtext(self, x: np.ndarray, shape: Shape) -> np.ndarray:
+        return transpose2d(x).reshape(shape)
+
+    def to_hf(self, x: np.ndarray, shape: Shape) -> np.ndarray:
+        return transpose2d(x.reshape(shape[1], shape[0]))
+
+
+@dataclass(frozen=True)
+class RopeInterleave(Transform):
+    """Last axis: HF rotate-half order -> MaxText interleaved pairs (Llama 3.1 q/k).
+
+    `new[..., 2i] = old[..., i]`, `new[..., 2i+1] = old[..., D/2 + i]`.
+    """
+
+    name = "rope-interleave"
+
+    def to_maxtext(self, x: np.ndarray, shape: Shape) -> np.ndarray:
+        d = x.shape[-1]
+        return np.stack([x[..., : d // 2], x[..., d // 2:]], axis=-1).reshape(x.shape)
+
+    def to_hf(self, x: np.ndarray, shape: Shape) -> np.ndarray:
+        return np.concatenate([x[..., 0::2], x[..., 1::2]], axis=-1)
+
+
+@dataclass(frozen=True)
+class Scale(Transform):
+    """Multiply by `factor` on import, divide on export; computed in float32."""
+
+    factor: float
+    label: str = ""
+    name = "scale"
+
+    def to_maxtext(self, x: np.ndarray, shape: Shape) -> np.ndarray:
+        return x.astype(np.float32) * np.float32(self.factor)
+
+    def to_hf(self, x: np.ndarray, shape: Shape) -> np.ndarray:
+        return x.astype(np.float32) * np.float32(1.0 / self.factor)
+
+    def describe(self) -> str:
+        return f"scale({self.label or f'{self.factor:.6g}'})"
+
+
+@dataclass(frozen=True)
+class Offset(Transform):
+    """Add `value` on import, subtract on export (Gemma-style `(1 + w)` norms); float32."""
+
+    value: float = 1.0
+    name = "offset"
+
+    def to_maxtext(self, x: np.ndarray, shape: Shape) -> np.ndarray:
+        return x.astype(np.float32) + np.float32(self.value)
+
+    def to_hf(self, x: np.ndarray, shape: Shape) -> np.ndarray:
+        return x.astype(np.float32) - np.float32(self.value)
+
+    def describe(self) -> str:
+        return f"offset({self.value:+g})"
+
+
+def query_scale(head_dim: int) -> Scale:
+    """The 1/sqrt(D) that MaxText expects folded into Llama/Mixtral query kernels."""
+    return Scale(1.0 / math.sqrt(head_dim), label=f"1/sqrt({head_dim})")
+
+
+@dataclass(frozen=True)
+class Chain:
+    """Transforms applied in order on import and in reverse order on export."""
+
+    steps: tuple[Transform, ...]
+
+    def to_maxtext(self, x: np.ndarray, maxtext_shape: Shape) -> np.ndarray:
+        for step in self.steps:
+            x = step.to_maxtext(x, maxtext_shape)
+        return x
+
+    def to_hf(self, x: np.ndarray, hf_shape: Shape) -> np.ndarray:
+        for step in reversed(self.steps):
+            x = step.to_hf(x, hf_shape)
+        return x
+
+    def describe(self) -> str:
+        return " > ".join(s.describe() for s in self.steps) or "identity"
+
+    @property
+    def exact(self) -> bool:
+        """True when the chain is a pure permutation (bit-exact round trip in any dtype)."""
+        return all(isinstance(s, (Identity, Reshape, Linear, RopeInterleave)) for s in self.steps)
+
+
+def chain(*steps: Transform | Sequence[Transform]) -> Chain:
+    """Build a Chain, flattening nested sequences."""
+    flat: list[Transform] = []
+    for s in steps:
+        flat.extend(s if isinstance(s, Sequence) else [s])
+    return Chain(tuple(flat))
+
+
+_BLOCK = 256
+
+
+def transpose2d(x: np.ndarray) -> np.ndarray:
+    """A contiguous transpose of a 2-D array, copied in row blocks (about 2x numpy's plain copy)."""
+    if x.ndim != 2:
+        raise ValueError(f"transpose2d wants a 2-D array, got {x.shape}")
+    rows, cols = x.shape
+    out = np.empty((cols, rows), dtype=x.dtype)
+    for i in range(0, rows, _BLOCK):
+        out[:, i:i + _BLOCK] = x[i:i + _BLOCK].T
+    return out
