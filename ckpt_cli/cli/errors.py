@@ -46,6 +46,7 @@ def guarded(fn: Callable) -> Callable:
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         from rich.console import Console
+        from rich.text import Text
 
         err = Console(stderr=True, highlight=False)
         previous = signal.getsignal(signal.SIGTERM)
@@ -58,7 +59,7 @@ def guarded(fn: Callable) -> Callable:
         except E.CkptError as exc:
             if os.environ.get("CKPT_DEBUG"):
                 raise
-            err.print(f"[bold red]error:[/bold red] {exc}", highlight=False)
+            err.print(Text.assemble(("error: ", "bold red"), str(exc)), soft_wrap=True)
             raise typer.Exit(exit_code(exc)) from None
         except KeyboardInterrupt:
             err.print("[bold red]interrupted:[/bold red] nothing was published; partial output removed",

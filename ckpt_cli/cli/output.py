@@ -41,7 +41,8 @@ class Output:
     def __init__(self, json_mode: bool = False, quiet: bool = False):
         self.json_mode = json_mode
         self.quiet = quiet
-        self.out = Console(highlight=False, soft_wrap=True)
+        # Tables keep whole paths on one line when piped (no terminal width to respect).
+        self.out = Console(highlight=False, width=None if sys.stdout.isatty() else 240)
         self.err = Console(stderr=True, highlight=False)
 
     @property
@@ -51,10 +52,10 @@ class Output:
     def note(self, message: str) -> None:
         """A one-line remark on stderr (not in --quiet)."""
         if not self.quiet:
-            self.err.print(f"[dim]note:[/dim] {message}", markup=True, highlight=False)
+            self.err.print(Text.assemble(("note: ", "dim"), message), soft_wrap=True)
 
     def error(self, message: str) -> None:
-        self.err.print(Text(f"error: {message}", style="bold red"))
+        self.err.print(Text.assemble(("error: ", "bold red"), message), soft_wrap=True)
 
     def emit_json(self, data: dict) -> None:
         sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
@@ -70,13 +71,31 @@ class Output:
 
     @contextmanager
     def bytes_progress(self, label: str) -> Iterator:
-        """A progress bar over bytes (done, total), with speed, RSS and ETA; a no-op outside human mode."""
+        """A progress bar over bytes (done, total), with speed, RSS and ETA; a no-op outside human mode.
+
+        The bar appears on the first update (so a run that fails validation prints only its error) and
+        is hidden again if the run fails.
+        """
         if not self.human:
             yield lambda done, total: None
             return
         progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), TaskProgressColumn(),
                             DownloadColumn(binary_units=False), TransferSpeedColumn(), RSSColumn(),
                             TimeRemainingColumn(), console=self.err, transient=False)
-        task = progress.add_task(label, total=None)
-        with progress:
-            yield lambda done, total: progress.update(task, completed=done, total=total)
+        state: dict = {}
+
+        def update(done: int, total: int) -> None:
+            if not state:
+                progress.start()
+                state["task"] = progress.add_task(label, total=total)
+            progress.update(state["task"], completed=done, total=total)
+
+        try:
+            yield update
+        except BaseException:
+            if state:
+                progress.update(state["task"], visible=False)
+            raise
+        finally:
+            if state:
+                progress.stop()

@@ -72,7 +72,7 @@ def array_spec(items_dir: Path, name: str, shape: tuple[int, ...], dtype: np.dty
         return {"driver": "zarr3", "kvstore": kv, "metadata": metadata, "create": True,
                 "store_data_equal_to_fill_value": True}
     compressor = {"id": "zstd", "level": opts.zstd_level} if opts.compression == "zstd" else None
-    metadata = {"shape": list(shape), "chunks": list(chunk) or [1], "dtype": _zarr2_dtype(dtype),
+    metadata = {"shape": list(shape), "chunks": list(chunk), "dtype": _zarr2_dtype(dtype),
                 "compressor": compressor, "fill_value": None}
     return {"driver": "zarr", "kvstore": kv, "metadata": metadata, "create": True,
             "store_data_equal_to_fill_value": True}

@@ -1,0 +1,1 @@
+"""Numerical verification of converted checkpoints (reference forward passes)."""

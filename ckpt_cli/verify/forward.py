@@ -1,0 +1,267 @@
+"""Reference JAX forward pass of MaxText's decoder math over a MaxText parameter tree.
+
+Supports Qwen3 dense and Llama 3.1. Weights are read one decoder layer at a time through a
+:class:`ParamSource`, so peak memory is about one layer of weights plus activations (and the
+embedding / LM head). See ``maxtext-layout.md`` §1.2, §1.5, §5.4 and §6.4 for the conventions.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import partial
+from typing import Any, Protocol
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+FAMILIES = ("qwen3", "llama3.1")
+_DTYPES = ("float32", "bfloat16")
+# Same convention as MaxText: a large finite negative value instead of -inf.
+_MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
+_LLAMA3_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+
+_PRE_NORM = "pre_self_attention_layer_norm/scale"
+_POST_NORM = "post_self_attention_layer_norm/scale"
+_Q, _K, _V, _O = (f"self_attention/{n}/kernel" for n in ("query", "key", "value", "out"))
+_Q_NORM, _K_NORM = "self_attention/query_norm/scale", "self_attention/key_norm/scale"
+_WI0, _WI1, _WO = "mlp/wi_0/kernel", "mlp/wi_1/kernel", "mlp/wo/kernel"
+_EMBEDDING, _FINAL_NORM, _LM_HEAD = (
+    "token_embedder/embedding",
+    "decoder/decoder_norm/scale",
+    "decoder/logits_dense/kernel",
+)
+
+
+class ParamSource(Protocol):
+    """Read access to a MaxText parameter tree, one (unstacked) decoder layer at a time."""
+
+    def top(self, path: str) -> np.ndarray: ...
+
+    def has_top(self, path: str) -> bool: ...
+
+    def layer(self, i: int) -> dict[str, np.ndarray]: ...
+
+
+@dataclass(frozen=True)
+class ForwardConfig:
+    """Architecture hyper-parameters needed by :func:`maxtext_logits`."""
+
+    family: str
+    num_layers: int
+    hidden: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    vocab: int
+    rms_eps: float
+    rope_theta: float
+    rope_scaling: dict | None
+    tied: bool
+
+    def __post_init__(self) -> None:
+        if self.family not in FAMILIES:
+            raise ValueError(f"unsupported family {self.family!r}; expected one of {FAMILIES}")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"num_kv_heads={self.num_kv_heads} must divide num_heads={self.num_heads}")
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim must be even, got {self.head_dim}")
+        if self.rope_scaling is not None:
+            if self.family != "llama3.1":
+                raise ValueError(f"rope_scaling is not supported for family {self.family!r}")
+            missing = [k for k in _LLAMA3_KEYS if k not in self.rope_scaling]
+            if missing:
+                raise ValueError(f"rope_scaling lacks {missing}")
+
+    @classmethod
+    def from_hf_config(cls, family: str, cfg: dict) -> ForwardConfig:
+        """Build from a transformers ``config.json`` dict (legacy ``rope_theta``/``rope_scaling`` or
+        transformers-5 ``rope_parameters``)."""
+        rope: dict[str, Any] = dict(cfg.get("rope_scaling") or {})
+        rope.update(cfg.get("rope_parameters") or {})
+        theta = float(rope.get("rope_theta", cfg.get("rope_theta", 10000.0)))
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type in (None, "default"):
+            scaling = None
+        elif rope_type == "llama3":
+            scaling = {k: rope[k] for k in _LLAMA3_KEYS if k in rope}
+        else:
+            raise ValueError(f"unsupported rope_type {rope_type!r}")
+        heads = int(cfg["num_attention_heads"])
+        return cls(
+            family=family,
+            num_layers=int(cfg["num_hidden_layers"]),
+            hidden=int(cfg["hidden_size"]),
+            num_heads=heads,
+            num_kv_heads=int(cfg.get("num_key_value_heads") or heads),
+            head_dim=int(cfg.get("head_dim") or cfg["hidden_size"] // heads),
+            vocab=int(cfg["vocab_size"]),
+            rms_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+            rope_theta=theta,
+            rope_scaling=scaling,
+            tied=bool(cfg.get("tie_word_embeddings", False)),
+        )
+
+
+def rope_inv_freq(cfg: ForwardConfig) -> np.ndarray:
+    """Inverse RoPE frequencies (D/2,) in float32, with Llama-3 scaling when configured."""
+    d = cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (np.arange(0, d, 2, dtype=np.float32) / np.float32(d)))
+    if cfg.rope_scaling is None:
+        return inv_freq.astype(np.float32)
+    s = cfg.rope_scaling
+    factor, low, high = float(s["factor"]), float(s["low_freq_factor"]), float(s["high_freq_factor"])
+    old_ctx = float(s["original_max_position_embeddings"])
+    wavelen = 2 * math.pi / inv_freq
+    scaled = np.where(wavelen > old_ctx / low, inv_freq / factor, inv_freq)
+    smooth = (old_ctx / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= old_ctx / high) & (wavelen <= old_ctx / low)
+    return np.where(medium, smoothed, scaled).astype(np.float32)
+
+
+def _rms_norm(x: jax.Array, scale: jax.Array, eps: float, dtype: jnp.dtype) -> jax.Array:
+    """MaxText RMSNorm: normalize in f32, cast to ``dtype``, multiply by ``scale`` (no offset)."""
+    xf = x.astype(jnp.float32)
+    y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+    return y.astype(dtype) * scale.astype(dtype)
+
+
+def _rope(x: jax.Array, cos: jax.Array, sin: jax.Array, interleaved: bool) -> jax.Array:
+    """Rotate (B,T,H,D) by per-position angles; pairs are (i, D/2+i) or, interleaved, (2i, 2i+1)."""
+    cos, sin = cos[None, :, None, :], sin[None, :, None, :]
+    xf = x.astype(jnp.float32)
+    if interleaved:
+        x1, x2 = xf[..., 0::2], xf[..., 1::2]
+        out = jnp.stack([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).reshape(x.shape)
+    else:
+        x1, x2 = jnp.split(xf, 2, axis=-1)
+        out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.astype(x.dtype)
+
+
+@partial(jax.jit, static_argnames=("eps", "qk_norm", "interleaved", "query_scale", "dtype"))
+def _decoder_layer(
+    x: jax.Array,
+    w: dict[str, jax.Array],
+    cos: jax.Array,
+    sin: jax.Array,
+    *,
+    eps: float,
+    qk_norm: bool,
+    interleaved: bool,
+    query_scale: float,
+    dtype: str,
+) -> jax.Array:
+    """One pre-norm decoder layer (GQA causal self-attention + SwiGLU MLP) on x (B,T,E)."""
+    dt = jnp.dtype(dtype)
+    w = {k: v.astype(dt) for k, v in w.items()}
+    h = _rms_norm(x, w[_PRE_NORM], eps, dt)
+    q = jnp.einsum("bte,end->btnd", h, w[_Q])
+    k = jnp.einsum("bte,ekd->btkd", h, w[_K])
+    v = jnp.einsum("bte,ekd->btkd", h, w[_V])
+    if qk_norm:
+        q, k = _rms_norm(q, w[_Q_NORM], eps, dt), _rms_norm(k, w[_K_NORM], eps, dt)
+    q, k = _rope(q, cos, sin, interleaved), _rope(k, cos, sin, interleaved)
+    if query_scale != 1.0:
+        q = q * jnp.asarray(query_scale, dt)
+
+    b, t, n, d = q.shape
+    kv = k.shape[2]
+    qg = q.reshape(b, t, kv, n // kv, d)  # query head n uses kv head n // (N/K)
+    scores = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32)
+    causal = jnp.tril(jnp.ones((t, t), dtype=bool))
+    probs = jax.nn.softmax(jnp.where(causal, scores, _MASK_VALUE), axis=-1).astype(dt)
+    attn = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, n, d)
+    x = x + jnp.einsum("btnd,nde->bte", attn, w[_O])
+
+    h = _rms_norm(x, w[_POST_NORM], eps, dt)
+    mlp = jax.nn.silu(h @ w[_WI0]) * (h @ w[_WI1])
+    return x + mlp @ w[_WO]
+
+
+@partial(jax.jit, static_argnames=("eps", "transposed", "dtype"))
+def _final_logits(
+    x: jax.Array, scale: jax.Array, head: jax.Array, *, eps: float, transposed: bool, dtype: str
+) -> jax.Array:
+    """Final RMSNorm then LM head; ``head`` is (E,V) or, when ``transposed``, the (V,E) embedding."""
+    dt = jnp.dtype(dtype)
+    h = _rms_norm(x, scale, eps, dt)
+    spec = "bte,ve->btv" if transposed else "bte,ev->btv"
+    return jnp.einsum(spec, h, head.astype(dt)).astype(jnp.float32)
+
+
+def _layer_weights(layer: dict[str, np.ndarray], cfg: ForwardConfig, i: int) -> dict[str, np.ndarray]:
+    """Select and shape-check the leaves of layer ``i`` used by the forward."""
+    e, n, k, d = cfg.hidden, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    shapes: dict[str, tuple[int, ...]] = {
+        _PRE_NORM: (e,),
+        _POST_NORM: (e,),
+        _Q: (e, n, d),
+        _K: (e, k, d),
+        _V: (e, k, d),
+        _O: (n, d, e),
+    }
+    if cfg.family == "qwen3":
+        shapes |= {_Q_NORM: (d,), _K_NORM: (d,)}
+    f = layer[_WI0].shape[-1] if _WI0 in layer else -1
+    shapes |= {_WI0: (e, f), _WI1: (e, f), _WO: (f, e)}
+    missing = [p for p in shapes if p not in layer]
+    if missing:
+        raise KeyError(f"layer {i}: missing leaves {missing}")
+    for path, shape in shapes.items():
+        if tuple(layer[path].shape) != shape:
+            raise ValueError(f"layer {i}: {path} has shape {tuple(layer[path].shape)}, expected {shape}")
+    return {p: layer[p] for p in shapes}
+
+
+def maxtext_logits(params: ParamSource, cfg: ForwardConfig, tokens: np.ndarray, dtype: str = "float32") -> np.ndarray:
+    """tokens int (B,T) -> logits float32 (B,T,V), computed with MaxText's math.
+
+    Positions are 0..T-1 with a causal mask and no padding. Layers are fetched with ``params.layer(i)``
+    one at a time and released before the next fetch; a tied model reads the embedding twice (lookup,
+    then LM head). ``dtype`` ('float32' or 'bfloat16') is the activation/weight compute dtype; RMSNorm
+    statistics and softmax are always float32. Logits are cut to ``cfg.vocab`` if the table is padded.
+    """
+    if dtype not in _DTYPES:
+        raise ValueError(f"dtype must be one of {_DTYPES}, got {dtype!r}")
+    tokens = np.asarray(tokens)
+    if tokens.ndim != 2 or not np.issubdtype(tokens.dtype, np.integer):
+        raise ValueError(f"tokens must be an integer (B,T) array, got {tokens.dtype} {tokens.shape}")
+    if tokens.size and (tokens.min() < 0 or tokens.max() >= cfg.vocab):
+        raise ValueError(f"token ids must lie in [0, {cfg.vocab})")
+
+    embedding = params.top(_EMBEDDING)
+    if embedding.ndim != 2 or embedding.shape[0] < cfg.vocab or embedding.shape[1] != cfg.hidden:
+        raise ValueError(f"{_EMBEDDING} has shape {embedding.shape}, expected ({cfg.vocab}, {cfg.hidden})")
+    x = jnp.asarray(embedding[tokens]).astype(dtype)
+    del embedding  # re-fetched for a tied head, so it is not held while the layers run
+
+    angles = np.arange(tokens.shape[1], dtype=np.float32)[:, None] * rope_inv_freq(cfg)[None, :]
+    cos, sin = jnp.asarray(np.cos(angles)), jnp.asarray(np.sin(angles))
+    llama = cfg.family == "llama3.1"
+    static = {
+        "eps": float(cfg.rms_eps),
+        "qk_norm": not llama,
+        "interleaved": llama,
+        "query_scale": 1.0 if llama else cfg.head_dim**-0.5,  # Llama: folded into the query kernel
+        "dtype": dtype,
+    }
+    for i in range(cfg.num_layers):
+        layer = _layer_weights(params.layer(i), cfg, i)
+        weights = {k: jnp.asarray(v) for k, v in layer.items()}
+        x = _decoder_layer(x, weights, cos, sin, **static).block_until_ready()
+        for k, w in weights.items():
+            if w is not layer[k]:  # free now: jax on CPU may alias numpy buffers until a later gc
+                w.delete()
+        del layer, weights
+
+    if cfg.tied:
+        head, transposed = params.top(_EMBEDDING), True
+    elif params.has_top(_LM_HEAD):
+        head, transposed = params.top(_LM_HEAD), False
+    else:
+        raise KeyError(f"untied config but {_LM_HEAD} is absent")
+    logits = _final_logits(x, params.top(_FINAL_NORM), head, eps=float(cfg.rms_eps), transposed=transposed, dtype=dtype)
+    return np.asarray(logits)[..., : cfg.vocab]

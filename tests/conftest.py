@@ -1,0 +1,69 @@
+"""Shared fixtures: tiny random HF models made with transformers at test time (fixed seeds, no weights in git)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+TINY = dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=16, intermediate_size=128,
+            num_hidden_layers=2, vocab_size=128, max_position_embeddings=256)
+LLAMA_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+              "original_max_position_embeddings": 64}
+
+
+def make_hf_model(kind: str, dtype: str = "float32", seed: int = 0):
+    """A tiny transformers model with every parameter distinct (norms included). kind: qwen3, qwen3-tied, llama."""
+    import torch
+    import transformers as tf
+
+    torch.manual_seed(seed)
+    if kind.startswith("qwen3"):
+        cfg = tf.Qwen3Config(**TINY, tie_word_embeddings=kind == "qwen3-tied", rope_theta=10000.0, rms_norm_eps=1e-6)
+        model = tf.Qwen3ForCausalLM(cfg)
+    elif kind == "llama":
+        cfg = tf.LlamaConfig(**TINY, tie_word_embeddings=False, rope_theta=10000.0, rms_norm_eps=1e-5,
+                             rope_scaling=dict(LLAMA_ROPE))
+        model = tf.LlamaForCausalLM(cfg)
+    else:
+        raise ValueError(kind)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.ndim == 1:
+                p.copy_(1.0 + 0.1 * torch.randn_like(p))
+            else:
+                p.copy_(0.05 * torch.randn_like(p))
+    model = model.to(getattr(torch, dtype)).eval()
+    return model
+
+
+def save_model(model, folder: Path, sharded: bool) -> Path:
+    model.save_pretrained(folder, max_shard_size="40KB" if sharded else "10GB")
+    return folder
+
+
+@pytest.fixture(scope="session")
+def hf_models(tmp_path_factory):
+    """Factory: (kind, dtype, sharded) -> folder of a saved tiny model, built once per session."""
+    cache: dict[tuple, Path] = {}
+
+    def get(kind: str, dtype: str = "float32", sharded: bool = False) -> Path:
+        key = (kind, dtype, sharded)
+        if key not in cache:
+            folder = tmp_path_factory.mktemp(f"hf-{kind}-{dtype}-{'sharded' if sharded else 'single'}")
+            save_model(make_hf_model(kind, dtype), folder, sharded)
+            if sharded:
+                assert (folder / "model.safetensors.index.json").exists()
+            cache[key] = folder
+        return cache[key]
+
+    return get
+
+
+def read_config(folder: Path) -> dict:
+    return json.loads((folder / "config.json").read_text())

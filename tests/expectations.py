@@ -1,0 +1,92 @@
+"""Independent expectations of the MaxText tree, written from maxtext-layout.md with explicit index math.
+
+Deliberately NOT using ckpt_cli's transforms: if the converter's transform is wrong, these differ.
+"""
+
+from __future__ import annotations
+
+import math
+
+import ml_dtypes
+import numpy as np
+
+
+def _f32(x):
+    return np.asarray(x, dtype=np.float32)
+
+
+def expected_layer(hf: dict, cfg: dict, family: str, i: int) -> dict[str, np.ndarray]:
+    """Per-layer MaxText leaves for HF layer i, as float32 (before the output cast)."""
+    E, N, K = cfg["hidden_size"], cfg["num_attention_heads"], cfg["num_key_value_heads"]
+    D = cfg.get("head_dim") or E // N
+    p = f"model.layers.{i}."
+    q = _f32(hf[p + "self_attn.q_proj.weight"])          # (N*D, E)
+    k = _f32(hf[p + "self_attn.k_proj.weight"])          # (K*D, E)
+    v = _f32(hf[p + "self_attn.v_proj.weight"])
+    o = _f32(hf[p + "self_attn.o_proj.weight"])          # (E, N*D)
+    # q_mt[e, h, d] = q_hf[h*D + d, e]
+    q_mt = np.einsum("hde->ehd", q.reshape(N, D, E))
+    k_mt = np.einsum("hde->ehd", k.reshape(K, D, E))
+    v_mt = np.einsum("hde->ehd", v.reshape(K, D, E))
+    # out_mt[h, d, e] = o_hf[e, h*D + d]
+    o_mt = np.einsum("ehd->hde", o.reshape(E, N, D))
+    out = {
+        "pre_self_attention_layer_norm/scale": _f32(hf[p + "input_layernorm.weight"]),
+        "post_self_attention_layer_norm/scale": _f32(hf[p + "post_attention_layernorm.weight"]),
+        "self_attention/value/kernel": v_mt, "self_attention/out/kernel": o_mt,
+        "mlp/wi_0/kernel": _f32(hf[p + "mlp.gate_proj.weight"]).T,
+        "mlp/wi_1/kernel": _f32(hf[p + "mlp.up_proj.weight"]).T,
+        "mlp/wo/kernel": _f32(hf[p + "mlp.down_proj.weight"]).T,
+    }
+    if family == "llama":
+        # new[..., 2j] = old[..., j]; new[..., 2j+1] = old[..., D/2 + j]
+        perm = np.array([j // 2 if j % 2 == 0 else D // 2 + j // 2 for j in range(D)])
+        out["self_attention/query/kernel"] = q_mt[..., perm] * np.float32(1 / math.sqrt(D))
+        out["self_attention/key/kernel"] = k_mt[..., perm]
+    else:
+        out["self_attention/query/kernel"] = q_mt
+        out["self_attention/key/kernel"] = k_mt
+        out["self_attention/query_norm/scale"] = _f32(hf[p + "self_attn.q_norm.weight"])
+        out["self_attention/key_norm/scale"] = _f32(hf[p + "self_attn.k_norm.weight"])
+    return out
+
+
+def expected_tree(hf: dict, cfg: dict, family: str, scan: bool) -> dict[str, np.ndarray]:
+    """Every MaxText leaf path (under params/params, '/'-joined) -> expected float32 array."""
+    tree = {"token_embedder/embedding": _f32(hf["model.embed_tokens.weight"]),
+            "decoder/decoder_norm/scale": _f32(hf["model.norm.weight"])}
+    if not cfg.get("tie_word_embeddings"):
+        tree["decoder/logits_dense/kernel"] = _f32(hf["lm_head.weight"]).T
+    layers = [expected_layer(hf, cfg, family, i) for i in range(cfg["num_hidden_layers"])]
+    for leaf in layers[0]:
+        if scan:
+            tree[f"decoder/layers/{leaf}"] = np.stack([lay[leaf] for lay in layers], axis=1)
+        else:
+            for i, lay in enumerate(layers):
+                tree[f"decoder/layers_{i}/{leaf}"] = lay[leaf]
+    return tree
+
+
+def flatten(tree: dict, prefix: str = "") -> dict[str, np.ndarray]:
+    out = {}
+    for k, v in tree.items():
+        path = f"{prefix}/{k}" if prefix else k
+        if isinstance(v, dict):
+            out.update(flatten(v, path))
+        else:
+            out[path] = v
+    return out
+
+
+def cast(x: np.ndarray, dtype: str) -> np.ndarray:
+    return x.astype(ml_dtypes.bfloat16 if dtype == "bf16" else np.float32)
+
+
+def assert_bits_equal(got: np.ndarray, want: np.ndarray, msg: str = "") -> None:
+    """Bit-for-bit equality (NaN-safe, -0.0 distinct), with a readable failure."""
+    assert got.dtype == want.dtype and got.shape == want.shape, f"{msg}: {got.dtype}{got.shape} vs {want.dtype}{want.shape}"
+    g = np.ascontiguousarray(got).view(np.uint8)
+    w = np.ascontiguousarray(want).view(np.uint8)
+    if not np.array_equal(g, w):
+        bad = np.argwhere(np.ascontiguousarray(got).astype(np.float32) != np.ascontiguousarray(want).astype(np.float32))
+        raise AssertionError(f"{msg}: {len(bad)} elements differ, first at {tuple(bad[0]) if len(bad) else '?'}")

@@ -1,0 +1,82 @@
+"""The plan for real configs (no data) equals maxtext-layout.md Appendix A, scanned and unscanned."""
+
+from __future__ import annotations
+
+import pytest
+
+from ckpt_cli import registry
+from ckpt_cli.dtypes import output_dtype
+from ckpt_cli.families import detect_family
+from ckpt_cli.plan import build_to_maxtext
+
+# Appendix A, scanned shapes, keys dash-joined under params/params.
+QWEN3 = {
+    "decoder-decoder_norm-scale": {"qwen3-0.6b": (1024,), "qwen3-8b": (4096,)},
+    "decoder-layers-mlp-wi_0-kernel": {"qwen3-0.6b": (1024, 28, 3072), "qwen3-8b": (4096, 36, 12288)},
+    "decoder-layers-mlp-wi_1-kernel": {"qwen3-0.6b": (1024, 28, 3072), "qwen3-8b": (4096, 36, 12288)},
+    "decoder-layers-mlp-wo-kernel": {"qwen3-0.6b": (3072, 28, 1024), "qwen3-8b": (12288, 36, 4096)},
+    "decoder-layers-post_self_attention_layer_norm-scale": {"qwen3-0.6b": (1024, 28), "qwen3-8b": (4096, 36)},
+    "decoder-layers-pre_self_attention_layer_norm-scale": {"qwen3-0.6b": (1024, 28), "qwen3-8b": (4096, 36)},
+    "decoder-layers-self_attention-key-kernel": {"qwen3-0.6b": (1024, 28, 8, 128), "qwen3-8b": (4096, 36, 8, 128)},
+    "decoder-layers-self_attention-key_norm-scale": {"qwen3-0.6b": (128, 28), "qwen3-8b": (128, 36)},
+    "decoder-layers-self_attention-out-kernel": {"qwen3-0.6b": (16, 28, 128, 1024), "qwen3-8b": (32, 36, 128, 4096)},
+    "decoder-layers-self_attention-query-kernel": {"qwen3-0.6b": (1024, 28, 16, 128),
+                                                   "qwen3-8b": (4096, 36, 32, 128)},
+    "decoder-layers-self_attention-query_norm-scale": {"qwen3-0.6b": (128, 28), "qwen3-8b": (128, 36)},
+    "decoder-layers-self_attention-value-kernel": {"qwen3-0.6b": (1024, 28, 8, 128),
+                                                   "qwen3-8b": (4096, 36, 8, 128)},
+    "decoder-logits_dense-kernel": {"qwen3-8b": (4096, 151936)},
+    "token_embedder-embedding": {"qwen3-0.6b": (151936, 1024), "qwen3-8b": (151936, 4096)},
+}
+LLAMA = {
+    "decoder-decoder_norm-scale": (4096,),
+    "decoder-layers-mlp-wi_0-kernel": (4096, 32, 14336),
+    "decoder-layers-mlp-wi_1-kernel": (4096, 32, 14336),
+    "decoder-layers-mlp-wo-kernel": (14336, 32, 4096),
+    "decoder-layers-post_self_attention_layer_norm-scale": (4096, 32),
+    "decoder-layers-pre_self_attention_layer_norm-scale": (4096, 32),
+    "decoder-layers-self_attention-key-kernel": (4096, 32, 8, 128),
+    "decoder-layers-self_attention-out-kernel": (32, 32, 128, 4096),
+    "decoder-layers-self_attention-query-kernel": (4096, 32, 32, 128),
+    "decoder-layers-self_attention-value-kernel": (4096, 32, 8, 128),
+    "decoder-logits_dense-kernel": (4096, 128256),
+    "token_embedder-embedding": (128256, 4096),
+}
+
+
+def golden(model: str) -> dict[str, tuple[int, ...]]:
+    if model.startswith("llama"):
+        return dict(LLAMA)
+    return {k: v[model] for k, v in QWEN3.items() if model in v}
+
+
+def unscanned(scanned: dict[str, tuple[int, ...]], layers: int) -> dict[str, tuple[int, ...]]:
+    """The spec's rule: unscanned = scanned with axis 1 removed, under layers_<i>."""
+    out = {}
+    for key, shape in scanned.items():
+        if key.startswith("decoder-layers-"):
+            for i in range(layers):
+                out[key.replace("decoder-layers-", f"decoder-layers_{i}-")] = shape[:1] + shape[2:]
+        else:
+            out[key] = shape
+    return out
+
+
+def plan_shapes(model: str, scan: bool) -> dict[str, tuple[int, ...]]:
+    cfg = registry.reference_config(model)
+    plan = build_to_maxtext(detect_family(cfg), cfg, scan, output_dtype("bf16"))
+    return {t.target.replace("/", "-"): t.shape for t in plan.tensors}
+
+
+@pytest.mark.parametrize("model,layers", [("qwen3-0.6b", 28), ("qwen3-8b", 36), ("llama3.1-8b", 32)])
+def test_plan_equals_appendix_a(model, layers):
+    assert plan_shapes(model, True) == golden(model)
+    assert plan_shapes(model, False) == unscanned(golden(model), layers)
+
+
+def test_plan_reads_no_data_and_sizes_are_right():
+    cfg = registry.reference_config("qwen3-0.6b")
+    plan = build_to_maxtext(detect_family(cfg), cfg, True, output_dtype("bf16"))
+    params = sum(int(__import__("math").prod(t.shape)) for t in plan.tensors)
+    assert params == 596_049_920  # Qwen3-0.6B parameter count, tied head
+    assert plan.output_bytes == 2 * params

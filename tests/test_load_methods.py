@@ -1,0 +1,24 @@
+"""--load-method safetensors and transformers give bit-identical checkpoints."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from ckpt_cli.convert import ToMaxTextOptions, hf_to_maxtext
+from tests.expectations import flatten
+
+
+@pytest.mark.parametrize("kind,dtype", [("qwen3-tied", "bfloat16"), ("llama", "float32")])
+def test_load_methods_identical(hf_models, tmp_path, kind, dtype):
+    import orbax.checkpoint as ocp
+
+    src = hf_models(kind, dtype, sharded=True)
+    trees = []
+    for method in ("safetensors", "transformers"):
+        out = tmp_path / method
+        hf_to_maxtext(str(src), out, ToMaxTextOptions(load_method=method, dtype="bf16"))
+        trees.append(flatten(ocp.PyTreeCheckpointer().restore(str(out / "0" / "items"))["params"]))
+    assert set(trees[0]) == set(trees[1])
+    for path in trees[0]:
+        assert np.array_equal(trees[0][path].view(np.uint16), trees[1][path].view(np.uint16)), path
