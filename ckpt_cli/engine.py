@@ -77,13 +77,14 @@ def execute(plan: ConversionPlan, reader: Reader, writer: Writer, progress: Prog
         writer.create(t.target, t.shape, t.dtype, t.chunk_shape)
     jobs: list[tuple[TensorPlan, SliceTask]] = [(t, task) for t in plan.tensors for task in t.tasks]
     jobs.sort(key=lambda j: reader.order_key(j[1].source))
-    total = sum(_task_cost(t) for t, _ in jobs)
-    budget = budget_bytes or max(256 << 20, 2 * max(_task_cost(t) for t, _ in jobs))
+    total = sum(_task_bytes(t, task) for t, task in jobs)
+    budget = budget_bytes or max(192 << 20, 2 * max(_task_cost(*j) for j in jobs))
     stats = Stats(tensors=len(plan.tensors), tasks=len(jobs))
 
     def run(tensor: TensorPlan, task: SliceTask) -> tuple[np.ndarray, int]:
         x = reader.read(task.source)
-        return tensor.apply(x, plan.direction), x.nbytes
+        nbytes = x.nbytes
+        return tensor.apply(x, plan.direction, task), nbytes
 
     in_flight: deque[tuple[TensorPlan, SliceTask, Future, int]] = deque()
     held = 0
@@ -93,8 +94,8 @@ def execute(plan: ConversionPlan, reader: Reader, writer: Writer, progress: Prog
         it = iter(jobs)
         nxt = next(it, None)
         while nxt is not None or in_flight:
-            while nxt is not None and (not in_flight or held + _task_cost(nxt[0]) <= budget):
-                cost = _task_cost(nxt[0])
+            while nxt is not None and (not in_flight or held + _task_cost(*nxt) <= budget):
+                cost = _task_cost(*nxt)
                 in_flight.append((nxt[0], nxt[1], pool.submit(run, *nxt), cost))
                 held += cost
                 nxt = next(it, None)
@@ -102,10 +103,10 @@ def execute(plan: ConversionPlan, reader: Reader, writer: Writer, progress: Prog
             array, nread = fut.result()
             stats.bytes_read += nread
             writer.write(tensor.target, tensor.target_index(task), array)
+            stats.bytes_written += array.nbytes
+            done += array.nbytes
             del array
             held -= cost
-            done += cost
-            stats.bytes_written += tensor.slice_nbytes
             if progress:
                 progress(done, total)
         writer.flush()
@@ -120,6 +121,10 @@ def execute(plan: ConversionPlan, reader: Reader, writer: Writer, progress: Prog
     return stats
 
 
-def _task_cost(tensor: TensorPlan) -> int:
-    """Bytes one task holds at its peak: source slice plus its transformed copy."""
-    return math.prod(tensor.source_shape) * 4 + tensor.slice_nbytes
+def _task_bytes(tensor: TensorPlan, task: SliceTask) -> int:
+    return math.prod(tensor.task_shape(task)) * np.dtype(tensor.dtype).itemsize
+
+
+def _task_cost(tensor: TensorPlan, task: SliceTask) -> int:
+    """Bytes one task holds at its peak: the source slice (at most 4 bytes an element) and its result."""
+    return math.prod(tensor.task_shape(task)) * (4 + np.dtype(tensor.dtype).itemsize)

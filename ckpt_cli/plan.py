@@ -22,6 +22,7 @@ Shape = tuple[int, ...]
 TO_MAXTEXT = "hf-to-maxtext"
 TO_HF = "maxtext-to-hf"
 CHUNK_TARGET_BYTES = 128 * 1024 * 1024
+PIECE_BYTES = 32 * 1024 * 1024   # large 2-D tensors are read and written in row pieces of about this size
 
 
 @dataclass(frozen=True)
@@ -31,6 +32,7 @@ class SourceSlice:
     name: str
     index: tuple[int, ...] = ()
     axes: tuple[int, ...] = ()
+    rows: tuple[int, int] | None = None   # a row range of axis 0 of the (sliced) source
 
 
 @dataclass(frozen=True)
@@ -39,6 +41,7 @@ class SliceTask:
 
     index: tuple[int, ...]
     source: SourceSlice
+    span: tuple[int, int] | None = None   # range on the tensor's span_axis, for row-piece tasks
 
 
 @dataclass(frozen=True)
@@ -54,6 +57,7 @@ class TensorPlan:
     chain: T.Chain
     tasks: tuple[SliceTask, ...]
     chunk_shape: Shape
+    span_axis: int | None = None  # target axis split into row pieces (large 2-D tensors only)
 
     @property
     def nbytes(self) -> int:
@@ -72,17 +76,36 @@ class TensorPlan:
         idx: list = [slice(None)] * len(self.shape)
         for axis, i in zip(self.stack_axes, task.index, strict=True):
             idx[axis] = i
+        if task.span is not None:
+            idx[self.span_axis] = slice(*task.span)
         return tuple(idx)
 
-    def apply(self, x: np.ndarray, direction: str) -> np.ndarray:
-        """Transform one source slice into one target slice of the target dtype."""
-        if direction == TO_MAXTEXT:
-            y = self.chain.to_maxtext(x, self.slice_shape)
-        else:
-            y = self.chain.to_hf(x, self.slice_shape)
-        if y.shape != self.slice_shape:
-            raise AssertionError(f"{self.target}: transform produced {y.shape}, planned {self.slice_shape}")
-        return y.astype(self.dtype, copy=False)
+    def task_shape(self, task: SliceTask) -> Shape:
+        """The shape one task produces: the slice shape, narrowed to the task's span."""
+        if task.span is None:
+            return self.slice_shape
+        free = [a for a in range(len(self.shape)) if a not in self.stack_axes]
+        shape = list(self.slice_shape)
+        shape[free.index(self.span_axis)] = task.span[1] - task.span[0]
+        return tuple(shape)
+
+    def apply(self, x: np.ndarray, direction: str, task: SliceTask) -> np.ndarray:
+        """Transform one source slice into one target slice of the target dtype.
+
+        Pure permutations of same-width dtypes run on an unsigned-integer view: bit-exact by
+        construction, and numpy's native copy loops release the GIL (ml_dtypes' do not).
+        """
+        shape = self.task_shape(task)
+        src_dtype = x.dtype
+        as_bits = self.chain.exact and src_dtype.itemsize == np.dtype(self.dtype).itemsize
+        if as_bits:
+            x = x.view(f"u{src_dtype.itemsize}")
+        y = self.chain.to_maxtext(x, shape) if direction == TO_MAXTEXT else self.chain.to_hf(x, shape)
+        if y.shape != shape:
+            raise AssertionError(f"{self.target}: transform produced {y.shape}, planned {shape}")
+        if as_bits:
+            return np.ascontiguousarray(y).view(self.dtype)
+        return np.ascontiguousarray(y.astype(self.dtype, copy=False))
 
 
 @dataclass(frozen=True)
@@ -142,6 +165,26 @@ def _stacked(shape: Shape, rule: Rule, block: Block | None, dims: Dims) -> tuple
     return tuple(full), tuple(stack_axes)
 
 
+def _split_rows(rows: int, row_bytes: int) -> list[tuple[int, int]] | None:
+    """Row pieces of about PIECE_BYTES, or None when the tensor is small enough to move whole."""
+    if rows * row_bytes <= PIECE_BYTES or rows < 2:
+        return None
+    step = max(1, PIECE_BYTES // max(1, row_bytes))
+    return [(a, min(a + step, rows)) for a in range(0, rows, step)]
+
+
+def _span_axis(rule: Rule, shape: Shape, stack_axes: tuple[int, ...]) -> int | None:
+    """Target axis that HF rows map to, for tensors that can move in row pieces (identity or 2-D transpose)."""
+    free = [a for a in range(len(shape)) if a not in stack_axes]
+    if len(rule.hf_shape) != 2 or len(free) != 2:
+        return None
+    if rule.steps == ():
+        return free[0]
+    if rule.steps == ("transpose",):
+        return free[-1]
+    return None
+
+
 def _tasks(rule: Rule, block: Block | None, dims: Dims) -> tuple[SliceTask, ...]:
     experts = range(dims[rule.experts]) if rule.experts is not None else [None]
     if block is None:
@@ -166,14 +209,24 @@ def build_to_maxtext(family: Family, hf_config: dict, scan_layers: bool, dtype: 
     for block in family.blocks(dims, hf_config, scan_layers):
         entries += [(r, block, f"{block.prefix}/{r.maxtext}") for r in block.rules]
     tensors = []
+    itemsize = np.dtype(dtype).itemsize
     for rule, block, path in entries:
         slice_shape = eval_shape(rule.maxtext_shape, dims)
+        source_shape = eval_shape(rule.hf_shape, dims)
         shape, axes = _stacked(slice_shape, rule, block, dims)
+        tasks = _tasks(rule, block, dims)
+        chunks = chunk_shape(shape, axes, itemsize)
+        span_axis = _span_axis(rule, shape, axes)
+        pieces = _split_rows(source_shape[0], source_shape[1] * 4) if span_axis is not None else None
+        if pieces:
+            tasks = tuple(SliceTask(t.index, SourceSlice(t.source.name, rows=p), span=p) for t in tasks for p in pieces)
+            chunks = tuple(pieces[0][1] if a == span_axis else (1 if a in axes else n) for a, n in enumerate(shape))
+        else:
+            span_axis = None
         tensors.append(TensorPlan(
-            target=path, shape=shape, dtype=np.dtype(dtype), slice_shape=slice_shape,
-            source_shape=eval_shape(rule.hf_shape, dims), stack_axes=axes,
-            chain=resolve_steps(rule.steps, dims), tasks=_tasks(rule, block, dims),
-            chunk_shape=chunk_shape(shape, axes, np.dtype(dtype).itemsize)))
+            target=path, shape=shape, dtype=np.dtype(dtype), slice_shape=slice_shape, source_shape=source_shape,
+            stack_axes=axes, chain=resolve_steps(rule.steps, dims), tasks=tasks, chunk_shape=chunks,
+            span_axis=span_axis))
     check_coverage(tensors)
     return ConversionPlan(TO_MAXTEXT, family.name, scan_layers, np.dtype(dtype), tuple(tensors), dict(hf_config),
                           dims, notes)
@@ -184,11 +237,18 @@ def check_coverage(tensors: list[TensorPlan]) -> None:
     targets = [t.target for t in tensors]
     if len(set(targets)) != len(targets):
         raise AssertionError("plan has duplicate targets")
-    sources = [(task.source.name, task.source.index) for t in tensors for task in t.tasks]
+    sources = [(task.source.name, task.source.index, task.source.rows) for t in tensors for task in t.tasks]
     if len(set(sources)) != len(sources):
         raise AssertionError("plan reads a source slice twice")
     for t in tensors:
         want = set(itertools.product(*(range(t.shape[a]) for a in t.stack_axes)))
         got = [task.index for task in t.tasks]
-        if set(got) != want or len(got) != len(want):
+        if set(got) != want:
+            raise AssertionError(f"{t.target}: tasks do not cover the stacked axes")
+        spans = sorted({task.span for task in t.tasks if task.span is not None})
+        per_index = len(got) // len(want)
+        if per_index != max(1, len(spans)) or len(got) % len(want):
             raise AssertionError(f"{t.target}: tasks do not cover the stacked axes exactly once")
+        if spans and (spans[0][0] != 0 or spans[-1][1] != t.shape[t.span_axis]
+                      or any(a[1] != b[0] for a, b in zip(spans, spans[1:], strict=False))):
+            raise AssertionError(f"{t.target}: row pieces do not tile axis {t.span_axis}")

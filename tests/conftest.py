@@ -33,7 +33,7 @@ def make_hf_model(kind: str, dtype: str = "float32", seed: int = 0):
     else:
         raise ValueError(kind)
     with torch.no_grad():
-        for name, p in model.named_parameters():
+        for _name, p in model.named_parameters():
             if p.ndim == 1:
                 p.copy_(1.0 + 0.1 * torch.randn_like(p))
             else:

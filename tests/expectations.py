@@ -84,7 +84,8 @@ def cast(x: np.ndarray, dtype: str) -> np.ndarray:
 
 def assert_bits_equal(got: np.ndarray, want: np.ndarray, msg: str = "") -> None:
     """Bit-for-bit equality (NaN-safe, -0.0 distinct), with a readable failure."""
-    assert got.dtype == want.dtype and got.shape == want.shape, f"{msg}: {got.dtype}{got.shape} vs {want.dtype}{want.shape}"
+    assert got.dtype == want.dtype and got.shape == want.shape, (
+        f"{msg}: {got.dtype}{got.shape} vs {want.dtype}{want.shape}")
     g = np.ascontiguousarray(got).view(np.uint8)
     w = np.ascontiguousarray(want).view(np.uint8)
     if not np.array_equal(g, w):

@@ -112,3 +112,22 @@ def test_restore_with_jax_abstract_targets(hf_models, tmp_path):
         item={"params": params_meta}, restore_args={"params": restore_args}, partial_restore=True))
     q = restored["params"]["params"]["decoder"]["layers"]["self_attention"]["query"]["kernel"]
     assert isinstance(q, jax.Array) and q.dtype == np.float32 and q.shape == (64, 2, 4, 16)
+
+
+@pytest.mark.parametrize("kind,scan", [("llama", True), ("qwen3-tied", False)])
+def test_large_tensors_move_in_row_pieces(hf_models, tmp_path, monkeypatch, kind, scan):
+    """Large 2-D tensors (embedding, lm_head, MLP) are read and written in row pieces; output unchanged."""
+    import ckpt_cli.plan as plan_mod
+
+    monkeypatch.setattr(plan_mod, "PIECE_BYTES", 4096)
+    src = hf_models(kind, "bfloat16", sharded=True)
+    out = tmp_path / "mt"
+    result = hf_to_maxtext(str(src), out, ToMaxTextOptions(scan_layers=scan))
+    emb = result.plan.tensor("token_embedder/embedding")
+    assert emb.span_axis == 0 and len(emb.tasks) > 1 and emb.chunk_shape[0] == emb.tasks[0].span[1]
+    wo = next(t for t in result.plan.tensors if t.target.endswith("mlp/wo/kernel"))
+    assert wo.span_axis == len(wo.shape) - 1 and all(task.source.rows for task in wo.tasks)
+    got = flatten(restore(out)["params"]["params"])
+    family = "llama" if kind == "llama" else "qwen3"
+    for path, expected in expected_tree(load_hf(src), read_config(src), family, scan).items():
+        assert_bits_equal(got[path], cast(expected, "bf16"), path)

@@ -32,7 +32,7 @@ def hf_to_maxtext(
     revision: O.RevisionOpt = None,
     ocdbt: O.OcdbtOpt = True,
     zarr3: O.Zarr3Opt = True,
-    compression: O.CompressionOpt = "zstd",
+    compression: O.CompressionOpt = "none",
     workers: O.WorkersOpt = 2,
     overwrite: O.OverwriteOpt = False,
     show_tensors: O.ShowTensorsOpt = False,

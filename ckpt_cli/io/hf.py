@@ -102,8 +102,8 @@ class SafetensorsReader:
 
     def read(self, source: SourceSlice) -> np.ndarray:
         if source.axes:
-            raise AssertionError("HF sources are read whole")
-        return self.files.read(source.name)
+            raise AssertionError("HF sources are read whole or by rows")
+        return self.files.read(source.name, source.rows)
 
     def order_key(self, source: SourceSlice) -> tuple:
         info = self.files.info(source.name)
@@ -138,7 +138,10 @@ class TransformersReader:
         return tuple(t.shape), _numpy_dtype(t.dtype, self._torch)
 
     def read(self, source: SourceSlice) -> np.ndarray:
-        return to_numpy(self.state[source.name])
+        t = self.state[source.name]
+        if source.rows is not None:
+            t = t[source.rows[0]:source.rows[1]]
+        return to_numpy(t)
 
     def order_key(self, source: SourceSlice) -> tuple:
         return (source.name,)

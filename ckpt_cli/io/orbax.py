@@ -26,8 +26,8 @@ from ckpt_cli.errors import OutputError
 
 HANDLER = "orbax.checkpoint._src.handlers.pytree_checkpoint_handler.PyTreeCheckpointHandler"
 ROOT_KEYS = ("params", "params")
-BATCH_BYTES = 256 * 1024 * 1024
-MAX_PENDING_COMMITS = 2
+BATCH_BYTES = 128 * 1024 * 1024
+MAX_PENDING_COMMITS = 1
 
 
 @dataclass(frozen=True)
@@ -36,7 +36,7 @@ class StorageOptions:
 
     use_ocdbt: bool = True
     use_zarr3: bool = True
-    compression: str = "zstd"      # "zstd" or "none"
+    compression: str = "none"      # "none" (fastest; bf16 weights gain ~10% from zstd) or "zstd"
     zstd_level: int = 1
 
 
@@ -120,21 +120,31 @@ class OrbaxWriter:
             raise OutputError(f"cannot create {self.items}: {exc.strerror}") from None
         self.context = _context()
         self.arrays: dict[str, ts.TensorStore] = {}
+        self.opening: dict[str, ts.Future] = {}
         self.txn: ts.Transaction | None = None
         self.txn_bytes = 0
         self.pending: deque[tuple[ts.Future, int]] = deque()
         self.init_ns = time.time_ns()
+        self.advised: set[str] = set()
 
     def create(self, path: str, shape: tuple[int, ...], dtype: np.dtype, chunk: tuple[int, ...]) -> None:
-        """Create one leaf array (metadata only)."""
+        """Start creating one leaf array (metadata only); creations run concurrently until the first write."""
         spec = array_spec(self.items, param_name(path), shape, dtype, chunk, self.opts)
-        self.arrays[path] = _result(ts.open(spec, context=self.context), f"creating {path}")
+        self.opening[path] = ts.open(spec, context=self.context)
+
+    def _array(self, path: str) -> ts.TensorStore:
+        if self.opening:
+            for p, future in self.opening.items():
+                self.arrays[p] = _result(future, f"creating {p}")
+            self.opening.clear()
+        return self.arrays[path]
 
     def write(self, path: str, index: tuple, array: np.ndarray) -> int:
         """Stage one slice; returns the bytes now waiting in unfinished commits (for the engine's budget)."""
         if self.txn is None:
             self.txn = ts.Transaction()
-        _result(self.arrays[path].with_transaction(self.txn)[index].write(array), f"writing {path}")
+        _result(self._array(path).with_transaction(self.txn)[index].write(
+            array, can_reference_source_data_indefinitely=True), f"writing {path}")
         self.txn_bytes += array.nbytes
         if self.txn_bytes >= BATCH_BYTES:
             self._commit()
@@ -155,9 +165,33 @@ class OrbaxWriter:
     def _wait_oldest(self) -> None:
         future, _ = self.pending.popleft()
         _result(future, "committing writes")
+        self._start_writeback()
+
+    def _start_writeback(self) -> None:
+        """Hand committed data files to the kernel for writeback now (and drop them from the page cache).
+
+        Committed OCDBT data files are immutable, so starting their writeback early overlaps the disk
+        with the rest of the conversion: the final fsync then waits for little. Best effort.
+        """
+        for dirpath, _, files in os.walk(self.items):
+            for f in files:
+                path = os.path.join(dirpath, f)
+                if path in self.advised or f == "manifest.ocdbt":
+                    continue
+                try:
+                    fd = os.open(path, os.O_RDONLY)
+                except OSError:
+                    continue
+                try:
+                    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+                finally:
+                    os.close(fd)
+                self.advised.add(path)
 
     def flush(self) -> None:
         """Commit everything staged and wait for it."""
+        if self.opening:
+            self._array(next(iter(self.opening)))
         self._commit()
         while self.pending:
             self._wait_oldest()

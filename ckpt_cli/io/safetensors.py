@@ -1,13 +1,16 @@
-"""Safetensors without mmap: headers parsed directly, tensors read with pread into owned buffers.
+"""Safetensors: headers parsed directly; each tensor (or row range) mapped on its own.
 
-Reading through pread (not mmap) keeps file-backed pages out of our RSS, so peak memory is the
-tensors we hold, not the files we touched. A folder is a single `model.safetensors`, a sharded set
-with `model.safetensors.index.json`, or any `*.safetensors` files.
+A read maps just that tensor's byte range (MAP_POPULATE, one syscall for the page faults) and
+returns a zero-copy view; the mapping is released when the last view of it is dropped, so the file
+pages count in RSS only while the engine holds that slice, never for the whole file. The only copy
+is the one the transform or the writer makes. A folder is a single `model.safetensors`, a sharded
+set with `model.safetensors.index.json`, or any `*.safetensors` files.
 """
 
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import struct
 from collections.abc import Iterable, Iterator
@@ -122,17 +125,35 @@ class SafetensorsFolder:
         except KeyError:
             raise SourceError(f"tensor {name} is missing from {self.folder}") from None
 
-    def read(self, name: str) -> np.ndarray:
-        """Read one whole tensor into a fresh array (pread; no mmap)."""
+    def read(self, name: str, rows: tuple[int, int] | None = None) -> np.ndarray:
+        """One tensor, or rows [start, stop) of its axis 0, as a read-only zero-copy view."""
         info = self.info(name)
-        return read_range(info.file, info.begin, info.nbytes).view(info.dtype).reshape(info.shape)
+        if rows is None:
+            return map_range(info.file, info.begin, info.nbytes).view(info.dtype).reshape(info.shape)
+        start, stop = rows
+        row = int(np.prod(info.shape[1:], dtype=np.int64)) * info.dtype.itemsize
+        data = map_range(info.file, info.begin + start * row, (stop - start) * row)
+        return data.view(info.dtype).reshape((stop - start, *info.shape[1:]))
 
     def read_rows(self, name: str, start: int, stop: int) -> np.ndarray:
-        """Read rows [start, stop) of axis 0 of one tensor."""
-        info = self.info(name)
-        row = int(np.prod(info.shape[1:], dtype=np.int64)) * info.dtype.itemsize
-        data = read_range(info.file, info.begin + start * row, (stop - start) * row)
-        return data.view(info.dtype).reshape((stop - start, *info.shape[1:]))
+        return self.read(name, (start, stop))
+
+
+def map_range(file: Path, offset: int, nbytes: int) -> np.ndarray:
+    """A read-only uint8 view of `nbytes` at `offset`, backed by its own mapping (unmapped when dropped)."""
+    if nbytes == 0:
+        return np.empty(0, dtype=np.uint8)
+    start = offset - offset % mmap.ALLOCATIONGRANULARITY
+    try:
+        with open(file, "rb") as fh:
+            size = os.fstat(fh.fileno()).st_size
+            if offset + nbytes > size:
+                raise SourceError(f"{file} is truncated: wanted {nbytes} bytes at offset {offset}, file has {size}")
+            flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
+            mm = mmap.mmap(fh.fileno(), offset - start + nbytes, flags=flags, prot=mmap.PROT_READ, offset=start)
+    except FileNotFoundError:
+        raise SourceError(f"missing file {file}") from None
+    return np.frombuffer(mm, dtype=np.uint8, count=nbytes, offset=offset - start)
 
 
 def read_range(file: Path, offset: int, nbytes: int) -> np.ndarray:

@@ -1,0 +1,125 @@
+"""Synthetic full-size checkpoints with real names and shapes and random weights, written streaming.
+
+Used by the benchmarks (never by the test suite): the shapes come from a registry model's reference
+config through the conversion plan itself, so every tensor the converter reads exists.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import resource
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import ml_dtypes
+import numpy as np
+
+from ckpt_cli import registry
+from ckpt_cli.families import detect_family
+from ckpt_cli.io.safetensors import PlannedTensor, StreamingSafetensorsWriter
+from ckpt_cli.plan import build_to_maxtext
+
+
+def hf_tensors(config: dict) -> list[PlannedTensor]:
+    """Every HF tensor the plan for this config reads, with its shape, as bf16."""
+    plan = build_to_maxtext(detect_family(config), config, True, np.dtype(np.float32))
+    return [PlannedTensor(task.source.name, np.dtype(ml_dtypes.bfloat16), t.source_shape)
+            for t in plan.tensors for task in t.tasks]
+
+
+def write_synthetic(folder: Path, model: str, shard_bytes: int = 0, seed: int = 0) -> Path:
+    """Write config.json + safetensors shard(s) of random bf16 weights for a registry model."""
+    folder.mkdir(parents=True, exist_ok=True)
+    config = registry.reference_config(model)
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    tensors = sorted(hf_tensors(config), key=lambda t: t.name)
+    shards: list[list[PlannedTensor]] = [[]]
+    size = 0
+    for t in tensors:
+        if shard_bytes and size + t.nbytes > shard_bytes and shards[-1]:
+            shards.append([])
+            size = 0
+        shards[-1].append(t)
+        size += t.nbytes
+    rng = np.random.default_rng(seed)
+    names = ["model.safetensors"] if len(shards) == 1 else [
+        f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    weight_map = {}
+    for name, shard in zip(names, shards, strict=True):
+        writer = StreamingSafetensorsWriter(folder / name, shard, {"format": "pt"})
+        for t in shard:
+            writer.write(t.name, random_bf16(rng, t.shape))
+            weight_map[t.name] = name
+        writer.close()
+    if len(shards) > 1:
+        total = sum(t.nbytes for t in tensors)
+        (folder / "model.safetensors.index.json").write_text(
+            json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
+    return folder
+
+
+def random_bf16(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
+    """Random normal-ish bf16 values (scale 0.02), generated in row blocks to bound memory."""
+    out = np.empty(shape, dtype=ml_dtypes.bfloat16)
+    flat = out.reshape(-1)
+    step = 16 << 20
+    for i in range(0, flat.size, step):
+        n = min(step, flat.size - i)
+        flat[i:i + n] = (rng.standard_normal(n, dtype=np.float32) * 0.02).astype(ml_dtypes.bfloat16)
+    return out
+
+
+@dataclass
+class Run:
+    wall_s: float
+    peak_rss: int
+    returncode: int
+    stdout: str
+
+
+def run_measured(cmd: list[str], env: dict | None = None) -> Run:
+    """Run a command; wall time and the child's own peak RSS (wait4 rusage, not the parent's)."""
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=env)
+    out = proc.stdout.read() if proc.stdout else ""
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - start
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    return Run(wall, usage.ru_maxrss * 1024, proc.returncode, out)
+
+
+def drop_file(path: Path) -> None:
+    """Evict a file from the page cache (best effort)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def warm(folder: Path) -> None:
+    """Read every file once so the input is page-cached, as in the reference measurements."""
+    for f in folder.iterdir():
+        with open(f, "rb") as fh:
+            while fh.read(64 << 20):
+                pass
+
+
+def du(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def gb(n: float) -> str:
+    return f"{n / 1e9:.2f} GB"
+
+
+def peak_self() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def params_of(model: str) -> int:
+    return sum(math.prod(t.shape) for t in hf_tensors(registry.reference_config(model)))
