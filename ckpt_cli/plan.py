@@ -32,7 +32,8 @@ class SourceSlice:
     name: str
     index: tuple[int, ...] = ()
     axes: tuple[int, ...] = ()
-    rows: tuple[int, int] | None = None   # a row range of axis 0 of the (sliced) source
+    rows: tuple[int, int] | None = None   # a range on axis `rows_axis` of the source (full coordinates)
+    rows_axis: int = 0
 
 
 @dataclass(frozen=True)
@@ -252,3 +253,30 @@ def check_coverage(tensors: list[TensorPlan]) -> None:
         if spans and (spans[0][0] != 0 or spans[-1][1] != t.shape[t.span_axis]
                       or any(a[1] != b[0] for a, b in zip(spans, spans[1:], strict=False))):
             raise AssertionError(f"{t.target}: row pieces do not tile axis {t.span_axis}")
+
+
+def build_to_hf(family: Family, hf_config: dict, scan_layers: bool, dtype: np.dtype) -> ConversionPlan:
+    """The MaxText -> HF plan: every HF tensor with the MaxText slice it comes from (the forward plan inverted).
+
+    Built from the forward plan, so the two directions cannot disagree: each forward task (HF source ->
+    MaxText slice) becomes one reverse task (MaxText slice -> whole HF tensor, or an HF row piece).
+    """
+    forward = build_to_maxtext(family, hf_config, scan_layers, np.dtype(dtype))
+    tensors = []
+    for t in forward.tensors:
+        by_name: dict[str, list[SliceTask]] = {}
+        for task in t.tasks:
+            by_name.setdefault(task.source.name, []).append(task)
+        for name, tasks in by_name.items():
+            reverse_tasks = [
+                SliceTask((), SourceSlice(t.target, index=task.index, axes=t.stack_axes, rows=task.span,
+                                          rows_axis=t.span_axis or 0), span=task.source.rows)
+                for task in tasks]
+            span_axis = 0 if reverse_tasks[0].span is not None else None
+            tensors.append(TensorPlan(
+                target=name, shape=t.source_shape, dtype=np.dtype(dtype), slice_shape=t.source_shape,
+                source_shape=t.slice_shape, stack_axes=(), chain=t.chain, tasks=tuple(reverse_tasks),
+                chunk_shape=t.source_shape, span_axis=span_axis))
+    tensors.sort(key=lambda x: x.target)
+    return ConversionPlan(TO_HF, family.name, scan_layers, np.dtype(dtype), tuple(tensors), dict(hf_config),
+                          forward.dims, forward.notes)

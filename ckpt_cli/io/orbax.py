@@ -22,7 +22,7 @@ import numpy as np
 import tensorstore as ts
 
 from ckpt_cli.dtypes import dtype_name
-from ckpt_cli.errors import OutputError
+from ckpt_cli.errors import OutputError, SourceError
 
 HANDLER = "orbax.checkpoint._src.handlers.pytree_checkpoint_handler.PyTreeCheckpointHandler"
 ROOT_KEYS = ("params", "params")
@@ -261,3 +261,99 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+class OrbaxCheckpoint:
+    """A MaxText/Orbax checkpoint opened for slice reads: run dir, step dir or items dir.
+
+    Only the `params/params` subtree is read; optimizer state and anything else is ignored. Reading
+    metadata opens no array data; `read` fetches exactly one slice (whole chunks of one layer when the
+    checkpoint was written by ckpt).
+    """
+
+    def __init__(self, path: Path):
+        self.items = find_items_dir(Path(path))
+        try:
+            self.metadata = json.loads((self.items / "_METADATA").read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise SourceError(f"{self.items}: unreadable Orbax _METADATA ({exc})") from None
+        self.opts = StorageOptions(use_ocdbt=bool(self.metadata.get("use_ocdbt", True)),
+                                   use_zarr3=bool(self.metadata.get("use_zarr3", False)))
+        step_meta = self.items.parent / "_CHECKPOINT_METADATA"
+        self.step_metadata: dict = {}
+        if step_meta.exists():
+            try:
+                self.step_metadata = json.loads(step_meta.read_text())
+            except json.JSONDecodeError:
+                self.step_metadata = {}
+        self.paths: list[str] = []
+        for entry in self.metadata.get("tree_metadata", {}).values():
+            keys = tuple(k["key"] for k in entry.get("key_metadata", []))
+            if keys[:2] == ROOT_KEYS and len(keys) > 2:
+                self.paths.append("/".join(str(k) for k in keys[2:]))
+        if not self.paths:
+            raise SourceError(f"{self.items}: no params/params arrays in this checkpoint")
+        self.context = ts.Context({"cache_pool": {"total_bytes_limit": 0}})
+        self._arrays: dict[str, ts.TensorStore] = {}
+
+    @property
+    def custom_metadata(self) -> dict:
+        return self.step_metadata.get("custom_metadata") or {}
+
+    @property
+    def scan_layers(self) -> bool | None:
+        value = self.custom_metadata.get("scan_layers")
+        return None if value is None else bool(value)
+
+    @property
+    def provenance(self) -> dict:
+        return self.custom_metadata.get("ckpt") or {}
+
+    def array(self, path: str) -> ts.TensorStore:
+        if path not in self._arrays:
+            if path not in self.paths:
+                raise SourceError(f"{self.items}: the checkpoint has no parameter {path}")
+            driver = "zarr3" if self.opts.use_zarr3 else "zarr"
+            spec = {"driver": driver, "kvstore": kvstore_spec(self.items, param_name(path), self.opts), "open": True}
+            try:
+                self._arrays[path] = ts.open(spec, context=self.context).result()
+            except ValueError as exc:
+                raise SourceError(f"{self.items}: cannot open {path}: {str(exc).splitlines()[0]}") from None
+        return self._arrays[path]
+
+    def describe(self, name: str) -> tuple[tuple[int, ...], np.dtype]:
+        arr = self.array(name)
+        return tuple(arr.shape), np.dtype(arr.dtype.numpy_dtype)
+
+    def read(self, source) -> np.ndarray:
+        """One slice: `source.index` placed on `source.axes`, optionally a range on `source.rows_axis`."""
+        arr = self.array(source.name)
+        idx: list = [slice(None)] * arr.rank
+        for axis, i in zip(source.axes, source.index, strict=True):
+            idx[axis] = i
+        if source.rows is not None:
+            idx[source.rows_axis] = slice(*source.rows)
+        try:
+            return arr[tuple(idx)].read().result()
+        except ValueError as exc:
+            raise SourceError(f"{self.items}: cannot read {source.name}: {str(exc).splitlines()[0]}") from None
+
+    def order_key(self, source) -> tuple:
+        return (self.paths.index(source.name) if source.name in self.paths else 0, source.index, source.rows or ())
+
+
+def find_items_dir(path: Path) -> Path:
+    """Accept OUT, OUT/<step> or OUT/<step>/items; pick the latest committed step of a run dir."""
+    if not path.exists():
+        raise SourceError(f"{path}: no such checkpoint directory")
+    if (path / "_METADATA").exists():
+        return path
+    if (path / "items" / "_METADATA").exists():
+        return path / "items"
+    steps = sorted((int(p.name), p) for p in path.iterdir() if p.is_dir() and p.name.isdigit()
+                   and (p / "items" / "_METADATA").exists())
+    if steps:
+        return steps[-1][1] / "items"
+    if partial_dir(path).exists() or path.name.endswith(".partial"):
+        raise SourceError(f"{path}: an interrupted conversion, not a complete checkpoint")
+    raise SourceError(f"{path}: not an Orbax checkpoint (no _METADATA in it, in items/ or in a step directory)")
