@@ -30,6 +30,7 @@ class ToMaxTextOptions:
     storage: StorageOptions = field(default_factory=StorageOptions)
     overwrite: bool = False
     workers: int = 2
+    mtp: bool = False               # DeepSeek-V3: also convert the multi-token-prediction layer
 
 
 @dataclass
@@ -51,12 +52,15 @@ def plan_to_maxtext(source: hf.HFSource, opts: ToMaxTextOptions) -> ConversionPl
             raise ConfigMismatchError(f"{model_name} is a {spec.family} model, but config.json describes "
                                       f"a {family.name} model")
         registry.check_against(spec, source.config, family.reference_keys)
-    return build_to_maxtext(family, source.config, opts.scan_layers, output_dtype(opts.dtype))
+    features = frozenset({"mtp"}) if opts.mtp else frozenset()
+    return build_to_maxtext(family, source.config, opts.scan_layers, output_dtype(opts.dtype), features)
 
 
-def open_reader(source: hf.HFSource, load_method: str):
+def open_reader(source: hf.HFSource, load_method: str, dtype: np.dtype | None = None):
     if load_method == "safetensors":
-        return hf.SafetensorsReader(source.folder)
+        qcfg = source.config.get("quantization_config") or {}
+        block = tuple(qcfg.get("weight_block_size") or (128, 128))
+        return hf.SafetensorsReader(source.folder, dequant_dtype=dtype, block=block)
     if load_method == "transformers":
         return hf.TransformersReader(source.folder)
     raise SourceError(f"unknown load method {load_method!r}: choose safetensors or transformers")
@@ -88,9 +92,10 @@ def hf_to_maxtext(source_arg: str, out: Path, opts: ToMaxTextOptions, progress=N
     """Convert an HF checkpoint to a MaxText Orbax checkpoint at `out` (published atomically)."""
     source = hf.resolve(source_arg, opts.revision)
     plan = plan_to_maxtext(source, opts)
-    reader = open_reader(source, opts.load_method)
+    reader = open_reader(source, opts.load_method, plan.dtype)
     engine.validate(plan, reader)
     used = {task.source.name for t in plan.tensors for task in t.tasks}
+    used |= {extra for name in used for extra in getattr(reader, "consumed_with", lambda n: [])(name)}
     ignored = sorted(set(reader.names) - used)
     notes = list(plan.notes)
     if ignored:

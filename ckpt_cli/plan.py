@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ckpt_cli import transforms as T
+from ckpt_cli.errors import UnsupportedError
 from ckpt_cli.families import Family
 from ckpt_cli.families.base import Block, Dims, Rule, eval_shape, resolve_steps
 
@@ -121,6 +122,7 @@ class ConversionPlan:
     hf_config: dict = field(compare=False, hash=False)
     dims: Dims = field(compare=False, hash=False)
     notes: tuple[str, ...] = ()
+    features: frozenset[str] = frozenset()
 
     @property
     def output_bytes(self) -> int:
@@ -202,12 +204,19 @@ def _tasks(rule: Rule, block: Block | None, dims: Dims) -> tuple[SliceTask, ...]
     return tuple(tasks)
 
 
-def build_to_maxtext(family: Family, hf_config: dict, scan_layers: bool, dtype: np.dtype) -> ConversionPlan:
-    """The HF -> MaxText plan for a config: every MaxText leaf with its HF sources (metadata only)."""
-    notes = tuple(family.check_config(hf_config))
+def build_to_maxtext(family: Family, hf_config: dict, scan_layers: bool, dtype: np.dtype,
+                     features: frozenset[str] = frozenset()) -> ConversionPlan:
+    """The HF -> MaxText plan for a config: every MaxText leaf with its HF sources (metadata only).
+
+    `features` asks for optional parts the family offers (e.g. {"mtp"} for DeepSeek-V3's MTP layer).
+    """
+    unknown = set(features) - set(family.features)
+    if unknown:
+        raise UnsupportedError(f"{family.name} has no optional part {', '.join(sorted(unknown))}")
+    notes = tuple(family.check_config(hf_config, frozenset(features)))
     dims = family.dims(hf_config)
     entries: list[tuple[Rule, Block | None, str]] = [(r, None, r.maxtext) for r in family.top_rules(dims, hf_config)]
-    for block in family.blocks(dims, hf_config, scan_layers):
+    for block in family.blocks(dims, hf_config, scan_layers, frozenset(features)):
         entries += [(r, block, f"{block.prefix}/{r.maxtext}") for r in block.rules]
     tensors = []
     itemsize = np.dtype(dtype).itemsize
@@ -230,7 +239,7 @@ def build_to_maxtext(family: Family, hf_config: dict, scan_layers: bool, dtype: 
             span_axis=span_axis))
     check_coverage(tensors)
     return ConversionPlan(TO_MAXTEXT, family.name, scan_layers, np.dtype(dtype), tuple(tensors), dict(hf_config),
-                          dims, notes)
+                          dims, notes, frozenset(features))
 
 
 def check_coverage(tensors: list[TensorPlan]) -> None:
@@ -255,13 +264,14 @@ def check_coverage(tensors: list[TensorPlan]) -> None:
             raise AssertionError(f"{t.target}: row pieces do not tile axis {t.span_axis}")
 
 
-def build_to_hf(family: Family, hf_config: dict, scan_layers: bool, dtype: np.dtype) -> ConversionPlan:
+def build_to_hf(family: Family, hf_config: dict, scan_layers: bool, dtype: np.dtype,
+                features: frozenset[str] = frozenset()) -> ConversionPlan:
     """The MaxText -> HF plan: every HF tensor with the MaxText slice it comes from (the forward plan inverted).
 
     Built from the forward plan, so the two directions cannot disagree: each forward task (HF source ->
     MaxText slice) becomes one reverse task (MaxText slice -> whole HF tensor, or an HF row piece).
     """
-    forward = build_to_maxtext(family, hf_config, scan_layers, np.dtype(dtype))
+    forward = build_to_maxtext(family, hf_config, scan_layers, np.dtype(dtype), features)
     tensors = []
     for t in forward.tensors:
         by_name: dict[str, list[SliceTask]] = {}
@@ -279,4 +289,4 @@ def build_to_hf(family: Family, hf_config: dict, scan_layers: bool, dtype: np.dt
                 chunk_shape=t.source_shape, span_axis=span_axis))
     tensors.sort(key=lambda x: x.target)
     return ConversionPlan(TO_HF, family.name, scan_layers, np.dtype(dtype), tuple(tensors), dict(hf_config),
-                          forward.dims, forward.notes)
+                          forward.dims, forward.notes, forward.features)

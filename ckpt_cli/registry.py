@@ -42,6 +42,38 @@ def _llama(name: str, repo: str, e: int, n: int, f: int, layers: int) -> ModelSp
     })
 
 
+def _deepseek(name: str, repo: str, model_type: str, v3: bool) -> ModelSpec:
+    if not v3:
+        cfg = {"hidden_size": 2048, "num_attention_heads": 16, "num_key_value_heads": 16, "num_hidden_layers": 27,
+               "vocab_size": 102400, "intermediate_size": 10944, "moe_intermediate_size": 1408,
+               "n_routed_experts": 64, "n_shared_experts": 2, "num_experts_per_tok": 6, "first_k_dense_replace": 1,
+               "q_lora_rank": None, "topk_method": "greedy", "scoring_func": "softmax", "norm_topk_prob": False,
+               "routed_scaling_factor": 1.0, "n_group": 1, "topk_group": 1, "bos_token_id": 100000,
+               "eos_token_id": 100001}
+        mscale = 0.707
+    else:
+        cfg = {"hidden_size": 7168, "num_attention_heads": 128, "num_key_value_heads": 128, "num_hidden_layers": 61,
+               "vocab_size": 129280, "intermediate_size": 18432, "moe_intermediate_size": 2048,
+               "n_routed_experts": 256, "n_shared_experts": 1, "num_experts_per_tok": 8, "first_k_dense_replace": 3,
+               "q_lora_rank": 1536, "topk_method": "noaux_tc", "scoring_func": "sigmoid", "norm_topk_prob": True,
+               "routed_scaling_factor": 2.5, "n_group": 8, "topk_group": 4, "num_nextn_predict_layers": 1,
+               "bos_token_id": 0, "eos_token_id": 1,
+               "quantization_config": {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                                       "weight_block_size": [128, 128]}}
+        mscale = 1.0
+    arch = {"deepseek_v2": "DeepseekV2ForCausalLM", "deepseek_v3": "DeepseekV3ForCausalLM",
+            "deepseek_v32": "DeepseekV32ForCausalLM"}[model_type]
+    cfg |= {"architectures": [arch], "model_type": model_type, "kv_lora_rank": 512, "qk_nope_head_dim": 128,
+            "qk_rope_head_dim": 64, "v_head_dim": 128, "rms_norm_eps": 1e-6, "rope_theta": 10000.0,
+            "rope_scaling": {"type": "yarn", "factor": 40.0, "original_max_position_embeddings": 4096,
+                             "beta_fast": 32.0, "beta_slow": 1.0, "mscale": mscale, "mscale_all_dim": mscale},
+            "max_position_embeddings": 163840, "tie_word_embeddings": False, "hidden_act": "silu",
+            "attention_bias": False, "torch_dtype": "bfloat16"}
+    if model_type == "deepseek_v32":
+        cfg |= {"index_n_heads": 64, "index_head_dim": 128, "index_topk": 2048}
+    return ModelSpec(name, "deepseek", repo, cfg)
+
+
 MODELS: dict[str, ModelSpec] = {m.name: m for m in (
     _qwen3("qwen3-0.6b", "Qwen/Qwen3-0.6B", 1024, 16, 3072, 28, True),
     _qwen3("qwen3-1.7b", "Qwen/Qwen3-1.7B", 2048, 16, 6144, 28, True),
@@ -55,6 +87,9 @@ MODELS: dict[str, ModelSpec] = {m.name: m for m in (
     _llama("llama3.1-70b", "meta-llama/Llama-3.1-70B", 8192, 64, 28672, 80),
     _llama("llama3.1-70b-Instruct", "meta-llama/Llama-3.1-70B-Instruct", 8192, 64, 28672, 80),
     _llama("llama3.1-405b", "meta-llama/Llama-3.1-405B", 16384, 128, 53248, 126),
+    _deepseek("deepseek2-16b", "deepseek-ai/DeepSeek-V2-Lite", "deepseek_v2", False),
+    _deepseek("deepseek3-671b", "deepseek-ai/DeepSeek-V3", "deepseek_v3", True),
+    _deepseek("deepseek3.2-671b", "deepseek-ai/DeepSeek-V3.2", "deepseek_v32", True),
 )}
 
 

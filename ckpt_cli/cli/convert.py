@@ -34,6 +34,7 @@ def hf_to_maxtext(
     zarr3: O.Zarr3Opt = True,
     compression: O.CompressionOpt = "none",
     workers: O.WorkersOpt = 2,
+    mtp: O.MtpOpt = False,
     overwrite: O.OverwriteOpt = False,
     show_tensors: O.ShowTensorsOpt = False,
     json_out: O.JsonOpt = False,
@@ -57,7 +58,7 @@ def hf_to_maxtext(
     opts = convert.ToMaxTextOptions(
         model=model, scan_layers=scan, dtype=dtype, load_method=load_method, revision=revision,
         storage=StorageOptions(use_ocdbt=ocdbt, use_zarr3=zarr3, compression=compression),
-        overwrite=overwrite, workers=workers)
+        overwrite=overwrite, workers=workers, mtp=mtp)
 
     def on_plan(plan, notes):
         for n in notes:

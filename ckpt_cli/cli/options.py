@@ -22,3 +22,5 @@ OcdbtOpt = Annotated[bool, typer.Option("--ocdbt/--no-ocdbt", help="Store arrays
 Zarr3Opt = Annotated[bool, typer.Option("--zarr3/--no-zarr3", help="zarr v3 arrays (else zarr v2).")]
 CompressionOpt = Annotated[str, typer.Option("--compression", help="Chunk compression: zstd or none.")]
 WorkersOpt = Annotated[int, typer.Option("--workers", min=1, max=64, help="Reader/transform threads.")]
+MtpOpt = Annotated[bool, typer.Option(
+    "--mtp", help="DeepSeek-V3/V3.2: also convert the multi-token-prediction layer (MaxText mtp_block).")]

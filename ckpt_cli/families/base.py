@@ -66,15 +66,16 @@ class Family:
     model_types: tuple[str, ...]                     # HF config model_type values it accepts
     dims: Callable[[dict], Dims]                     # HF config -> dimension table
     top_rules: Callable[[Dims, dict], tuple[Rule, ...]]
-    blocks: Callable[[Dims, dict, bool], list[Block]]
-    check_config: Callable[[dict], list[str]] = lambda cfg: []   # returns notes; raises on refusal
+    blocks: Callable[[Dims, dict, bool, frozenset[str]], list[Block]]   # (dims, config, scan, features)
+    check_config: Callable[[dict, frozenset[str]], list[str]] = lambda cfg, features: []  # notes; raises on refusal
+    features: frozenset[str] = frozenset()          # optional parts a user can ask for (e.g. "mtp")
     reference_keys: tuple[str, ...] = ()             # config keys compared against reference models
     notes: str = ""
     extra: dict = field(default_factory=dict)
 
 
 def eval_dim(expr: str, dims: Dims) -> int:
-    """'N*D' -> dims['N'] * dims['D']; integers are literals."""
+    """'N*D' -> dims['N'] * dims['D']; integers are literals; a name may itself contain '+' ('C+R')."""
     value = 1
     for part in expr.split("*"):
         part = part.strip()
@@ -128,7 +129,7 @@ def validate_rules(rules: Iterable[Rule], dims: Dims) -> None:
         seen_hf.add(r.hf)
         if math.prod(eval_shape(r.maxtext_shape, dims)) != math.prod(eval_shape(r.hf_shape, dims)):
             raise AssertionError(f"{r.maxtext}: element counts differ between {r.maxtext_shape} and {r.hf_shape}")
-        if not re.fullmatch(r"[a-z0-9_/]+", r.maxtext.replace("{b}", "")):
+        if not re.fullmatch(r"[A-Za-z0-9_/]+", r.maxtext):
             raise AssertionError(f"{r.maxtext}: bad leaf path")
 
 

@@ -36,7 +36,7 @@ def top_rules(d: Dims, cfg: dict) -> tuple:
     return TOP
 
 
-def blocks(d: Dims, cfg: dict, scan: bool) -> list[Block]:
+def blocks(d: Dims, cfg: dict, scan: bool, features: frozenset[str] = frozenset()) -> list[Block]:
     return uniform_blocks(LAYER, d["L"], scan)
 
 
@@ -49,7 +49,7 @@ def rope_scaling(cfg: dict) -> dict | None:
     return None
 
 
-def check_config(cfg: dict) -> list[str]:
+def check_config(cfg: dict, features: frozenset[str] = frozenset()) -> list[str]:
     if cfg.get("attention_bias") or cfg.get("mlp_bias"):
         raise UnsupportedError("config.json sets attention_bias/mlp_bias: MaxText's llama3.1 has no biases")
     if cfg.get("tie_word_embeddings"):

@@ -49,11 +49,11 @@ def top_rules(d: Dims, cfg: dict) -> tuple:
     return TOP if tied(cfg) else (*TOP, HEAD)
 
 
-def blocks(d: Dims, cfg: dict, scan: bool) -> list[Block]:
+def blocks(d: Dims, cfg: dict, scan: bool, features: frozenset[str] = frozenset()) -> list[Block]:
     return uniform_blocks(LAYER, d["L"], scan)
 
 
-def check_config(cfg: dict) -> list[str]:
+def check_config(cfg: dict, features: frozenset[str] = frozenset()) -> list[str]:
     if cfg.get("attention_bias"):
         raise UnsupportedError("config.json sets attention_bias: Qwen3 in MaxText has no q/k/v biases")
     if cfg.get("use_sliding_window"):

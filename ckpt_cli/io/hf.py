@@ -61,8 +61,8 @@ def resolve(source: str, revision: str | None = None) -> HFSource:
     return HFSource(folder, load_config(folder), repo_id, model_name, repo_id, revision)
 
 
-def download(repo_id: str, revision: str | None) -> Path:
-    """Fetch config, index and safetensors shards of a repo into the hub cache; return the folder."""
+def download(repo_id: str, revision: str | None, allow_patterns: list[str] | None = None) -> Path:
+    """Fetch config, index and safetensors shards (or `allow_patterns`) of a repo into the hub cache."""
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import (
         GatedRepoError,
@@ -73,8 +73,8 @@ def download(repo_id: str, revision: str | None) -> Path:
     )
 
     try:
-        return Path(snapshot_download(repo_id, revision=revision,
-                                      allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.model"]))
+        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=allow_patterns
+                                      or ["*.json", "*.safetensors", "tokenizer*", "*.model"]))
     except GatedRepoError:
         raise RemoteError(f"{repo_id} is gated: accept its licence on the hub and set HF_TOKEN "
                           f"(or run `hf auth login`)") from None
@@ -91,19 +91,45 @@ def download(repo_id: str, revision: str | None) -> Path:
 
 
 class SafetensorsReader:
-    """The default reader: one tensor at a time from safetensors shards, by pread."""
+    """The default reader: one tensor (or row range) at a time from safetensors shards.
 
-    def __init__(self, folder: Path):
+    fp8 weights stored the DeepSeek way (float8_e4m3fn with a float32 `<name>_scale_inv` per
+    block, possibly in another shard) are dequantized slice by slice on the fly into `dequant_dtype`.
+    """
+
+    def __init__(self, folder: Path, dequant_dtype: np.dtype | None = None, block: tuple[int, int] = (128, 128)):
         self.files = SafetensorsFolder(folder)
+        self.dequant_dtype = np.dtype(dequant_dtype) if dequant_dtype is not None else np.dtype(np.float32)
+        self.block = block
 
     def describe(self, name: str) -> tuple[tuple[int, ...], np.dtype]:
         info = self.files.info(name)
         return info.shape, info.dtype
 
+    def scale_name(self, name: str) -> str | None:
+        """The companion block-scale tensor of an fp8 weight, when it has one."""
+        info = self.files.info(name)
+        if info.dtype.itemsize != 1 or not info.dtype.name.startswith("float8"):
+            return None
+        scale = name + "_scale_inv"
+        if scale not in self.files:
+            raise SourceError(f"tensor {name} is {info.dtype.name} but {scale} is missing")
+        return scale
+
     def read(self, source: SourceSlice) -> np.ndarray:
         if source.axes:
             raise AssertionError("HF sources are read whole or by rows")
-        return self.files.read(source.name, source.rows)
+        x = self.files.read(source.name, source.rows)
+        scale_name = self.scale_name(source.name)
+        if scale_name is None:
+            return x
+        return dequantize_blocks(x, self.files.read(scale_name), (source.rows or (0, 0))[0], self.block,
+                                 self.dequant_dtype)
+
+    def consumed_with(self, name: str) -> list[str]:
+        """Extra tensors read along with `name` (its fp8 scale), for the unused-tensor report."""
+        scale = self.scale_name(name) if name in self.files else None
+        return [scale] if scale else []
 
     def order_key(self, source: SourceSlice) -> tuple:
         info = self.files.info(source.name)
@@ -168,3 +194,23 @@ def to_numpy(t) -> np.ndarray:
     if t.dtype == torch.bfloat16:
         return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
     return t.numpy()
+
+
+def dequantize_blocks(w: np.ndarray, scale_inv: np.ndarray, row_offset: int, block: tuple[int, int],
+                      dtype: np.dtype) -> np.ndarray:
+    """Block-scaled fp8 -> dtype: `w[i, j] * scale_inv[i // bh, j // bw]`, computed in float32.
+
+    `w` may be a row range starting at `row_offset`; edge blocks may be ragged (partial).
+    """
+    if w.ndim != 2 or scale_inv.ndim != 2:
+        raise SourceError(f"fp8 dequantization expects 2-D weight and scale, got {w.shape} and {scale_inv.shape}")
+    bh, bw = block
+    rows, cols = w.shape
+    want = (-(-(row_offset + rows) // bh) if rows else 0, -(-cols // bw))
+    if scale_inv.shape[1] != want[1] or scale_inv.shape[0] < want[0]:
+        raise SourceError(f"fp8 scale shape {scale_inv.shape} does not cover a weight of {cols} columns "
+                          f"in {bh}x{bw} blocks")
+    r_idx = np.arange(row_offset, row_offset + rows) // bh
+    c_idx = np.arange(cols) // bw
+    scale = scale_inv.astype(np.float32)[r_idx][:, c_idx]
+    return (w.astype(np.float32) * scale).astype(dtype)
