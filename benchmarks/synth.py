@@ -27,8 +27,9 @@ from ckpt_cli.plan import build_to_maxtext
 def hf_tensors(config: dict) -> list[PlannedTensor]:
     """Every HF tensor the plan for this config reads, with its shape, as bf16."""
     plan = build_to_maxtext(detect_family(config), config, True, np.dtype(np.float32))
-    return [PlannedTensor(task.source.name, np.dtype(ml_dtypes.bfloat16), t.source_shape)
-            for t in plan.tensors for task in t.tasks]
+    tensors = {task.source.name: PlannedTensor(task.source.name, np.dtype(ml_dtypes.bfloat16), t.source_shape)
+               for t in plan.tensors for task in t.tasks}
+    return list(tensors.values())
 
 
 def write_synthetic(folder: Path, model: str, shard_bytes: int = 0, seed: int = 0) -> Path:
