@@ -13,7 +13,7 @@ from ckpt_cli import __version__, engine, registry
 from ckpt_cli.dtypes import output_dtype
 from ckpt_cli.errors import ConfigMismatchError, OutputError, SourceError
 from ckpt_cli.families import detect_family
-from ckpt_cli.io import hf
+from ckpt_cli.io import hf, remote_stream
 from ckpt_cli.io.orbax import OrbaxWriter, StorageOptions
 from ckpt_cli.plan import ConversionPlan, build_to_maxtext
 
@@ -31,6 +31,7 @@ class ToMaxTextOptions:
     overwrite: bool = False
     workers: int = 2
     mtp: bool = False               # DeepSeek-V3: also convert the multi-token-prediction layer
+    max_disk: int | None = None     # repo sources: most local bytes the downloaded shards may take at once
 
 
 @dataclass
@@ -60,7 +61,8 @@ def open_reader(source: hf.HFSource, load_method: str, dtype: np.dtype | None = 
     if load_method == "safetensors":
         qcfg = source.config.get("quantization_config") or {}
         block = tuple(qcfg.get("weight_block_size") or (128, 128))
-        return hf.SafetensorsReader(source.folder, dequant_dtype=dtype, block=block)
+        files = remote_stream.RemoteFolder(source.remote) if source.remote else source.folder
+        return hf.SafetensorsReader(files, dequant_dtype=dtype, block=block)
     if load_method == "transformers":
         return hf.TransformersReader(source.folder)
     raise SourceError(f"unknown load method {load_method!r}: choose safetensors or transformers")
@@ -71,6 +73,7 @@ def provenance(plan: ConversionPlan, source: hf.HFSource, opts: ToMaxTextOptions
     return {
         "tool": "ckpt", "version": __version__, "direction": plan.direction, "family": plan.family,
         "model_name": opts.model or source.model_name, "source": source.label, "repo_id": source.repo_id,
+        "source_folder": str(Path(source.folder).resolve()),
         "revision": source.revision, "dtype": np.dtype(plan.dtype).name, "scan_layers": plan.scan_layers,
         "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"), "hf_config": plan.hf_config,
     }
@@ -90,7 +93,7 @@ def check_free_space(out: Path, nbytes: int) -> None:
 def hf_to_maxtext(source_arg: str, out: Path, opts: ToMaxTextOptions, progress=None,
                   on_plan=None) -> Result:
     """Convert an HF checkpoint to a MaxText Orbax checkpoint at `out` (published atomically)."""
-    source = hf.resolve(source_arg, opts.revision)
+    source = hf.resolve(source_arg, opts.revision, stream=opts.load_method == "safetensors")
     plan = plan_to_maxtext(source, opts)
     reader = open_reader(source, opts.load_method, plan.dtype)
     engine.validate(plan, reader)
@@ -101,15 +104,132 @@ def hf_to_maxtext(source_arg: str, out: Path, opts: ToMaxTextOptions, progress=N
     if ignored:
         notes.append(f"{len(ignored)} source tensor(s) not used: {', '.join(ignored[:4])}"
                      + (" ..." if len(ignored) > 4 else ""))
+    out = Path(out)
+    stream = remote_stream.ShardStream(reader.files, plan, reader, opts.max_disk) if source.remote else None
+    if stream:
+        notes += stream.prepare(out, plan.output_bytes)     # refuses an impossible --max-disk up front
+    elif opts.max_disk is not None:
+        notes.append("--max-disk applies to hub repos only; this source is read in place")
     if on_plan:
         on_plan(plan, notes)
-    out = Path(out)
     check_free_space(out, plan.output_bytes)
     writer = OrbaxWriter(out, opts.storage, overwrite=opts.overwrite)
     try:
-        stats = engine.execute(plan, reader, writer, progress=progress, workers=opts.workers)
+        if stream:
+            stream.start(out)
+        stats = engine.execute(plan, reader, stream.track(writer) if stream else writer, progress=progress,
+                               workers=opts.workers)
         writer.finalize({"scan_layers": plan.scan_layers, "ckpt": provenance(plan, source, opts)})
     except BaseException:
         writer.abort()
         raise
+    finally:
+        if stream:
+            stream.close()
+    if stream:
+        stats.extra["download"] = stream.stats
     return Result(plan, stats, out, source.label, notes)
+
+
+@dataclass(frozen=True)
+class ToHFOptions:
+    """Options of maxtext-to-hf; the CLI flags map one to one."""
+
+    model: str | None = None
+    hf_config: Path | None = None
+    dtype: str | None = None            # None: the config's own dtype (bf16 or f32), else bf16
+    shard_size: int = 5 * 10**9         # bytes of tensor data per safetensors shard, at most
+    tokenizer: str | None = None        # local folder/file or hub repo id
+    overwrite: bool = False
+    workers: int = 2
+
+
+@dataclass
+class HFResult(Result):
+    files: list[str] = field(default_factory=list)
+    config_origin: str = ""
+
+
+def plan_to_hf(ckpt, opts: ToHFOptions):
+    """The MaxText -> HF plan for an opened checkpoint, after checking every parameter against the config.
+
+    Returns (plan, architecture).
+    """
+    from ckpt_cli import to_hf
+    from ckpt_cli.plan import build_to_hf
+
+    arch = to_hf.resolve_architecture(ckpt, opts.model, opts.hf_config)
+    scan = to_hf.detect_scan(ckpt)
+    dtype = output_dtype(opts.dtype or to_hf.default_dtype(arch.config))
+    features = to_hf.detect_features(arch, ckpt, scan)
+    to_hf.check_checkpoint(build_to_maxtext(arch.family, arch.config, scan, dtype, features), ckpt)
+    return build_to_hf(arch.family, arch.config, scan, dtype, features), arch
+
+
+def hf_side_files(ckpt, arch, opts: ToHFOptions, notes: list[str]) -> tuple[dict[str, Path], dict | Path | None]:
+    """Tokenizer files and generation config for the output: from --tokenizer, else the carried source folder."""
+    from ckpt_cli import to_hf
+    from ckpt_cli.io.tokenizer import GENERATION_CONFIG, resolve_tokenizer, tokenizer_files
+
+    tokenizer: dict[str, Path] = {}
+    generation: dict | Path | None = None
+    folder = to_hf.source_folder(ckpt)
+    if folder is not None:
+        tokenizer = tokenizer_files(folder)
+        if (folder / GENERATION_CONFIG).is_file():
+            generation = folder / GENERATION_CONFIG
+    if opts.tokenizer:
+        tokenizer, gen = resolve_tokenizer(opts.tokenizer)
+        generation = generation or gen
+    if not tokenizer:
+        notes.append("no tokenizer files written (pass --tokenizer PATH_OR_REPO to copy them)")
+    return tokenizer, generation or to_hf.derived_generation_config(arch.config)
+
+
+def maxtext_to_hf(source_arg: str, out: Path, opts: ToHFOptions, progress=None, on_plan=None) -> HFResult:
+    """Convert a MaxText checkpoint (run, step or items dir) to an HF safetensors folder at `out` (atomically)."""
+    from ckpt_cli import to_hf
+    from ckpt_cli.io.hf_writer import HFFolderWriter, check_output
+    from ckpt_cli.io.orbax import OrbaxCheckpoint
+    from ckpt_cli.io.orbax_blocks import BlockReader
+    from ckpt_cli.io.safetensors import PlannedTensor
+
+    out = Path(out)
+    ckpt = OrbaxCheckpoint(Path(source_arg))
+    if out.resolve() in (ckpt.items.resolve(), *ckpt.items.resolve().parents):
+        raise OutputError(f"--out {out} is, or contains, the source checkpoint")
+    check_output(out, opts.overwrite)
+    plan, arch = plan_to_hf(ckpt, opts)
+    engine.validate(plan, ckpt)
+    notes = list(plan.notes)
+    if arch.origin != "carried":
+        notes.append(f"architecture from {arch.origin}")
+    if arch.config.get("quantization_config"):
+        notes.append(f"config.json drops quantization_config: the weights are written as plain "
+                     f"{np.dtype(plan.dtype).name}")
+    big = [t.target for t in plan.tensors if t.nbytes > opts.shard_size]
+    if big:
+        notes.append(f"{len(big)} tensor(s) larger than the shard size get a shard of their own: {big[0]}"
+                     + (" ..." if len(big) > 1 else ""))
+    tokenizer, generation = hf_side_files(ckpt, arch, opts, notes)
+    check_free_space(out, plan.output_bytes)
+    if on_plan:
+        on_plan(plan, notes)
+    json_files = {"config.json": to_hf.output_config(arch.config, plan.dtype)}
+    copies = dict(tokenizer)
+    if isinstance(generation, dict):
+        json_files["generation_config.json"] = generation
+    elif generation is not None:
+        copies["generation_config.json"] = generation
+    writer = HFFolderWriter(out, [PlannedTensor(t.target, t.dtype, t.shape) for t in plan.tensors],
+                            opts.shard_size, overwrite=opts.overwrite)
+    try:
+        reader = BlockReader(ckpt)
+        stats = engine.execute(plan, reader, writer, progress=progress, workers=opts.workers)
+        files = writer.finalize(json_files, copies)
+    except BaseException:
+        writer.abort()
+        raise
+    stats.extra["shards"] = len(writer.files)
+    stats.extra["blocks_read"] = reader.blocks_read
+    return HFResult(plan, stats, out, str(source_arg), notes, files, arch.origin)

@@ -49,6 +49,7 @@ class Stats:
     extra: dict = field(default_factory=dict)
 
 
+MIN_BUDGET = 192 << 20
 ProgressFn = Callable[[int, int], None]   # (bytes done, bytes total)
 
 
@@ -78,7 +79,7 @@ def execute(plan: ConversionPlan, reader: Reader, writer: Writer, progress: Prog
     jobs: list[tuple[TensorPlan, SliceTask]] = [(t, task) for t in plan.tensors for task in t.tasks]
     jobs.sort(key=lambda j: reader.order_key(j[1].source))
     total = sum(_task_bytes(t, task) for t, task in jobs)
-    budget = budget_bytes or max(192 << 20, 2 * max(_task_cost(*j) for j in jobs))
+    budget = budget_bytes or default_budget(plan)
     stats = Stats(tensors=len(plan.tensors), tasks=len(jobs))
 
     def run(tensor: TensorPlan, task: SliceTask) -> tuple[np.ndarray, int]:
@@ -94,8 +95,8 @@ def execute(plan: ConversionPlan, reader: Reader, writer: Writer, progress: Prog
         it = iter(jobs)
         nxt = next(it, None)
         while nxt is not None or in_flight:
-            while nxt is not None and (not in_flight or held + _task_cost(*nxt) <= budget):
-                cost = _task_cost(*nxt)
+            while nxt is not None and (not in_flight or held + task_cost(*nxt) <= budget):
+                cost = task_cost(*nxt)
                 in_flight.append((nxt[0], nxt[1], pool.submit(run, *nxt), cost))
                 held += cost
                 nxt = next(it, None)
@@ -125,6 +126,11 @@ def _task_bytes(tensor: TensorPlan, task: SliceTask) -> int:
     return math.prod(tensor.task_shape(task)) * np.dtype(tensor.dtype).itemsize
 
 
-def _task_cost(tensor: TensorPlan, task: SliceTask) -> int:
+def default_budget(plan: ConversionPlan) -> int:
+    """The byte budget of `execute` when none is given: 192 MB, or two of the costliest task if more."""
+    return max(MIN_BUDGET, 2 * max(task_cost(t, task) for t in plan.tensors for task in t.tasks))
+
+
+def task_cost(tensor: TensorPlan, task: SliceTask) -> int:
     """Bytes one task holds at its peak: the source slice (at most 4 bytes an element) and its result."""
     return math.prod(tensor.task_shape(task)) * (4 + np.dtype(tensor.dtype).itemsize)

@@ -103,7 +103,9 @@ class Scale(Transform):
         return x.astype(np.float32) * np.float32(self.factor)
 
     def to_hf(self, x: np.ndarray, shape: Shape) -> np.ndarray:
-        return x.astype(np.float32) * np.float32(1.0 / self.factor)
+        # Divide by the very float32 factor import multiplied by: one correctly rounded step, so f32 round
+        # trips land on the original or an adjacent float (a rounded reciprocal would add a second error).
+        return x.astype(np.float32) / np.float32(self.factor)
 
     def describe(self) -> str:
         return f"scale({self.label or f'{self.factor:.6g}'})"

@@ -18,7 +18,10 @@ LLAMA_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "hig
 
 
 def make_hf_model(kind: str, dtype: str = "float32", seed: int = 0):
-    """A tiny transformers model with every parameter distinct (norms included). kind: qwen3, qwen3-tied, llama."""
+    """A tiny transformers model with every parameter distinct (norms included).
+
+    kind: qwen3, qwen3-tied, llama, llama-d24 (head_dim 24: 1/sqrt(D) is not a power of two).
+    """
     import torch
     import transformers as tf
 
@@ -26,8 +29,9 @@ def make_hf_model(kind: str, dtype: str = "float32", seed: int = 0):
     if kind.startswith("qwen3"):
         cfg = tf.Qwen3Config(**TINY, tie_word_embeddings=kind == "qwen3-tied", rope_theta=10000.0, rms_norm_eps=1e-6)
         model = tf.Qwen3ForCausalLM(cfg)
-    elif kind == "llama":
-        cfg = tf.LlamaConfig(**TINY, tie_word_embeddings=False, rope_theta=10000.0, rms_norm_eps=1e-5,
+    elif kind in ("llama", "llama-d24"):
+        dims = TINY | {"head_dim": 24} if kind == "llama-d24" else TINY
+        cfg = tf.LlamaConfig(**dims, tie_word_embeddings=False, rope_theta=10000.0, rms_norm_eps=1e-5,
                              rope_scaling=dict(LLAMA_ROPE))
         model = tf.LlamaForCausalLM(cfg)
     else:

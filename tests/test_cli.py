@@ -205,3 +205,19 @@ def test_ctrl_c_mid_write_leaves_nothing(tmp_path):
     assert proc.returncode == 130, err
     assert "interrupted" in err and "Traceback" not in err
     assert not out.exists() and not partial.exists()
+
+
+@pytest.mark.parametrize("shell", ["bash", "zsh", "fish"])
+def test_completion_scripts_are_current(shell):
+    """completions/ holds exactly what `ckpt --show-completion SHELL` prints."""
+    r = subprocess.run(["ckpt", "--show-completion", shell], capture_output=True, text=True,
+                       env=os.environ | {"_TYPER_COMPLETE_TEST_DISABLE_SHELL_DETECTION": "1"}, timeout=120)
+    assert r.returncode == 0, r.stderr
+    script = (Path(__file__).resolve().parents[1] / "completions" / f"ckpt.{shell}").read_text()
+    assert r.stdout.strip() == script.strip()
+
+
+def test_bash_completion_lists_commands():
+    env = os.environ | {"COMP_WORDS": "ckpt convert ", "COMP_CWORD": "2", "_CKPT_COMPLETE": "complete_bash"}
+    r = subprocess.run(["ckpt"], capture_output=True, text=True, env=env, timeout=120)
+    assert set(r.stdout.split()) == {"hf-to-maxtext", "maxtext-to-hf"}

@@ -7,7 +7,7 @@ from typing import Annotated
 import typer
 
 from ckpt_cli import __version__
-from ckpt_cli.cli import convert, demo
+from ckpt_cli.cli import convert, demo, inspect, plan, verify
 
 app = typer.Typer(
     name="ckpt", no_args_is_help=True, pretty_exceptions_enable=False, add_completion=True,
@@ -15,6 +15,9 @@ app = typer.Typer(
          "each conversion right.")
 app.add_typer(convert.app, name="convert")
 app.command("demo")(demo.demo)
+app.command("verify-logits")(verify.verify_logits)
+app.command("inspect")(inspect.inspect)
+app.add_typer(plan.app, name="plan")
 
 
 def _version(value: bool) -> None:

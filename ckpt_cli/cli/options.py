@@ -24,3 +24,7 @@ CompressionOpt = Annotated[str, typer.Option("--compression", help="Chunk compre
 WorkersOpt = Annotated[int, typer.Option("--workers", min=1, max=64, help="Reader/transform threads.")]
 MtpOpt = Annotated[bool, typer.Option(
     "--mtp", help="DeepSeek-V3/V3.2: also convert the multi-token-prediction layer (MaxText mtp_block).")]
+MaxDiskOpt = Annotated[str | None, typer.Option(
+    "--max-disk", help="Hub repos: most local disk the downloaded shards may take at once (e.g. 20GB). Shards then "
+                       "go to a private directory beside --out and each is deleted once converted; default: the "
+                       "hub cache, kept for the next run.")]

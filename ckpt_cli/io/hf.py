@@ -14,7 +14,8 @@ from pathlib import Path
 import numpy as np
 
 from ckpt_cli import registry
-from ckpt_cli.errors import RemoteError, SourceError
+from ckpt_cli.errors import SourceError
+from ckpt_cli.io.remote import RemoteRepo, hub_errors, is_offline
 from ckpt_cli.io.safetensors import SafetensorsFolder
 from ckpt_cli.plan import SourceSlice
 
@@ -29,6 +30,7 @@ class HFSource:
     model_name: str | None = None
     repo_id: str | None = None
     revision: str | None = None
+    remote: RemoteRepo | None = None     # a repo read by headers and streamed shards (resolve(stream=True))
 
 
 def load_config(folder: Path) -> dict:
@@ -43,8 +45,13 @@ def load_config(folder: Path) -> dict:
     return cfg
 
 
-def resolve(source: str, revision: str | None = None) -> HFSource:
-    """Turn a user's SOURCE into a local folder with a config (downloading a repo when needed)."""
+def resolve(source: str, revision: str | None = None, stream: bool = False) -> HFSource:
+    """Turn a user's SOURCE into a local folder with a config (downloading a repo when needed).
+
+    With `stream`, a repo is not downloaded: only its listing, config and shard headers are read
+    (`HFSource.remote`), and the shards are fetched later, while converting. Offline, the cached
+    snapshot is used either way.
+    """
     path = Path(source).expanduser()
     if path.exists():
         if not path.is_dir():
@@ -57,6 +64,9 @@ def resolve(source: str, revision: str | None = None) -> HFSource:
         model_name, repo_id = spec.name, spec.repo_id
     elif "/" not in source or source.count("/") > 1:
         raise SourceError(f"{source}: no such folder, and not a model name or an org/name repo id")
+    if stream and not is_offline():
+        repo = RemoteRepo.open(repo_id, revision)
+        return HFSource(repo.snapshot_dir, repo.config, repo_id, model_name, repo_id, revision, repo)
     folder = download(repo_id, revision)
     return HFSource(folder, load_config(folder), repo_id, model_name, repo_id, revision)
 
@@ -64,30 +74,10 @@ def resolve(source: str, revision: str | None = None) -> HFSource:
 def download(repo_id: str, revision: str | None, allow_patterns: list[str] | None = None) -> Path:
     """Fetch config, index and safetensors shards (or `allow_patterns`) of a repo into the hub cache."""
     from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import (
-        GatedRepoError,
-        HfHubHTTPError,
-        LocalEntryNotFoundError,
-        RepositoryNotFoundError,
-        RevisionNotFoundError,
-    )
 
-    try:
+    with hub_errors(repo_id, revision):
         return Path(snapshot_download(repo_id, revision=revision, allow_patterns=allow_patterns
                                       or ["*.json", "*.safetensors", "tokenizer*", "*.model"]))
-    except GatedRepoError:
-        raise RemoteError(f"{repo_id} is gated: accept its licence on the hub and set HF_TOKEN "
-                          f"(or run `hf auth login`)") from None
-    except RepositoryNotFoundError:
-        raise RemoteError(f"{repo_id}: repository not found (or private: set HF_TOKEN)") from None
-    except RevisionNotFoundError:
-        raise RemoteError(f"{repo_id}: revision {revision} not found") from None
-    except LocalEntryNotFoundError:
-        raise RemoteError(f"{repo_id}: not in the local cache and the hub cannot be reached "
-                          f"(HF_HUB_OFFLINE is set or there is no network)") from None
-    except HfHubHTTPError as exc:
-        raise RemoteError(f"{repo_id}: the hub answered {exc.response.status_code if exc.response else '?'}"
-                          f" ({str(exc).splitlines()[0]})") from None
 
 
 class SafetensorsReader:
@@ -97,8 +87,9 @@ class SafetensorsReader:
     block, possibly in another shard) are dequantized slice by slice on the fly into `dequant_dtype`.
     """
 
-    def __init__(self, folder: Path, dequant_dtype: np.dtype | None = None, block: tuple[int, int] = (128, 128)):
-        self.files = SafetensorsFolder(folder)
+    def __init__(self, folder: Path | SafetensorsFolder, dequant_dtype: np.dtype | None = None,
+                 block: tuple[int, int] = (128, 128)):
+        self.files = folder if isinstance(folder, SafetensorsFolder) else SafetensorsFolder(folder)
         self.dequant_dtype = np.dtype(dequant_dtype) if dequant_dtype is not None else np.dtype(np.float32)
         self.block = block
 

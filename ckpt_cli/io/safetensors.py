@@ -189,8 +189,9 @@ class PlannedTensor:
 class StreamingSafetensorsWriter:
     """Writes a safetensors file whose header is known up front; tensors arrive in any order.
 
-    The header (names, dtypes, shapes, offsets) is written first, then each tensor is written at its
-    offset with pwrite as it is produced, so no tensor is held longer than its own write.
+    The header (names, dtypes, shapes, offsets) is written first, then each tensor (or a range of its
+    rows, `write_rows`) is written at its offset with pwrite as it is produced, so no tensor is held
+    longer than its own write.
     """
 
     def __init__(self, path: Path, tensors: Iterable[PlannedTensor], metadata: dict[str, str] | None = None):
@@ -208,6 +209,8 @@ class StreamingSafetensorsWriter:
         self.base = 8 + len(raw)
         self.total = self.base + pos
         self.written: set[str] = set()
+        self.filled: dict[str, int] = {}   # bytes written so far per tensor (row writes add up)
+        self.shapes = {t.name: tuple(t.shape) for t in tensors}
         try:
             self.fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
             os.pwrite(self.fd, struct.pack("<Q", len(raw)) + raw, 0)
@@ -216,20 +219,35 @@ class StreamingSafetensorsWriter:
 
     def write(self, name: str, array: np.ndarray) -> None:
         begin, end = self.offsets[name]
+        self._pwrite(name, begin, end - begin, array)
+
+    def write_rows(self, name: str, start: int, array: np.ndarray) -> None:
+        """Write rows [start, start + len(array)) of a tensor (axis 0) at their offset in the file."""
+        begin, end = self.offsets[name]
+        shape = self.shapes[name]
+        if not shape or tuple(array.shape[1:]) != shape[1:] or start < 0 or start + len(array) > shape[0]:
+            raise ValueError(f"{name}: rows {start}:{start + len(array)} of shape {array.shape[1:]} do not fit "
+                             f"{shape}")
+        row = (end - begin) // shape[0] if shape[0] else 0
+        self._pwrite(name, begin + start * row, len(array) * row, array)
+
+    def _pwrite(self, name: str, offset: int, nbytes: int, array: np.ndarray) -> None:
         data = memoryview(np.ascontiguousarray(array).reshape(-1).view(np.uint8))
-        if len(data) != end - begin:
-            raise ValueError(f"{name}: {len(data)} bytes, planned {end - begin}")
+        if len(data) != nbytes:
+            raise ValueError(f"{name}: {len(data)} bytes, planned {nbytes}")
         done = 0
         try:
             while done < len(data):
-                done += os.pwrite(self.fd, data[done:], self.base + begin + done)
+                done += os.pwrite(self.fd, data[done:], self.base + offset + done)
         except OSError as exc:
             raise OutputError(f"cannot write {self.path}: {exc.strerror}") from None
-        self.written.add(name)
+        self.filled[name] = self.filled.get(name, 0) + nbytes
+        if self.filled[name] >= self.offsets[name][1] - self.offsets[name][0]:
+            self.written.add(name)
 
     def close(self) -> None:
         """Check every tensor was written, fsync, close."""
-        missing = set(self.offsets) - self.written
+        missing = {n for n, (b, e) in self.offsets.items() if self.filled.get(n, 0) != e - b}
         try:
             if not missing:
                 os.fsync(self.fd)

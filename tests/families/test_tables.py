@@ -17,10 +17,10 @@ def test_every_registered_model_has_a_valid_table(name):
     family = detect_family(cfg)
     assert family.name == spec.family
     dims = family.dims(cfg)
-    rules = list(family.top_rules(dims, cfg))
-    for block in family.blocks(dims, cfg, True):
-        rules += list(block.rules)
-    validate_rules(rules, dims)
+    validate_rules(family.top_rules(dims, cfg), dims)
+    for scan in (True, False):
+        for block in family.blocks(dims, cfg, scan, family.features):
+            validate_rules(block.rules, dims)   # each block's table is one-to-one on its own
 
 
 def test_every_family_is_reachable_from_the_registry():

@@ -1,0 +1,204 @@
+"""`ckpt inspect`: what a checkpoint holds (metadata only), or how it differs from another / from a model."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from ckpt_cli.cli import options as O
+from ckpt_cli.cli.errors import guarded
+from ckpt_cli.cli.output import Output
+from ckpt_cli.cli.report import summary_table
+from ckpt_cli.units import human_bytes
+
+TensorsOpt = Annotated[bool | None, typer.Option(
+    "--tensors/--summary", help="List every tensor, or only the summary. Default: summary for people, tensors "
+                                "in --json.")]
+FilterOpt = Annotated[str | None, typer.Option(
+    "--filter", help="Only tensors / paths matching this glob (e.g. '*mlp*'); totals and comparisons follow it.")]
+AgainstOpt = Annotated[str | None, typer.Option(
+    "--against", help="Compare with another target (folder, repo id, Orbax dir) in MaxText path space; "
+                      "exit 1 if they differ.")]
+InspectModelOpt = Annotated[str | None, typer.Option(
+    "--model", "-m", help="MaxText model name: alone, show the tree MaxText expects for it; with a TARGET, "
+                          "compare the target against that tree.")]
+InspectScanOpt = Annotated[bool | None, typer.Option(
+    "--scan/--no-scan", help="Layout of the MaxText side built from a config (default: the Orbax side's, "
+                             "else scanned).")]
+InspectDtypeOpt = Annotated[str | None, typer.Option(
+    "--dtype", help="dtype of a MaxText tree built from a config (default bf16, what convert writes).")]
+
+
+@guarded
+def inspect(
+    target: Annotated[str | None, typer.Argument(
+        help="HF folder or .safetensors file, hub repo id (org/name) or model name (its repo), or a MaxText/"
+             "Orbax checkpoint (run, step or items dir).")] = None,
+    model: InspectModelOpt = None,
+    against: AgainstOpt = None,
+    scan: InspectScanOpt = None,
+    dtype: InspectDtypeOpt = None,
+    tensors: TensorsOpt = None,
+    filter_glob: FilterOpt = None,
+    revision: O.RevisionOpt = None,
+    json_out: O.JsonOpt = False,
+) -> None:
+    """Show a checkpoint's tensors, shapes, dtypes and totals from metadata only (no tensor data is read).
+
+    A hub repo is read by range requests on its safetensors headers (a few KB per shard).
+    An Orbax checkpoint shows its tree with chunk shapes, scan_layers and what ckpt recorded in it.
+    With --against (or --model and a TARGET), both sides are mapped to MaxText paths and compared:
+    missing, extra and mis-shaped tensors, as MaxText's restore sees them (exit 1 if any).
+
+    Examples:
+
+      ckpt inspect ./Qwen3-0.6B --tensors
+
+      ckpt inspect Qwen/Qwen3-8B --json
+
+      ckpt inspect --model qwen3-8b --no-scan --filter 'decoder/layers_0/*'
+
+      ckpt inspect ./qwen3-mt --model qwen3-0.6b
+
+      ckpt inspect ./Qwen3-0.6B --against ./qwen3-mt/0/items
+    """
+    from ckpt_cli import inspect as I
+
+    out = Output(json_out, False)
+    if target is not None and (against or model):
+        if against and model:
+            raise typer.BadParameter("compare with either --against TARGET or --model NAME, not both",
+                                     param_hint="--against")
+        a = I.open_target(target, revision=revision, dtype=dtype)
+        if against:
+            b = I.open_target(against, revision=revision, dtype=dtype)
+        else:
+            b = I.open_model(model, next(s for s in (scan, a.scan_layers, True) if s is not None), dtype)
+        result = I.compare(a, b, scan, dtype, filter_glob)
+        if json_out:
+            out.emit_json(result)
+        else:
+            _show_comparison(out, result)
+        if not result["identical"]:
+            raise typer.Exit(1)
+        return
+    if against:
+        raise typer.BadParameter("--against needs a TARGET to compare", param_hint="--against")
+    t = I.open_target(target, model=model, revision=revision, scan=scan, dtype=dtype)
+    record = I.report(t, json_out if tensors is None else tensors, filter_glob)
+    if json_out:
+        out.emit_json(record)
+        return
+    for note in record["notes"]:
+        out.note(note)
+    out.table(summary_table(_title(record), _rows(record, filter_glob)))
+    if record["tensors"]:
+        out.table(_tensor_table(record))
+
+
+def _title(r: dict) -> str:
+    kind = {"hf": "Hugging Face checkpoint", "hf-remote": "Hugging Face repo (headers only)",
+            "orbax": "MaxText / Orbax checkpoint", "maxtext-model": "the tree MaxText expects"}[r["kind"]]
+    return f"{r['target']}: {kind}"
+
+
+def _rows(r: dict, pattern: str | None) -> dict[str, str]:
+    tot = r["totals"]
+    rows: dict[str, str] = {}
+    if r["family"]:
+        rows["family"] = r["family"] + (f"  (MaxText: {', '.join(r['maxtext_models'])})" if r["maxtext_models"]
+                                        else "  (no registered MaxText model matches this config)")
+    if r["kind"] in ("hf", "hf-remote"):
+        if r["config"]:
+            rows["config"] = _config_line(r["config"])
+        src = r["source"]
+        if src["repo_id"]:
+            rows["repo"] = f"{src['repo_id']} @ {src['revision'] or 'main'} (commit {src['commit'][:12]})"
+        rows["shards"] = str(len(r["shards"]))
+    elif r["kind"] == "orbax":
+        prov = r["provenance"]
+        rows["items"] = r["items_dir"]
+        rows["scan_layers"] = str(r["scan_layers"]).lower() if r["scan_layers"] is not None else "unknown"
+        rows["storage"] = ("OCDBT" if r["storage"]["use_ocdbt"] else "one dir per array") + ", " + (
+            "zarr3" if r["storage"]["use_zarr3"] else "zarr v2")
+        if prov:
+            rows["written by"] = (f"ckpt {prov.get('version', '?')} from {prov.get('source', '?')} "
+                                  f"({prov.get('dtype', '?')}, {prov.get('created', '?')})")
+        rows["on disk"] = human_bytes(r["disk_bytes"])
+    else:
+        rows["repo"] = r["repo_id"]
+        rows["layout"] = f"{'scanned' if r['scan_layers'] else 'unscanned'}, {r['dtype']}"
+    label = f" matching {pattern}" if pattern else ""
+    rows["tensors"] = f"{tot['tensors']}{label}"
+    n = tot["parameters"]
+    rows["parameters"] = f"{n:,} ({n / 1e9:.3f} B)" if n >= 1e9 else f"{n:,} ({n / 1e6:.2f} M)"
+    rows["bytes"] = f"{human_bytes(tot['bytes'])}  " + ", ".join(
+        f"{d}: {v['tensors']} tensors, {human_bytes(v['bytes'])}" for d, v in tot["by_dtype"].items())
+    if r.get("fetched"):
+        f = r["fetched"]
+        rows["fetched"] = (f"{human_bytes(f['bytes'])} in {f['requests']} request(s): config, index and headers, "
+                           f"no tensor data")
+    return rows
+
+
+def _config_line(c: dict) -> str:
+    parts = [str(c["model_type"]), f"hidden {c['hidden_size']}", f"layers {c['num_hidden_layers']}",
+             f"heads {c['num_attention_heads']}/{c['num_key_value_heads']} (head_dim {c['head_dim'] or '-'})",
+             f"mlp {c['intermediate_size']}", f"vocab {c['vocab_size']}"]
+    if c.get("experts"):
+        parts.append(f"{c['experts']} experts")
+    parts.append("tied embeddings" if c.get("tie_word_embeddings") else "untied head")
+    if c.get("torch_dtype"):
+        parts.append(str(c["torch_dtype"]))
+    return ", ".join(parts)
+
+
+def _tensor_table(r: dict) -> Table:
+    hf = r["kind"] in ("hf", "hf-remote")
+    table = Table(title=f"{len(r['tensors'])} tensors", header_style="bold")
+    table.add_column("HF tensor" if hf else "MaxText path", overflow="fold")
+    table.add_column("shape")
+    table.add_column("dtype")
+    table.add_column("bytes", justify="right")
+    table.add_column("shard" if hf else "chunk shape", overflow="fold")
+    for t in r["tensors"]:
+        table.add_row(t.get("name") or t["path"], str(tuple(t["shape"])), t["dtype"], human_bytes(t["bytes"]),
+                      t["shard"] if hf else str(tuple(t["chunk_shape"])))
+    return table
+
+
+def _show_comparison(out: Output, r: dict) -> None:
+    c = r["counts"]
+    for note in r["notes"]:
+        out.note(note)
+    verdict = "identical" if r["identical"] else "DIFFERENT"
+    out.table(summary_table(f"{r['a']['target']} against {r['b']['target']}: {verdict}", {
+        "A": f"{r['a']['target']} ({r['a']['kind']})", "B": f"{r['b']['target']} ({r['b']['kind']})",
+        "layout": "scanned" if r["scan_layers"] else "unscanned",
+        "matched": f"{c['matched']}/{c['b']} of B's paths present in A with the same shape",
+        "differences": f"{c['missing']} missing from A, {c['extra']} extra in A, {c['mismatched']} mis-shaped"
+                       + (f", {c['dtype_differs']} dtype only" if c["dtype_differs"] else ""),
+    }))
+    if r["missing"] or r["extra"] or r["mismatched"]:
+        table = Table(header_style="bold")
+        table.add_column("")
+        table.add_column("MaxText path", overflow="fold")
+        table.add_column("A")
+        table.add_column("B")
+        table.add_column("why", overflow="fold")
+        for m in r["missing"]:
+            table.add_row("missing", m["path"], "-", _shp(m["shape"]), m["reason"] or "")
+        for m in r["extra"]:
+            table.add_row("extra", m["path"], _shp(m["shape"]), "-", "")
+        for m in r["mismatched"]:
+            table.add_row("shape", m["path"], _shp(m["shape_a"]), _shp(m["shape_b"]), m["reason"] or "")
+        out.table(table)
+    if r["unmapped"]:
+        out.note(f"{len(r['unmapped'])} HF tensor(s) of A map to no MaxText path: {', '.join(r['unmapped'][:4])}"
+                 + (" ..." if len(r["unmapped"]) > 4 else ""))
+
+
+def _shp(shape: list[int] | None) -> str:
+    return "?" if shape is None else str(tuple(shape))

@@ -1,0 +1,183 @@
+"""`ckpt plan hf-to-maxtext|maxtext-to-hf`: price the exact plan `convert` would run, from metadata only."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import numpy as np
+import typer
+from rich.table import Table
+
+from ckpt_cli.cli import options as O
+from ckpt_cli.cli.convert import ArchModelOpt, HFConfigOpt, OutDtypeOpt, ShardSizeOpt
+from ckpt_cli.cli.errors import guarded
+from ckpt_cli.cli.output import Output
+from ckpt_cli.cli.report import summary_table
+from ckpt_cli.io.orbax import StorageOptions
+from ckpt_cli.units import human_bytes
+
+app = typer.Typer(help="Price a conversion (RAM, disk, bytes, time) from metadata only, with a go / no-go.",
+                  no_args_is_help=True)
+
+PlanOutOpt = Annotated[Path | None, typer.Option(
+    "--out", "-o", help="Where the output would go: its disk is checked and probed (default: the current "
+                        "directory).")]
+ReadGbpsOpt = Annotated[float | None, typer.Option(
+    "--read-gbps", min=0.001, help="Source read rate in GB/s (default: a short probe of the source).")]
+WriteGbpsOpt = Annotated[float | None, typer.Option(
+    "--write-gbps", min=0.001, help="Durable output write rate in GB/s (default: a 64 MB probe beside --out).")]
+NetGbpsOpt = Annotated[float | None, typer.Option(
+    "--net-gbps", min=0.001, help="Download rate in GB/s, to include the download in the time estimate.")]
+PlanSourceArg = Annotated[str | None, typer.Argument(
+    help="What convert would read; leave it out and give --model NAME to price a registered model with no data.")]
+
+
+@app.command("hf-to-maxtext")
+@guarded
+def plan_hf_to_maxtext(
+    source: PlanSourceArg = None,
+    out: PlanOutOpt = None,
+    model: O.ModelOpt = None,
+    scan: O.ScanOpt = True,
+    dtype: O.DtypeOpt = "bf16",
+    revision: O.RevisionOpt = None,
+    ocdbt: O.OcdbtOpt = True,
+    zarr3: O.Zarr3Opt = True,
+    compression: O.CompressionOpt = "none",
+    workers: O.WorkersOpt = 2,
+    mtp: O.MtpOpt = False,
+    max_disk: O.MaxDiskOpt = None,
+    overwrite: O.OverwriteOpt = False,
+    read_gbps: ReadGbpsOpt = None,
+    write_gbps: WriteGbpsOpt = None,
+    net_gbps: NetGbpsOpt = None,
+    json_out: O.JsonOpt = False,
+) -> None:
+    """Price `convert hf-to-maxtext` with the same flags, from metadata only; exit 1 on no-go.
+
+    Peak RSS, output and temporary disk, bytes to download, read and write, estimated time,
+    the tensors that drive memory, and go / no-go against this machine's free RAM and disk.
+    Reads only config.json and the safetensors headers (by range requests for a hub repo).
+
+    Examples:
+
+      ckpt plan hf-to-maxtext ./Qwen3-0.6B --out ./qwen3-mt
+
+      ckpt plan hf-to-maxtext Qwen/Qwen3-8B --max-disk 10GB --json
+
+      ckpt plan hf-to-maxtext --model llama3.1-70b --no-scan --write-gbps 0.4
+    """
+    from ckpt_cli import convert, pricing
+    from ckpt_cli.units import parse_size
+
+    if compression not in ("zstd", "none"):
+        raise typer.BadParameter("choose zstd or none", param_hint="--compression")
+    opts = convert.ToMaxTextOptions(
+        model=model, scan_layers=scan, dtype=dtype, revision=revision,
+        storage=StorageOptions(use_ocdbt=ocdbt, use_zarr3=zarr3, compression=compression),
+        overwrite=overwrite, workers=workers, mtp=mtp, max_disk=parse_size(max_disk) if max_disk else None)
+    plan, src, notes = pricing.plan_hf_to_maxtext(source, opts)
+    if compression == "zstd":
+        notes.append("zstd: output bytes are the uncompressed upper bound (bf16 weights shrink ~10%)")
+    _price_and_show(plan, src, notes, out, workers, overwrite, read_gbps, write_gbps, net_gbps, json_out)
+
+
+@app.command("maxtext-to-hf")
+@guarded
+def plan_maxtext_to_hf(
+    source: PlanSourceArg = None,
+    out: PlanOutOpt = None,
+    model: ArchModelOpt = None,
+    hf_config: HFConfigOpt = None,
+    dtype: OutDtypeOpt = None,
+    shard_size: ShardSizeOpt = "5GB",
+    scan: Annotated[bool, typer.Option("--scan/--no-scan", help="With --model and no SOURCE: price a scanned "
+                                       "or unscanned checkpoint (a SOURCE's own layout is read from it).")] = True,
+    workers: O.WorkersOpt = 2,
+    overwrite: O.OverwriteOpt = False,
+    read_gbps: ReadGbpsOpt = None,
+    write_gbps: WriteGbpsOpt = None,
+    json_out: O.JsonOpt = False,
+) -> None:
+    """Price `convert maxtext-to-hf` with the same flags, from the checkpoint's metadata only; exit 1 on no-go.
+
+    Examples:
+
+      ckpt plan maxtext-to-hf ./qwen3-0.6b-mt --out ./Qwen3-0.6B-roundtrip
+
+      ckpt plan maxtext-to-hf --model qwen3-32b --json
+    """
+    from ckpt_cli import convert, pricing
+    from ckpt_cli.units import parse_size
+
+    opts = convert.ToHFOptions(model=model, hf_config=hf_config, dtype=dtype, shard_size=parse_size(shard_size),
+                               overwrite=overwrite, workers=workers)
+    plan, src, notes = pricing.plan_maxtext_to_hf(source, opts, scan)
+    _price_and_show(plan, src, notes, out, workers, overwrite, read_gbps, write_gbps, None, json_out)
+
+
+def _price_and_show(plan, src, notes: list[str], out: Path | None, workers: int, overwrite: bool,
+                    read_gbps: float | None, write_gbps: float | None, net_gbps: float | None,
+                    json_out: bool) -> None:
+    from ckpt_cli import pricing
+    from ckpt_cli.io.remote_stream import tree_bytes
+    from ckpt_cli.machine import probe_rates, this_machine
+
+    outp = Output(json_out, False)
+    writer = "orbax" if plan.direction == "hf-to-maxtext" else "safetensors"
+    replaced = tree_bytes(out) if out is not None and out.exists() and overwrite else 0
+    rates = probe_rates(src.probe_file, out, writer, workers, read_gbps, write_gbps, net_gbps)
+    figures = pricing.price(plan, src, rates, this_machine(out), writer, replaced, workers)
+    record = {"command": "plan", "direction": plan.direction, "source": src.label, "source_kind": src.kind,
+              "out": str(out) if out else None, "family": plan.family, "scan_layers": plan.scan_layers,
+              "dtype": np.dtype(plan.dtype).name, "tensors": len(plan.tensors),
+              "tasks": sum(len(t.tasks) for t in plan.tensors),
+              "parameters": sum(t.nbytes // np.dtype(t.dtype).itemsize for t in plan.tensors),
+              **figures, "notes": notes}
+    if json_out:
+        outp.emit_json(record)
+    else:
+        for note in notes:
+            outp.note(note)
+        outp.table(summary_table(f"plan: {plan.direction} {src.label}", _rows(record)))
+        outp.table(_largest_table(record["largest_tensors"]))
+        outp.out.print(("[bold green]" if record["go"] else "[bold red]") + record["verdict"], soft_wrap=True)
+    if not record["go"]:
+        raise typer.Exit(1)
+
+
+def _rows(r: dict) -> dict[str, str]:
+    b, m, t = r["bytes"], r["memory"], r["time"]
+    rows = {"layout": f"{r['family']}, {'scanned' if r['scan_layers'] else 'unscanned'}, {r['dtype']}: "
+                      f"{r['tensors']} tensors in {r['tasks']} slices, {r['parameters'] / 1e9:.3f} B parameters",
+            "peak RSS": f"{human_bytes(m['peak_rss'])}  (baseline {human_bytes(m['baseline'])} + engine window "
+                        f"{human_bytes(m['engine_window'])} of a {human_bytes(m['engine_budget'])} budget + writer "
+                        f"{human_bytes(m['writer'])})",
+            "output on disk": human_bytes(b["output_on_disk"]),
+            "temporary disk": human_bytes(b["temporary_disk"])}
+    if b["download"]:
+        rows["download"] = human_bytes(b["download"]) + (
+            f" (kept in the hub cache: {human_bytes(b['hub_cache'])})" if b["hub_cache"] else "")
+    rows["read / written"] = f"{human_bytes(b['read'])} / {human_bytes(b['written'])}"
+    rates = r["rates"]
+    rows["time"] = (f"~{t['estimate_s']:.0f} s, mostly {t['bound_by']} (read {rates['read_gbps']:.2f}, write "
+                    f"{rates['write_gbps']:.2f}, transform {rates['cpu_gbps']:.2f} GB/s; "
+                    + ", ".join(f"{k} {v}" for k, v in rates["basis"].items()) + ")"
+                    + ("; download not included (give --net-gbps)" if t["excludes_download"] else ""))
+    mach = r["machine"]
+    rows["this machine"] = (f"{human_bytes(mach['available_ram'])} RAM available, {human_bytes(mach['free_disk'])} "
+                            f"free at {mach['disk_path']}, {mach['cpus']} CPUs")
+    return rows
+
+
+def _largest_table(rows: list[dict]) -> Table:
+    table = Table(title="largest slices (what drives memory)", header_style="bold", title_justify="left")
+    table.add_column("tensor", overflow="fold")
+    table.add_column("slice", justify="right")
+    table.add_column("slices", justify="right")
+    table.add_column("tensor bytes", justify="right")
+    for x in rows:
+        table.add_row(x["tensor"], f"{tuple(x['slice_shape'])} {human_bytes(x['slice_bytes'])}",
+                      str(x["slices"]) + (" (row pieces)" if x["row_pieces"] else ""), human_bytes(x["bytes"]))
+    return table

@@ -1,0 +1,353 @@
+"""What a checkpoint holds, from metadata only, and how two of them differ in MaxText's path space.
+
+A target is a local HF folder, a hub repo (its safetensors headers read by range requests), an
+Orbax/MaxText checkpoint (run, step or items dir; zarr metadata opened through tensorstore, no array
+data), or the tree MaxText expects for a registered model (its reference config through the plan).
+`compare` maps both sides to MaxText paths (an HF side through its conversion plan) and lists what
+is missing, extra or mis-shaped: the "143/145 paths matched" report, with names.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ckpt_cli import registry
+from ckpt_cli.dtypes import output_dtype
+from ckpt_cli.errors import ConfigMismatchError, SourceError, UnknownModelError
+from ckpt_cli.families import detect_family, family_named
+from ckpt_cli.io.remote_stream import tree_bytes
+from ckpt_cli.io.safetensors import SafetensorsFolder, TensorInfo, read_header
+from ckpt_cli.plan import ConversionPlan, build_to_maxtext
+
+HF_KINDS = ("hf", "hf-remote")
+CONFIG_KEYS = ("model_type", "architectures", "hidden_size", "intermediate_size", "num_hidden_layers",
+               "num_attention_heads", "num_key_value_heads", "head_dim", "vocab_size", "tie_word_embeddings",
+               "torch_dtype", "max_position_embeddings", "rope_theta", "experts")
+
+
+@dataclass(frozen=True)
+class Leaf:
+    """One tensor as inspect shows it: an HF tensor (with its shard) or a MaxText path (with its chunks)."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+    nbytes: int
+    shard: str | None = None
+    chunk_shape: tuple[int, ...] | None = None
+
+    def record(self) -> dict:
+        if self.chunk_shape is None:
+            return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype, "bytes": self.nbytes,
+                    "shard": self.shard}
+        return {"path": self.name, "shape": list(self.shape), "dtype": self.dtype, "bytes": self.nbytes,
+                "chunk_shape": list(self.chunk_shape)}
+
+
+@dataclass
+class Target:
+    """An opened target: its leaves in display order plus what is known about it."""
+
+    kind: str                       # hf | hf-remote | orbax | maxtext-model
+    label: str
+    leaves: list[Leaf]
+    config: dict | None = None      # HF config (carried one for orbax, reference one for a model)
+    info: dict = field(default_factory=dict)     # kind-specific JSON-ready facts
+    headers: dict[str, TensorInfo] = field(default_factory=dict)   # HF kinds: every tensor's header
+    scan_layers: bool | None = None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def family(self) -> str | None:
+        try:
+            return detect_family(self.config).name if self.config else None
+        except UnknownModelError:
+            return None
+
+
+# ----------------------------------------------------------------------------------------------- opening
+
+
+def open_target(target: str | None, model: str | None = None, revision: str | None = None,
+                scan: bool | None = None, dtype: str | None = None) -> Target:
+    """Detect and open TARGET (folder, repo id, model name as its repo, Orbax dir), or `--model NAME`'s tree."""
+    if target is None:
+        if model is None:
+            raise SourceError("give a TARGET (folder, repo id, Orbax checkpoint) or --model NAME")
+        return open_model(model, True if scan is None else scan, dtype)
+    path = Path(target).expanduser()
+    if path.exists():
+        if path.is_file() and path.suffix == ".safetensors":
+            return _hf_target("hf", str(path), None, read_header(path), {"folder": str(path.parent)})
+        if is_orbax(path):
+            return open_orbax(path)
+        if path.is_dir():
+            return open_hf_folder(path)
+        raise SourceError(f"{target}: not a checkpoint folder, a safetensors file or an Orbax checkpoint")
+    from ckpt_cli.io.hf import resolve
+
+    source = resolve(target, revision, stream=True)
+    if source.remote is None:       # offline: the cached snapshot
+        target_ = open_hf_folder(source.folder)
+        target_.label = source.label
+        target_.notes.append("HF_HUB_OFFLINE: read from the hub cache")
+        return target_
+    repo = source.remote
+    where = {"folder": None, "repo_id": repo.repo_id, "revision": repo.revision, "commit": repo.commit}
+    t = _hf_target("hf-remote", repo.label, repo.config, repo.tensors, where,
+                   {s: repo.sizes[s] for s in repo.shards})
+    t.info["fetched"] = {"bytes": repo.bytes_fetched, "requests": repo.requests,
+                         "cached_shards": len(repo.cached_shards)}
+    return t
+
+
+def is_orbax(path: Path) -> bool:
+    return (path / "_METADATA").exists() or (path / "items" / "_METADATA").exists() or (
+        path.is_dir() and any(p.name.isdigit() and (p / "items" / "_METADATA").exists() for p in path.iterdir()))
+
+
+def open_hf_folder(folder: Path) -> Target:
+    from ckpt_cli.io.hf import load_config
+    from ckpt_cli.io.safetensors import shard_files
+
+    files = shard_files(folder)
+    headers = SafetensorsFolder(folder, files).tensors
+    config = load_config(folder) if (folder / "config.json").exists() else None
+    where = {"folder": str(folder), "repo_id": None, "revision": None, "commit": None}
+    return _hf_target("hf", str(folder), config, headers, where, {f.name: f.stat().st_size for f in files})
+
+
+def _hf_target(kind: str, label: str, config: dict | None, headers: dict[str, TensorInfo], source: dict,
+               shard_sizes: dict[str, int] | None = None) -> Target:
+    leaves = [Leaf(i.name, i.shape, i.dtype.name, i.nbytes, i.file.name)
+              for i in sorted(headers.values(), key=lambda i: (i.file.name, i.begin))]
+    shard_sizes = shard_sizes or {}
+    counts: dict[str, int] = {}
+    for leaf in leaves:
+        counts[leaf.shard] = counts.get(leaf.shard, 0) + 1
+    shards = [{"file": s, "bytes": shard_sizes.get(s), "tensors": n} for s, n in counts.items()]
+    info = {"source": {"folder": None, "repo_id": None, "revision": None, "commit": None, **source},
+            "shards": shards, "fetched": None}
+    t = Target(kind, label, leaves, config, info, headers)
+    if config is None:
+        t.notes.append("no config.json: family and MaxText mapping unknown")
+    return t
+
+
+def open_orbax(path: Path) -> Target:
+    """An Orbax checkpoint's tree from its metadata: shapes, dtypes and chunk shapes, no array data."""
+    import tensorstore as ts
+
+    from ckpt_cli.io.orbax import OrbaxCheckpoint, kvstore_spec, param_name
+    from ckpt_cli.to_hf import detect_scan
+
+    ckpt = OrbaxCheckpoint(path)
+    driver = "zarr3" if ckpt.opts.use_zarr3 else "zarr"
+    futures = {p: ts.open({"driver": driver, "kvstore": kvstore_spec(ckpt.items, param_name(p), ckpt.opts),
+                           "open": True}, context=ckpt.context) for p in ckpt.paths}
+    leaves = []
+    for p in sorted(ckpt.paths):
+        try:
+            arr = futures[p].result()
+        except ValueError as exc:
+            raise SourceError(f"{ckpt.items}: cannot open {p}: {str(exc).splitlines()[0]}") from None
+        dtype = np.dtype(arr.dtype.numpy_dtype)
+        chunk = tuple(int(c) for c in arr.chunk_layout.write_chunk.shape)
+        leaves.append(Leaf(p, tuple(arr.shape), dtype.name, math.prod(arr.shape) * dtype.itemsize, None, chunk))
+    try:
+        scan = detect_scan(ckpt)
+    except SourceError:
+        scan = None
+    prov = ckpt.provenance
+    root = ckpt.items.parent if ckpt.items.name == "items" else ckpt.items
+    info = {"items_dir": str(ckpt.items), "scan_layers": scan,
+            "storage": {"use_ocdbt": ckpt.opts.use_ocdbt, "use_zarr3": ckpt.opts.use_zarr3},
+            "provenance": prov, "disk_bytes": tree_bytes(root)}
+    t = Target("orbax", str(path), leaves, prov.get("hf_config"), info, scan_layers=scan)
+    if not prov:
+        t.notes.append("no ckpt provenance (not written by ckpt): family unknown unless compared with --model")
+    return t
+
+
+def open_model(name: str, scan: bool, dtype: str | None = None) -> Target:
+    """The tree MaxText expects for a registered model (reference config through the HF -> MaxText plan)."""
+    spec = registry.lookup(name)
+    config = registry.reference_config(spec.name)
+    plan = build_to_maxtext(family_named(spec.family), config, scan, output_dtype(dtype or "bf16"))
+    leaves = [Leaf(t.target, t.shape, np.dtype(t.dtype).name, t.nbytes, None, t.chunk_shape) for t in plan.tensors]
+    info = {"model": spec.name, "repo_id": spec.repo_id, "scan_layers": scan, "dtype": np.dtype(plan.dtype).name}
+    return Target("maxtext-model", spec.name, leaves, config, info, scan_layers=scan, notes=list(plan.notes))
+
+
+# ----------------------------------------------------------------------------------------------- facts
+
+
+def matching_models(config: dict | None) -> list[str]:
+    """Registered MaxText model names whose reference hyperparameters this config matches."""
+    if not config:
+        return []
+    try:
+        family = detect_family(config)
+    except UnknownModelError:
+        return []
+    found = []
+    for spec in registry.MODELS.values():
+        if spec.family != family.name:
+            continue
+        try:
+            registry.check_against(spec, config, family.reference_keys)
+        except ConfigMismatchError:
+            continue
+        found.append(spec.name)
+    return found
+
+
+def config_summary(config: dict | None) -> dict:
+    """The fields of an HF config a user checks first (None where absent), flat or nested text_config."""
+    cfg = config or {}
+    text = cfg.get("text_config") or {}
+
+    def get(key: str):
+        return cfg.get(key, text.get(key))
+
+    rope = get("rope_theta") or (get("rope_parameters") or {}).get("rope_theta")
+    experts = get("num_experts") or get("n_routed_experts") or get("num_local_experts")
+    values = {k: get(k) for k in CONFIG_KEYS if k not in ("torch_dtype", "rope_theta", "experts")}
+    return {**values, "torch_dtype": get("torch_dtype") or get("dtype"), "rope_theta": rope, "experts": experts}
+
+
+def totals(leaves: list[Leaf]) -> dict:
+    by_dtype: dict[str, dict] = {}
+    for leaf in leaves:
+        d = by_dtype.setdefault(leaf.dtype, {"tensors": 0, "parameters": 0, "bytes": 0})
+        d["tensors"] += 1
+        d["parameters"] += math.prod(leaf.shape)
+        d["bytes"] += leaf.nbytes
+    return {"tensors": len(leaves), "parameters": sum(d["parameters"] for d in by_dtype.values()),
+            "bytes": sum(d["bytes"] for d in by_dtype.values()), "by_dtype": dict(sorted(by_dtype.items()))}
+
+
+def select(leaves: list[Leaf], pattern: str | None) -> list[Leaf]:
+    return [x for x in leaves if pattern is None or fnmatch.fnmatchcase(x.name, pattern)]
+
+
+def report(t: Target, with_tensors: bool, pattern: str | None = None) -> dict:
+    """The JSON record of one target (key sets are fixed per kind; see tests/test_inspect.py)."""
+    leaves = select(t.leaves, pattern)
+    base = {"command": "inspect", "kind": t.kind, "target": t.label, "family": t.family,
+            "maxtext_models": [t.info["model"]] if t.kind == "maxtext-model" else matching_models(t.config)}
+    tail = {"totals": totals(leaves), "tensors": [x.record() for x in leaves] if with_tensors else [],
+            "notes": t.notes}
+    if t.kind in HF_KINDS:
+        return {**base, "config": config_summary(t.config) if t.config else None, **t.info, **tail}
+    return {**base, **t.info, **tail}
+
+
+# ----------------------------------------------------------------------------------------------- comparing
+
+
+@dataclass(frozen=True)
+class Entry:
+    """A MaxText path as one side has it; `problem` says why an HF side cannot provide it as planned."""
+
+    shape: tuple[int, ...] | None
+    dtype: str
+    problem: str | None = None
+    missing: bool = False
+
+
+def maxtext_tree(t: Target, scan: bool, dtype: str | None = None) -> tuple[dict[str, Entry], list[str]]:
+    """The target in MaxText path space, and the HF tensors no MaxText path reads (HF targets only)."""
+    if t.kind not in HF_KINDS:
+        return {x.name: Entry(x.shape, x.dtype) for x in t.leaves}, []
+    if not t.config:
+        raise SourceError(f"{t.label}: no config.json, so its MaxText paths are unknown")
+    plan: ConversionPlan = build_to_maxtext(detect_family(t.config), t.config, scan, output_dtype(dtype or "bf16"))
+    tree: dict[str, Entry] = {}
+    used: set[str] = set()
+    for tensor in plan.tensors:
+        missing, misshaped = [], []
+        for name in tensor.source_names:
+            used.add(name)
+            info = t.headers.get(name)
+            if info is None:
+                missing.append(name)
+            elif tuple(info.shape) != tuple(tensor.source_shape):
+                misshaped.append(f"{name} is {tuple(info.shape)}, expected {tuple(tensor.source_shape)}")
+        dtype_name = np.dtype(tensor.dtype).name
+        if missing:
+            more = f" (+{len(missing) - 1} more)" if len(missing) > 1 else ""
+            tree[tensor.target] = Entry(None, dtype_name, f"HF tensor {missing[0]} is absent{more}", missing=True)
+        elif misshaped:
+            tree[tensor.target] = Entry(None, dtype_name, misshaped[0])
+        else:
+            tree[tensor.target] = Entry(tuple(tensor.shape), dtype_name)
+    return tree, sorted(set(t.headers) - used)
+
+
+def compare(a: Target, b: Target, scan: bool | None = None, dtype: str | None = None,
+            pattern: str | None = None) -> dict:
+    """A against B (the reference) in MaxText path space: missing from A, extra in A, mis-shaped, dtypes."""
+    if scan is None:
+        known = [x.scan_layers for x in (b, a) if x.kind == "orbax" and x.scan_layers is not None]
+        scan = known[0] if known else True
+    tree_a, unmapped = maxtext_tree(a, scan, dtype)
+    tree_b, _ = maxtext_tree(b, scan, dtype)
+    keep = (lambda p: fnmatch.fnmatchcase(p, pattern)) if pattern else (lambda p: True)
+    paths_a = {p for p in tree_a if keep(p)}
+    paths_b = {p for p in tree_b if keep(p)}
+    missing, extra, mismatched, dtypes = [], [], [], []
+    for p in sorted(paths_b):
+        eb, ea = tree_b[p], tree_a.get(p)
+        if ea is None or ea.missing:
+            missing.append({"path": p, "shape": _shape(eb.shape), "reason": ea.problem if ea else None})
+        elif ea.problem or eb.problem or ea.shape != eb.shape:
+            mismatched.append({"path": p, "shape_a": _shape(ea.shape), "shape_b": _shape(eb.shape),
+                               "reason": ea.problem or eb.problem})
+        elif ea.dtype != eb.dtype:
+            dtypes.append({"path": p, "dtype_a": ea.dtype, "dtype_b": eb.dtype})
+    for p in sorted(paths_a - paths_b):
+        if not tree_a[p].missing:
+            extra.append({"path": p, "shape": _shape(tree_a[p].shape)})
+    matched = len(paths_b) - len(missing) - len(mismatched)
+    notes = _hints(paths_a, paths_b, a, b)
+    if dtypes:
+        notes.append(f"{len(dtypes)} path(s) differ only in dtype: MaxText casts on restore, so they still load")
+    return {"command": "inspect", "kind": "compare",
+            "a": {"target": a.label, "kind": a.kind}, "b": {"target": b.label, "kind": b.kind},
+            "scan_layers": scan, "identical": not (missing or extra or mismatched),
+            "counts": {"a": len(paths_a), "b": len(paths_b), "matched": matched, "missing": len(missing),
+                       "extra": len(extra), "mismatched": len(mismatched), "dtype_differs": len(dtypes)},
+            "missing": missing, "extra": extra, "mismatched": mismatched, "dtype_differs": dtypes,
+            "unmapped": unmapped, "notes": notes}
+
+
+def _shape(shape: tuple[int, ...] | None) -> list[int] | None:
+    return None if shape is None else list(shape)
+
+
+def _hints(paths_a: set[str], paths_b: set[str], a: Target, b: Target) -> list[str]:
+    """A one-line diagnosis of the classic whole-tree mismatches."""
+    def layout(paths: set[str]) -> str | None:
+        scanned = any("/layers/" in p or "_layers/" in p for p in paths)
+        unscanned = any("/layers_" in p or "_layers_" in p for p in paths)
+        return "scanned" if scanned and not unscanned else "unscanned" if unscanned and not scanned else None
+
+    hints = []
+    la, lb = layout(paths_a), layout(paths_b)
+    if la and lb and la != lb:
+        hints.append(f"A is {la} and B is {lb}: convert with --{'no-' if lb == 'unscanned' else ''}scan "
+                     f"(MaxText's scan_layers must match the checkpoint)")
+    if a.config and b.config:
+        ca, cb = config_summary(a.config), config_summary(b.config)
+        diff = [f"{k} {ca[k]} vs {cb[k]}" for k in CONFIG_KEYS[2:12] if ca[k] is not None and cb[k] is not None
+                and ca[k] != cb[k] and k != "torch_dtype"]
+        if diff:
+            hints.append("the configs differ: " + ", ".join(diff[:4]) + (" ..." if len(diff) > 4 else ""))
+    return hints
+

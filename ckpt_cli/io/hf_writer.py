@@ -1,0 +1,196 @@
+"""A Hugging Face model folder written streaming: safetensors shards planned up front, published atomically.
+
+Every tensor is assigned to a shard before anything is written (greedy over the names in sorted order,
+a shard holds at most `shard_bytes` of tensor data; a tensor larger than that gets a shard of its own).
+Each shard's header is written first and tensors, or row ranges of them, are written at their offsets
+as the engine produces them, and their writeback to disk is started right away (so the disk works during
+the conversion, not only in the final fsync). Everything goes to `OUT.partial`; `finalize` writes the index
+and the JSON/tokenizer files, fsyncs, and renames it to `OUT`, so an interrupted run leaves nothing complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+from ckpt_cli.errors import OutputError
+from ckpt_cli.io.safetensors import INDEX_NAME, PlannedTensor, StreamingSafetensorsWriter
+
+SINGLE_NAME = "model.safetensors"
+
+
+def assign_shards(tensors: list[PlannedTensor], shard_bytes: int) -> list[list[PlannedTensor]]:
+    """Tensors sorted by name, packed greedily into shards of at most `shard_bytes` of tensor data."""
+    shards: list[list[PlannedTensor]] = [[]]
+    size = 0
+    for t in sorted(tensors, key=lambda t: t.name):
+        if shards[-1] and size + t.nbytes > shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(t)
+        size += t.nbytes
+    return shards
+
+
+def shard_file_names(count: int) -> list[str]:
+    """`model.safetensors` for one shard, else `model-0000k-of-0000n.safetensors` (transformers' names)."""
+    if count == 1:
+        return [SINGLE_NAME]
+    return [f"model-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]
+
+
+def partial_dir(out: Path) -> Path:
+    return out.with_name(out.name + ".partial")
+
+
+def check_output(out: Path, overwrite: bool) -> None:
+    """Refuse an existing non-empty output unless told to replace it (checked before any work starts)."""
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+        raise OutputError(f"{out} exists and is not empty (use --overwrite to replace it)")
+
+
+class HFFolderWriter:
+    """The engine's Writer for an HF folder: one StreamingSafetensorsWriter per shard."""
+
+    def __init__(self, out: Path, tensors: list[PlannedTensor], shard_bytes: int, overwrite: bool = False):
+        self.out = Path(out)
+        check_output(self.out, overwrite)
+        self.tmp = partial_dir(self.out)
+        if self.tmp.exists():
+            shutil.rmtree(self.tmp)
+        try:
+            self.tmp.mkdir(parents=True)
+        except OSError as exc:
+            raise OutputError(f"cannot create {self.tmp}: {exc.strerror}") from None
+        self.planned = {t.name: t for t in tensors}
+        self.shards = assign_shards(tensors, shard_bytes)
+        self.files = shard_file_names(len(self.shards))
+        self.weight_map = {t.name: f for f, shard in zip(self.files, self.shards, strict=True) for t in shard}
+        self.writers: dict[str, StreamingSafetensorsWriter] = {}
+        self.closed: set[str] = set()
+        try:
+            for name, shard in zip(self.files, self.shards, strict=True):
+                self.writers[name] = StreamingSafetensorsWriter(self.tmp / name, shard, {"format": "pt"})
+        except BaseException:
+            self.abort()
+            raise
+
+    @property
+    def total_size(self) -> int:
+        """Bytes of tensor data (what transformers records as the index's total_size)."""
+        return sum(t.nbytes for t in self.planned.values())
+
+    def create(self, target: str, shape: tuple[int, ...], dtype: np.dtype, chunk: tuple[int, ...]) -> None:
+        t = self.planned.get(target)
+        if t is None or tuple(t.shape) != tuple(shape) or np.dtype(t.dtype) != np.dtype(dtype):
+            raise AssertionError(f"{target}: not planned as {shape} {np.dtype(dtype)}")
+
+    def write(self, target: str, index: tuple, array: np.ndarray) -> int:
+        """Write a whole tensor, or a row range when `index` starts with a slice of rows; returns 0 (no backlog)."""
+        writer = self.writers[self.weight_map[target]]
+        rows = index[0] if index else slice(None)
+        if any(s != slice(None) for s in index[1:]) or rows.step not in (None, 1):
+            raise AssertionError(f"{target}: only whole tensors or row ranges can be written, got {index}")
+        begin, end = writer.offsets[target]
+        if rows == slice(None):
+            writer.write(target, array)
+            offset, nbytes = begin, end - begin
+        else:
+            writer.write_rows(target, rows.start or 0, array)
+            offset, nbytes = begin + (rows.start or 0) * (array.nbytes // max(1, len(array))), array.nbytes
+        _start_writeback(writer.fd, writer.base + offset, nbytes)
+        return 0
+
+    def flush(self) -> None:
+        """Nothing to do: every write is a pwrite that already happened."""
+
+    def finalize(self, json_files: dict[str, dict], copy_files: dict[str, Path]) -> list[str]:
+        """Write the index and extra files, fsync everything, publish OUT by rename; returns the file names.
+
+        The fsyncs run concurrently, so the filesystem can commit them together.
+        """
+        names = list(self.files)
+        if len(self.files) > 1:
+            json_files = {INDEX_NAME: {"metadata": {"total_size": self.total_size},
+                                       "weight_map": dict(sorted(self.weight_map.items()))}, **json_files}
+        for name, data in json_files.items():
+            _write(self.tmp / name, (json.dumps(data, indent=2) + "\n").encode())
+            names.append(name)
+        for name, src in copy_files.items():
+            _copy(Path(src), self.tmp / name)
+            names.append(name)
+        extra = [self.tmp / n for n in names[len(self.files):]]
+        with ThreadPoolExecutor(max_workers=8, thread_name_prefix="ckpt-fsync") as pool:
+            futures = [pool.submit(self._close_shard, name) for name in self.writers]
+            futures += [pool.submit(_fsync_file, path) for path in extra]
+            for f in futures:
+                f.result()
+        self.writers = {}
+        _fsync_dir(self.tmp)
+        if self.out.exists():
+            shutil.rmtree(self.out) if self.out.is_dir() else self.out.unlink()
+        os.replace(self.tmp, self.out)
+        _fsync_dir(self.out.parent)
+        return sorted(names)
+
+    def _close_shard(self, name: str) -> None:
+        """Check, fsync and close one shard (its descriptor is closed even if the check fails)."""
+        try:
+            self.writers[name].close()
+        finally:
+            self.closed.add(name)
+
+    def abort(self) -> None:
+        """Drop everything written so far: no partial output survives."""
+        for name, w in self.writers.items():
+            if name not in self.closed:
+                try:
+                    os.close(w.fd)
+                except OSError:
+                    pass
+        self.writers = {}
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def _start_writeback(fd: int, offset: int, nbytes: int) -> None:
+    """Ask the kernel to start writing this range back now (Linux: fadvise DONTNEED starts async writeback
+    of dirty pages), so the disk works during the conversion and the final fsync has little left."""
+    try:
+        os.posix_fadvise(fd, offset, nbytes, os.POSIX_FADV_DONTNEED)
+    except (OSError, AttributeError):
+        pass
+
+
+def _write(path: Path, data: bytes) -> None:
+    try:
+        path.write_bytes(data)
+    except OSError as exc:
+        raise OutputError(f"cannot write {path}: {exc.strerror}") from None
+
+
+def _copy(src: Path, dst: Path) -> None:
+    try:
+        shutil.copyfile(src, dst)
+    except OSError as exc:
+        raise OutputError(f"cannot copy {src} to {dst}: {exc.strerror}") from None
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

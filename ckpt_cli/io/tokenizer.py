@@ -1,0 +1,51 @@
+"""Tokenizer files for an HF output folder: found in a local folder, or fetched from a hub repo.
+
+Files are copied as they are (no tokenizer library is loaded): tokenizer.json, tokenizer_config.json,
+tokenizer.model, special_tokens_map.json, added_tokens.json, vocab/merges files, tiktoken and
+sentencepiece models, chat templates.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from pathlib import Path
+
+from ckpt_cli.errors import SourceError
+
+TOKENIZER_PATTERNS = ("tokenizer*", "special_tokens_map.json", "added_tokens.json", "vocab.*", "merges.txt",
+                      "*.tiktoken", "spiece.model", "sentencepiece*.model", "chat_template*")
+GENERATION_CONFIG = "generation_config.json"
+
+
+def tokenizer_files(folder: Path) -> dict[str, Path]:
+    """The tokenizer files directly inside `folder`, by file name (empty when there are none)."""
+    if not folder.is_dir():
+        return {}
+    return {p.name: p for p in sorted(folder.iterdir())
+            if p.is_file() and any(fnmatch.fnmatch(p.name, pat) for pat in TOKENIZER_PATTERNS)}
+
+
+def resolve_tokenizer(source: str, revision: str | None = None) -> tuple[dict[str, Path], Path | None]:
+    """`--tokenizer`: a local folder (or one tokenizer file) or a hub repo id.
+
+    Returns the tokenizer files by name and the generation_config.json found beside them, if any.
+    """
+    path = Path(source).expanduser()
+    if path.is_file():
+        return {path.name: path}, None
+    if path.is_dir():
+        files = tokenizer_files(path)
+        if not files:
+            raise SourceError(f"{source}: no tokenizer files in this folder (tokenizer.json, tokenizer.model, ...)")
+        gen = path / GENERATION_CONFIG
+        return files, gen if gen.is_file() else None
+    if source.count("/") != 1 or path.exists():
+        raise SourceError(f"--tokenizer {source}: no such folder or file, and not an org/name repo id")
+    from ckpt_cli.io import hf
+
+    folder = hf.download(source, revision, allow_patterns=[*TOKENIZER_PATTERNS, GENERATION_CONFIG])
+    files = tokenizer_files(folder)
+    if not files:
+        raise SourceError(f"{source}: the repo has no tokenizer files (tokenizer.json, tokenizer.model, ...)")
+    gen = folder / GENERATION_CONFIG
+    return files, gen if gen.is_file() else None

@@ -1,0 +1,181 @@
+"""MaxText -> HF specifics: which architecture a checkpoint holds, and the HF files written beside the weights.
+
+The architecture (an HF config.json) comes from, in order: `--hf-config PATH`, the config our
+hf-to-maxtext carried in the checkpoint, or `--model NAME`'s reference config. The layout (scanned or
+not) comes from the checkpoint itself. Before anything is written, every parameter the config implies
+is checked against the checkpoint: present, with the full shape the plan expects, and nothing extra.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ckpt_cli import registry
+from ckpt_cli.dtypes import dtype_name, is_float
+from ckpt_cli.errors import ConfigMismatchError, ShapeMismatchError, SourceError
+from ckpt_cli.families import Family, detect_family
+from ckpt_cli.io.orbax import OrbaxCheckpoint
+from ckpt_cli.plan import ConversionPlan
+
+_SCANNED = re.compile(r"decoder/(layers|dense_layers|moe_layers)/")
+_UNSCANNED = re.compile(r"decoder/(layers|dense_layers|moe_layers)_\d+/")
+_CONFIG_DTYPES = {"bfloat16": "bf16", "float32": "f32"}
+_TOKEN_IDS = ("bos_token_id", "eos_token_id", "pad_token_id")
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """What the checkpoint holds: its HF config and family, and where the config came from."""
+
+    config: dict
+    family: Family
+    origin: str           # "carried", "--hf-config PATH" or "--model NAME"
+    model_name: str | None = None
+
+
+def load_hf_config(path: Path) -> dict:
+    """A config.json file, or a folder holding one."""
+    path = Path(path).expanduser()
+    file = path / "config.json" if path.is_dir() else path
+    try:
+        cfg = json.loads(file.read_text())
+    except FileNotFoundError:
+        raise SourceError(f"--hf-config {path}: no such file (give a config.json or a folder with one)") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise SourceError(f"--hf-config {file}: not a readable JSON config ({exc})") from None
+    if not isinstance(cfg, dict):
+        raise SourceError(f"--hf-config {file}: not a config object")
+    return cfg
+
+
+def resolve_architecture(ckpt: OrbaxCheckpoint, model: str | None, hf_config: Path | None) -> Architecture:
+    """The checkpoint's HF config: --hf-config, else carried, else --model; --model also checks the others."""
+    carried = ckpt.provenance.get("hf_config")
+    spec = registry.lookup(model) if model else None
+    if hf_config is not None:
+        cfg, origin = load_hf_config(hf_config), f"--hf-config {hf_config}"
+    elif carried:
+        cfg, origin = dict(carried), "carried"
+    elif spec is not None:
+        cfg, origin = registry.reference_config(spec.name), f"--model {spec.name}"
+    else:
+        raise SourceError(f"{ckpt.items} carries no config.json (not written by ckpt): pass --model NAME "
+                          f"(e.g. qwen3-8b) or --hf-config PATH to say which architecture it holds")
+    family = detect_family(cfg)
+    if spec is not None:
+        if spec.family != family.name:
+            raise ConfigMismatchError(f"{spec.name} is a {spec.family} model, but the {origin} config describes "
+                                      f"a {family.name} model")
+        if origin != f"--model {spec.name}":
+            registry.check_against(spec, cfg, family.reference_keys)
+    return Architecture(cfg, family, origin, spec.name if spec else ckpt.provenance.get("model_name"))
+
+
+def detect_scan(ckpt: OrbaxCheckpoint) -> bool:
+    """Scanned or not: the step's custom_metadata, else the tree (`decoder/layers/...` vs `decoder/layers_0/...`)."""
+    scanned = any(_SCANNED.match(p) for p in ckpt.paths)
+    unscanned = any(_UNSCANNED.match(p) for p in ckpt.paths)
+    declared = ckpt.scan_layers
+    if declared is None:
+        declared = ckpt.provenance.get("scan_layers")
+    if declared is not None:
+        if (declared and unscanned and not scanned) or (not declared and scanned and not unscanned):
+            raise SourceError(f"{ckpt.items}: its metadata says scan_layers={str(bool(declared)).lower()}, but "
+                              f"its tree is {'unscanned (decoder/layers_0/...)' if unscanned else 'scanned'}")
+        return bool(declared)
+    if scanned == unscanned:
+        raise SourceError(f"{ckpt.items}: cannot tell whether the layers are scanned (no scan_layers metadata, "
+                          f"and the tree has {'both' if scanned else 'neither'} decoder/layers/ and "
+                          f"decoder/layers_<i>/)")
+    return scanned
+
+
+def detect_features(arch: Architecture, ckpt: OrbaxCheckpoint, scan: bool) -> frozenset[str]:
+    """The family's optional parts (e.g. DeepSeek's MTP layer) whose parameters are all in the checkpoint."""
+    from ckpt_cli.errors import CkptError
+    from ckpt_cli.plan import build_to_maxtext
+
+    def targets(features: frozenset[str]) -> set[str]:
+        plan = build_to_maxtext(arch.family, arch.config, scan, np.dtype(np.float32), features)
+        return {t.target for t in plan.tensors}
+
+    found: set[str] = set()
+    if not arch.family.features:
+        return frozenset()
+    base = targets(frozenset())
+    for feature in sorted(arch.family.features):
+        try:
+            added = targets(frozenset({feature})) - base
+        except CkptError:       # the config cannot have this part
+            continue
+        if added and added <= set(ckpt.paths):
+            found.add(feature)
+    return frozenset(found)
+
+
+def default_dtype(cfg: dict) -> str:
+    """The output dtype when --dtype is not given: the config's own (bf16 or f32), else bf16."""
+    name = cfg.get("dtype") or cfg.get("torch_dtype")
+    return _CONFIG_DTYPES.get(str(name).removeprefix("torch."), "bf16")
+
+
+def check_checkpoint(forward: ConversionPlan, ckpt: OrbaxCheckpoint) -> None:
+    """Every parameter the plan reads is present with its full shape and a float dtype; nothing is left over.
+
+    Fails on the first offending parameter with one line naming it.
+    """
+    for t in forward.tensors:
+        if t.target not in ckpt.paths:
+            raise ShapeMismatchError(f"{t.target}: missing from the checkpoint (the {forward.family} config "
+                                     f"expects shape {t.shape})")
+        shape, dtype = ckpt.describe(t.target)
+        if tuple(shape) != tuple(t.shape):
+            raise ShapeMismatchError(f"{t.target}: expected shape {tuple(t.shape)}, found {tuple(shape)}")
+        if not is_float(dtype):
+            raise ShapeMismatchError(f"{t.target}: expected a float dtype, found {dtype}")
+    extra = sorted(set(ckpt.paths) - {t.target for t in forward.tensors})
+    if extra:
+        raise ShapeMismatchError(f"{extra[0]}: in the checkpoint but not in the {forward.family} config "
+                                 f"({len(extra)} such parameter(s)); the config does not describe this checkpoint")
+
+
+def output_config(cfg: dict, dtype: np.dtype) -> dict:
+    """config.json for the output: the source config with `dtype` (and `torch_dtype` if present) set, no
+    `quantization_config` (the weights written are plain bf16/f32, e.g. after fp8 sources were dequantized),
+    and an `architectures` entry (the causal-LM class of its model_type) when it has none."""
+    out = dict(cfg)
+    out.pop("quantization_config", None)
+    name = dtype_name(dtype)
+    out["dtype"] = name
+    if "torch_dtype" in out:
+        out["torch_dtype"] = name
+    if not out.get("architectures"):
+        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+        arch = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(out.get("model_type"))
+        if arch:
+            out["architectures"] = [arch]
+    return out
+
+
+def derived_generation_config(cfg: dict) -> dict | None:
+    """A minimal generation_config.json from the token ids the config knows (None when it knows none)."""
+    ids = {k: cfg[k] for k in _TOKEN_IDS if cfg.get(k) is not None}
+    if not ids:
+        return None
+    return {"_from_model_config": True, **ids}
+
+
+def source_folder(ckpt: OrbaxCheckpoint) -> Path | None:
+    """The local folder hf-to-maxtext read from, when it still exists (for tokenizer and generation files)."""
+    prov = ckpt.provenance
+    for key in ("source_folder", "source"):
+        value = prov.get(key)
+        if value and Path(value).is_dir():
+            return Path(value)
+    return None

@@ -1,0 +1,106 @@
+"""A MaxText Orbax checkpoint as a `ParamSource` for the JAX forward: read one decoder layer at a time.
+
+Scanned checkpoints stack every per-layer leaf under `decoder/layers/<leaf>` with the layer on axis 1
+(maxtext-layout.md §1.3): layer i is the slice `[:, i]` of each of them. Unscanned checkpoints keep
+`decoder/layers_<i>/<leaf>`. Top-level arrays (embedding, final norm, LM head) are read whole.
+Before any data is read, the checkpoint's tree is checked against the conversion plan for the config
+(every leaf present with its planned shape), so a wrong checkpoint fails with one line naming the leaf.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+from ckpt_cli.errors import ShapeMismatchError, SourceError
+from ckpt_cli.families import Family
+from ckpt_cli.io.orbax import OrbaxCheckpoint
+from ckpt_cli.plan import SourceSlice, build_to_maxtext
+
+_VOCAB_LEAVES = {"token_embedder/embedding": 0, "decoder/logits_dense/kernel": 1}  # axis that may be padded
+
+
+def detect_scan(ckpt: OrbaxCheckpoint) -> bool:
+    """True for the scanned layout, False for per-layer groups (metadata first, else the tree)."""
+    from ckpt_cli.to_hf import detect_scan as detect
+
+    return detect(ckpt)
+
+
+def check_tree(ckpt: OrbaxCheckpoint, family: Family, hf_config: dict, scan: bool) -> None:
+    """Every leaf the plan for this config writes exists with the planned shape (metadata only).
+
+    The vocabulary axis of the embedding / LM head may be larger (MaxText pads it); extra leaves are allowed.
+    """
+    plan = build_to_maxtext(family, hf_config, scan, np.dtype(np.float32))
+    for t in plan.tensors:
+        if t.target not in ckpt.paths:
+            layout = "scanned" if scan else "unscanned"
+            raise SourceError(f"{ckpt.items}: no parameter {t.target} (expected for a {layout} "
+                              f"{family.name} checkpoint of this config)")
+        shape, _ = ckpt.describe(t.target)
+        want = tuple(t.shape)
+        axis = _VOCAB_LEAVES.get(t.target)
+        padded = axis is not None and len(shape) == len(want) and shape[axis] >= want[axis] and all(
+            a == b for i, (a, b) in enumerate(zip(shape, want, strict=True)) if i != axis)
+        if shape != want and not padded:
+            raise ShapeMismatchError(f"{t.target}: the checkpoint has shape {shape}, the config implies {want}")
+
+
+class OrbaxParams:
+    """ParamSource over an OrbaxCheckpoint; counts the bytes it reads and reports progress.
+
+    Which arrays hold HF layer i comes from the family's own blocks (the same table the conversion
+    used), so every family and grouping works alike: `decoder/layers` (scanned, slice i on axis 1),
+    `decoder/layers_<i>`, DeepSeek's `dense_layers`/`moe_layers` (the MoE index restarting at 0).
+    """
+
+    def __init__(self, ckpt: OrbaxCheckpoint, family: Family, hf_config: dict, scan: bool,
+                 progress: Callable[[int, int], None] | None = None, workers: int = 4):
+        self.ckpt = ckpt
+        self.scan_layers = scan
+        self.progress = progress
+        self.workers = workers
+        self.bytes_read = 0
+        self._lock = threading.Lock()
+        self.total_bytes = sum(_nbytes(*ckpt.describe(p)) for p in ckpt.paths)
+        dims = family.dims(hf_config)
+        self.layer_sources: dict[int, dict[str, SourceSlice]] = {}
+        for block in family.blocks(dims, hf_config, scan, frozenset()):
+            for s, hf_layer in enumerate(block.hf_layers):
+                leaves = self.layer_sources.setdefault(hf_layer, {})
+                for rule in block.rules:
+                    path = f"{block.prefix}/{rule.maxtext}"
+                    leaves[rule.maxtext] = SourceSlice(path, index=(s,), axes=(1,)) if block.stacked else (
+                        SourceSlice(path))
+        self.num_layers = len(self.layer_sources)
+
+    def _read(self, source: SourceSlice) -> np.ndarray:
+        arr = self.ckpt.read(source)
+        with self._lock:
+            self.bytes_read += arr.nbytes
+            if self.progress:
+                self.progress(self.bytes_read, self.total_bytes)
+        return arr
+
+    def top(self, path: str) -> np.ndarray:
+        return self._read(SourceSlice(path))
+
+    def has_top(self, path: str) -> bool:
+        return path in self.ckpt.paths
+
+    def layer(self, i: int) -> dict[str, np.ndarray]:
+        """Every leaf of decoder layer i, unstacked; the reads run concurrently (tensorstore drops the GIL)."""
+        if i not in self.layer_sources:
+            raise IndexError(f"layer {i} out of range (the checkpoint has {self.num_layers})")
+        sources = self.layer_sources[i]
+        with ThreadPoolExecutor(self.workers) as pool:
+            return dict(zip(sources, pool.map(self._read, sources.values()), strict=True))
+
+
+def _nbytes(shape: tuple[int, ...], dtype: np.dtype) -> int:
+    return math.prod(shape) * np.dtype(dtype).itemsize

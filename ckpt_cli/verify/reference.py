@@ -1,0 +1,249 @@
+"""The Hugging Face side of verify-logits: transformers' own forward of the source model.
+
+`AutoModelForCausalLM` in float32 or bfloat16 with eager attention, on the same token ids as the
+MaxText forward (prompts right-padded to one batch: causal attention keeps padding from touching
+real positions). Two ways to hold the weights, chosen by `load`:
+
+* `full`: `from_pretrained`, the whole model in RAM (parameters x bytes per value).
+* `stream`: the model is built on the meta device; the embedding, final norm and LM head are loaded,
+  and each decoder layer's weights are read from the safetensors files just before that layer runs
+  and dropped right after it (forward hooks), so RAM holds about one layer plus the embedding/head.
+  Same modules, same math: logits are identical to `full`. Needs safetensors files whose names
+  match the model's state dict (true for Qwen3 and Llama checkpoints saved by transformers).
+* `auto` (default): `full` when the estimate fits in the available memory, else `stream`; when
+  even streaming does not fit, a one-line error instead of running out of memory.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import ml_dtypes
+import numpy as np
+
+from ckpt_cli.errors import CkptError, SourceError
+from ckpt_cli.io.safetensors import SafetensorsFolder
+from ckpt_cli.units import human_bytes
+from ckpt_cli.verify.prompts import Prompt
+
+LOAD_MODES = ("auto", "full", "stream")
+LAYERS_PREFIX = "model.layers."
+OVERHEAD_BYTES = 512 * 1024 * 1024   # interpreter, torch, transformers, allocator slack
+FIT_FRACTION = 0.85                  # use at most this share of the available memory
+
+
+class NotEnoughMemory(CkptError):
+    """The reference model cannot be run in the memory this machine has."""
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """Bytes the HF forward needs, loaded whole or layer-streamed, and the bytes available."""
+
+    full: int
+    stream: int | None          # None when the folder cannot be streamed (no safetensors)
+    available: int
+
+
+def available_memory() -> int:
+    """MemAvailable, capped by a cgroup v2 limit when there is one (bytes)."""
+    avail = None
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                avail = int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        if limit != "max":
+            used = int(Path("/sys/fs/cgroup/memory.current").read_text())
+            room = int(limit) - used
+            avail = room if avail is None else min(avail, room)
+    except (OSError, ValueError):
+        pass
+    return avail if avail is not None else 1 << 62
+
+
+def _torch_dtype(dtype: str):
+    import torch
+
+    return {"f32": torch.float32, "bf16": torch.bfloat16}[dtype]
+
+
+def estimate_memory(folder: Path, cfg: dict, prompts: Sequence[Prompt], dtype: str) -> MemoryEstimate:
+    """Parameter bytes in the compute dtype plus activations, for a whole model and for layer streaming."""
+    itemsize = 4 if dtype == "f32" else 2
+    batch, length = len(prompts), max(len(p.ids) for p in prompts)
+    vocab, heads = int(cfg["vocab_size"]), int(cfg["num_attention_heads"])
+    hidden = int(cfg["hidden_size"])
+    # logits in the model dtype and as float32, the eager attention scores, a few hidden states
+    activations = batch * length * (vocab * (itemsize + 8) + 3 * heads * length * 4 + 16 * hidden * 4)
+    try:
+        files = SafetensorsFolder(folder)
+    except SourceError:
+        size = sum(f.stat().st_size for f in Path(folder).glob("*.bin"))
+        stored = 2 if str(cfg.get("dtype") or cfg.get("torch_dtype")) in ("bfloat16", "float16") else 4
+        return MemoryEstimate(size * itemsize // stored + activations + OVERHEAD_BYTES, None, available_memory())
+    layer_bytes: dict[int, int] = {}
+    other = largest_read = 0
+    for name, info in files.tensors.items():
+        n = int(np.prod(info.shape, dtype=np.int64)) * itemsize
+        largest_read = max(largest_read, info.nbytes)
+        if name.startswith(LAYERS_PREFIX):
+            i = int(name[len(LAYERS_PREFIX):].split(".", 1)[0])
+            layer_bytes[i] = layer_bytes.get(i, 0) + n
+        else:
+            other += n
+    # from_pretrained maps the safetensors files while it copies out of them: their pages count in RSS then
+    stored = sum(info.nbytes for info in files.tensors.values())
+    full = other + sum(layer_bytes.values()) + stored + activations + OVERHEAD_BYTES
+    # streaming: one layer live (the previous one is dropped first) plus one tensor being read and cast
+    stream = other + max(layer_bytes.values(), default=0) + largest_read + activations + OVERHEAD_BYTES
+    return MemoryEstimate(full, stream, available_memory())
+
+
+def choose_load(load: str, est: MemoryEstimate, dtype: str) -> str:
+    """'full' or 'stream' for `load`, or NotEnoughMemory with the figures and what to do instead."""
+    if load not in LOAD_MODES:
+        raise CkptError(f"unknown --hf-load {load!r}: choose {', '.join(LOAD_MODES)}")
+    budget = int(est.available * FIT_FRACTION)
+    fits_full = est.full <= budget
+    fits_stream = est.stream is not None and est.stream <= budget
+    if load == "full" and fits_full or load == "auto" and fits_full:
+        return "full"
+    if load in ("stream", "auto") and fits_stream:
+        return "stream"
+    precision = "float32" if dtype == "f32" else "bfloat16"
+    if load == "stream" and est.stream is None:
+        raise CkptError("--hf-load stream needs safetensors weights in the HF folder")
+    need = est.full if load == "full" or est.stream is None else est.stream
+    how = "loaded whole" if need == est.full else "streamed layer by layer"
+    hints = "--golden FILE made with --save-golden on a larger machine"
+    if dtype == "f32":
+        hints = "--dtype bf16, or " + hints
+    if load == "full" and est.stream is not None:
+        hints = "--hf-load stream, or " + hints
+    raise NotEnoughMemory(f"the Hugging Face model needs about {human_bytes(need)} in {precision} ({how}), "
+                          f"{human_bytes(est.available)} of memory is available: use {hints}")
+
+
+def hf_logits(folder: Path, cfg: dict, prompts: Sequence[Prompt], dtype: str, load: str = "auto",
+              note: Callable[[str], None] | None = None) -> tuple[list[np.ndarray], dict]:
+    """(T_n, V) float32 logits of transformers' forward for each prompt, and how the model was held."""
+    import torch
+
+    est = estimate_memory(folder, cfg, prompts, dtype)
+    mode = choose_load(load, est, dtype)
+    if note:
+        note(f"running the Hugging Face model with transformers ({'float32' if dtype == 'f32' else 'bfloat16'}, "
+             f"eager attention, {'whole model' if mode == 'full' else 'layer-streamed'}, "
+             f"~{human_bytes(est.full if mode == 'full' else est.stream or 0)} needed)")
+    model = _load_full(folder, dtype) if mode == "full" else StreamedModel(folder, dtype)
+    length = max(len(p.ids) for p in prompts)
+    batch = torch.zeros((len(prompts), length), dtype=torch.long)
+    for n, p in enumerate(prompts):
+        batch[n, : len(p.ids)] = torch.tensor(p.ids, dtype=torch.long)
+    with torch.inference_mode():
+        out = model(input_ids=batch, use_cache=False).logits
+        logits = [out[n, : len(p.ids)].float().numpy().copy() for n, p in enumerate(prompts)]
+    del model, out
+    info = {"load": mode, "estimated_bytes": est.full if mode == "full" else est.stream,
+            "available_bytes": est.available}
+    return logits, info
+
+
+def _load_full(folder: Path, dtype: str):
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=_torch_dtype(dtype),
+                                                     attn_implementation="eager")
+    except (OSError, ValueError) as exc:
+        raise SourceError(f"transformers cannot load {folder}: {str(exc).splitlines()[0]}") from None
+    return model.eval()
+
+
+def _to_torch(array: np.ndarray, torch_dtype):
+    """A safetensors view as a torch tensor of `torch_dtype` (bf16 through an int16 view, bit-exact)."""
+    import torch
+
+    if array.dtype == np.dtype(ml_dtypes.bfloat16):
+        t = torch.from_numpy(np.array(array.view(np.int16))).view(torch.bfloat16)
+    else:
+        t = torch.from_numpy(np.array(array))
+    return t.to(torch_dtype)
+
+
+class StreamedModel:
+    """A transformers causal LM whose decoder layers are loaded from safetensors only while they run."""
+
+    def __init__(self, folder: Path, dtype: str):
+        import torch
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        self.files = SafetensorsFolder(folder)
+        self.dtype = _torch_dtype(dtype)
+        config = AutoConfig.from_pretrained(str(folder))
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, dtype=self.dtype, attn_implementation="eager")
+        layers = dict(model.named_modules()).get(LAYERS_PREFIX.rstrip("."))
+        if layers is None:
+            raise CkptError(f"{type(model).__name__} has no {LAYERS_PREFIX.rstrip('.')}: cannot stream it; "
+                            f"use --hf-load full")
+        state = model.state_dict()
+        tied = bool(getattr(config, "tie_word_embeddings", False))
+        others = {}
+        for name in state:
+            if name.startswith(LAYERS_PREFIX):
+                continue
+            if name in self.files:
+                others[name] = _to_torch(self.files.read(name), self.dtype)
+            elif not (tied and name == "lm_head.weight"):
+                raise SourceError(f"tensor {name} is missing from {folder}")
+        model.load_state_dict(others, strict=False, assign=True)
+        if tied:
+            model.lm_head.weight = model.get_input_embeddings().weight
+        self._rebuild_buffers(model, config)
+        self.layer_keys = [list(layer.state_dict()) for layer in layers]
+        for i, layer in enumerate(layers):
+            layer.register_forward_pre_hook(self._loader(i))
+            layer.register_forward_hook(self._dropper())
+        self.model = model.eval()
+
+    @staticmethod
+    def _rebuild_buffers(model, config) -> None:
+        """Non-persistent buffers (RoPE inverse frequencies) are not in the files: rebuild those modules."""
+        for name, module in list(model.named_modules()):
+            if name.startswith(LAYERS_PREFIX) or not any(b.is_meta for b in module.buffers(recurse=False)):
+                continue
+            if not name.endswith("rotary_emb"):
+                raise CkptError(f"{name}: a buffer not in the weight files; cannot stream, use --hf-load full")
+            parent = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
+            setattr(parent, name.rsplit(".", 1)[-1], type(module)(config=config))
+        left = [n for n, p in model.named_parameters() if p.is_meta and not n.startswith(LAYERS_PREFIX)]
+        if left:
+            raise CkptError(f"cannot stream: {left[0]} is not loaded; use --hf-load full")
+
+    def _loader(self, i: int):
+        def hook(module, args):
+            weights = {k: _to_torch(self.files.read(f"{LAYERS_PREFIX}{i}.{k}"), self.dtype)
+                       for k in self.layer_keys[i]}
+            module.load_state_dict(weights, strict=True, assign=True)
+
+        return hook
+
+    @staticmethod
+    def _dropper():
+        def hook(module, args, output):
+            module.to_empty(device="meta")
+
+        return hook
+
+    def __call__(self, **kwargs):
+        return self.model(**kwargs)
+

@@ -1,0 +1,106 @@
+"""`ckpt plan`: figures for every registered model with no data at all, figures that match what convert then
+does on a real source, stable --json keys, and a go / no-go with its reason."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+from typer.testing import CliRunner
+
+from ckpt_cli import pricing, registry
+from ckpt_cli.cli.app import app
+from ckpt_cli.convert import ToHFOptions, ToMaxTextOptions, hf_to_maxtext
+from ckpt_cli.io.remote_stream import tree_bytes
+from ckpt_cli.machine import Machine, Rates
+
+runner = CliRunner()
+RATES = Rates(read_gbps=1.0, write_gbps=0.3, cpu_gbps=0.5, basis={})
+BIG_BOX = Machine(available_ram=24 * 10**9, free_disk=10**13, disk_path="/", cpus=2)
+FAST = ("--read-gbps", "1", "--write-gbps", "0.5")
+PLAN_KEYS = {"command", "direction", "source", "source_kind", "out", "family", "scan_layers", "dtype", "tensors",
+             "tasks", "parameters", "memory", "bytes", "time", "rates", "largest_tensors", "machine", "go", "verdict",
+             "notes"}
+BYTES_KEYS = {"source", "download", "read", "written", "output_on_disk", "temporary_disk", "hub_cache"}
+MEMORY_KEYS = {"peak_rss", "baseline", "engine_budget", "engine_window", "reader", "writer", "largest_slice"}
+
+
+def plan_json(*args: str, code: int | None = 0) -> dict:
+    r = runner.invoke(app, ["plan", *args, "--json"])
+    if code is not None:
+        assert r.exit_code == code, r.output
+    data = json.loads(r.stdout)
+    assert r.exit_code == (0 if data["go"] else 1)
+    return data
+
+
+@pytest.mark.parametrize("name", sorted(registry.MODELS))
+def test_every_registered_model_is_priced_without_data(name):
+    plan, src, notes = pricing.plan_hf_to_maxtext(None, ToMaxTextOptions(model=name))
+    figures = pricing.price(plan, src, RATES, BIG_BOX)
+    params = sum(t.nbytes // 2 for t in plan.tensors)
+    b, m = figures["bytes"], figures["memory"]
+    assert b["written"] == 2 * params == b["read"] == b["download"] == src.total_bytes   # bf16 in, bf16 out
+    assert b["written"] <= b["output_on_disk"] <= 1.25 * b["written"]     # chunk grid: edge chunks stored whole
+    assert BIG_BOX.available_ram > m["peak_rss"] > pricing.BASELINE_RSS
+    if params > 10**10:                                        # flat in the model size, far below it
+        assert m["peak_rss"] < b["written"] / 5
+    assert figures["go"] is (figures["verdict"].startswith("go:")) and figures["verdict"]
+    assert figures["time"]["estimate_s"] > b["written"] / (RATES.write_gbps * 1e9)
+    if params > 10**11:
+        return                                                 # the reverse plan of 671B takes seconds to build
+    back, back_src, _ = pricing.plan_maxtext_to_hf(None, ToHFOptions(model=name))
+    back_figures = pricing.price(back, back_src, RATES, BIG_BOX)
+    assert back_figures["bytes"]["written"] == b["written"] and back_figures["bytes"]["download"] == 0
+    assert back_figures["memory"]["writer"] == 0
+
+
+def test_qwen3_8b_figures():
+    data = plan_json("hf-to-maxtext", "--model", "qwen3-8b", *FAST, code=None)
+    assert set(data) == PLAN_KEYS and set(data["bytes"]) == BYTES_KEYS and set(data["memory"]) == MEMORY_KEYS
+    params = data["parameters"]
+    assert params == 8_190_735_360
+    assert abs(data["bytes"]["output_on_disk"] - 2 * params) < 0.05 * 2 * params
+    assert data["memory"]["peak_rss"] < 1.5e9 < 2 * params / 10
+    assert data["bytes"]["download"] == 2 * params and data["source_kind"] == "model"
+    assert data["rates"]["basis"]["read"] == "flag" and data["rates"]["basis"]["write"] == "flag"
+    assert data["largest_tensors"][0]["slice_bytes"] == data["memory"]["largest_slice"]
+    assert data["verdict"].startswith("go: " if data["go"] else "no-go: ")
+
+
+def test_plan_matches_what_convert_does(hf_models, tmp_path):
+    src = hf_models("qwen3", "bfloat16", sharded=True)
+    out = tmp_path / "mt"
+    data = plan_json("hf-to-maxtext", str(src), "--out", str(out), "--no-scan")     # real probes
+    # a 40 KB shard is too small to time reads on; the write and transform rates are probed
+    assert data["rates"]["basis"] == {"read": "assumed", "write": "probe", "cpu": "probe", "net": "unknown"}
+    assert data["source_kind"] == "local" and data["bytes"]["download"] == 0 and data["go"] is True
+    result = hf_to_maxtext(str(src), out, ToMaxTextOptions(scan_layers=False))
+    assert data["bytes"]["read"] == result.stats.bytes_read
+    assert data["bytes"]["written"] == result.stats.bytes_written
+    assert data["tasks"] == result.stats.tasks and data["tensors"] == result.stats.tensors
+    assert math.isclose(data["bytes"]["output_on_disk"], tree_bytes(out), rel_tol=0.05)
+    # the reverse direction, priced from the checkpoint's metadata
+    back = plan_json("maxtext-to-hf", str(out), *FAST)
+    assert back["source_kind"] == "orbax" and back["scan_layers"] is False
+    assert back["bytes"]["written"] == result.stats.bytes_written and back["memory"]["writer"] == 0
+
+
+def test_no_go_names_the_reason(hf_models):
+    plan, src, _ = pricing.plan_hf_to_maxtext(str(hf_models("qwen3", "bfloat16")), ToMaxTextOptions())
+    small = Machine(available_ram=50 * 10**6, free_disk=1000, disk_path="/x", cpus=2)
+    figures = pricing.price(plan, src, RATES, small)
+    assert figures["go"] is False
+    assert "of RAM, 50.00 MB available" in figures["verdict"] and "of disk at /x, 1.00 KB free" in figures["verdict"]
+
+
+def test_human_output_and_errors(hf_models):
+    r = runner.invoke(app, ["plan", "hf-to-maxtext", "--model", "qwen3-0.6b", *FAST])
+    assert r.exit_code in (0, 1), r.output
+    assert "peak RSS" in r.stdout and "largest slices" in r.stdout and ("go: " in r.stdout)
+    r = runner.invoke(app, ["plan", "hf-to-maxtext", *FAST])
+    assert r.exit_code == 2 and "--model NAME" in r.stderr
+    r = runner.invoke(app, ["plan", "hf-to-maxtext", str(hf_models("qwen3", "bfloat16")), "--model", "qwen3-8b",
+                            *FAST])
+    assert r.exit_code == 2 and "hidden_size = 64, but qwen3-8b has 4096" in r.stderr
