@@ -143,16 +143,22 @@ def chunk_shape(shape: Shape, stack_axes: tuple[int, ...], itemsize: int) -> Sha
     """One chunk per task slice (1 on stacked axes), split along the first free axis if too large.
 
     Each task then writes whole chunks (no read-modify-write), and reverse conversion reads one layer
-    slice as whole chunks.
+    slice as whole chunks. Splits are into equal parts, so the stored edge chunk wastes almost nothing
+    (zarr stores edge chunks whole).
     """
     chunk = [1 if a in stack_axes else s for a, s in enumerate(shape)]
     free = [a for a in range(len(shape)) if a not in stack_axes and shape[a] > 1]
     nbytes = math.prod(chunk) * itemsize
     if free and nbytes > CHUNK_TARGET_BYTES:
         axis = free[0]
-        parts = math.ceil(nbytes / CHUNK_TARGET_BYTES)
-        chunk[axis] = max(1, math.ceil(shape[axis] / parts))
+        chunk[axis] = equal_step(shape[axis], math.ceil(nbytes / CHUNK_TARGET_BYTES))
     return tuple(chunk)
+
+
+def equal_step(length: int, parts: int) -> int:
+    """The step that cuts `length` into `parts` near-equal pieces (the last one at most `parts - 1` shorter)."""
+    parts = max(1, min(parts, length))
+    return math.ceil(length / parts)
 
 
 def _stacked(shape: Shape, rule: Rule, block: Block | None, dims: Dims) -> tuple[Shape, tuple[int, ...]]:
@@ -172,19 +178,33 @@ def _split_rows(rows: int, row_bytes: int) -> list[tuple[int, int]] | None:
     """Row pieces of about PIECE_BYTES, or None when the tensor is small enough to move whole."""
     if rows * row_bytes <= PIECE_BYTES or rows < 2:
         return None
-    step = max(1, PIECE_BYTES // max(1, row_bytes))
+    step = equal_step(rows, math.ceil(rows * row_bytes / PIECE_BYTES))
     return [(a, min(a + step, rows)) for a in range(0, rows, step)]
 
 
-def _span_axis(rule: Rule, shape: Shape, stack_axes: tuple[int, ...]) -> int | None:
-    """Target axis that HF rows map to, for tensors that can move in row pieces (identity or 2-D transpose)."""
+_ROW_SAFE_STEPS = frozenset({"rope-interleave", "query-scale"})   # act within one head: safe on whole heads
+
+
+def _span_axis(rule: Rule, shape: Shape, stack_axes: tuple[int, ...], dims: Dims) -> tuple[int, int] | None:
+    """(target axis, HF rows per unit of it) for tensors that can move in row pieces, else None.
+
+    Identity 2-D tensors: HF rows are target rows. Transposes `(out, in) -> (in, o1, o2...)` (query, key,
+    MLP...): HF rows are `o1` units of `prod(o2...)` rows each (whole heads, so the RoPE permutation and
+    query scale, which act within a head, apply piece by piece). Transposes `(out, in...) -> (i..., out)`
+    (attention out, LM head): HF rows are the target's last axis.
+    """
     free = [a for a in range(len(shape)) if a not in stack_axes]
-    if len(rule.hf_shape) != 2 or len(free) != 2:
+    if len(rule.hf_shape) != 2 or len(free) < 2:
         return None
     if rule.steps == ():
-        return free[0]
-    if rule.steps == ("transpose",):
-        return free[-1]
+        return (free[0], 1) if len(free) == 2 else None
+    if rule.steps[0] != "transpose" or not set(rule.steps[1:]) <= _ROW_SAFE_STEPS:
+        return None
+    out_dims = rule.maxtext_shape[1:]
+    if rule.hf_shape[1] == rule.maxtext_shape[0] and "*".join(out_dims) == rule.hf_shape[0]:
+        return free[1], math.prod(eval_shape(out_dims[1:], dims))
+    if rule.hf_shape[0] == rule.maxtext_shape[-1] and rule.steps == ("transpose",):
+        return free[-1], 1
     return None
 
 
@@ -226,10 +246,14 @@ def build_to_maxtext(family: Family, hf_config: dict, scan_layers: bool, dtype: 
         shape, axes = _stacked(slice_shape, rule, block, dims)
         tasks = _tasks(rule, block, dims)
         chunks = chunk_shape(shape, axes, itemsize)
-        span_axis = _span_axis(rule, shape, axes)
-        pieces = _split_rows(source_shape[0], source_shape[1] * 4) if span_axis is not None else None
+        span = _span_axis(rule, shape, axes, dims)
+        pieces = None
+        if span is not None:
+            span_axis, unit = span
+            pieces = _split_rows(shape[span_axis], unit * source_shape[1] * 4)
         if pieces:
-            tasks = tuple(SliceTask(t.index, SourceSlice(t.source.name, rows=p), span=p) for t in tasks for p in pieces)
+            tasks = tuple(SliceTask(t.index, SourceSlice(t.source.name, rows=(a * unit, b * unit)), span=(a, b))
+                          for t in tasks for a, b in pieces)
             chunks = tuple(pieces[0][1] if a == span_axis else (1 if a in axes else n) for a, n in enumerate(shape))
         else:
             span_axis = None

@@ -26,7 +26,7 @@ from ckpt_cli.errors import OutputError, SourceError
 
 HANDLER = "orbax.checkpoint._src.handlers.pytree_checkpoint_handler.PyTreeCheckpointHandler"
 ROOT_KEYS = ("params", "params")
-BATCH_BYTES = 128 * 1024 * 1024
+BATCH_BYTES = 64 * 1024 * 1024
 MAX_PENDING_COMMITS = 1
 
 
