@@ -37,7 +37,10 @@ def main() -> None:
     for t in plan.tensors:
         full = np.empty(t.shape, t.dtype)
         for task in t.tasks:
-            full[t.target_index(task)] = t.apply(hf[task.source.name], plan.direction)
+            x = hf[task.source.name]
+            if task.source.rows is not None:
+                x = x[task.source.rows[0]:task.source.rows[1]]
+            full[t.target_index(task)] = t.apply(x, plan.direction, task)
         node = tree
         *parents, leaf = t.target.split("/")
         for p in parents:
