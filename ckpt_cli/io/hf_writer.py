@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from ckpt_cli.errors import OutputError
+from ckpt_cli.io.durable import fsync_path
 from ckpt_cli.io.safetensors import INDEX_NAME, PlannedTensor, StreamingSafetensorsWriter
 
 SINGLE_NAME = "model.safetensors"
@@ -127,15 +128,15 @@ class HFFolderWriter:
         extra = [self.tmp / n for n in names[len(self.files):]]
         with ThreadPoolExecutor(max_workers=8, thread_name_prefix="ckpt-fsync") as pool:
             futures = [pool.submit(self._close_shard, name) for name in self.writers]
-            futures += [pool.submit(_fsync_file, path) for path in extra]
+            futures += [pool.submit(fsync_path, path) for path in extra]
             for f in futures:
                 f.result()
         self.writers = {}
-        _fsync_dir(self.tmp)
+        fsync_path(self.tmp)
         if self.out.exists():
             shutil.rmtree(self.out) if self.out.is_dir() else self.out.unlink()
         os.replace(self.tmp, self.out)
-        _fsync_dir(self.out.parent)
+        fsync_path(self.out.parent)
         return sorted(names)
 
     def _close_shard(self, name: str) -> None:
@@ -178,19 +179,3 @@ def _copy(src: Path, dst: Path) -> None:
         shutil.copyfile(src, dst)
     except OSError as exc:
         raise OutputError(f"cannot copy {src} to {dst}: {exc.strerror}") from None
-
-
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -23,6 +23,7 @@ import tensorstore as ts
 
 from ckpt_cli.dtypes import dtype_name
 from ckpt_cli.errors import OutputError, SourceError
+from ckpt_cli.io.durable import fsync_path, fsync_tree
 
 HANDLER = "orbax.checkpoint._src.handlers.pytree_checkpoint_handler.PyTreeCheckpointHandler"
 ROOT_KEYS = ("params", "params")
@@ -203,7 +204,7 @@ class OrbaxWriter:
                                context=self.context), "writing step")
         _result(step.write(np.int64(0)), "writing step")
         _write_json(self.items / "_METADATA", tree_metadata(self.arrays, self.opts))
-        _fsync_tree(self.tmp)
+        fsync_tree(self.tmp)
         (self.items / "commit_success.txt").write_text("Checkpoint commit was successful.")
         step_dir = self.tmp / "0"
         _write_json(step_dir / "_CHECKPOINT_METADATA", {
@@ -211,11 +212,11 @@ class OrbaxWriter:
             "init_timestamp_nsecs": self.init_ns, "commit_timestamp_nsecs": time.time_ns(),
             "custom_metadata": custom_metadata})
         (step_dir / "commit_success.txt").write_text("Checkpoint commit was successful.")
-        _fsync_tree(self.tmp, data=False)
+        fsync_tree(self.tmp, data=False)
         if self.out.exists():
             shutil.rmtree(self.out)
         os.replace(self.tmp, self.out)
-        _fsync_dir(self.out.parent)
+        fsync_path(self.out.parent)
 
     def abort(self) -> None:
         """Drop everything written so far (interrupt or error): no partial output survives."""
@@ -241,26 +242,6 @@ def _write_json(path: Path, obj: dict) -> None:
         path.write_text(json.dumps(obj, indent=1))
     except OSError as exc:
         raise OutputError(f"cannot write {path}: {exc.strerror}") from None
-
-
-def _fsync_tree(root: Path, data: bool = True) -> None:
-    for dirpath, _, files in os.walk(root):
-        if data:
-            for f in files:
-                fd = os.open(os.path.join(dirpath, f), os.O_RDONLY)
-                try:
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
-        _fsync_dir(Path(dirpath))
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class OrbaxCheckpoint:
