@@ -11,7 +11,7 @@ import typer
 from ckpt_cli.cli import options as O
 from ckpt_cli.cli.errors import guarded
 from ckpt_cli.cli.output import Output
-from ckpt_cli.cli.report import stats_record, stats_rows, summary_table, tensor_record, tensor_table
+from ckpt_cli.cli.report import convert_record, plan_announcer, stats_rows, summary_table
 from ckpt_cli.io.orbax import StorageOptions
 
 app = typer.Typer(help="Convert checkpoints between Hugging Face and MaxText.", no_args_is_help=True)
@@ -67,21 +67,12 @@ def hf_to_maxtext(
         storage=StorageOptions(use_ocdbt=ocdbt, use_zarr3=zarr3, compression=compression),
         overwrite=overwrite, workers=workers, mtp=mtp, max_disk=parse_size(max_disk) if max_disk else None)
 
-    def on_plan(plan, notes):
-        for n in notes:
-            outp.note(n)
-        if show_tensors:
-            outp.table(tensor_table(plan))
-
     with outp.bytes_progress("hf → maxtext") as progress:
-        result = convert.hf_to_maxtext(source, Path(out), opts, progress=progress, on_plan=on_plan)
+        result = convert.hf_to_maxtext(source, Path(out), opts, progress=progress,
+                                       on_plan=plan_announcer(outp, show_tensors))
     plan, stats = result.plan, result.stats
     if json_out:
-        outp.emit_json({
-            "command": "convert", "direction": plan.direction, "source": result.source, "out": str(result.out),
-            "family": plan.family, "scan_layers": plan.scan_layers, "dtype": np.dtype(plan.dtype).name,
-            "notes": result.notes, "stats": stats_record(stats), "tensors": [tensor_record(t) for t in plan.tensors],
-        })
+        outp.emit_json(convert_record(result))
         return
     rows = {"source": result.source, "output": f"{result.out}/0/items",
             "layout": f"{plan.family}, {'scanned' if plan.scan_layers else 'unscanned'}, "
@@ -143,22 +134,12 @@ def maxtext_to_hf(
     opts = convert.ToHFOptions(model=model, hf_config=hf_config, dtype=dtype, shard_size=parse_size(shard_size),
                                tokenizer=tokenizer, overwrite=overwrite, workers=workers)
 
-    def on_plan(plan, notes):
-        for n in notes:
-            outp.note(n)
-        if show_tensors:
-            outp.table(tensor_table(plan))
-
     with outp.bytes_progress("maxtext → hf") as progress:
-        result = convert.maxtext_to_hf(source, Path(out), opts, progress=progress, on_plan=on_plan)
+        result = convert.maxtext_to_hf(source, Path(out), opts, progress=progress,
+                                       on_plan=plan_announcer(outp, show_tensors))
     plan, stats = result.plan, result.stats
     if json_out:
-        outp.emit_json({
-            "command": "convert", "direction": plan.direction, "source": result.source, "out": str(result.out),
-            "family": plan.family, "scan_layers": plan.scan_layers, "dtype": np.dtype(plan.dtype).name,
-            "config_origin": result.config_origin, "files": result.files, "notes": result.notes,
-            "stats": stats_record(stats), "tensors": [tensor_record(t) for t in plan.tensors],
-        })
+        outp.emit_json(convert_record(result, config_origin=result.config_origin, files=result.files))
         return
     shards = stats.extra.get("shards", 0)
     rows = {"source": result.source, "output": str(result.out),

@@ -66,3 +66,24 @@ def stats_rows(stats: Stats) -> dict[str, str]:
     return {"tensors": f"{stats.tensors} ({stats.tasks} slices)", "read": human_bytes(stats.bytes_read),
             "written": human_bytes(stats.bytes_written), "wall": f"{stats.wall_s:.2f} s ({rate:.2f} GB/s)",
             "peak RSS": human_bytes(stats.peak_rss)}
+
+
+def plan_announcer(outp, show_tensors: bool):
+    """The `on_plan` callback both convert commands use: notes to stderr, then the tensor table if asked."""
+
+    def on_plan(plan: ConversionPlan, notes: list[str]) -> None:
+        for n in notes:
+            outp.note(n)
+        if show_tensors:
+            outp.table(tensor_table(plan))
+
+    return on_plan
+
+
+def convert_record(result, **extra) -> dict:
+    """The --json document of a conversion, either direction."""
+    plan = result.plan
+    return {"command": "convert", "direction": plan.direction, "source": result.source, "out": str(result.out),
+            "family": plan.family, "scan_layers": plan.scan_layers, "dtype": np.dtype(plan.dtype).name, **extra,
+            "notes": result.notes, "stats": stats_record(result.stats),
+            "tensors": [tensor_record(t) for t in plan.tensors]}

@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ckpt_cli.verify.forward import ParamSource, _rms_norm, _rope
+from ckpt_cli.verify.forward import ParamSource, _rms_norm, _rope, embed_tokens
 
 VERSIONS = ("v2", "v3", "v3.2")
 _MODEL_TYPES = {"deepseek_v2": "v2", "deepseek_v3": "v3", "deepseek_v32": "v3.2"}
@@ -565,19 +565,8 @@ def deepseek_logits(
     statistics, softmax, routing and the indexer's scores are float32. ``notes`` explains
     configuration-dependent behaviour (e.g. an indexer top-k that selects every key).
     """
-    if dtype not in _DTYPES:
-        raise ValueError(f"dtype must be one of {_DTYPES}, got {dtype!r}")
     tokens = np.asarray(tokens)
-    if tokens.ndim != 2 or not np.issubdtype(tokens.dtype, np.integer):
-        raise ValueError(f"tokens must be an integer (B,T) array, got {tokens.dtype} {tokens.shape}")
-    if tokens.size and (tokens.min() < 0 or tokens.max() >= cfg.vocab):
-        raise ValueError(f"token ids must lie in [0, {cfg.vocab})")
-
-    embedding = params.top(_EMBEDDING)
-    if embedding.ndim != 2 or embedding.shape[0] < cfg.vocab or embedding.shape[1] != cfg.hidden:
-        raise ValueError(f"{_EMBEDDING} has shape {embedding.shape}, expected ({cfg.vocab}, {cfg.hidden})")
-    x = jnp.asarray(embedding[tokens]).astype(dtype)
-    del embedding
+    x = embed_tokens(params, cfg, tokens, dtype)
 
     seq_len = tokens.shape[1]
     angles = np.arange(seq_len, dtype=np.float32)[:, None] * rope_inv_freq(cfg)[None, :]

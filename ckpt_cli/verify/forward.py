@@ -216,6 +216,24 @@ def _layer_weights(layer: dict[str, np.ndarray], cfg: ForwardConfig, i: int) -> 
     return {p: layer[p] for p in shapes}
 
 
+def embed_tokens(params: ParamSource, cfg, tokens: np.ndarray, dtype: str):
+    """Check dtype and token ids, then look the tokens up in the embedding table (dropped right after).
+
+    Shared by every family's forward; `cfg` needs `vocab` and `hidden`. The table is re-fetched for a
+    tied head, so it is not held while the layers run.
+    """
+    if dtype not in _DTYPES:
+        raise ValueError(f"dtype must be one of {_DTYPES}, got {dtype!r}")
+    if tokens.ndim != 2 or not np.issubdtype(tokens.dtype, np.integer):
+        raise ValueError(f"tokens must be an integer (B,T) array, got {tokens.dtype} {tokens.shape}")
+    if tokens.size and (tokens.min() < 0 or tokens.max() >= cfg.vocab):
+        raise ValueError(f"token ids must lie in [0, {cfg.vocab})")
+    embedding = params.top(_EMBEDDING)
+    if embedding.ndim != 2 or embedding.shape[0] < cfg.vocab or embedding.shape[1] != cfg.hidden:
+        raise ValueError(f"{_EMBEDDING} has shape {embedding.shape}, expected ({cfg.vocab}, {cfg.hidden})")
+    return jnp.asarray(embedding[tokens]).astype(dtype)
+
+
 def maxtext_logits(params: ParamSource, cfg: ForwardConfig, tokens: np.ndarray, dtype: str = "float32") -> np.ndarray:
     """tokens int (B,T) -> logits float32 (B,T,V), computed with MaxText's math.
 
@@ -224,19 +242,8 @@ def maxtext_logits(params: ParamSource, cfg: ForwardConfig, tokens: np.ndarray, 
     then LM head). ``dtype`` ('float32' or 'bfloat16') is the activation/weight compute dtype; RMSNorm
     statistics and softmax are always float32. Logits are cut to ``cfg.vocab`` if the table is padded.
     """
-    if dtype not in _DTYPES:
-        raise ValueError(f"dtype must be one of {_DTYPES}, got {dtype!r}")
     tokens = np.asarray(tokens)
-    if tokens.ndim != 2 or not np.issubdtype(tokens.dtype, np.integer):
-        raise ValueError(f"tokens must be an integer (B,T) array, got {tokens.dtype} {tokens.shape}")
-    if tokens.size and (tokens.min() < 0 or tokens.max() >= cfg.vocab):
-        raise ValueError(f"token ids must lie in [0, {cfg.vocab})")
-
-    embedding = params.top(_EMBEDDING)
-    if embedding.ndim != 2 or embedding.shape[0] < cfg.vocab or embedding.shape[1] != cfg.hidden:
-        raise ValueError(f"{_EMBEDDING} has shape {embedding.shape}, expected ({cfg.vocab}, {cfg.hidden})")
-    x = jnp.asarray(embedding[tokens]).astype(dtype)
-    del embedding  # re-fetched for a tied head, so it is not held while the layers run
+    x = embed_tokens(params, cfg, tokens, dtype)
 
     angles = np.arange(tokens.shape[1], dtype=np.float32)[:, None] * rope_inv_freq(cfg)[None, :]
     cos, sin = jnp.asarray(np.cos(angles)), jnp.asarray(np.sin(angles))
