@@ -80,7 +80,8 @@ def test_plan_matches_what_convert_does(hf_models, tmp_path):
     assert data["bytes"]["read"] == result.stats.bytes_read
     assert data["bytes"]["written"] == result.stats.bytes_written
     assert data["tasks"] == result.stats.tasks and data["tensors"] == result.stats.tensors
-    assert math.isclose(data["bytes"]["output_on_disk"], tree_bytes(out), rel_tol=0.05)
+    on_disk = tree_bytes(out)
+    assert math.isclose(data["bytes"]["output_on_disk"], on_disk, rel_tol=0.05), (data["bytes"], on_disk)
     # the reverse direction, priced from the checkpoint's metadata
     back = plan_json("maxtext-to-hf", str(out), *FAST)
     assert back["source_kind"] == "orbax" and back["scan_layers"] is False

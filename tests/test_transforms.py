@@ -41,10 +41,16 @@ def test_rope_interleave_pairs():
     assert np.array_equal(T.RopeInterleave().to_hf(y, x.shape), x)
 
 
-@pytest.mark.parametrize("rows,cols", [(1, 1), (3, 700), (513, 257), (1024, 64)])
-def test_transpose2d_matches_numpy(rows, cols):
-    x = rng.standard_normal((rows, cols)).astype(ml_dtypes.bfloat16)
-    assert np.array_equal(T.transpose2d(x).view(np.uint16), np.ascontiguousarray(x.T).view(np.uint16))
+@pytest.mark.parametrize("dtype", [ml_dtypes.bfloat16, np.float32, ml_dtypes.float8_e4m3fn, np.float64])
+@pytest.mark.parametrize("rows,cols", [(1, 1), (3, 700), (513, 257), (1024, 64), (300, 1028), (77, 4098)])
+def test_transpose2d_matches_numpy(rows, cols, dtype):
+    """Bit-exact for every element size, on the word-wise path (cols a multiple of 8 bytes) and off it."""
+    x = rng.standard_normal((rows, cols)).astype(dtype)
+    bits = np.dtype(f"u{np.dtype(dtype).itemsize}")
+    got = T.transpose2d(x)
+    assert got.dtype == x.dtype and got.flags.c_contiguous
+    assert np.array_equal(got.view(bits), np.ascontiguousarray(x.T).view(bits))
+    assert np.array_equal(T.transpose2d(x[:, ::-1]).view(bits), np.ascontiguousarray(x[:, ::-1].T).view(bits))
 
 
 def test_scale_in_float32_and_within_one_bf16_ulp_back():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Collection
 from pathlib import Path
 
 
@@ -15,10 +16,13 @@ def fsync_path(path: Path | str) -> None:
         os.close(fd)
 
 
-def fsync_tree(root: Path, data: bool = True) -> None:
-    """fsync every file below `root` (unless `data` is False) and every directory, children first."""
+def fsync_tree(root: Path, data: bool = True, synced: Collection[str] = ()) -> None:
+    """fsync every file below `root` (unless `data` is False, or it is in `synced`, already made durable)
+    and every directory, children first."""
     for dirpath, _, files in os.walk(root, topdown=False):
         if data:
             for f in files:
-                fsync_path(os.path.join(dirpath, f))
+                path = os.path.join(dirpath, f)
+                if path not in synced:
+                    fsync_path(path)
         fsync_path(dirpath)

@@ -24,16 +24,18 @@ import tensorstore as ts
 from ckpt_cli.dtypes import dtype_name
 from ckpt_cli.errors import OutputError, SourceError
 from ckpt_cli.io.durable import fsync_path, fsync_tree
+from ckpt_cli.io.writeback import Writeback
 
 HANDLER = "orbax.checkpoint._src.handlers.pytree_checkpoint_handler.PyTreeCheckpointHandler"
 ROOT_KEYS = ("params", "params")
 BATCH_BYTES = 64 * 1024 * 1024
-MAX_PENDING_COMMITS = 1
+MAX_PENDING_COMMITS = 1   # commits in flight while the next batch is staged
 
 
 @dataclass(frozen=True)
 class StorageOptions:
-    """How arrays are stored; the defaults are MaxText's (OCDBT + zarr3, zstd)."""
+    """How arrays are stored: OCDBT + zarr3 as MaxText does; no compression by default (Orbax uses zstd
+    level 1, which saves ~10-25% of bf16 bytes for ~2x the CPU; `compression="zstd"` matches it)."""
 
     use_ocdbt: bool = True
     use_zarr3: bool = True
@@ -60,9 +62,11 @@ def kvstore_spec(items_dir: Path, name: str, opts: StorageOptions) -> dict:
 
 
 def array_spec(items_dir: Path, name: str, shape: tuple[int, ...], dtype: np.dtype, chunk: tuple[int, ...],
-               opts: StorageOptions) -> dict:
-    """A tensorstore spec creating one zarr3/zarr array."""
+               opts: StorageOptions, manifest: dict | None = None) -> dict:
+    """A tensorstore spec creating one zarr3/zarr array (`manifest`: where OCDBT keeps its manifest)."""
     kv = kvstore_spec(items_dir, name, opts)
+    if manifest is not None and opts.use_ocdbt:
+        kv["manifest"] = manifest
     if opts.use_zarr3:
         codecs: list[dict] = [{"name": "bytes", "configuration": {"endian": "little"}}]
         if opts.compression == "zstd":
@@ -104,7 +108,14 @@ def partial_dir(out: Path) -> Path:
 
 
 class OrbaxWriter:
-    """Creates every array up front, takes slice writes in batched transactions, publishes atomically."""
+    """Creates every array up front, takes slice writes in batched transactions, publishes atomically.
+
+    The OCDBT manifest is kept in memory while writing and written to disk once, at `finalize`. On disk,
+    every commit would replace `manifest.ocdbt` by rename (twice per commit); the replaced file's blocks
+    are freed inside the commit, and on filesystems mounted with online `discard` (common on cloud VMs)
+    that free waits for a synchronous discard queued behind all pending writes. Measured here, commits
+    stalled for up to a second with every thread idle. The data files are written to disk as usual.
+    """
 
     def __init__(self, out: Path, opts: StorageOptions, overwrite: bool = False):
         self.out = Path(out)
@@ -120,24 +131,33 @@ class OrbaxWriter:
         except OSError as exc:
             raise OutputError(f"cannot create {self.items}: {exc.strerror}") from None
         self.context = _context()
+        self.manifest = {"driver": "memory", "path": f"ckpt-manifest-{id(self)}/"}
         self.arrays: dict[str, ts.TensorStore] = {}
         self.opening: dict[str, ts.Future] = {}
+        self.create_txn: ts.Transaction | None = None
         self.txn: ts.Transaction | None = None
         self.txn_bytes = 0
         self.pending: deque[tuple[ts.Future, int]] = deque()
         self.init_ns = time.time_ns()
-        self.advised: set[str] = set()
+        self.handed: set[str] = set()        # data files given to the writeback thread
+        self.writeback = Writeback()
 
     def create(self, path: str, shape: tuple[int, ...], dtype: np.dtype, chunk: tuple[int, ...]) -> None:
-        """Start creating one leaf array (metadata only); creations run concurrently until the first write."""
-        spec = array_spec(self.items, param_name(path), shape, dtype, chunk, self.opts)
-        self.opening[path] = ts.open(spec, context=self.context)
+        """Start creating one leaf array (metadata only). Creations run concurrently until the first write,
+        in one transaction, so all their metadata lands in one commit."""
+        if self.create_txn is None:
+            self.create_txn = ts.Transaction()
+        spec = array_spec(self.items, param_name(path), shape, dtype, chunk, self.opts, self.manifest)
+        self.opening[path] = ts.open(spec, context=self.context, transaction=self.create_txn)
 
     def _array(self, path: str) -> ts.TensorStore:
         if self.opening:
             for p, future in self.opening.items():
                 self.arrays[p] = _result(future, f"creating {p}")
             self.opening.clear()
+            _result(self.create_txn.commit_async(), "creating arrays")
+            self.create_txn = None
+            self.arrays = {p: a.with_transaction(None) for p, a in self.arrays.items()}
         return self.arrays[path]
 
     def write(self, path: str, index: tuple, array: np.ndarray) -> int:
@@ -158,10 +178,10 @@ class OrbaxWriter:
     def _commit(self) -> None:
         if self.txn is None:
             return
+        while len(self.pending) >= MAX_PENDING_COMMITS:
+            self._wait_oldest()
         self.pending.append((self.txn.commit_async(), self.txn_bytes))
         self.txn, self.txn_bytes = None, 0
-        while len(self.pending) > MAX_PENDING_COMMITS:
-            self._wait_oldest()
 
     def _wait_oldest(self) -> None:
         future, _ = self.pending.popleft()
@@ -169,25 +189,15 @@ class OrbaxWriter:
         self._start_writeback()
 
     def _start_writeback(self) -> None:
-        """Hand committed data files to the kernel for writeback now (and drop them from the page cache).
-
-        Committed OCDBT data files are immutable, so starting their writeback early overlaps the disk
-        with the rest of the conversion: the final fsync then waits for little. Best effort.
-        """
+        """Hand the newly committed data files to the writeback thread, which makes them durable now."""
+        new = []
         for dirpath, _, files in os.walk(self.items):
             for f in files:
                 path = os.path.join(dirpath, f)
-                if path in self.advised or f == "manifest.ocdbt":
-                    continue
-                try:
-                    fd = os.open(path, os.O_RDONLY)
-                except OSError:
-                    continue
-                try:
-                    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-                finally:
-                    os.close(fd)
-                self.advised.add(path)
+                if f != "manifest.ocdbt" and not f.endswith(".__lock") and path not in self.handed:
+                    self.handed.add(path)
+                    new.append(path)
+        self.writeback.persist(new)
 
     def flush(self) -> None:
         """Commit everything staged and wait for it."""
@@ -200,11 +210,14 @@ class OrbaxWriter:
     def finalize(self, custom_metadata: dict) -> None:
         """Write the step scalar, Orbax metadata and completion markers, fsync, and publish by rename."""
         self.flush()
-        step = _result(ts.open(array_spec(self.items, "step", (), np.dtype(np.int64), (), self.opts),
+        step = _result(ts.open(array_spec(self.items, "step", (), np.dtype(np.int64), (), self.opts, self.manifest),
                                context=self.context), "writing step")
         _result(step.write(np.int64(0)), "writing step")
+        if self.opts.use_ocdbt:
+            self._write_manifest()
         _write_json(self.items / "_METADATA", tree_metadata(self.arrays, self.opts))
-        fsync_tree(self.tmp)
+        self.writeback.close()
+        fsync_tree(self.tmp, synced=self.writeback.synced)
         (self.items / "commit_success.txt").write_text("Checkpoint commit was successful.")
         step_dir = self.tmp / "0"
         _write_json(step_dir / "_CHECKPOINT_METADATA", {
@@ -218,10 +231,30 @@ class OrbaxWriter:
         os.replace(self.tmp, self.out)
         fsync_path(self.out.parent)
 
+    def _write_manifest(self) -> None:
+        """Copy the in-memory OCDBT manifest to `items/manifest.ocdbt` (fsynced with the tree)."""
+        store = _result(ts.KvStore.open(self.manifest, context=self.context), "reading the OCDBT manifest")
+        data = _result(store.read("manifest.ocdbt"), "reading the OCDBT manifest").value
+        if not data:
+            raise OutputError("the OCDBT manifest was not written")
+        try:
+            (self.items / "manifest.ocdbt").write_bytes(bytes(data))
+        except OSError as exc:
+            raise OutputError(f"cannot write {self.items / 'manifest.ocdbt'}: {exc.strerror}") from None
+
     def abort(self) -> None:
         """Drop everything written so far (interrupt or error): no partial output survives."""
-        self.txn = None
+        for txn in (self.txn, self.create_txn):
+            if txn is not None and txn.open:
+                txn.abort()
+        self.txn = self.create_txn = None
+        for future, _ in self.pending:     # commits in flight would recreate files after the removal
+            try:
+                future.result()
+            except Exception:  # noqa: BLE001 - already failing; the removal below is what matters
+                pass
         self.pending.clear()
+        self.writeback.close(cancel=True)
         shutil.rmtree(self.tmp, ignore_errors=True)
 
 
