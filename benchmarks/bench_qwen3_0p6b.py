@@ -5,7 +5,11 @@ start-up included), and the ratios to two baselines measured in the same run on 
 `cp -r` of the input folder and a MaxText-like eager converter (benchmarks/maxtext_like.py).
 Also checks that scanned and unscanned outputs hold identical arrays.
 
-Usage: python benchmarks/bench_qwen3_0p6b.py [--dir DIR] [--skip-baseline] [--keep]
+`--model qwen3-4b` (or any registry name) runs the same measurement on a larger model, to show that
+time grows with bytes and peak RSS does not; the baseline (which holds the whole model) and the issue
+target apply to Qwen3-0.6B only.
+
+Usage: python benchmarks/bench_qwen3_0p6b.py [--dir DIR] [--model NAME] [--skip-baseline] [--keep]
 """
 
 from __future__ import annotations
@@ -59,12 +63,14 @@ def main() -> None:
     ap.add_argument("--dir", type=Path, default=None)
     ap.add_argument("--skip-baseline", action="store_true")
     ap.add_argument("--keep", action="store_true")
+    ap.add_argument("--model", default="qwen3-0.6b")
     args = ap.parse_args()
+    small = args.model == "qwen3-0.6b"
     root = args.dir or Path(tempfile.mkdtemp(prefix="ckpt-bench-"))
-    src = root / "Qwen3-0.6B-synthetic"
-    if not (src / "model.safetensors").exists():
-        print("writing synthetic Qwen3-0.6B (bf16, random) ...", flush=True)
-        write_synthetic(src, "qwen3-0.6b")
+    src = root / ("Qwen3-0.6B-synthetic" if small else f"{args.model}-synthetic")
+    if not any(src.glob("*.safetensors")):
+        print(f"writing synthetic {args.model} (bf16, random) ...", flush=True)
+        write_synthetic(src, args.model, shard_bytes=0 if small else 4_000_000_000)
     size = sum(f.stat().st_size for f in src.iterdir())
     warm(src)
 
@@ -84,16 +90,17 @@ def main() -> None:
                           scan, "--json"])
         assert r.returncode == 0, r.stdout
         results[scan] = r
-    identical = same_arrays(root / "out--scan", root / "out--no-scan", 28)
+    layers = json.loads((src / "config.json").read_text())["num_hidden_layers"]
+    identical = same_arrays(root / "out--scan", root / "out--no-scan", layers)
     baseline = None
-    if not args.skip_baseline:
+    if small and not args.skip_baseline:
         out = root / "maxtext-like"
         shutil.rmtree(out, ignore_errors=True)
         warm(src)
         baseline = run_measured([sys.executable, str(Path(__file__).parent / "maxtext_like.py"), str(src), str(out)])
         assert baseline.returncode == 0
 
-    print(f"\ninput: {gb(size)} Qwen3-0.6B-shaped bf16 checkpoint (page-cached)")
+    print(f"\ninput: {gb(size)} {args.model}-shaped bf16 checkpoint (page-cached)")
     print(f"cp -r                     : {cp.wall_s:6.2f} s  peak RSS {gb(cp.peak_rss)}")
     print(f"cp -r + sync (durable)    : {durable.wall_s:6.2f} s  (the disk's floor for writing this output)")
     if baseline:
@@ -107,8 +114,9 @@ def main() -> None:
         print(line)
     print(f"scanned and unscanned outputs identical: {identical}")
     ok = all(r.wall_s <= TARGET_WALL_S and r.peak_rss <= TARGET_RSS for r in results.values())
-    print(f"issue target (<= {TARGET_WALL_S:.2f} s and <= {gb(TARGET_RSS)}, 1/4 of MaxText 0.2.5 on this machine "
-          f"kind): {'met' if ok else 'NOT met'}")
+    if small:
+        print(f"issue target (<= {TARGET_WALL_S:.2f} s and <= {gb(TARGET_RSS)}, 1/4 of MaxText 0.2.5 on this machine "
+              f"kind): {'met' if ok else 'NOT met'}")
     if not args.keep and args.dir is None:
         shutil.rmtree(root)
 

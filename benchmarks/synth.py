@@ -11,6 +11,7 @@ import math
 import os
 import resource
 import subprocess
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -99,15 +100,25 @@ def installed_env(env: dict | None = None) -> dict:
 
 
 def run_measured(cmd: list[str], env: dict | None = None) -> Run:
-    """Run a command; wall time and the child's own peak RSS (wait4 rusage, not the parent's)."""
+    """Run a command; wall time and the child's own peak RSS.
+
+    Linux charges a child the high-water RSS of the parent it was forked from (kept across exec), so a
+    benchmark that generated its input in-process would inflate every child's figure. GNU time, itself
+    small, forks the command and reports that grandchild's own peak; without it, wait4's figure is used.
+    """
     env = installed_env(env)
-    start = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=env)
-    out = proc.stdout.read() if proc.stdout else ""
-    _, status, usage = os.wait4(proc.pid, 0)
-    wall = time.perf_counter() - start
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    return Run(wall, usage.ru_maxrss * 1024, proc.returncode, out)
+    gnu_time = Path("/usr/bin/time")
+    with tempfile.NamedTemporaryFile("r", suffix=".rss") as rss:
+        full = [str(gnu_time), "-o", rss.name, "-f", "%M", *cmd] if gnu_time.exists() else cmd
+        start = time.perf_counter()
+        proc = subprocess.Popen(full, stdout=subprocess.PIPE, text=True, env=env)
+        out = proc.stdout.read() if proc.stdout else ""
+        _, status, usage = os.wait4(proc.pid, 0)
+        wall = time.perf_counter() - start
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        lines = [ln for ln in rss.read().splitlines() if ln.strip().isdigit()]
+        peak = int(lines[-1]) * 1024 if lines else usage.ru_maxrss * 1024
+    return Run(wall, peak, proc.returncode, out)
 
 
 def drop_file(path: Path) -> None:

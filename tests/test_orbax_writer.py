@@ -138,3 +138,45 @@ def test_writeback_cancel_finishes_the_current_file_and_skips_the_queue(tmp_path
     gate.set()
     closer.join(10)
     assert not closer.is_alive() and wb.synced == {str(files[0])}
+
+
+def test_new_files_reports_renamed_and_replaced_files_and_new_directories(tmp_path):
+    from ckpt_cli.io.writeback import NewFiles
+
+    def place(path, data: bytes):                    # the way tensorstore writes: temp file, then rename
+        tmp = path.with_name(path.name + ".__lock")
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+
+    watch = NewFiles(tmp_path)
+    assert watch._fd is not None                     # inotify is available on the machines we test on
+    place(tmp_path / "a", b"1")
+    (tmp_path / "sub" / "deeper").mkdir(parents=True)
+    place(tmp_path / "sub" / "deeper" / "b", b"2")
+    assert sorted(watch.take()) == [str(tmp_path / "a"), str(tmp_path / "sub" / "deeper" / "b")]
+    assert watch.take() == []
+    place(tmp_path / "a", b"3")                      # replaced after it was reported: reported again
+    assert watch.take() == [str(tmp_path / "a")]
+    watch.close()
+
+
+def test_new_files_falls_back_to_listing(tmp_path):
+    from ckpt_cli.io.writeback import NewFiles
+
+    watch = NewFiles(tmp_path)
+    watch.close()                                    # as if inotify were missing
+    (tmp_path / "x").write_bytes(b"1")
+    (tmp_path / "y.__lock").write_bytes(b"1")
+    assert watch.take() == [str(tmp_path / "x")]
+    assert watch.take() == []
+
+
+def test_chunk_files_of_arrays_without_ocdbt_are_made_durable_early(tmp_path, small_batches):
+    writer = OrbaxWriter(tmp_path / "ckpt", StorageOptions(use_ocdbt=False))
+    write_all(writer, arrays())
+    writer.flush()
+    writer.writeback.close()
+    items = partial_dir(tmp_path / "ckpt") / "0" / "items"
+    chunks = {os.path.join(d, f) for d, _, files in os.walk(items) for f in files if f not in ("zarr.json", ".zarray")}
+    assert chunks and chunks <= writer.writeback.synced
+    writer.abort()

@@ -24,7 +24,7 @@ import tensorstore as ts
 from ckpt_cli.dtypes import dtype_name
 from ckpt_cli.errors import OutputError, SourceError
 from ckpt_cli.io.durable import fsync_path, fsync_tree
-from ckpt_cli.io.writeback import Writeback
+from ckpt_cli.io.writeback import NewFiles, Writeback
 
 HANDLER = "orbax.checkpoint._src.handlers.pytree_checkpoint_handler.PyTreeCheckpointHandler"
 ROOT_KEYS = ("params", "params")
@@ -139,7 +139,7 @@ class OrbaxWriter:
         self.txn_bytes = 0
         self.pending: deque[tuple[ts.Future, int]] = deque()
         self.init_ns = time.time_ns()
-        self.handed: set[str] = set()        # data files given to the writeback thread
+        self.new_files = NewFiles(self.items)
         self.writeback = Writeback()
 
     def create(self, path: str, shape: tuple[int, ...], dtype: np.dtype, chunk: tuple[int, ...]) -> None:
@@ -190,14 +190,7 @@ class OrbaxWriter:
 
     def _start_writeback(self) -> None:
         """Hand the newly committed data files to the writeback thread, which makes them durable now."""
-        new = []
-        for dirpath, _, files in os.walk(self.items):
-            for f in files:
-                path = os.path.join(dirpath, f)
-                if f != "manifest.ocdbt" and not f.endswith(".__lock") and path not in self.handed:
-                    self.handed.add(path)
-                    new.append(path)
-        self.writeback.persist(new)
+        self.writeback.persist(self.new_files.take())
 
     def flush(self) -> None:
         """Commit everything staged and wait for it."""
@@ -216,6 +209,7 @@ class OrbaxWriter:
         if self.opts.use_ocdbt:
             self._write_manifest()
         _write_json(self.items / "_METADATA", tree_metadata(self.arrays, self.opts))
+        self.new_files.close()
         self.writeback.close()
         fsync_tree(self.tmp, synced=self.writeback.synced)
         (self.items / "commit_success.txt").write_text("Checkpoint commit was successful.")
@@ -254,6 +248,7 @@ class OrbaxWriter:
             except Exception:  # noqa: BLE001 - already failing; the removal below is what matters
                 pass
         self.pending.clear()
+        self.new_files.close()
         self.writeback.close(cancel=True)
         shutil.rmtree(self.tmp, ignore_errors=True)
 

@@ -10,10 +10,14 @@ by the whole output. It all runs on a daemon thread, so the pipeline never waits
 
 from __future__ import annotations
 
+import ctypes
 import os
 import queue
+import stat
+import struct
 import threading
 from collections.abc import Iterable
+from pathlib import Path
 
 
 class Writeback:
@@ -60,3 +64,98 @@ def _persist(path: str) -> bool:
         return False
     finally:
         os.close(fd)
+
+
+class NewFiles:
+    """The files that appear under a directory tree, each reported once, at a cost per new file.
+
+    Listing the tree after every commit costs O(files) each time (a 671B model writes ~40k data files:
+    ~70 ms a listing, ~20 minutes over a conversion). On Linux, inotify reports only what changed; a
+    new subdirectory is watched as it appears and scanned once for what was created before the watch.
+    Elsewhere, or if the event queue overflows, the tree is listed instead. A file is reported once it
+    is renamed into place or closed after writing, and again whenever it is replaced (a new inode or
+    mtime), so nothing rewritten after an early fsync escapes the final one. Temporary files that
+    tensorstore renames into place (`*.__lock`) are not reported.
+    """
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+        self._seen: dict[str, tuple[int, int]] = {}     # path -> (inode, mtime) when last reported
+        self._fd: int | None = None
+        self._dirs: dict[int, str] = {}
+        self._rescan = False
+        try:
+            self._libc = ctypes.CDLL(None, use_errno=True)
+            fd = self._libc.inotify_init1(_IN_NONBLOCK | _IN_CLOEXEC)
+        except (OSError, AttributeError):
+            return
+        if fd >= 0:
+            self._fd = fd
+            self._watch_tree(str(self.root))
+
+    def take(self) -> list[str]:
+        """Files that appeared since the last call."""
+        if self._fd is None or self._rescan:
+            self._rescan = False
+            return self._fresh(os.path.join(d, f) for d, _, files in os.walk(self.root) for f in files)
+        return self._fresh(self._events())
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def _fresh(self, paths: Iterable[str]) -> list[str]:
+        new = []
+        for path in paths:
+            if path.endswith(".__lock"):
+                continue
+            try:
+                st = os.stat(path)
+            except OSError:
+                continue
+            key = (st.st_ino, st.st_mtime_ns)
+            if stat.S_ISREG(st.st_mode) and self._seen.get(path) != key:
+                self._seen[path] = key
+                new.append(path)
+        return new
+
+    def _watch_tree(self, top: str) -> list[str]:
+        """Watch `top` and its subdirectories; return the files already in them."""
+        found = []
+        for d, _, files in os.walk(top):
+            wd = self._libc.inotify_add_watch(self._fd, os.fsencode(d), _WATCH_MASK)
+            if wd >= 0:
+                self._dirs[wd] = d
+            found += [os.path.join(d, f) for f in files]
+        return found
+
+    def _events(self) -> list[str]:
+        paths: list[str] = []
+        while True:
+            try:
+                buf = os.read(self._fd, 1 << 16)
+            except BlockingIOError:
+                return paths
+            offset = 0
+            while offset < len(buf):
+                wd, mask, _, size = _EVENT.unpack_from(buf, offset)
+                name = buf[offset + _EVENT.size: offset + _EVENT.size + size].rstrip(b"\0")
+                offset += _EVENT.size + size
+                if mask & _IN_Q_OVERFLOW:
+                    self._rescan = True
+                    continue
+                if wd not in self._dirs or not name:
+                    continue
+                path = os.path.join(self._dirs[wd], os.fsdecode(name))
+                if mask & _IN_ISDIR:
+                    paths += self._watch_tree(path)
+                elif mask & (_IN_MOVED_TO | _IN_CLOSE_WRITE):
+                    paths.append(path)
+
+
+_IN_NONBLOCK, _IN_CLOEXEC = os.O_NONBLOCK, os.O_CLOEXEC
+_IN_CLOSE_WRITE, _IN_MOVED_TO, _IN_CREATE = 0x08, 0x80, 0x100
+_IN_Q_OVERFLOW, _IN_ISDIR = 0x4000, 0x40000000
+_WATCH_MASK = _IN_CLOSE_WRITE | _IN_MOVED_TO | _IN_CREATE
+_EVENT = struct.Struct("iIII")
