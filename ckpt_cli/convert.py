@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
+import hashlib
+import json
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -11,10 +14,10 @@ import numpy as np
 
 from ckpt_cli import __version__, engine, registry
 from ckpt_cli.dtypes import output_dtype
-from ckpt_cli.errors import ConfigMismatchError, OutputError, SourceError
+from ckpt_cli.errors import ConfigMismatchError, Interrupted, OutputError, SourceError
 from ckpt_cli.families import detect_family
 from ckpt_cli.io import hf, remote_stream
-from ckpt_cli.io.orbax import OrbaxWriter, StorageOptions
+from ckpt_cli.io.orbax import OrbaxWriter, StorageOptions, partial_dir, read_progress
 from ckpt_cli.plan import ConversionPlan, build_to_maxtext
 
 
@@ -32,6 +35,7 @@ class ToMaxTextOptions:
     workers: int = 2
     mtp: bool = False               # DeepSeek-V3: also convert the multi-token-prediction layer
     max_disk: int | None = None     # repo sources: most local bytes the downloaded shards may take at once
+    resume: bool = False            # take up an interrupted run's OUT.partial when it was the same conversion
 
 
 @dataclass
@@ -79,6 +83,25 @@ def provenance(plan: ConversionPlan, source: hf.HFSource, opts: ToMaxTextOptions
     }
 
 
+def progress_key(plan: ConversionPlan, source: hf.HFSource, opts: ToMaxTextOptions) -> str:
+    """What must match for `--resume` to take up an interrupted run: the same source files (names, sizes,
+    modification times, or the hub commit), the same plan (every target, shape, dtype, chunk, transform
+    and source slice) and the same storage options."""
+    files = {}
+    if source.remote is not None:
+        files["commit"] = getattr(source.remote, "commit", None)
+    else:
+        for f in sorted(Path(source.folder).glob("*.safetensors")):
+            st = f.stat()
+            files[f.name] = [st.st_size, st.st_mtime_ns]
+    ident = {"tool": __version__, "source": source.label, "files": files,
+             "storage": dataclasses.asdict(opts.storage), "load_method": opts.load_method,
+             "plan": [[t.target, list(t.shape), np.dtype(t.dtype).name, list(t.chunk_shape), t.chain.describe(),
+                       [[k.source.name, repr(k.source.index), repr(k.source.rows)] for k in t.tasks]]
+                      for t in plan.tensors]}
+    return hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()
+
+
 def check_free_space(out: Path, nbytes: int) -> None:
     """Refuse up front when the output's filesystem cannot hold the planned bytes."""
     probe = out if out.exists() else out.parent
@@ -105,21 +128,35 @@ def hf_to_maxtext(source_arg: str, out: Path, opts: ToMaxTextOptions, progress=N
         notes.append(f"{len(ignored)} source tensor(s) not used: {', '.join(ignored[:4])}"
                      + (" ..." if len(ignored) > 4 else ""))
     out = Path(out)
-    stream = remote_stream.ShardStream(reader.files, plan, reader, opts.max_disk) if source.remote else None
+    key = progress_key(plan, source, opts)
+    done = read_progress(out, key, opts.storage) if opts.resume else None
+    if opts.resume:
+        notes.append(f"resuming: {len(done)} of {sum(len(t.tasks) for t in plan.tensors)} slice writes were "
+                     f"already durable in {partial_dir(out)}" if done is not None else
+                     f"--resume: no interrupted run of this conversion in {partial_dir(out)}; starting afresh")
+    elif partial_dir(out).exists():
+        notes.append(f"an interrupted run's {partial_dir(out)} was removed (pass --resume to take it up)")
+    stream = (remote_stream.ShardStream(reader.files, plan, reader, opts.max_disk, skip=done or frozenset())
+              if source.remote else None)
     if stream:
         notes += stream.prepare(out, plan.output_bytes)     # refuses an impossible --max-disk up front
     elif opts.max_disk is not None:
         notes.append("--max-disk applies to hub repos only; this source is read in place")
     if on_plan:
         on_plan(plan, notes)
-    check_free_space(out, plan.output_bytes)
-    writer = OrbaxWriter(out, opts.storage, overwrite=opts.overwrite)
+    check_free_space(out, plan.output_bytes - (remote_stream.tree_bytes(partial_dir(out)) if done else 0))
+    writer = OrbaxWriter(out, opts.storage, overwrite=opts.overwrite, progress_key=key, resume=done is not None)
     try:
         if stream:
             stream.start(out)
         stats = engine.execute(plan, reader, stream.track(writer) if stream else writer, progress=progress,
-                               workers=opts.workers)
+                               workers=opts.workers, skip=writer.done)
         writer.finalize({"scan_layers": plan.scan_layers, "ckpt": provenance(plan, source, opts)})
+    except KeyboardInterrupt as exc:
+        if writer.abort(keep=True):
+            raise Interrupted(f"progress kept in {partial_dir(out)}: run the same command with --resume "
+                              "to finish it") from exc
+        raise
     except BaseException:
         writer.abort()
         raise

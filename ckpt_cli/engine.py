@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -20,7 +20,7 @@ import numpy as np
 
 from ckpt_cli.dtypes import is_float
 from ckpt_cli.errors import ShapeMismatchError
-from ckpt_cli.plan import ConversionPlan, SliceTask, SourceSlice, TensorPlan
+from ckpt_cli.plan import ConversionPlan, SliceTask, SourceSlice, TensorPlan, write_key
 from ckpt_cli.resources import peak_rss_bytes
 
 
@@ -71,16 +71,20 @@ def validate(plan: ConversionPlan, reader: Reader) -> None:
 
 
 def execute(plan: ConversionPlan, reader: Reader, writer: Writer, progress: ProgressFn | None = None,
-            workers: int = 2, budget_bytes: int | None = None) -> Stats:
-    """Run every task of the plan once. Returns Stats; raises on the first failure (after cancelling)."""
+            workers: int = 2, budget_bytes: int | None = None, skip: Collection[tuple] = ()) -> Stats:
+    """Run every task of the plan once, but those whose write is in `skip` (`plan.write_key`s already
+    written by an interrupted run). Returns Stats; raises on the first failure (after cancelling)."""
     start = time.perf_counter()
     for t in plan.tensors:
         writer.create(t.target, t.shape, t.dtype, t.chunk_shape)
-    jobs: list[tuple[TensorPlan, SliceTask]] = [(t, task) for t in plan.tensors for task in t.tasks]
+    jobs: list[tuple[TensorPlan, SliceTask]] = [(t, task) for t in plan.tensors for task in t.tasks
+                                                if not skip or write_key(t.target, t.target_index(task)) not in skip]
     jobs.sort(key=lambda j: reader.order_key(j[1].source))
     total = sum(_task_bytes(t, task) for t, task in jobs)
     budget = budget_bytes or default_budget(plan)
     stats = Stats(tensors=len(plan.tensors), tasks=len(jobs))
+    if skip:
+        stats.extra["resumed_tasks"] = sum(len(t.tasks) for t in plan.tensors) - len(jobs)
 
     def run(tensor: TensorPlan, task: SliceTask) -> tuple[np.ndarray, int]:
         x = reader.read(task.source)

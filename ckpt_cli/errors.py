@@ -40,3 +40,7 @@ class RemoteError(CkptError):
 
 class VerificationFailed(CkptError):
     """verify-logits ran, and the models disagree beyond the tolerance."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C or SIGTERM after which something was kept for the user (the message says what)."""

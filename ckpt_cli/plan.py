@@ -314,3 +314,8 @@ def build_to_hf(family: Family, hf_config: dict, scan_layers: bool, dtype: np.dt
     tensors.sort(key=lambda x: x.target)
     return ConversionPlan(TO_HF, family.name, scan_layers, np.dtype(dtype), tuple(tensors), dict(hf_config),
                           forward.dims, forward.notes, forward.features)
+
+
+def write_key(target: str, index: tuple) -> tuple:
+    """A hashable, JSON-able name of one target slice write (slices are not hashable before Python 3.12)."""
+    return (target, tuple((i.start, i.stop, i.step) if isinstance(i, slice) else i for i in index))

@@ -109,7 +109,7 @@ def test_writeback_skips_vanished_files(tmp_path):
     wb = Writeback()
     wb.persist([str(kept), str(tmp_path / "missing")])
     wb.close()
-    assert wb.synced == {str(kept)} and not wb._thread.is_alive()
+    assert set(wb.synced) == {str(kept)} and not wb._thread.is_alive()
 
 
 def test_writeback_cancel_finishes_the_current_file_and_skips_the_queue(tmp_path, monkeypatch):
@@ -137,7 +137,7 @@ def test_writeback_cancel_finishes_the_current_file_and_skips_the_queue(tmp_path
         pass
     gate.set()
     closer.join(10)
-    assert not closer.is_alive() and wb.synced == {str(files[0])}
+    assert not closer.is_alive() and set(wb.synced) == {str(files[0])}
 
 
 def test_new_files_reports_renamed_and_replaced_files_and_new_directories(tmp_path):
@@ -178,5 +178,5 @@ def test_chunk_files_of_arrays_without_ocdbt_are_made_durable_early(tmp_path, sm
     writer.writeback.close()
     items = partial_dir(tmp_path / "ckpt") / "0" / "items"
     chunks = {os.path.join(d, f) for d, _, files in os.walk(items) for f in files if f not in ("zarr.json", ".zarray")}
-    assert chunks and chunks <= writer.writeback.synced
+    assert chunks and chunks <= set(writer.writeback.synced)
     writer.abort()

@@ -240,3 +240,32 @@ def test_cli_subprocess_against_the_fake_hub(hub, tmp_path):
     assert r.returncode == 0, r.stderr
     data = json.loads(r.stdout)
     assert data["kind"] == "hf-remote" and data["totals"]["tensors"] == 25
+
+
+def test_resume_from_a_repo_downloads_only_what_is_left(hub, hf_models, tmp_path, monkeypatch):
+    from ckpt_cli.errors import Interrupted
+    from ckpt_cli.io import orbax as orbax_io
+
+    src = hf_models("qwen3", "bfloat16", sharded=True)
+    sizes = {f.name: f.stat().st_size for f in src.glob("*.safetensors")}
+    monkeypatch.setattr(orbax_io, "BATCH_BYTES", 2048)
+    monkeypatch.setattr(orbax_io, "SNAPSHOT_BYTES", 8192)
+    out = tmp_path / "mt"
+    total = hf_to_maxtext(str(src), tmp_path / "local", ToMaxTextOptions()).stats.tasks
+    real, calls = orbax_io.OrbaxWriter.write, {"n": 0}
+
+    def write(self, path, index, array):
+        calls["n"] += 1
+        if calls["n"] == total * 2 // 3:
+            raise KeyboardInterrupt
+        return real(self, path, index, array)
+
+    monkeypatch.setattr(orbax_io.OrbaxWriter, "write", write)
+    bound = sum(sorted(sizes.values())[-2:]) + stream.DIR_OVERHEAD
+    with pytest.raises(Interrupted):
+        hf_to_maxtext(REPO, out, ToMaxTextOptions(max_disk=bound))
+    monkeypatch.setattr(orbax_io.OrbaxWriter, "write", real)
+    result = hf_to_maxtext(REPO, out, ToMaxTextOptions(max_disk=bound, resume=True))
+    assert result.stats.extra["resumed_tasks"] > 0
+    assert result.stats.extra["download"]["downloaded_bytes"] < sum(sizes.values())   # finished shards skipped
+    same_checkpoints(tmp_path / "local", out)

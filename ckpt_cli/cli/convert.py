@@ -36,6 +36,7 @@ def hf_to_maxtext(
     workers: O.WorkersOpt = 2,
     mtp: O.MtpOpt = False,
     max_disk: O.MaxDiskOpt = None,
+    resume: O.ResumeOpt = False,
     overwrite: O.OverwriteOpt = False,
     show_tensors: O.ShowTensorsOpt = False,
     json_out: O.JsonOpt = False,
@@ -45,6 +46,8 @@ def hf_to_maxtext(
 
     A hub repo is not downloaded first: its shards are fetched while converting, in the order read.
     --max-disk bounds the local space they take (each shard is deleted once converted).
+    Interrupted (Ctrl-C, SIGTERM) after its first progress snapshot, a run keeps OUT.partial;
+    the same command with --resume finishes it.
 
     Examples:
 
@@ -65,7 +68,8 @@ def hf_to_maxtext(
     opts = convert.ToMaxTextOptions(
         model=model, scan_layers=scan, dtype=dtype, load_method=load_method, revision=revision,
         storage=StorageOptions(use_ocdbt=ocdbt, use_zarr3=zarr3, compression=compression),
-        overwrite=overwrite, workers=workers, mtp=mtp, max_disk=parse_size(max_disk) if max_disk else None)
+        overwrite=overwrite, workers=workers, mtp=mtp, max_disk=parse_size(max_disk) if max_disk else None,
+        resume=resume)
 
     with outp.bytes_progress("hf → maxtext") as progress:
         result = convert.hf_to_maxtext(source, Path(out), opts, progress=progress,

@@ -61,9 +61,10 @@ def guarded(fn: Callable) -> Callable:
                 raise
             err.print(Text.assemble(("error: ", "bold red"), str(exc)), soft_wrap=True)
             raise typer.Exit(exit_code(exc)) from None
-        except KeyboardInterrupt:
-            err.print("[bold red]interrupted:[/bold red] nothing was published; partial output removed",
-                      highlight=False)
+        except KeyboardInterrupt as exc:
+            kept = str(exc) if isinstance(exc, E.Interrupted) else "partial output removed"
+            err.print(Text.assemble(("interrupted: ", "bold red"), f"nothing was published; {kept}"),
+                      soft_wrap=True)
             raise typer.Exit(INTERRUPTED) from None
         finally:
             if previous is not None:

@@ -18,6 +18,9 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print the result as JSON 
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing but errors.")]
 ShowTensorsOpt = Annotated[bool, typer.Option("--show-tensors", help="Print the per-tensor table.")]
 OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace a non-empty output directory.")]
+ResumeOpt = Annotated[bool, typer.Option(
+    "--resume", help="Finish an interrupted run of the same conversion from what it left in OUT.partial (its "
+                     "progress is saved every GB); without it, OUT.partial is removed and the run starts afresh.")]
 OcdbtOpt = Annotated[bool, typer.Option("--ocdbt/--no-ocdbt", help="Store arrays in one OCDBT key-value store.")]
 Zarr3Opt = Annotated[bool, typer.Option("--zarr3/--no-zarr3", help="zarr v3 arrays (else zarr v2).")]
 CompressionOpt = Annotated[str, typer.Option("--compression", help="Chunk compression: zstd or none.")]

@@ -25,9 +25,12 @@ from ckpt_cli.dtypes import dtype_name
 from ckpt_cli.errors import OutputError, SourceError
 from ckpt_cli.io.durable import fsync_path, fsync_tree
 from ckpt_cli.io.writeback import NewFiles, Writeback
+from ckpt_cli.plan import write_key
 
 HANDLER = "orbax.checkpoint._src.handlers.pytree_checkpoint_handler.PyTreeCheckpointHandler"
 ROOT_KEYS = ("params", "params")
+PROGRESS = "ckpt-progress.json"     # in OUT.partial: what an interrupted run had made durable (--resume)
+SNAPSHOT_BYTES = 1 << 30            # committed bytes between two progress snapshots
 BATCH_BYTES = 64 * 1024 * 1024
 MAX_PENDING_COMMITS = 1   # commits in flight while the next batch is staged
 
@@ -62,8 +65,9 @@ def kvstore_spec(items_dir: Path, name: str, opts: StorageOptions) -> dict:
 
 
 def array_spec(items_dir: Path, name: str, shape: tuple[int, ...], dtype: np.dtype, chunk: tuple[int, ...],
-               opts: StorageOptions, manifest: dict | None = None) -> dict:
-    """A tensorstore spec creating one zarr3/zarr array (`manifest`: where OCDBT keeps its manifest)."""
+               opts: StorageOptions, manifest: dict | None = None, create: bool = True) -> dict:
+    """A tensorstore spec creating one zarr3/zarr array (`manifest`: where OCDBT keeps its manifest;
+    `create=False` opens an existing one, checking that its metadata is the same)."""
     kv = kvstore_spec(items_dir, name, opts)
     if manifest is not None and opts.use_ocdbt:
         kv["manifest"] = manifest
@@ -74,12 +78,12 @@ def array_spec(items_dir: Path, name: str, shape: tuple[int, ...], dtype: np.dty
         metadata = {"shape": list(shape), "data_type": dtype_name(dtype), "fill_value": 0,
                     "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": list(chunk)}},
                     "codecs": codecs}
-        return {"driver": "zarr3", "kvstore": kv, "metadata": metadata, "create": True,
+        return {"driver": "zarr3", "kvstore": kv, "metadata": metadata, "create": create, "open": not create,
                 "store_data_equal_to_fill_value": True}
     compressor = {"id": "zstd", "level": opts.zstd_level} if opts.compression == "zstd" else None
     metadata = {"shape": list(shape), "chunks": list(chunk), "dtype": _zarr2_dtype(dtype),
                 "compressor": compressor, "fill_value": None}
-    return {"driver": "zarr", "kvstore": kv, "metadata": metadata, "create": True,
+    return {"driver": "zarr", "kvstore": kv, "metadata": metadata, "create": create, "open": not create,
             "store_data_equal_to_fill_value": True}
 
 
@@ -115,29 +119,42 @@ class OrbaxWriter:
     are freed inside the commit, and on filesystems mounted with online `discard` (common on cloud VMs)
     that free waits for a synchronous discard queued behind all pending writes. Measured here, commits
     stalled for up to a second with every thread idle. The data files are written to disk as usual.
+
+    Resumable runs (`progress_key` given): every `SNAPSHOT_BYTES` committed, the manifest and the list
+    of committed slice writes (`PROGRESS`, tagged with the key) are written to `OUT.partial`, after the
+    data files they refer to are durable. `resume=True` reopens such a partial output when its key
+    matches, and `done` then names the writes already there; otherwise the run starts afresh.
     """
 
-    def __init__(self, out: Path, opts: StorageOptions, overwrite: bool = False):
+    def __init__(self, out: Path, opts: StorageOptions, overwrite: bool = False, progress_key: str | None = None,
+                 resume: bool = False):
         self.out = Path(out)
         self.opts = opts
         if self.out.exists() and any(self.out.iterdir()) and not overwrite:
             raise OutputError(f"{self.out} exists and is not empty (use --overwrite to replace it)")
         self.tmp = partial_dir(self.out)
-        if self.tmp.exists():
-            shutil.rmtree(self.tmp)
         self.items = self.tmp / "0" / "items"
-        try:
-            self.items.mkdir(parents=True)
-        except OSError as exc:
-            raise OutputError(f"cannot create {self.items}: {exc.strerror}") from None
+        self.progress_key = progress_key
         self.context = _context()
         self.manifest = {"driver": "memory", "path": f"ckpt-manifest-{id(self)}/"}
+        self.done: set[tuple] = set()
+        self.resumed = resume and self._reopen()
+        if not self.resumed:
+            if self.tmp.exists():
+                shutil.rmtree(self.tmp)
+            try:
+                self.items.mkdir(parents=True)
+            except OSError as exc:
+                raise OutputError(f"cannot create {self.items}: {exc.strerror}") from None
+        self.committed: list[tuple] = []     # writes committed since the run began, in order
+        self.txn_keys: list[tuple] = []
+        self.since_snapshot = 0
         self.arrays: dict[str, ts.TensorStore] = {}
         self.opening: dict[str, ts.Future] = {}
         self.create_txn: ts.Transaction | None = None
         self.txn: ts.Transaction | None = None
         self.txn_bytes = 0
-        self.pending: deque[tuple[ts.Future, int]] = deque()
+        self.pending: deque[tuple[ts.Future, int, list[tuple]]] = deque()
         self.init_ns = time.time_ns()
         self.new_files = NewFiles(self.items)
         self.writeback = Writeback()
@@ -145,18 +162,23 @@ class OrbaxWriter:
     def create(self, path: str, shape: tuple[int, ...], dtype: np.dtype, chunk: tuple[int, ...]) -> None:
         """Start creating one leaf array (metadata only). Creations run concurrently until the first write,
         in one transaction, so all their metadata lands in one commit."""
+        spec = array_spec(self.items, param_name(path), shape, dtype, chunk, self.opts, self.manifest,
+                          create=not self.resumed)
+        if self.resumed:                # the arrays exist already (created in the interrupted run's first commit)
+            self.opening[path] = ts.open(spec, context=self.context)
+            return
         if self.create_txn is None:
             self.create_txn = ts.Transaction()
-        spec = array_spec(self.items, param_name(path), shape, dtype, chunk, self.opts, self.manifest)
         self.opening[path] = ts.open(spec, context=self.context, transaction=self.create_txn)
 
     def _array(self, path: str) -> ts.TensorStore:
         if self.opening:
             for p, future in self.opening.items():
-                self.arrays[p] = _result(future, f"creating {p}")
+                self.arrays[p] = _result(future, f"{'opening' if self.resumed else 'creating'} {p}")
             self.opening.clear()
-            _result(self.create_txn.commit_async(), "creating arrays")
-            self.create_txn = None
+            if self.create_txn is not None:
+                _result(self.create_txn.commit_async(), "creating arrays")
+                self.create_txn = None
             self.arrays = {p: a.with_transaction(None) for p, a in self.arrays.items()}
         return self.arrays[path]
 
@@ -167,26 +189,53 @@ class OrbaxWriter:
         _result(self._array(path).with_transaction(self.txn)[index].write(
             array, can_reference_source_data_indefinitely=True), f"writing {path}")
         self.txn_bytes += array.nbytes
+        self.txn_keys.append(write_key(path, index))
         if self.txn_bytes >= BATCH_BYTES:
             self._commit()
         return self.pending_bytes
 
     @property
     def pending_bytes(self) -> int:
-        return self.txn_bytes + sum(n for _, n in self.pending)
+        return self.txn_bytes + sum(n for _, n, _ in self.pending)
 
     def _commit(self) -> None:
         if self.txn is None:
             return
         while len(self.pending) >= MAX_PENDING_COMMITS:
             self._wait_oldest()
-        self.pending.append((self.txn.commit_async(), self.txn_bytes))
-        self.txn, self.txn_bytes = None, 0
+        self.pending.append((self.txn.commit_async(), self.txn_bytes, self.txn_keys))
+        self.txn, self.txn_bytes, self.txn_keys = None, 0, []
 
     def _wait_oldest(self) -> None:
-        future, _ = self.pending.popleft()
+        future, nbytes, keys = self.pending.popleft()
         _result(future, "committing writes")
+        self.committed += keys
+        self.since_snapshot += nbytes
         self._start_writeback()
+        if self.progress_key is not None and self.since_snapshot >= SNAPSHOT_BYTES:
+            self._snapshot()
+
+    def _snapshot(self) -> None:
+        """Queue the manifest and the list of committed writes behind the data files they refer to."""
+        self.since_snapshot = 0
+        progress = {"key": self.progress_key, "done": [*self.done, *self.committed]}
+        files = {}
+        if self.opts.use_ocdbt:
+            files["manifest.ocdbt"] = self._manifest_bytes()
+        self.writeback.snapshot(self.items, files)
+        self.writeback.snapshot(self.tmp, {PROGRESS: json.dumps(progress).encode()})
+
+    def _reopen(self) -> bool:
+        """Take up an interrupted run's OUT.partial if its progress snapshot has our key."""
+        done = read_progress(self.out, self.progress_key, self.opts)
+        if done is None:
+            return False
+        if self.opts.use_ocdbt:
+            store = _result(ts.KvStore.open(self.manifest, context=self.context), "reading the OCDBT manifest")
+            _result(store.write("manifest.ocdbt", (self.items / "manifest.ocdbt").read_bytes()),
+                    "reading the OCDBT manifest")
+        self.done = done
+        return True
 
     def _start_writeback(self) -> None:
         """Hand the newly committed data files to the writeback thread, which makes them durable now."""
@@ -203,14 +252,17 @@ class OrbaxWriter:
     def finalize(self, custom_metadata: dict) -> None:
         """Write the step scalar, Orbax metadata and completion markers, fsync, and publish by rename."""
         self.flush()
-        step = _result(ts.open(array_spec(self.items, "step", (), np.dtype(np.int64), (), self.opts, self.manifest),
-                               context=self.context), "writing step")
+        spec = array_spec(self.items, "step", (), np.dtype(np.int64), (), self.opts, self.manifest)
+        spec["open"] = True         # a resumed run may find it from an interrupted finalize
+        step = _result(ts.open(spec, context=self.context), "writing step")
         _result(step.write(np.int64(0)), "writing step")
+        self.new_files.close()
+        self.writeback.close()          # first: a queued progress snapshot would overwrite the final manifest
         if self.opts.use_ocdbt:
             self._write_manifest()
         _write_json(self.items / "_METADATA", tree_metadata(self.arrays, self.opts))
-        self.new_files.close()
-        self.writeback.close()
+        for leftover in (PROGRESS, f"{PROGRESS}.ckpt-tmp", "0/items/manifest.ocdbt.ckpt-tmp"):
+            (self.tmp / leftover).unlink(missing_ok=True)
         fsync_tree(self.tmp, synced=self.writeback.synced)
         (self.items / "commit_success.txt").write_text("Checkpoint commit was successful.")
         step_dir = self.tmp / "0"
@@ -225,24 +277,29 @@ class OrbaxWriter:
         os.replace(self.tmp, self.out)
         fsync_path(self.out.parent)
 
-    def _write_manifest(self) -> None:
-        """Copy the in-memory OCDBT manifest to `items/manifest.ocdbt` (fsynced with the tree)."""
+    def _manifest_bytes(self) -> bytes:
         store = _result(ts.KvStore.open(self.manifest, context=self.context), "reading the OCDBT manifest")
-        data = _result(store.read("manifest.ocdbt"), "reading the OCDBT manifest").value
+        data = bytes(_result(store.read("manifest.ocdbt"), "reading the OCDBT manifest").value)
         if not data:
             raise OutputError("the OCDBT manifest was not written")
+        return data
+
+    def _write_manifest(self) -> None:
+        """Copy the in-memory OCDBT manifest to `items/manifest.ocdbt` (fsynced with the tree)."""
+        data = self._manifest_bytes()
         try:
-            (self.items / "manifest.ocdbt").write_bytes(bytes(data))
+            (self.items / "manifest.ocdbt").write_bytes(data)
         except OSError as exc:
             raise OutputError(f"cannot write {self.items / 'manifest.ocdbt'}: {exc.strerror}") from None
 
-    def abort(self) -> None:
-        """Drop everything written so far (interrupt or error): no partial output survives."""
+    def abort(self, keep: bool = False) -> bool:
+        """Drop everything written so far (interrupt or error): no partial output survives, unless `keep`
+        and it has a progress snapshot, which `--resume` takes up. Returns whether OUT.partial was kept."""
         for txn in (self.txn, self.create_txn):
             if txn is not None and txn.open:
                 txn.abort()
         self.txn = self.create_txn = None
-        for future, _ in self.pending:     # commits in flight would recreate files after the removal
+        for future, _, _ in self.pending:     # commits in flight would recreate files after the removal
             try:
                 future.result()
             except Exception:  # noqa: BLE001 - already failing; the removal below is what matters
@@ -250,7 +307,29 @@ class OrbaxWriter:
         self.pending.clear()
         self.new_files.close()
         self.writeback.close(cancel=True)
+        if keep and self.progress_key is not None and (self.tmp / PROGRESS).is_file():
+            return True
         shutil.rmtree(self.tmp, ignore_errors=True)
+        return False
+
+
+def read_progress(out: Path, key: str | None, opts: StorageOptions) -> set[tuple] | None:
+    """The writes an interrupted run left durable in OUT.partial, if its snapshot has this key; else None."""
+    tmp = partial_dir(Path(out))
+    try:
+        progress = json.loads((tmp / PROGRESS).read_text())
+        has_manifest = (tmp / "0" / "items" / "manifest.ocdbt").stat().st_size > 0 if opts.use_ocdbt else True
+    except (OSError, ValueError):
+        return None
+    if key is None or progress.get("key") != key or not has_manifest:
+        return None
+    return {_as_key(k) for k in progress["done"]}
+
+
+def _as_key(key: list) -> tuple:
+    """A write key read back from JSON (lists where write_key had tuples)."""
+    target, index = key
+    return (target, tuple(tuple(i) if isinstance(i, list) else i for i in index))
 
 
 def _result(future, what: str):

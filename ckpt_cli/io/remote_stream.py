@@ -25,6 +25,7 @@ from ckpt_cli.errors import OutputError, RemoteError
 from ckpt_cli.io.remote import RemoteRepo, hub_errors
 from ckpt_cli.io.safetensors import SafetensorsFolder, read_range
 from ckpt_cli.io.tokenizer import TOKENIZER_PATTERNS
+from ckpt_cli.plan import write_key
 
 DIR_OVERHEAD = 16 * 1024   # download bookkeeping files (hub metadata, locks) counted against --max-disk
 # Small files fetched whole for a conversion (configs, tokenizer), never the shards.
@@ -73,7 +74,7 @@ class ShardStream:
     beside the shards still in use, and deleted when the last task that reads it has been written.
     """
 
-    def __init__(self, folder: RemoteFolder, plan, reader, max_disk: int | None = None):
+    def __init__(self, folder: RemoteFolder, plan, reader, max_disk: int | None = None, skip=frozenset()):
         self.folder = folder
         self.repo = folder.repo
         self.max_disk = max_disk
@@ -85,9 +86,11 @@ class ShardStream:
         self.task_shards: dict[tuple, tuple[str, ...]] = {}
         group = 0
         for tensor, task in jobs:
+            if write_key(tensor.target, tensor.target_index(task)) in skip:
+                continue                           # written by the interrupted run this one resumes
             names = [task.source.name, *consumed(task.source.name)]
             shards = tuple(dict.fromkeys(folder.info(n).file.name for n in names))
-            self.task_shards[_write_key(tensor.target, tensor.target_index(task))] = shards
+            self.task_shards[write_key(tensor.target, tensor.target_index(task))] = shards
             group = max(group, sum(self.repo.sizes[s] for s in shards))
             for s in shards:
                 if s not in self.pending:
@@ -254,7 +257,7 @@ class _TrackingWriter:
 
     def write(self, target: str, index: tuple, array: np.ndarray) -> int:
         result = self._writer.write(target, index, array)
-        self._stream.written(_write_key(target, index))
+        self._stream.written(write_key(target, index))
         return result
 
     def flush(self) -> None:
@@ -268,11 +271,6 @@ def _mapped(exc: BaseException, repo: RemoteRepo) -> BaseException:
             raise exc
     except BaseException as mapped:  # noqa: BLE001
         return mapped
-
-
-def _write_key(target: str, index: tuple) -> tuple:
-    """A hashable form of a target slice index (slices are not hashable before Python 3.12)."""
-    return (target, tuple((i.start, i.stop, i.step) if isinstance(i, slice) else i for i in index))
 
 
 def tree_bytes(path: Path) -> int:

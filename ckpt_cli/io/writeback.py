@@ -19,23 +19,32 @@ import threading
 from collections.abc import Iterable
 from pathlib import Path
 
+from ckpt_cli.io.durable import fsync_path, replace_durably
+
 
 class Writeback:
     """A daemon thread that persists files in order; `close` finishes the queue and stops it.
 
-    `synced` holds the files made durable so far (the final fsync of the tree can skip them).
+    `synced` maps the files made durable so far to their (inode, mtime) then: the final fsync of the
+    tree skips them unless they changed. Jobs run in order, so a `snapshot` queued after `persist`
+    lands only once the files persisted before it are durable.
     """
 
     def __init__(self) -> None:
-        self.synced: set[str] = set()
+        self.synced: dict[str, tuple[int, int]] = {}
+        self.snapshots = 0
         self._cancelled = False
-        self._jobs: queue.Queue[list[str] | None] = queue.Queue()
+        self._jobs: queue.Queue[tuple[str, object] | None] = queue.Queue()
         self._thread = threading.Thread(target=self._run, name="ckpt-writeback", daemon=True)
         self._thread.start()
 
     def persist(self, paths: Iterable[str]) -> None:
         """fsync these files, then drop their pages from the page cache (best effort)."""
-        self._jobs.put(list(paths))
+        self._jobs.put(("persist", list(paths)))
+
+    def snapshot(self, directory: Path, files: dict[str, bytes]) -> None:
+        """Replace these small files in `directory` durably, in the given order (each one atomic)."""
+        self._jobs.put(("snapshot", (Path(directory), dict(files))))
 
     def close(self, cancel: bool = False) -> None:
         """Wait for the queued files (or, with `cancel`, only for the one being synced) and stop."""
@@ -45,23 +54,36 @@ class Writeback:
             self._thread.join()
 
     def _run(self) -> None:
-        while (paths := self._jobs.get()) is not None:
-            for path in paths:
-                if not self._cancelled and _persist(path):
-                    self.synced.add(path)
+        while (job := self._jobs.get()) is not None:
+            kind, arg = job
+            if kind == "persist":
+                for path in arg:
+                    if not self._cancelled and (version := _persist(path)) is not None:
+                        self.synced[path] = version
+            elif not self._cancelled:
+                directory, files = arg
+                try:
+                    for name, data in files.items():
+                        replace_durably(directory / name, data)
+                    fsync_path(directory)
+                    self.snapshots += 1
+                except OSError:
+                    pass        # a snapshot is an optimisation for --resume; the conversion goes on
 
 
-def _persist(path: str) -> bool:
+def _persist(path: str) -> tuple[int, int] | None:
+    """fsync one file and drop its pages; its (inode, mtime) as synced, None if that failed."""
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:
-        return False
+        return None
     try:
+        st = os.fstat(fd)
         os.fsync(fd)
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        return True
+        return st.st_ino, st.st_mtime_ns
     except OSError:
-        return False
+        return None
     finally:
         os.close(fd)
 
