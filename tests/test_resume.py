@@ -36,6 +36,15 @@ def interrupt_after(monkeypatch, writes: int) -> None:
     monkeypatch.setattr(OrbaxWriter, "write", write)
 
 
+def interrupted(src, out, monkeypatch, writes: int = 12, **options) -> None:
+    """Run a conversion that Ctrl-C stops at its `writes`-th slice write, after a progress snapshot."""
+    with monkeypatch.context() as m:
+        interrupt_after(m, writes)
+        with pytest.raises(Interrupted, match="--resume"):
+            hf_to_maxtext(str(src), out, ToMaxTextOptions(**options))
+    assert (partial_dir(out) / PROGRESS).is_file()
+
+
 def leaves(out) -> dict[str, np.ndarray]:
     tree = ocp.PyTreeCheckpointer().restore(str(out / "0" / "items"))
     flat: dict[str, np.ndarray] = {}
@@ -65,11 +74,8 @@ def test_interrupted_run_is_finished_by_resume_with_identical_arrays(hf_models, 
     clean = tmp_path / "clean"
     total = hf_to_maxtext(str(src), clean, ToMaxTextOptions(scan_layers=scan)).stats.tasks
     out = tmp_path / "mt"
-    with monkeypatch.context() as m:
-        interrupt_after(m, total * 2 // 3)
-        with pytest.raises(Interrupted, match="--resume"):
-            hf_to_maxtext(str(src), out, ToMaxTextOptions(scan_layers=scan))
-    assert not out.exists() and (partial_dir(out) / PROGRESS).is_file()
+    interrupted(src, out, monkeypatch, total * 2 // 3, scan_layers=scan)
+    assert not out.exists()
     assert not (partial_dir(out) / "0" / "commit_success.txt").exists()      # nothing looks complete
     done = len(json.loads((partial_dir(out) / PROGRESS).read_text())["done"])
     assert 0 < done < total
@@ -85,10 +91,7 @@ def test_interrupted_run_is_finished_by_resume_with_identical_arrays(hf_models, 
 def test_resume_of_a_different_conversion_starts_afresh(hf_models, tmp_path, monkeypatch, snapshots_often):
     src = hf_models("qwen3", "bfloat16", sharded=True)
     out = tmp_path / "mt"
-    with monkeypatch.context() as m:
-        interrupt_after(m, 12)
-        with pytest.raises(Interrupted):
-            hf_to_maxtext(str(src), out, ToMaxTextOptions(dtype="bf16"))
+    interrupted(src, out, monkeypatch, dtype="bf16")
     result = hf_to_maxtext(str(src), out, ToMaxTextOptions(dtype="f32", resume=True))
     assert "resumed_tasks" not in result.stats.extra
     assert any("no interrupted run of this conversion" in n for n in result.notes)
@@ -100,10 +103,7 @@ def test_resume_of_a_different_conversion_starts_afresh(hf_models, tmp_path, mon
 def test_without_resume_the_partial_output_is_removed(hf_models, tmp_path, monkeypatch, snapshots_often):
     src = hf_models("qwen3", "bfloat16", sharded=True)
     out = tmp_path / "mt"
-    with monkeypatch.context() as m:
-        interrupt_after(m, 12)
-        with pytest.raises(Interrupted):
-            hf_to_maxtext(str(src), out, ToMaxTextOptions())
+    interrupted(src, out, monkeypatch)
     result = hf_to_maxtext(str(src), out, ToMaxTextOptions())
     assert "resumed_tasks" not in result.stats.extra
     assert any("--resume to take it up" in n for n in result.notes)
