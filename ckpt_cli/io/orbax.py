@@ -149,6 +149,7 @@ class OrbaxWriter:
         self.committed: list[tuple] = []     # writes committed since the run began, in order
         self.txn_keys: list[tuple] = []
         self.since_snapshot = 0
+        self.snapshots_queued = 0
         self.arrays: dict[str, ts.TensorStore] = {}
         self.opening: dict[str, ts.Future] = {}
         self.create_txn: ts.Transaction | None = None
@@ -218,6 +219,7 @@ class OrbaxWriter:
     def _snapshot(self) -> None:
         """Queue the manifest and the list of committed writes behind the data files they refer to."""
         self.since_snapshot = 0
+        self.snapshots_queued += 1
         progress = {"key": self.progress_key, "done": [*self.done, *self.committed]}
         files = {}
         if self.opts.use_ocdbt:
@@ -306,7 +308,9 @@ class OrbaxWriter:
                 pass
         self.pending.clear()
         self.new_files.close()
-        self.writeback.close(cancel=True)
+        # A queued snapshot is what --resume will need: let the writeback thread finish it (and the fsyncs
+        # before it, at most a few batches); otherwise drop its queue.
+        self.writeback.close(cancel=not (keep and self.snapshots_queued))
         if keep and self.progress_key is not None and (self.tmp / PROGRESS).is_file():
             return True
         shutil.rmtree(self.tmp, ignore_errors=True)
