@@ -210,6 +210,10 @@ class StreamedModel:
             model.lm_head.weight = model.get_input_embeddings().weight
         self._rebuild_buffers(model, config)
         self.layer_keys = [list(layer.state_dict()) for layer in layers]
+        unstored = [k for k in self.layer_keys[0] if f"{LAYERS_PREFIX}0.{k}" not in self.files]
+        if unstored:   # e.g. transformers 5 fuses MoE experts (experts.gate_up_proj); the files keep them per expert
+            raise CkptError(f"cannot stream {type(model).__name__}: transformers holds {LAYERS_PREFIX}0.{unstored[0]}, "
+                            "which the weight files store differently; use --hf-load full, or --golden")
         for i, layer in enumerate(layers):
             layer.register_forward_pre_hook(self._loader(i))
             layer.register_forward_hook(self._dropper())
