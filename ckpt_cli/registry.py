@@ -1,6 +1,6 @@
 """MaxText model names: family, default Hugging Face repo and reference hyperparameters.
 
-Reference values follow maxtext-layout.md (§2, §5.1, §6.1). `reference_config` turns an entry into
+Reference values follow maxtext-layout.md (§2, §5.1, §6.1, §7.1, §8.1). `reference_config` turns an entry into
 an HF-style config.json dict, so `plan`/`inspect` can price and show real models without any data.
 """
 
@@ -25,6 +25,19 @@ def _qwen3(name: str, repo: str, e: int, n: int, f: int, layers: int, tied: bool
         "num_key_value_heads": 8, "head_dim": 128, "intermediate_size": f, "num_hidden_layers": layers,
         "vocab_size": 151936, "tie_word_embeddings": tied, "rms_norm_eps": 1e-6, "rope_theta": theta,
         "hidden_act": "silu", "attention_bias": False, "max_position_embeddings": 40960, "torch_dtype": "bfloat16",
+    })
+
+
+def _qwen3_moe(name: str, repo: str, e: int, n: int, k: int, m: int, layers: int, experts: int, theta: float,
+               intermediate: int, max_positions: int) -> ModelSpec:
+    return ModelSpec(name, "qwen3_moe", repo, {
+        "architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe", "hidden_size": e,
+        "num_attention_heads": n, "num_key_value_heads": k, "head_dim": 128, "intermediate_size": intermediate,
+        "moe_intermediate_size": m, "num_experts": experts, "num_experts_per_tok": 8, "norm_topk_prob": True,
+        "decoder_sparse_step": 1, "mlp_only_layers": [], "num_hidden_layers": layers, "vocab_size": 151936,
+        "tie_word_embeddings": False, "rms_norm_eps": 1e-6, "rope_theta": theta, "rope_scaling": None,
+        "hidden_act": "silu", "attention_bias": False, "use_sliding_window": False,
+        "max_position_embeddings": max_positions, "torch_dtype": "bfloat16",
     })
 
 
@@ -82,6 +95,12 @@ MODELS: dict[str, ModelSpec] = {m.name: m for m in (
     _qwen3("qwen3-8b", "Qwen/Qwen3-8B", 4096, 32, 12288, 36, False),
     _qwen3("qwen3-14b", "Qwen/Qwen3-14B", 5120, 40, 17408, 40, False),
     _qwen3("qwen3-32b", "Qwen/Qwen3-32B", 5120, 64, 25600, 64, False),
+    _qwen3_moe("qwen3-30b-a3b", "Qwen/Qwen3-30B-A3B-Thinking-2507", 2048, 32, 4, 768, 48, 128, 1e7, 6144, 262144),
+    _qwen3_moe("qwen3-30b-a3b-base", "Qwen/Qwen3-30B-A3B-Base", 2048, 32, 4, 768, 48, 128, 1e6, 6144, 32768),
+    _qwen3_moe("qwen3-235b-a22b", "Qwen/Qwen3-235B-A22B-Thinking-2507", 4096, 64, 4, 1536, 94, 128, 5e6, 12288,
+               262144),
+    _qwen3_moe("qwen3-480b-a35b", "Qwen/Qwen3-Coder-480B-A35B-Instruct", 6144, 96, 8, 2560, 62, 160, 1e7, 8192,
+               262144),
     _llama("llama3.1-8b", "meta-llama/Llama-3.1-8B", 4096, 32, 14336, 32),
     _llama("llama3.1-8b-Instruct", "meta-llama/Llama-3.1-8B-Instruct", 4096, 32, 14336, 32),
     _llama("llama3.1-70b", "meta-llama/Llama-3.1-70B", 8192, 64, 28672, 80),
@@ -118,6 +137,8 @@ def check_against(spec: ModelSpec, cfg: dict, keys: tuple[str, ...]) -> None:
         got = cfg.get(key)
         if key == "head_dim" and got is None and cfg.get("hidden_size") and cfg.get("num_attention_heads"):
             got = cfg["hidden_size"] // cfg["num_attention_heads"]
+        if key == "num_experts" and got is None:
+            got = cfg.get("num_local_experts")   # transformers 5 writes Qwen3-MoE's num_experts under this name
         if key == "tie_word_embeddings":
             want, got = bool(want), bool(got)
         if want is not None and got != want:

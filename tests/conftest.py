@@ -20,13 +20,18 @@ LLAMA_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "hig
 def make_hf_model(kind: str, dtype: str = "float32", seed: int = 0):
     """A tiny transformers model with every parameter distinct (norms included).
 
-    kind: qwen3, qwen3-tied, llama, llama-d24 (head_dim 24: 1/sqrt(D) is not a power of two).
+    kind: qwen3, qwen3-tied, llama, llama-d24 (head_dim 24: 1/sqrt(D) is not a power of two), qwen3-moe
+    (every layer MoE: 4 experts of width 32, top-2, renormalised top-k weights).
     """
     import torch
     import transformers as tf
 
     torch.manual_seed(seed)
-    if kind.startswith("qwen3"):
+    if kind == "qwen3-moe":
+        cfg = tf.Qwen3MoeConfig(**TINY, moe_intermediate_size=32, num_experts=4, num_experts_per_tok=2,
+                                norm_topk_prob=True, tie_word_embeddings=False, rope_theta=10000.0, rms_norm_eps=1e-6)
+        model = tf.Qwen3MoeForCausalLM(cfg)
+    elif kind.startswith("qwen3"):
         cfg = tf.Qwen3Config(**TINY, tie_word_embeddings=kind == "qwen3-tied", rope_theta=10000.0, rms_norm_eps=1e-6)
         model = tf.Qwen3ForCausalLM(cfg)
     elif kind in ("llama", "llama-d24"):

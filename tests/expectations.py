@@ -34,10 +34,17 @@ def expected_layer(hf: dict, cfg: dict, family: str, i: int) -> dict[str, np.nda
         "pre_self_attention_layer_norm/scale": _f32(hf[p + "input_layernorm.weight"]),
         "post_self_attention_layer_norm/scale": _f32(hf[p + "post_attention_layernorm.weight"]),
         "self_attention/value/kernel": v_mt, "self_attention/out/kernel": o_mt,
-        "mlp/wi_0/kernel": _f32(hf[p + "mlp.gate_proj.weight"]).T,
-        "mlp/wi_1/kernel": _f32(hf[p + "mlp.up_proj.weight"]).T,
-        "mlp/wo/kernel": _f32(hf[p + "mlp.down_proj.weight"]).T,
     }
+    if family == "qwen3_moe":
+        # §8.2: router (X,E) -> (E,X); expert x's gate/up (M,E) -> (E,M) and down (E,M) -> (M,E), stacked on axis 0
+        X = cfg.get("num_experts") or cfg["num_local_experts"]
+        out["moe_block/gate/kernel"] = _f32(hf[p + "mlp.gate.weight"]).T
+        for leaf, name in (("wi_0", "gate_proj"), ("wi_1", "up_proj"), ("wo", "down_proj")):
+            out[f"moe_block/{leaf}"] = np.stack([_f32(hf[p + f"mlp.experts.{x}.{name}.weight"]).T for x in range(X)])
+    else:
+        out["mlp/wi_0/kernel"] = _f32(hf[p + "mlp.gate_proj.weight"]).T
+        out["mlp/wi_1/kernel"] = _f32(hf[p + "mlp.up_proj.weight"]).T
+        out["mlp/wo/kernel"] = _f32(hf[p + "mlp.down_proj.weight"]).T
     if family == "llama":
         # new[..., 2j] = old[..., j]; new[..., 2j+1] = old[..., D/2 + j]
         perm = np.array([j // 2 if j % 2 == 0 else D // 2 + j // 2 for j in range(D)])
@@ -52,7 +59,10 @@ def expected_layer(hf: dict, cfg: dict, family: str, i: int) -> dict[str, np.nda
 
 
 def expected_tree(hf: dict, cfg: dict, family: str, scan: bool) -> dict[str, np.ndarray]:
-    """Every MaxText leaf path (under params/params, '/'-joined) -> expected float32 array."""
+    """Every MaxText leaf path (under params/params, '/'-joined) -> expected float32 array.
+
+    Scanned: the layer axis is inserted at index 1 of every per-layer leaf (experts keep axis 0).
+    """
     tree = {"token_embedder/embedding": _f32(hf["model.embed_tokens.weight"]),
             "decoder/decoder_norm/scale": _f32(hf["model.norm.weight"])}
     if not cfg.get("tie_word_embeddings"):

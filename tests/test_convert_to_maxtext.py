@@ -1,5 +1,5 @@
-"""HF -> MaxText for Qwen3 (tied, untied) and Llama 3.1: restored with Orbax's own API, checked leaf by leaf
-against expectations written from the layout spec."""
+"""HF -> MaxText for Qwen3 (tied, untied), Qwen3 MoE and Llama 3.1: restored with Orbax's own API, checked leaf by
+leaf against expectations written from the layout spec."""
 
 from __future__ import annotations
 
@@ -40,7 +40,12 @@ CASES = [
     ("llama", "float32", True, False, "bf16"),
     ("llama", "bfloat16", True, True, "bf16"),
     ("llama", "bfloat16", False, False, "f32"),
+    ("qwen3-moe", "float32", True, True, "f32"),
+    ("qwen3-moe", "float32", False, False, "f32"),
+    ("qwen3-moe", "bfloat16", True, False, "bf16"),
+    ("qwen3-moe", "bfloat16", False, True, "bf16"),
 ]
+FAMILY = {"llama": "llama", "qwen3-moe": "qwen3_moe"}   # the others: qwen3
 
 
 @pytest.mark.parametrize("kind,src_dtype,sharded,scan,dtype", CASES)
@@ -52,11 +57,17 @@ def test_converted_tree_matches_spec(hf_models, tmp_path, kind, src_dtype, shard
     assert int(restored["step"]) == 0
     assert restored["opt_state"] == {} or restored["opt_state"] is None
     got = flatten(restored["params"]["params"])
-    family = "llama" if kind == "llama" else "qwen3"
-    want = expected_tree(load_hf(src), read_config(src), family, scan)
+    want = expected_tree(load_hf(src), read_config(src), FAMILY.get(kind, "qwen3"), scan)
     assert set(got) == set(want)
     for path, expected in want.items():
         assert_bits_equal(got[path], cast(expected, dtype), path)
+    if kind == "qwen3-moe":
+        # §8.2 with X=4 experts, L=2, E=64, M=32: experts on axis 0, the layer axis (scanned) at 1
+        pre = "decoder/layers/moe_block/" if scan else "decoder/layers_1/moe_block/"
+        shapes = {"gate/kernel": (64, 2, 4), "wi_0": (4, 2, 64, 32), "wi_1": (4, 2, 64, 32), "wo": (4, 2, 32, 64)}
+        for leaf, shape in shapes.items():
+            assert got[pre + leaf].shape == (shape if scan else shape[:1] + shape[2:]), leaf
+        assert not any("/mlp/" in path for path in got)
 
 
 def test_step_metadata_and_provenance(hf_models, tmp_path):

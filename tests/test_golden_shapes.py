@@ -1,6 +1,8 @@
-"""The plan for real configs (no data) equals maxtext-layout.md Appendix A, scanned and unscanned."""
+"""The plan for real configs (no data) equals maxtext-layout.md Appendix A (and §8.2), scanned and unscanned."""
 
 from __future__ import annotations
+
+import math
 
 import pytest
 
@@ -43,11 +45,52 @@ LLAMA = {
     "token_embedder-embedding": (128256, 4096),
 }
 
+# Appendix A, Qwen3 MoE (§8.2): (E,L,X) router, experts (X,L,E,M) / (X,L,M,E); per size (E, N, K, X, M, L).
+QWEN3_MOE_SIZES = {"qwen3-30b-a3b": (2048, 32, 4, 128, 768, 48), "qwen3-235b-a22b": (4096, 64, 4, 128, 1536, 94),
+                   "qwen3-480b-a35b": (6144, 96, 8, 160, 2560, 62)}
+QWEN3_MOE = {
+    "decoder-decoder_norm-scale": {"qwen3-30b-a3b": (2048,), "qwen3-235b-a22b": (4096,), "qwen3-480b-a35b": (6144,)},
+    "decoder-layers-moe_block-gate-kernel": {"qwen3-30b-a3b": (2048, 48, 128), "qwen3-235b-a22b": (4096, 94, 128),
+                                             "qwen3-480b-a35b": (6144, 62, 160)},
+    "decoder-layers-moe_block-wi_0": {"qwen3-30b-a3b": (128, 48, 2048, 768), "qwen3-235b-a22b": (128, 94, 4096, 1536),
+                                      "qwen3-480b-a35b": (160, 62, 6144, 2560)},
+    "decoder-layers-moe_block-wi_1": {"qwen3-30b-a3b": (128, 48, 2048, 768), "qwen3-235b-a22b": (128, 94, 4096, 1536),
+                                      "qwen3-480b-a35b": (160, 62, 6144, 2560)},
+    "decoder-layers-moe_block-wo": {"qwen3-30b-a3b": (128, 48, 768, 2048), "qwen3-235b-a22b": (128, 94, 1536, 4096),
+                                    "qwen3-480b-a35b": (160, 62, 2560, 6144)},
+    "decoder-layers-post_self_attention_layer_norm-scale": {"qwen3-30b-a3b": (2048, 48),
+                                                            "qwen3-235b-a22b": (4096, 94),
+                                                            "qwen3-480b-a35b": (6144, 62)},
+    "decoder-layers-pre_self_attention_layer_norm-scale": {"qwen3-30b-a3b": (2048, 48), "qwen3-235b-a22b": (4096, 94),
+                                                           "qwen3-480b-a35b": (6144, 62)},
+    "decoder-layers-self_attention-key-kernel": {"qwen3-30b-a3b": (2048, 48, 4, 128),
+                                                 "qwen3-235b-a22b": (4096, 94, 4, 128),
+                                                 "qwen3-480b-a35b": (6144, 62, 8, 128)},
+    "decoder-layers-self_attention-key_norm-scale": {"qwen3-30b-a3b": (128, 48), "qwen3-235b-a22b": (128, 94),
+                                                     "qwen3-480b-a35b": (128, 62)},
+    "decoder-layers-self_attention-out-kernel": {"qwen3-30b-a3b": (32, 48, 128, 2048),
+                                                 "qwen3-235b-a22b": (64, 94, 128, 4096),
+                                                 "qwen3-480b-a35b": (96, 62, 128, 6144)},
+    "decoder-layers-self_attention-query-kernel": {"qwen3-30b-a3b": (2048, 48, 32, 128),
+                                                   "qwen3-235b-a22b": (4096, 94, 64, 128),
+                                                   "qwen3-480b-a35b": (6144, 62, 96, 128)},
+    "decoder-layers-self_attention-query_norm-scale": {"qwen3-30b-a3b": (128, 48), "qwen3-235b-a22b": (128, 94),
+                                                       "qwen3-480b-a35b": (128, 62)},
+    "decoder-layers-self_attention-value-kernel": {"qwen3-30b-a3b": (2048, 48, 4, 128),
+                                                   "qwen3-235b-a22b": (4096, 94, 4, 128),
+                                                   "qwen3-480b-a35b": (6144, 62, 8, 128)},
+    "decoder-logits_dense-kernel": {"qwen3-30b-a3b": (2048, 151936), "qwen3-235b-a22b": (4096, 151936),
+                                    "qwen3-480b-a35b": (6144, 151936)},
+    "token_embedder-embedding": {"qwen3-30b-a3b": (151936, 2048), "qwen3-235b-a22b": (151936, 4096),
+                                 "qwen3-480b-a35b": (151936, 6144)},
+}
+
 
 def golden(model: str) -> dict[str, tuple[int, ...]]:
     if model.startswith("llama"):
         return dict(LLAMA)
-    return {k: v[model] for k, v in QWEN3.items() if model in v}
+    table = QWEN3_MOE if model in QWEN3_MOE_SIZES else QWEN3
+    return {k: v[model] for k, v in table.items() if model in v}
 
 
 def unscanned(scanned: dict[str, tuple[int, ...]], layers: int) -> dict[str, tuple[int, ...]]:
@@ -68,7 +111,8 @@ def plan_shapes(model: str, scan: bool) -> dict[str, tuple[int, ...]]:
     return {t.target.replace("/", "-"): t.shape for t in plan.tensors}
 
 
-@pytest.mark.parametrize("model,layers", [("qwen3-0.6b", 28), ("qwen3-8b", 36), ("llama3.1-8b", 32)])
+@pytest.mark.parametrize("model,layers", [("qwen3-0.6b", 28), ("qwen3-8b", 36), ("llama3.1-8b", 32),
+                                          ("qwen3-30b-a3b", 48), ("qwen3-235b-a22b", 94), ("qwen3-480b-a35b", 62)])
 def test_plan_equals_appendix_a(model, layers):
     assert plan_shapes(model, True) == golden(model)
     assert plan_shapes(model, False) == unscanned(golden(model), layers)
@@ -80,3 +124,17 @@ def test_plan_reads_no_data_and_sizes_are_right():
     params = sum(int(__import__("math").prod(t.shape)) for t in plan.tensors)
     assert params == 596_049_920  # Qwen3-0.6B parameter count, tied head
     assert plan.output_bytes == 2 * params
+
+
+@pytest.mark.parametrize("model", ["qwen3-30b-a3b", "qwen3-30b-a3b-base"])
+def test_qwen3_moe_plan_is_section_8_2(model):
+    """§8.2 for the 30B-A3B sizes: every layer MoE, no dense MLP, experts on axis 0; 30.5B parameters."""
+    E, N, K, X, M, L = QWEN3_MOE_SIZES["qwen3-30b-a3b"]
+    scanned, flat = plan_shapes(model, True), plan_shapes(model, False)
+    assert scanned == golden("qwen3-30b-a3b")
+    assert not any("-mlp-" in key for key in scanned)
+    for i in (0, L - 1):
+        assert flat[f"decoder-layers_{i}-moe_block-gate-kernel"] == (E, X)
+        assert flat[f"decoder-layers_{i}-moe_block-wi_0"] == flat[f"decoder-layers_{i}-moe_block-wi_1"] == (X, E, M)
+        assert flat[f"decoder-layers_{i}-moe_block-wo"] == (X, M, E)
+    assert sum(math.prod(s) for s in scanned.values()) == 30_532_122_624   # Qwen3-30B-A3B: "30.5B in total"

@@ -1,8 +1,11 @@
 """Reference JAX forward pass of MaxText's decoder math over a MaxText parameter tree.
 
-Supports Qwen3 dense and Llama 3.1. Weights are read one decoder layer at a time through a
+Supports Qwen3 dense, Qwen3 MoE and Llama 3.1. Weights are read one decoder layer at a time through a
 :class:`ParamSource`, so peak memory is about one layer of weights plus activations (and the
-embedding / LM head). See ``maxtext-layout.md`` §1.2, §1.5, §5.4 and §6.4 for the conventions.
+embedding / LM head). See ``maxtext-layout.md`` §1.2, §1.5, §5.4, §6.4 and §8.3 for the conventions.
+Qwen3 MoE routes as transformers does (softmax over all experts in float32, top-k, renormalised when
+``norm_topk_prob``: with it, the same as MaxText's top-k of the logits then softmax over the k); only the
+experts a token is routed to are computed for it (the expert code is DeepSeek's, ``verify/deepseek.py``).
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-FAMILIES = ("qwen3", "llama3.1")
+FAMILIES = ("qwen3", "llama3.1", "qwen3_moe")
 _DTYPES = ("float32", "bfloat16")
 # Same convention as MaxText: a large finite negative value instead of -inf.
 _MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
@@ -27,6 +30,8 @@ _POST_NORM = "post_self_attention_layer_norm/scale"
 _Q, _K, _V, _O = (f"self_attention/{n}/kernel" for n in ("query", "key", "value", "out"))
 _Q_NORM, _K_NORM = "self_attention/query_norm/scale", "self_attention/key_norm/scale"
 _WI0, _WI1, _WO = "mlp/wi_0/kernel", "mlp/wi_1/kernel", "mlp/wo/kernel"
+_GATE = "moe_block/gate/kernel"
+_EXPERTS = _EXP_WI0, _EXP_WI1, _EXP_WO = "moe_block/wi_0", "moe_block/wi_1", "moe_block/wo"
 _EMBEDDING, _FINAL_NORM, _LM_HEAD = (
     "token_embedder/embedding",
     "decoder/decoder_norm/scale",
@@ -59,10 +64,20 @@ class ForwardConfig:
     rope_theta: float
     rope_scaling: dict | None
     tied: bool
+    # Qwen3 MoE only (0 elsewhere): routed experts, experts per token, per-expert width
+    num_experts: int = 0
+    experts_per_tok: int = 0
+    moe_dim: int = 0
+    norm_topk_prob: bool = False
 
     def __post_init__(self) -> None:
         if self.family not in FAMILIES:
             raise ValueError(f"unsupported family {self.family!r}; expected one of {FAMILIES}")
+        if self.family == "qwen3_moe":
+            if not 0 < self.experts_per_tok <= self.num_experts:
+                raise ValueError(f"num_experts_per_tok={self.experts_per_tok} must lie in [1, {self.num_experts}]")
+            if self.moe_dim <= 0:
+                raise ValueError(f"moe_intermediate_size must be positive, got {self.moe_dim}")
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"num_kv_heads={self.num_kv_heads} must divide num_heads={self.num_heads}")
         if self.head_dim % 2:
@@ -89,6 +104,17 @@ class ForwardConfig:
         else:
             raise ValueError(f"unsupported rope_type {rope_type!r}")
         heads = int(cfg["num_attention_heads"])
+        moe: dict[str, Any] = {}
+        if family == "qwen3_moe":
+            if int(cfg.get("decoder_sparse_step") or 1) != 1 or cfg.get("mlp_only_layers"):
+                raise ValueError("only configs with every layer MoE (decoder_sparse_step 1, no mlp_only_layers)")
+            experts = cfg.get("num_experts")
+            moe = dict(
+                num_experts=int(experts if experts is not None else cfg["num_local_experts"]),
+                experts_per_tok=int(cfg["num_experts_per_tok"]),
+                moe_dim=int(cfg["moe_intermediate_size"]),
+                norm_topk_prob=bool(cfg.get("norm_topk_prob", False)),  # transformers' default when absent
+            )
         return cls(
             family=family,
             num_layers=int(cfg["num_hidden_layers"]),
@@ -101,6 +127,7 @@ class ForwardConfig:
             rope_theta=theta,
             rope_scaling=scaling,
             tied=bool(cfg.get("tie_word_embeddings", False)),
+            **moe,
         )
 
 
@@ -141,22 +168,18 @@ def _rope(x: jax.Array, cos: jax.Array, sin: jax.Array, interleaved: bool) -> ja
     return out.astype(x.dtype)
 
 
-@partial(jax.jit, static_argnames=("eps", "qk_norm", "interleaved", "query_scale", "dtype"))
-def _decoder_layer(
+def _self_attention(
     x: jax.Array,
     w: dict[str, jax.Array],
     cos: jax.Array,
     sin: jax.Array,
-    *,
     eps: float,
     qk_norm: bool,
     interleaved: bool,
     query_scale: float,
-    dtype: str,
+    dt: jnp.dtype,
 ) -> jax.Array:
-    """One pre-norm decoder layer (GQA causal self-attention + SwiGLU MLP) on x (B,T,E)."""
-    dt = jnp.dtype(dtype)
-    w = {k: v.astype(dt) for k, v in w.items()}
+    """x + pre-norm GQA causal self-attention of x (B,T,E); ``w`` already in ``dt`` (traced inside a jit)."""
     h = _rms_norm(x, w[_PRE_NORM], eps, dt)
     q = jnp.einsum("bte,end->btnd", h, w[_Q])
     k = jnp.einsum("bte,ekd->btkd", h, w[_K])
@@ -174,11 +197,63 @@ def _decoder_layer(
     causal = jnp.tril(jnp.ones((t, t), dtype=bool))
     probs = jax.nn.softmax(jnp.where(causal, scores, _MASK_VALUE), axis=-1).astype(dt)
     attn = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, n, d)
-    x = x + jnp.einsum("btnd,nde->bte", attn, w[_O])
+    return x + jnp.einsum("btnd,nde->bte", attn, w[_O])
+
+
+@partial(jax.jit, static_argnames=("eps", "qk_norm", "interleaved", "query_scale", "dtype"))
+def _decoder_layer(
+    x: jax.Array,
+    w: dict[str, jax.Array],
+    cos: jax.Array,
+    sin: jax.Array,
+    *,
+    eps: float,
+    qk_norm: bool,
+    interleaved: bool,
+    query_scale: float,
+    dtype: str,
+) -> jax.Array:
+    """One pre-norm decoder layer (GQA causal self-attention + SwiGLU MLP) on x (B,T,E)."""
+    dt = jnp.dtype(dtype)
+    w = {k: v.astype(dt) for k, v in w.items()}
+    x = _self_attention(x, w, cos, sin, eps, qk_norm, interleaved, query_scale, dt)
 
     h = _rms_norm(x, w[_POST_NORM], eps, dt)
     mlp = jax.nn.silu(h @ w[_WI0]) * (h @ w[_WI1])
     return x + mlp @ w[_WO]
+
+
+@partial(jax.jit, static_argnames=("eps", "qk_norm", "interleaved", "query_scale", "top_k", "norm_topk_prob",
+                                   "dtype"))
+def _moe_attention_route(
+    x: jax.Array,
+    w: dict[str, jax.Array],
+    cos: jax.Array,
+    sin: jax.Array,
+    *,
+    eps: float,
+    qk_norm: bool,
+    interleaved: bool,
+    query_scale: float,
+    top_k: int,
+    norm_topk_prob: bool,
+    dtype: str,
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """A Qwen3 MoE layer up to its experts: (x after attention (B,T,E), normed h (BT,E), expert ids (BT,k),
+    expert weights (BT,k) float32).
+
+    Router logits in the compute dtype (as transformers computes them), softmax over all experts in float32,
+    the top k, renormalised to sum 1 when ``norm_topk_prob``.
+    """
+    dt = jnp.dtype(dtype)
+    w = {k: v.astype(dt) for k, v in w.items()}
+    x = _self_attention(x, w, cos, sin, eps, qk_norm, interleaved, query_scale, dt)
+    h = _rms_norm(x, w[_POST_NORM], eps, dt).reshape(-1, x.shape[-1])
+    probs = jax.nn.softmax((h @ w[_GATE]).astype(jnp.float32), axis=-1)
+    weights, ids = jax.lax.top_k(probs, top_k)
+    if norm_topk_prob:
+        weights = weights / weights.sum(axis=-1, keepdims=True)
+    return x, h, ids, weights
 
 
 @partial(jax.jit, static_argnames=("eps", "transposed", "dtype"))
@@ -203,10 +278,14 @@ def _layer_weights(layer: dict[str, np.ndarray], cfg: ForwardConfig, i: int) -> 
         _V: (e, k, d),
         _O: (n, d, e),
     }
-    if cfg.family == "qwen3":
+    if cfg.family in ("qwen3", "qwen3_moe"):
         shapes |= {_Q_NORM: (d,), _K_NORM: (d,)}
-    f = layer[_WI0].shape[-1] if _WI0 in layer else -1
-    shapes |= {_WI0: (e, f), _WI1: (e, f), _WO: (f, e)}
+    if cfg.family == "qwen3_moe":
+        x, m = cfg.num_experts, cfg.moe_dim
+        shapes |= {_GATE: (e, x), _EXP_WI0: (x, e, m), _EXP_WI1: (x, e, m), _EXP_WO: (x, m, e)}
+    else:
+        f = layer[_WI0].shape[-1] if _WI0 in layer else -1
+        shapes |= {_WI0: (e, f), _WI1: (e, f), _WO: (f, e)}
     missing = [p for p in shapes if p not in layer]
     if missing:
         raise KeyError(f"layer {i}: missing leaves {missing}")
@@ -234,6 +313,24 @@ def embed_tokens(params: ParamSource, cfg, tokens: np.ndarray, dtype: str):
     return jnp.asarray(embedding[tokens]).astype(dtype)
 
 
+def _moe_layer(x: jax.Array, layer: dict[str, np.ndarray], cos: jax.Array, sin: jax.Array, cfg: ForwardConfig,
+               static: dict) -> jax.Array:
+    """One Qwen3 MoE layer: attention and routing in one jit, then each hit expert on the tokens routed to it
+    (one expert's weights on the device at a time), summed, then the residual (as transformers adds it)."""
+    from ckpt_cli.verify import deepseek as ds  # it imports this module: imported here, not at the top
+
+    weights = jax.block_until_ready({k: jax.device_put(v) for k, v in layer.items() if k not in _EXPERTS})
+    x, h, ids, gate_w = _moe_attention_route(x, weights, cos, sin, top_k=cfg.experts_per_tok,
+                                             norm_topk_prob=cfg.norm_topk_prob, **static)
+    experts = {ds._EXP_WI0: layer[_EXP_WI0], ds._EXP_WI1: layer[_EXP_WI1], ds._EXP_WO: layer[_EXP_WO]}
+    routed = ds._routed_experts(jnp.zeros_like(h), h, np.asarray(ids), np.asarray(gate_w), experts, static["dtype"])
+    x = (x + routed.reshape(x.shape)).block_until_ready()
+    for w in weights.values():
+        w.delete()
+    ds._flush_host_refs()
+    return x
+
+
 def maxtext_logits(params: ParamSource, cfg: ForwardConfig, tokens: np.ndarray, dtype: str = "float32") -> np.ndarray:
     """tokens int (B,T) -> logits float32 (B,T,V), computed with MaxText's math.
 
@@ -257,6 +354,10 @@ def maxtext_logits(params: ParamSource, cfg: ForwardConfig, tokens: np.ndarray, 
     }
     for i in range(cfg.num_layers):
         layer = _layer_weights(params.layer(i), cfg, i)
+        if cfg.family == "qwen3_moe":
+            x = _moe_layer(x, layer, cos, sin, cfg, static)
+            del layer
+            continue
         weights = {k: jnp.asarray(v) for k, v in layer.items()}
         x = _decoder_layer(x, weights, cos, sin, **static).block_until_ready()
         for k, w in weights.items():

@@ -1,4 +1,5 @@
-"""Tests of the MaxText-math forward pass against transformers, golden values and known mistakes."""
+"""Tests of the MaxText-math forward pass (Qwen3, Qwen3 MoE, Llama 3.1) against transformers, golden values and
+known mistakes."""
 
 from __future__ import annotations
 
@@ -8,7 +9,14 @@ import weakref
 import numpy as np
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
+from transformers import (
+    LlamaConfig,
+    LlamaForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+    Qwen3MoeConfig,
+    Qwen3MoeForCausalLM,
+)
 
 from ckpt_cli.verify.forward import ForwardConfig, maxtext_logits, rope_inv_freq
 
@@ -328,3 +336,96 @@ def test_rejects_bad_inputs() -> None:
     del src._layers[1]["self_attention/key_norm/scale"]
     with pytest.raises(KeyError, match="key_norm"):
         maxtext_logits(src, cfg, GOLDEN_TOKENS)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Qwen3 MoE (maxtext-layout.md §8): every layer MoE, routed SwiGLU experts, no shared experts
+
+MOE_SIZES = dict(moe_intermediate_size=32, num_experts=4, num_experts_per_tok=2)
+
+
+def make_hf_moe(norm_topk_prob: bool = True) -> torch.nn.Module:
+    torch.manual_seed(0)
+    cfg = Qwen3MoeConfig(**SIZES, **MOE_SIZES, norm_topk_prob=norm_topk_prob, rms_norm_eps=1e-6,
+                         attn_implementation="eager")
+    model = Qwen3MoeForCausalLM(cfg)
+    _randomize(model, seed=3)
+    return model.float().eval()
+
+
+def hf_moe_to_maxtext(model: torch.nn.Module, swap_gate_up: bool = False) -> DictSource:
+    """The Qwen3 MoE tree from the model's own parameters, written from §8.2 independently of the converter.
+
+    transformers 5 holds each layer's experts fused: gate_up_proj (X, 2M, E) whose rows [0, M) are expert x's
+    gate_proj (M, E) and [M, 2M) its up_proj; down_proj (X, E, M). MaxText: wi_0[x, e, m] = gate_proj_x[m, e],
+    wi_1 likewise from up_proj, wo[x, m, e] = down_proj_x[e, m]; the router gate/kernel[e, x] = gate.weight[x, e].
+    """
+    sd = {k: v.detach().numpy().astype(np.float32) for k, v in model.state_dict().items()}
+    c = model.config
+    n, k, d, m, x_count = c.num_attention_heads, c.num_key_value_heads, c.head_dim, c.moe_intermediate_size, 4
+    top = {
+        "token_embedder/embedding": sd["model.embed_tokens.weight"],
+        "decoder/decoder_norm/scale": sd["model.norm.weight"],
+        "decoder/logits_dense/kernel": sd["lm_head.weight"].T.copy(),
+    }
+    layers = []
+    for i in range(c.num_hidden_layers):
+        p = f"model.layers.{i}."
+        gate_up, down = sd[p + "mlp.experts.gate_up_proj"], sd[p + "mlp.experts.down_proj"]
+        assert gate_up.shape == (x_count, 2 * m, c.hidden_size) and down.shape == (x_count, c.hidden_size, m)
+        wi0 = np.stack([gate_up[x, :m, :].T for x in range(x_count)])
+        wi1 = np.stack([gate_up[x, m:, :].T for x in range(x_count)])
+        if swap_gate_up:
+            wi0, wi1 = wi1, wi0
+        layers.append({
+            "pre_self_attention_layer_norm/scale": sd[p + "input_layernorm.weight"],
+            "post_self_attention_layer_norm/scale": sd[p + "post_attention_layernorm.weight"],
+            "self_attention/query/kernel": _heads_in(sd[p + "self_attn.q_proj.weight"], n, d),
+            "self_attention/key/kernel": _heads_in(sd[p + "self_attn.k_proj.weight"], k, d),
+            "self_attention/value/kernel": _heads_in(sd[p + "self_attn.v_proj.weight"], k, d),
+            "self_attention/out/kernel": _heads_out(sd[p + "self_attn.o_proj.weight"], n, d),
+            "self_attention/query_norm/scale": sd[p + "self_attn.q_norm.weight"],
+            "self_attention/key_norm/scale": sd[p + "self_attn.k_norm.weight"],
+            "moe_block/gate/kernel": sd[p + "mlp.gate.weight"].T.copy(),
+            "moe_block/wi_0": wi0,
+            "moe_block/wi_1": wi1,
+            "moe_block/wo": np.stack([down[x].T for x in range(x_count)]),
+        })
+    return DictSource(top, layers)
+
+
+@pytest.mark.parametrize("norm_topk_prob", [True, False], ids=["renormalised", "raw-top-k"])
+def test_qwen3_moe_matches_transformers(norm_topk_prob: bool) -> None:
+    model = make_hf_moe(norm_topk_prob)
+    cfg = _forward_cfg(model, "qwen3_moe")
+    assert (cfg.num_experts, cfg.experts_per_tok, cfg.moe_dim, cfg.norm_topk_prob) == (4, 2, 32, norm_topk_prob)
+    tokens = tokens_for(cfg.vocab)
+    src = hf_moe_to_maxtext(model)
+    ref, got = hf_logits(model, tokens), maxtext_logits(src, cfg, tokens)
+    assert got.shape == ref.shape and got.dtype == np.float32
+    assert np.abs(ref).max() > 1.0
+    assert np.abs(got - ref).max() < 1e-4
+    assert max_kl(ref, got) < 1e-6
+    assert src.fetched == list(range(cfg.num_layers))
+    assert src.live_after_next_fetch[1:] == [0] * (cfg.num_layers - 1)  # previous layer was released
+
+
+def test_qwen3_moe_routing_and_expert_mistakes_are_caught() -> None:
+    """The comparison sees a gate/up swap inside the experts, and the router's renormalisation."""
+    model = make_hf_moe(True)
+    cfg, tokens = _forward_cfg(model, "qwen3_moe"), tokens_for(SIZES["vocab_size"])
+    ref = hf_logits(model, tokens)
+    assert max_kl(ref, maxtext_logits(hf_moe_to_maxtext(model, swap_gate_up=True), cfg, tokens)) > 1e-3
+    raw = ForwardConfig(**{**cfg.__dict__, "norm_topk_prob": False})
+    assert max_kl(ref, maxtext_logits(hf_moe_to_maxtext(model), raw, tokens)) > 1e-4
+
+
+def test_qwen3_moe_config_from_transformers_5_and_refusals() -> None:
+    cfg = Qwen3MoeConfig(**SIZES, **MOE_SIZES, norm_topk_prob=True).to_dict()
+    assert "num_experts" not in cfg and cfg["num_local_experts"] == 4   # how transformers 5 writes it
+    fc = ForwardConfig.from_hf_config("qwen3_moe", cfg)
+    assert (fc.num_experts, fc.experts_per_tok, fc.moe_dim, fc.norm_topk_prob, fc.tied) == (4, 2, 32, True, False)
+    with pytest.raises(ValueError, match="mlp_only_layers"):
+        ForwardConfig.from_hf_config("qwen3_moe", {**cfg, "mlp_only_layers": [1]})
+    with pytest.raises(ValueError, match="num_experts_per_tok"):
+        ForwardConfig.from_hf_config("qwen3_moe", {**cfg, "num_experts_per_tok": 5})

@@ -109,17 +109,57 @@ def test_converted_f32_models_match_transformers(converted, kind, scan):
     assert data["reference"]["kind"] == "hf" and data["reference"]["load"] == "full"
 
 
-def test_orbax_params_serve_each_layer_scanned_and_unscanned(converted):
+@pytest.mark.parametrize("scan", [True, False], ids=["scanned", "unscanned"])
+def test_converted_qwen3_moe_matches_transformers(converted, scan):
+    """Qwen3 MoE (every layer routed, top-2 of 4 experts) in float32: the MaxText forward equals transformers'."""
+    src, out = converted("qwen3-moe", scan)
+    data = verify_json("--maxtext", out, "--hf", src)
+    s = data["summary"]
+    assert data["passed"] and data["family"] == "qwen3_moe" and data["scan_layers"] is scan
+    assert s["kl_max"] < 1e-6 and s["max_abs_dlogit"] < 1e-4, s
+    assert s["top1_agreement"] == 1.0
+    assert data["reference"]["load"] == "full" and data["maxtext_bytes_read"] > 0
+
+
+def test_qwen3_moe_swapped_experts_fail(converted, tmp_path):
+    """Experts 0 and 1 exchanged in every layer (the router left alone): tokens reach the wrong experts."""
+    src, good = converted("qwen3-moe", True)
+    out = tmp_path / "swapped-experts"
+    shutil.copytree(good, out)
+    ckpt = OrbaxCheckpoint(out)
+    for name in ("wi_0", "wi_1", "wo"):
+        arr = ckpt.array(f"decoder/layers/moe_block/{name}")
+        first, second = arr[0].read().result(), arr[1].read().result()
+        assert not np.array_equal(first, second)
+        arr[0].write(second).result()
+        arr[1].write(first).result()
+    data = verify_json("--maxtext", out, "--hf", src, "--max-kl", "1e-6", code=1)
+    assert not data["passed"] and data["summary"]["kl_max"] > 1e-3
+
+
+def test_qwen3_moe_hf_model_cannot_be_layer_streamed(converted):
+    """transformers 5 fuses each layer's experts (experts.gate_up_proj); the files keep them per expert, so
+    --hf-load stream is refused in one line that says what to use instead."""
+    src, out = converted("qwen3-moe", True)
+    r = verify("--maxtext", out, "--hf", src, "--hf-load", "stream")
+    assert r.exit_code == 2, r.output
+    line = error_line(r)
+    assert "cannot stream Qwen3MoeForCausalLM" in line and "experts.gate_up_proj" in line
+    assert "--hf-load full" in line and "--golden" in line
+
+
+@pytest.mark.parametrize("kind", ["qwen3", "qwen3-moe"])
+def test_orbax_params_serve_each_layer_scanned_and_unscanned(converted, kind):
     """layer(i) of both layouts equals the spec's per-layer tensors (tests/expectations.py)."""
-    src, scanned = converted("qwen3", True)
-    _, unscanned = converted("qwen3", False)
+    src, scanned = converted(kind, True)
+    _, unscanned = converted(kind, False)
     cfg, hf = read_config(src), load_hf(src)
     family = detect_family(cfg)
     a = OrbaxParams(OrbaxCheckpoint(scanned), family, cfg, True)
     b = OrbaxParams(OrbaxCheckpoint(unscanned), family, cfg, False)
     assert a.scan_layers and not b.scan_layers
     for i in range(2):
-        want = expected_layer(hf, cfg, "qwen3", i)
+        want = expected_layer(hf, cfg, kind.replace("-", "_"), i)
         for got in (a.layer(i), b.layer(i)):
             assert set(got) == set(want)
             for name, arr in want.items():
