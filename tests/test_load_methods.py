@@ -1,4 +1,8 @@
-"""--load-method safetensors and transformers give bit-identical checkpoints."""
+"""--load-method safetensors and transformers give bit-identical checkpoints.
+
+transformers 5 holds MoE experts fused in memory (mlp.experts.gate_up_proj); the transformers reader serves them
+under the files' per-expert names, so the same family table reads both.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +13,8 @@ from ckpt_cli.convert import ToMaxTextOptions, hf_to_maxtext
 from tests.expectations import flatten
 
 
-@pytest.mark.parametrize("kind,dtype", [("qwen3-tied", "bfloat16"), ("llama", "float32")])
+@pytest.mark.parametrize("kind,dtype", [("qwen3-tied", "bfloat16"), ("llama", "float32"),
+                                        ("qwen3-moe", "float32")])
 def test_load_methods_identical(hf_models, tmp_path, kind, dtype):
     import orbax.checkpoint as ocp
 

@@ -134,7 +134,8 @@ class SafetensorsReader:
 class TransformersReader:
     """Loads the model with transformers (from_pretrained, dtype="auto") and serves its state_dict.
 
-    For sources the safetensors reader cannot read (e.g. .bin weights). Holds the whole model.
+    For sources the safetensors reader cannot read (e.g. .bin weights). Holds the whole model. Tensors are
+    served under the names the checkpoint files use (see `saved_state`), which the family tables name.
     """
 
     def __init__(self, folder: Path):
@@ -145,7 +146,7 @@ class TransformersReader:
             model = AutoModelForCausalLM.from_pretrained(str(folder), dtype="auto")
         except (OSError, ValueError) as exc:
             raise SourceError(f"transformers cannot load {folder}: {str(exc).splitlines()[0]}") from None
-        self.state = {k: v.detach() for k, v in model.state_dict().items()}
+        self.state = saved_state(model)
         self._torch = torch
 
     def describe(self, name: str) -> tuple[tuple[int, ...], np.dtype]:
@@ -166,6 +167,22 @@ class TransformersReader:
     @property
     def names(self) -> list[str]:
         return list(self.state)
+
+
+def saved_state(model) -> dict:
+    """The model's state dict under the names and layouts `save_pretrained` writes.
+
+    transformers 5 holds some weights differently in memory from the files (Mixtral and Qwen3 MoE experts
+    fused into `mlp.experts.gate_up_proj` / `down_proj`, `block_sparse_moe` renamed `mlp`) and undoes that
+    when saving; the same reversal gives back the released per-expert tensors. transformers 4 has no such
+    conversions: its state dict is already the file layout.
+    """
+    state = {k: v.detach() for k, v in model.state_dict().items()}
+    try:
+        from transformers.core_model_loading import revert_weight_conversion
+    except ImportError:
+        return state
+    return {k: v.detach() for k, v in revert_weight_conversion(model, state).items()}
 
 
 def _numpy_dtype(dtype, torch) -> np.dtype:
