@@ -1,6 +1,6 @@
 """MaxText model names: family, default Hugging Face repo and reference hyperparameters.
 
-Reference values follow maxtext-layout.md (§2, §5.1, §6.1, §7.1, §8.1). `reference_config` turns an entry into
+Reference values follow maxtext-layout.md (§2, §5.1, §6.1, §7.1, §8.1, §11.1). `reference_config` turns an entry into
 an HF-style config.json dict, so `plan`/`inspect` can price and show real models without any data.
 """
 
@@ -38,6 +38,17 @@ def _qwen3_moe(name: str, repo: str, e: int, n: int, k: int, m: int, layers: int
         "tie_word_embeddings": False, "rms_norm_eps": 1e-6, "rope_theta": theta, "rope_scaling": None,
         "hidden_act": "silu", "attention_bias": False, "use_sliding_window": False,
         "max_position_embeddings": max_positions, "torch_dtype": "bfloat16",
+    })
+
+
+def _mixtral(name: str, repo: str, e: int, n: int, m: int, layers: int, vocab: int, max_positions: int
+             ) -> ModelSpec:
+    return ModelSpec(name, "mixtral", repo, {
+        "architectures": ["MixtralForCausalLM"], "model_type": "mixtral", "hidden_size": e, "num_attention_heads": n,
+        "num_key_value_heads": 8, "head_dim": 128, "intermediate_size": m, "num_local_experts": 8,
+        "num_experts_per_tok": 2, "num_hidden_layers": layers, "vocab_size": vocab, "tie_word_embeddings": False,
+        "rms_norm_eps": 1e-5, "rope_theta": 1e6, "sliding_window": None, "hidden_act": "silu",
+        "max_position_embeddings": max_positions, "bos_token_id": 1, "eos_token_id": 2, "torch_dtype": "bfloat16",
     })
 
 
@@ -106,6 +117,8 @@ MODELS: dict[str, ModelSpec] = {m.name: m for m in (
     _llama("llama3.1-70b", "meta-llama/Llama-3.1-70B", 8192, 64, 28672, 80),
     _llama("llama3.1-70b-Instruct", "meta-llama/Llama-3.1-70B-Instruct", 8192, 64, 28672, 80),
     _llama("llama3.1-405b", "meta-llama/Llama-3.1-405B", 16384, 128, 53248, 126),
+    _mixtral("mixtral-8x7b", "mistralai/Mixtral-8x7B-Instruct-v0.1", 4096, 32, 14336, 32, 32000, 32768),
+    _mixtral("mixtral-8x22b", "mistralai/Mixtral-8x22B-Instruct-v0.1", 6144, 48, 16384, 56, 32768, 65536),
     _deepseek("deepseek2-16b", "deepseek-ai/DeepSeek-V2-Lite", "deepseek_v2", False),
     _deepseek("deepseek3-671b", "deepseek-ai/DeepSeek-V3", "deepseek_v3", True),
     _deepseek("deepseek3.2-671b", "deepseek-ai/DeepSeek-V3.2", "deepseek_v32", True),

@@ -21,7 +21,9 @@ def make_hf_model(kind: str, dtype: str = "float32", seed: int = 0):
     """A tiny transformers model with every parameter distinct (norms included).
 
     kind: qwen3, qwen3-tied, llama, llama-d24 (head_dim 24: 1/sqrt(D) is not a power of two), qwen3-moe
-    (every layer MoE: 4 experts of width 32, top-2, renormalised top-k weights).
+    (every layer MoE: 4 experts of width 32, top-2, renormalised top-k weights), mixtral (4 experts of width
+    32, top-2; transformers 5 holds them fused in memory and save_pretrained writes the released per-expert
+    `block_sparse_moe.experts.{e}.w1/w2/w3` names).
     """
     import torch
     import transformers as tf
@@ -31,6 +33,11 @@ def make_hf_model(kind: str, dtype: str = "float32", seed: int = 0):
         cfg = tf.Qwen3MoeConfig(**TINY, moe_intermediate_size=32, num_experts=4, num_experts_per_tok=2,
                                 norm_topk_prob=True, tie_word_embeddings=False, rope_theta=10000.0, rms_norm_eps=1e-6)
         model = tf.Qwen3MoeForCausalLM(cfg)
+    elif kind == "mixtral":
+        dims = TINY | {"intermediate_size": 32}
+        cfg = tf.MixtralConfig(**dims, num_local_experts=4, num_experts_per_tok=2, tie_word_embeddings=False,
+                               rope_theta=10000.0, rms_norm_eps=1e-5, sliding_window=None)
+        model = tf.MixtralForCausalLM(cfg)
     elif kind.startswith("qwen3"):
         cfg = tf.Qwen3Config(**TINY, tie_word_embeddings=kind == "qwen3-tied", rope_theta=10000.0, rms_norm_eps=1e-6)
         model = tf.Qwen3ForCausalLM(cfg)

@@ -41,6 +41,13 @@ def expected_layer(hf: dict, cfg: dict, family: str, i: int) -> dict[str, np.nda
         out["moe_block/gate/kernel"] = _f32(hf[p + "mlp.gate.weight"]).T
         for leaf, name in (("wi_0", "gate_proj"), ("wi_1", "up_proj"), ("wo", "down_proj")):
             out[f"moe_block/{leaf}"] = np.stack([_f32(hf[p + f"mlp.experts.{x}.{name}.weight"]).T for x in range(X)])
+    elif family == "mixtral":
+        # §11.2: router block_sparse_moe.gate (X,E) -> MoeBlock_0/gate/kernel (E,X); expert x's w1 (gate) and w3
+        # (up) (M,E) -> wi_0[x], wi_1[x] (E,M); w2 (E,M) -> wo[x] (M,E); experts stacked on axis 0
+        X, moe = cfg["num_local_experts"], p + "block_sparse_moe."
+        out["MoeBlock_0/gate/kernel"] = _f32(hf[moe + "gate.weight"]).T
+        for leaf, name in (("wi_0", "w1"), ("wi_1", "w3"), ("wo", "w2")):
+            out[f"MoeBlock_0/{leaf}"] = np.stack([_f32(hf[moe + f"experts.{x}.{name}.weight"]).T for x in range(X)])
     else:
         out["mlp/wi_0/kernel"] = _f32(hf[p + "mlp.gate_proj.weight"]).T
         out["mlp/wi_1/kernel"] = _f32(hf[p + "mlp.up_proj.weight"]).T
@@ -50,6 +57,10 @@ def expected_layer(hf: dict, cfg: dict, family: str, i: int) -> dict[str, np.nda
         perm = np.array([j // 2 if j % 2 == 0 else D // 2 + j // 2 for j in range(D)])
         out["self_attention/query/kernel"] = q_mt[..., perm] * np.float32(1 / math.sqrt(D))
         out["self_attention/key/kernel"] = k_mt[..., perm]
+    elif family == "mixtral":
+        # §11.2: rotate-half RoPE on both sides (no permutation); q_mt[e, h, d] = q_hf[h*D + d, e] / sqrt(D)
+        out["self_attention/query/kernel"] = q_mt * np.float32(1 / math.sqrt(D))
+        out["self_attention/key/kernel"] = k_mt
     else:
         out["self_attention/query/kernel"] = q_mt
         out["self_attention/key/kernel"] = k_mt

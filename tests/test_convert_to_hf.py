@@ -67,13 +67,14 @@ def bits(x: np.ndarray) -> np.ndarray:
 # ------------------------------------------------------------------------------------------------------------
 # HF -> MaxText -> HF
 
-ROUND_TRIPS = [(kind, scan, dtype) for kind in ("qwen3", "qwen3-tied", "llama", "llama-d24", "qwen3-moe")
+ROUND_TRIPS = [(kind, scan, dtype) for kind in ("qwen3", "qwen3-tied", "llama", "llama-d24", "qwen3-moe", "mixtral")
                for scan in (True, False) for dtype in ("bf16", "f32")]
 
 
 @pytest.mark.parametrize("kind,scan,dtype", ROUND_TRIPS)
 def test_round_trip_is_exact(hf_models, tmp_path, kind, scan, dtype):
-    """Same names; every tensor bit-identical, except the Llama query kernel, whose 1/sqrt(D) factor is undone.
+    """Same names; every tensor bit-identical, except the Llama and Mixtral query kernels, whose 1/sqrt(D) factor
+    is undone.
 
     For q_proj, with s = f32(1/sqrt(D)) and out() = rounding to the stored dtype, we assert (a) the bits equal
     `out(f32(out(f32(x) * s)) / s)` (import multiplies by s, export divides by the same s, each in float32),
@@ -95,7 +96,7 @@ def test_round_trip_is_exact(hf_models, tmp_path, kind, scan, dtype):
     store = ml_dtypes.bfloat16 if dtype == "bf16" else np.float32
     moved = 0
     for name, x in want.items():
-        if kind.startswith("llama") and name.endswith("q_proj.weight"):
+        if kind.startswith(("llama", "mixtral")) and name.endswith("q_proj.weight"):
             s = np.float32(1 / math.sqrt(head_dim))
             down = (x.astype(np.float32) * s).astype(store)
             expected = (down.astype(np.float32) / s).astype(store)
@@ -107,7 +108,7 @@ def test_round_trip_is_exact(hf_models, tmp_path, kind, scan, dtype):
             moved += n_moved
         else:
             assert_bits_equal(got[name], x, name)
-    if kind == "llama":
+    if kind in ("llama", "mixtral"):
         assert moved == 0   # D = 16: the scale is a power of two, exact both ways
     if kind == "llama-d24" and dtype == "bf16":
         assert moved > 0    # the check above is not vacuous: bf16 rounding does move some elements
@@ -118,7 +119,8 @@ def test_round_trip_is_exact(hf_models, tmp_path, kind, scan, dtype):
 
 
 @pytest.mark.parametrize("kind,scan", [("qwen3", True), ("qwen3-tied", False), ("llama", False),
-                                       ("llama-d24", True), ("qwen3-moe", True)])
+                                       ("llama-d24", True), ("qwen3-moe", True), ("mixtral", True),
+                                       ("mixtral", False)])
 def test_round_trip_logits_match_transformers(hf_models, tmp_path, kind, scan):
     """The output folder loads with AutoModelForCausalLM and gives the original model's logits (float32)."""
     import torch

@@ -1,5 +1,5 @@
-"""HF -> MaxText for Qwen3 (tied, untied), Qwen3 MoE and Llama 3.1: restored with Orbax's own API, checked leaf by
-leaf against expectations written from the layout spec."""
+"""HF -> MaxText for Qwen3 (tied, untied), Qwen3 MoE, Llama 3.1 and Mixtral: restored with Orbax's own API, checked
+leaf by leaf against expectations written from the layout spec."""
 
 from __future__ import annotations
 
@@ -44,8 +44,12 @@ CASES = [
     ("qwen3-moe", "float32", False, False, "f32"),
     ("qwen3-moe", "bfloat16", True, False, "bf16"),
     ("qwen3-moe", "bfloat16", False, True, "bf16"),
+    ("mixtral", "float32", True, True, "f32"),
+    ("mixtral", "float32", False, False, "f32"),
+    ("mixtral", "bfloat16", True, False, "bf16"),
+    ("mixtral", "bfloat16", False, True, "bf16"),
 ]
-FAMILY = {"llama": "llama", "qwen3-moe": "qwen3_moe"}   # the others: qwen3
+FAMILY = {"llama": "llama", "qwen3-moe": "qwen3_moe", "mixtral": "mixtral"}   # the others: qwen3
 
 
 @pytest.mark.parametrize("kind,src_dtype,sharded,scan,dtype", CASES)
@@ -68,6 +72,13 @@ def test_converted_tree_matches_spec(hf_models, tmp_path, kind, src_dtype, shard
         for leaf, shape in shapes.items():
             assert got[pre + leaf].shape == (shape if scan else shape[:1] + shape[2:]), leaf
         assert not any("/mlp/" in path for path in got)
+    if kind == "mixtral":
+        # §11.2 with X=4 experts, L=2, E=64, M=32: MoeBlock_0, experts on axis 0, the layer axis (scanned) at 1
+        pre = "decoder/layers/MoeBlock_0/" if scan else "decoder/layers_1/MoeBlock_0/"
+        shapes = {"gate/kernel": (64, 2, 4), "wi_0": (4, 2, 64, 32), "wi_1": (4, 2, 64, 32), "wo": (4, 2, 32, 64)}
+        for leaf, shape in shapes.items():
+            assert got[pre + leaf].shape == (shape if scan else shape[:1] + shape[2:]), leaf
+        assert not any("/mlp/" in path or "query_norm" in path for path in got)
 
 
 def test_step_metadata_and_provenance(hf_models, tmp_path):

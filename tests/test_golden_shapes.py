@@ -1,4 +1,5 @@
-"""The plan for real configs (no data) equals maxtext-layout.md Appendix A (and §8.2), scanned and unscanned."""
+"""The plan for real configs (no data) equals maxtext-layout.md Appendix A (and §8.2, §11.2), scanned and
+unscanned."""
 
 from __future__ import annotations
 
@@ -85,11 +86,32 @@ QWEN3_MOE = {
                                  "qwen3-480b-a35b": (151936, 6144)},
 }
 
+# Appendix A, Mixtral (§11.2): MoeBlock_0 router (E,L,X), experts (X,L,E,M) / (X,L,M,E), untied head.
+MIXTRAL = {
+    "decoder-decoder_norm-scale": {"mixtral-8x7b": (4096,), "mixtral-8x22b": (6144,)},
+    "decoder-layers-MoeBlock_0-gate-kernel": {"mixtral-8x7b": (4096, 32, 8), "mixtral-8x22b": (6144, 56, 8)},
+    "decoder-layers-MoeBlock_0-wi_0": {"mixtral-8x7b": (8, 32, 4096, 14336), "mixtral-8x22b": (8, 56, 6144, 16384)},
+    "decoder-layers-MoeBlock_0-wi_1": {"mixtral-8x7b": (8, 32, 4096, 14336), "mixtral-8x22b": (8, 56, 6144, 16384)},
+    "decoder-layers-MoeBlock_0-wo": {"mixtral-8x7b": (8, 32, 14336, 4096), "mixtral-8x22b": (8, 56, 16384, 6144)},
+    "decoder-layers-post_self_attention_layer_norm-scale": {"mixtral-8x7b": (4096, 32), "mixtral-8x22b": (6144, 56)},
+    "decoder-layers-pre_self_attention_layer_norm-scale": {"mixtral-8x7b": (4096, 32), "mixtral-8x22b": (6144, 56)},
+    "decoder-layers-self_attention-key-kernel": {"mixtral-8x7b": (4096, 32, 8, 128),
+                                                 "mixtral-8x22b": (6144, 56, 8, 128)},
+    "decoder-layers-self_attention-out-kernel": {"mixtral-8x7b": (32, 32, 128, 4096),
+                                                 "mixtral-8x22b": (48, 56, 128, 6144)},
+    "decoder-layers-self_attention-query-kernel": {"mixtral-8x7b": (4096, 32, 32, 128),
+                                                   "mixtral-8x22b": (6144, 56, 48, 128)},
+    "decoder-layers-self_attention-value-kernel": {"mixtral-8x7b": (4096, 32, 8, 128),
+                                                   "mixtral-8x22b": (6144, 56, 8, 128)},
+    "decoder-logits_dense-kernel": {"mixtral-8x7b": (4096, 32000), "mixtral-8x22b": (6144, 32768)},
+    "token_embedder-embedding": {"mixtral-8x7b": (32000, 4096), "mixtral-8x22b": (32768, 6144)},
+}
+
 
 def golden(model: str) -> dict[str, tuple[int, ...]]:
     if model.startswith("llama"):
         return dict(LLAMA)
-    table = QWEN3_MOE if model in QWEN3_MOE_SIZES else QWEN3
+    table = QWEN3_MOE if model in QWEN3_MOE_SIZES else MIXTRAL if model.startswith("mixtral") else QWEN3
     return {k: v[model] for k, v in table.items() if model in v}
 
 
@@ -112,7 +134,8 @@ def plan_shapes(model: str, scan: bool) -> dict[str, tuple[int, ...]]:
 
 
 @pytest.mark.parametrize("model,layers", [("qwen3-0.6b", 28), ("qwen3-8b", 36), ("llama3.1-8b", 32),
-                                          ("qwen3-30b-a3b", 48), ("qwen3-235b-a22b", 94), ("qwen3-480b-a35b", 62)])
+                                          ("qwen3-30b-a3b", 48), ("qwen3-235b-a22b", 94), ("qwen3-480b-a35b", 62),
+                                          ("mixtral-8x7b", 32), ("mixtral-8x22b", 56)])
 def test_plan_equals_appendix_a(model, layers):
     assert plan_shapes(model, True) == golden(model)
     assert plan_shapes(model, False) == unscanned(golden(model), layers)
@@ -138,3 +161,18 @@ def test_qwen3_moe_plan_is_section_8_2(model):
         assert flat[f"decoder-layers_{i}-moe_block-wi_0"] == flat[f"decoder-layers_{i}-moe_block-wi_1"] == (X, E, M)
         assert flat[f"decoder-layers_{i}-moe_block-wo"] == (X, M, E)
     assert sum(math.prod(s) for s in scanned.values()) == 30_532_122_624   # Qwen3-30B-A3B: "30.5B in total"
+
+
+def test_mixtral_plan_is_section_11_2():
+    """§11.2 for 8x7B: every layer MoeBlock_0 with 8 experts, only the query kernel scaled; 46.7B parameters."""
+    cfg = registry.reference_config("mixtral-8x7b")
+    plan = build_to_maxtext(detect_family(cfg), cfg, False, output_dtype("bf16"))
+    steps = {t.target: t.chain.describe() for t in plan.tensors}
+    assert steps["decoder/layers_31/self_attention/query/kernel"] == "transpose > scale(1/sqrt(128))"
+    assert steps["decoder/layers_31/self_attention/key/kernel"] == "transpose"          # rotate-half: no permutation
+    assert steps["decoder/layers_0/MoeBlock_0/wi_0"] == "transpose"
+    wi_0 = plan.tensor("decoder/layers_0/MoeBlock_0/wi_0")
+    assert [task.source.name for task in wi_0.tasks][:1] == ["model.layers.0.block_sparse_moe.experts.0.w1.weight"]
+    assert {task.source.name for task in wi_0.tasks} == {
+        f"model.layers.0.block_sparse_moe.experts.{x}.w1.weight" for x in range(8)}
+    assert sum(math.prod(s) for s in plan_shapes("mixtral-8x7b", True).values()) == 46_702_792_704   # "46.7B"

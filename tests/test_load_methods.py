@@ -13,7 +13,7 @@ from ckpt_cli.convert import ToMaxTextOptions, hf_to_maxtext
 from tests.expectations import flatten
 
 
-@pytest.mark.parametrize("kind,dtype", [("qwen3-tied", "bfloat16"), ("llama", "float32"),
+@pytest.mark.parametrize("kind,dtype", [("qwen3-tied", "bfloat16"), ("llama", "float32"), ("mixtral", "bfloat16"),
                                         ("qwen3-moe", "float32")])
 def test_load_methods_identical(hf_models, tmp_path, kind, dtype):
     import orbax.checkpoint as ocp
