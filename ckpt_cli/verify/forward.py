@@ -1,11 +1,13 @@
 """Reference JAX forward pass of MaxText's decoder math over a MaxText parameter tree.
 
-Supports Qwen3 dense, Qwen3 MoE and Llama 3.1. Weights are read one decoder layer at a time through a
+Supports Qwen3 dense, Qwen3 MoE, Llama 3.1 and Mixtral. Weights are read one decoder layer at a time through a
 :class:`ParamSource`, so peak memory is about one layer of weights plus activations (and the
-embedding / LM head). See ``maxtext-layout.md`` §1.2, §1.5, §5.4, §6.4 and §8.3 for the conventions.
-Qwen3 MoE routes as transformers does (softmax over all experts in float32, top-k, renormalised when
+embedding / LM head). See ``maxtext-layout.md`` §1.2, §1.5, §5.4, §6.4, §8.3 and §11 for the conventions.
+Qwen3 MoE and Mixtral route as transformers does (softmax over all experts in float32, top-k, renormalised when
 ``norm_topk_prob``: with it, the same as MaxText's top-k of the logits then softmax over the k); only the
 experts a token is routed to are computed for it (the expert code is DeepSeek's, ``verify/deepseek.py``).
+Mixtral always renormalises (transformers' Mixtral does; MaxText takes the top-k logits then a softmax over
+them), has no qk-norm, rotate-half RoPE and its 1/sqrt(D) folded into the query kernel.
 """
 
 from __future__ import annotations
@@ -19,7 +21,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-FAMILIES = ("qwen3", "llama3.1", "qwen3_moe")
+FAMILIES = ("qwen3", "llama3.1", "qwen3_moe", "mixtral")
+MOE_FAMILIES = ("qwen3_moe", "mixtral")
 _DTYPES = ("float32", "bfloat16")
 # Same convention as MaxText: a large finite negative value instead of -inf.
 _MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
@@ -30,8 +33,9 @@ _POST_NORM = "post_self_attention_layer_norm/scale"
 _Q, _K, _V, _O = (f"self_attention/{n}/kernel" for n in ("query", "key", "value", "out"))
 _Q_NORM, _K_NORM = "self_attention/query_norm/scale", "self_attention/key_norm/scale"
 _WI0, _WI1, _WO = "mlp/wi_0/kernel", "mlp/wi_1/kernel", "mlp/wo/kernel"
-_GATE = "moe_block/gate/kernel"
-_EXPERTS = _EXP_WI0, _EXP_WI1, _EXP_WO = "moe_block/wi_0", "moe_block/wi_1", "moe_block/wo"
+# The MoE block's leaves (router, then the stacked experts wi_0, wi_1, wo) under each family's name for it.
+_MOE_LEAVES = {family: (f"{block}/gate/kernel", f"{block}/wi_0", f"{block}/wi_1", f"{block}/wo")
+               for family, block in (("qwen3_moe", "moe_block"), ("mixtral", "MoeBlock_0"))}
 _EMBEDDING, _FINAL_NORM, _LM_HEAD = (
     "token_embedder/embedding",
     "decoder/decoder_norm/scale",
@@ -64,7 +68,7 @@ class ForwardConfig:
     rope_theta: float
     rope_scaling: dict | None
     tied: bool
-    # Qwen3 MoE only (0 elsewhere): routed experts, experts per token, per-expert width
+    # Qwen3 MoE and Mixtral only (0 elsewhere): routed experts, experts per token, per-expert width
     num_experts: int = 0
     experts_per_tok: int = 0
     moe_dim: int = 0
@@ -73,11 +77,11 @@ class ForwardConfig:
     def __post_init__(self) -> None:
         if self.family not in FAMILIES:
             raise ValueError(f"unsupported family {self.family!r}; expected one of {FAMILIES}")
-        if self.family == "qwen3_moe":
+        if self.family in MOE_FAMILIES:
             if not 0 < self.experts_per_tok <= self.num_experts:
                 raise ValueError(f"num_experts_per_tok={self.experts_per_tok} must lie in [1, {self.num_experts}]")
             if self.moe_dim <= 0:
-                raise ValueError(f"moe_intermediate_size must be positive, got {self.moe_dim}")
+                raise ValueError(f"the per-expert width must be positive, got {self.moe_dim}")
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"num_kv_heads={self.num_kv_heads} must divide num_heads={self.num_heads}")
         if self.head_dim % 2:
@@ -95,7 +99,8 @@ class ForwardConfig:
         transformers-5 ``rope_parameters``)."""
         rope: dict[str, Any] = dict(cfg.get("rope_scaling") or {})
         rope.update(cfg.get("rope_parameters") or {})
-        theta = float(rope.get("rope_theta", cfg.get("rope_theta", 10000.0)))
+        default_theta = 1e6 if family == "mixtral" else 10000.0   # transformers' MixtralConfig default
+        theta = float(rope.get("rope_theta", cfg.get("rope_theta", default_theta)))
         rope_type = rope.get("rope_type", rope.get("type", "default"))
         if rope_type in (None, "default"):
             scaling = None
@@ -114,6 +119,16 @@ class ForwardConfig:
                 experts_per_tok=int(cfg["num_experts_per_tok"]),
                 moe_dim=int(cfg["moe_intermediate_size"]),
                 norm_topk_prob=bool(cfg.get("norm_topk_prob", False)),  # transformers' default when absent
+            )
+        elif family == "mixtral":
+            if cfg.get("sliding_window") is not None and int(cfg["sliding_window"]) < int(
+                    cfg.get("max_position_embeddings") or 0):
+                raise ValueError(f"sliding_window {cfg['sliding_window']} (MaxText's mixtral has none)")
+            moe = dict(
+                num_experts=int(cfg["num_local_experts"]),
+                experts_per_tok=int(cfg["num_experts_per_tok"]),
+                moe_dim=int(cfg["intermediate_size"]),
+                norm_topk_prob=True,   # transformers' Mixtral always renormalises the top-k weights
             )
         return cls(
             family=family,
@@ -228,6 +243,7 @@ def _decoder_layer(
 def _moe_attention_route(
     x: jax.Array,
     w: dict[str, jax.Array],
+    gate: jax.Array,
     cos: jax.Array,
     sin: jax.Array,
     *,
@@ -239,8 +255,8 @@ def _moe_attention_route(
     norm_topk_prob: bool,
     dtype: str,
 ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
-    """A Qwen3 MoE layer up to its experts: (x after attention (B,T,E), normed h (BT,E), expert ids (BT,k),
-    expert weights (BT,k) float32).
+    """A Qwen3 MoE / Mixtral layer up to its experts: (x after attention (B,T,E), normed h (BT,E), expert ids
+    (BT,k), expert weights (BT,k) float32). ``gate`` is the router kernel (E, X).
 
     Router logits in the compute dtype (as transformers computes them), softmax over all experts in float32,
     the top k, renormalised to sum 1 when ``norm_topk_prob``.
@@ -249,7 +265,7 @@ def _moe_attention_route(
     w = {k: v.astype(dt) for k, v in w.items()}
     x = _self_attention(x, w, cos, sin, eps, qk_norm, interleaved, query_scale, dt)
     h = _rms_norm(x, w[_POST_NORM], eps, dt).reshape(-1, x.shape[-1])
-    probs = jax.nn.softmax((h @ w[_GATE]).astype(jnp.float32), axis=-1)
+    probs = jax.nn.softmax((h @ gate.astype(dt)).astype(jnp.float32), axis=-1)
     weights, ids = jax.lax.top_k(probs, top_k)
     if norm_topk_prob:
         weights = weights / weights.sum(axis=-1, keepdims=True)
@@ -280,9 +296,10 @@ def _layer_weights(layer: dict[str, np.ndarray], cfg: ForwardConfig, i: int) -> 
     }
     if cfg.family in ("qwen3", "qwen3_moe"):
         shapes |= {_Q_NORM: (d,), _K_NORM: (d,)}
-    if cfg.family == "qwen3_moe":
+    if cfg.family in MOE_FAMILIES:
         x, m = cfg.num_experts, cfg.moe_dim
-        shapes |= {_GATE: (e, x), _EXP_WI0: (x, e, m), _EXP_WI1: (x, e, m), _EXP_WO: (x, m, e)}
+        gate, wi0, wi1, wo = _MOE_LEAVES[cfg.family]
+        shapes |= {gate: (e, x), wi0: (x, e, m), wi1: (x, e, m), wo: (x, m, e)}
     else:
         f = layer[_WI0].shape[-1] if _WI0 in layer else -1
         shapes |= {_WI0: (e, f), _WI1: (e, f), _WO: (f, e)}
@@ -315,14 +332,17 @@ def embed_tokens(params: ParamSource, cfg, tokens: np.ndarray, dtype: str):
 
 def _moe_layer(x: jax.Array, layer: dict[str, np.ndarray], cos: jax.Array, sin: jax.Array, cfg: ForwardConfig,
                static: dict) -> jax.Array:
-    """One Qwen3 MoE layer: attention and routing in one jit, then each hit expert on the tokens routed to it
-    (one expert's weights on the device at a time), summed, then the residual (as transformers adds it)."""
+    """One Qwen3 MoE / Mixtral layer: attention and routing in one jit, then each hit expert on the tokens routed
+    to it (one expert's weights on the device at a time), summed, then the residual (as transformers adds it)."""
     from ckpt_cli.verify import deepseek as ds  # it imports this module: imported here, not at the top
 
-    weights = jax.block_until_ready({k: jax.device_put(v) for k, v in layer.items() if k not in _EXPERTS})
-    x, h, ids, gate_w = _moe_attention_route(x, weights, cos, sin, top_k=cfg.experts_per_tok,
+    gate_path, wi0, wi1, wo = _MOE_LEAVES[cfg.family]
+    weights = jax.block_until_ready({k: jax.device_put(v) for k, v in layer.items() if k not in (wi0, wi1, wo)})
+    gate = weights.pop(gate_path)
+    x, h, ids, gate_w = _moe_attention_route(x, weights, gate, cos, sin, top_k=cfg.experts_per_tok,
                                              norm_topk_prob=cfg.norm_topk_prob, **static)
-    experts = {ds._EXP_WI0: layer[_EXP_WI0], ds._EXP_WI1: layer[_EXP_WI1], ds._EXP_WO: layer[_EXP_WO]}
+    gate.delete()
+    experts = {ds._EXP_WI0: layer[wi0], ds._EXP_WI1: layer[wi1], ds._EXP_WO: layer[wo]}
     routed = ds._routed_experts(jnp.zeros_like(h), h, np.asarray(ids), np.asarray(gate_w), experts, static["dtype"])
     x = (x + routed.reshape(x.shape)).block_until_ready()
     for w in weights.values():
@@ -345,16 +365,17 @@ def maxtext_logits(params: ParamSource, cfg: ForwardConfig, tokens: np.ndarray, 
     angles = np.arange(tokens.shape[1], dtype=np.float32)[:, None] * rope_inv_freq(cfg)[None, :]
     cos, sin = jnp.asarray(np.cos(angles)), jnp.asarray(np.sin(angles))
     llama = cfg.family == "llama3.1"
+    folded = cfg.family in ("llama3.1", "mixtral")   # the 1/sqrt(D) is in their query kernels
     static = {
         "eps": float(cfg.rms_eps),
-        "qk_norm": not llama,
+        "qk_norm": cfg.family in ("qwen3", "qwen3_moe"),
         "interleaved": llama,
-        "query_scale": 1.0 if llama else cfg.head_dim**-0.5,  # Llama: folded into the query kernel
+        "query_scale": 1.0 if folded else cfg.head_dim**-0.5,
         "dtype": dtype,
     }
     for i in range(cfg.num_layers):
         layer = _layer_weights(params.layer(i), cfg, i)
-        if cfg.family == "qwen3_moe":
+        if cfg.family in MOE_FAMILIES:
             x = _moe_layer(x, layer, cos, sin, cfg, static)
             del layer
             continue

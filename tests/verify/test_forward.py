@@ -1,5 +1,5 @@
-"""Tests of the MaxText-math forward pass (Qwen3, Qwen3 MoE, Llama 3.1) against transformers, golden values and
-known mistakes."""
+"""Tests of the MaxText-math forward pass (Qwen3, Qwen3 MoE, Llama 3.1, Mixtral) against transformers, golden values
+and known mistakes."""
 
 from __future__ import annotations
 
@@ -12,6 +12,8 @@ import torch
 from transformers import (
     LlamaConfig,
     LlamaForCausalLM,
+    MixtralConfig,
+    MixtralForCausalLM,
     Qwen3Config,
     Qwen3ForCausalLM,
     Qwen3MoeConfig,
@@ -429,3 +431,118 @@ def test_qwen3_moe_config_from_transformers_5_and_refusals() -> None:
         ForwardConfig.from_hf_config("qwen3_moe", {**cfg, "mlp_only_layers": [1]})
     with pytest.raises(ValueError, match="num_experts_per_tok"):
         ForwardConfig.from_hf_config("qwen3_moe", {**cfg, "num_experts_per_tok": 5})
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Mixtral (maxtext-layout.md §11): rotate-half RoPE, 1/sqrt(D) folded into the query kernel, no qk-norm,
+# every layer MoeBlock_0 with top-2 routing renormalised over the two
+
+
+def make_hf_mixtral(head_dim: int = 16) -> torch.nn.Module:
+    torch.manual_seed(0)
+    sizes = {k: v for k, v in SIZES.items() if k != "intermediate_size"} | {"head_dim": head_dim}
+    cfg = MixtralConfig(**sizes, intermediate_size=32, num_local_experts=4, num_experts_per_tok=2, rms_norm_eps=1e-5,
+                        sliding_window=None, attn_implementation="eager")
+    model = MixtralForCausalLM(cfg)
+    _randomize(model, seed=4)
+    return model.float().eval()
+
+
+def hf_mixtral_to_maxtext(model: torch.nn.Module, *, scale_query: bool = True, permute: bool = False,
+                          swap_gate_up: bool = False) -> DictSource:
+    """The Mixtral tree from the model's own parameters, written from §11.2 independently of the converter.
+
+    transformers 5 holds each layer's experts fused: gate_up_proj (X, 2M, E) whose rows [0, M) are expert x's w1
+    (M, E) and [M, 2M) its w3; down_proj (X, E, M) is w2. MaxText: wi_0[x, e, m] = w1_x[m, e], wi_1 from w3,
+    wo[x, m, e] = w2_x[e, m]; the router MoeBlock_0/gate/kernel[e, x] = gate.weight[x, e]; the query kernel is
+    multiplied by 1/sqrt(D) and, with rotate-half RoPE on both sides, not permuted.
+    """
+    sd = {k: v.detach().numpy().astype(np.float32) for k, v in model.state_dict().items()}
+    c = model.config
+    n, k, d, m, x_count = c.num_attention_heads, c.num_key_value_heads, c.head_dim, c.intermediate_size, 4
+    top = {
+        "token_embedder/embedding": sd["model.embed_tokens.weight"],
+        "decoder/decoder_norm/scale": sd["model.norm.weight"],
+        "decoder/logits_dense/kernel": sd["lm_head.weight"].T.copy(),
+    }
+    layers = []
+    for i in range(c.num_hidden_layers):
+        p = f"model.layers.{i}."
+        gate_up, down = sd[p + "mlp.experts.gate_up_proj"], sd[p + "mlp.experts.down_proj"]
+        assert gate_up.shape == (x_count, 2 * m, c.hidden_size) and down.shape == (x_count, c.hidden_size, m)
+        wi0 = np.stack([gate_up[x, :m, :].T for x in range(x_count)])
+        wi1 = np.stack([gate_up[x, m:, :].T for x in range(x_count)])
+        if swap_gate_up:
+            wi0, wi1 = wi1, wi0
+        q = _heads_in(sd[p + "self_attn.q_proj.weight"], n, d)
+        kk = _heads_in(sd[p + "self_attn.k_proj.weight"], k, d)
+        if permute:
+            q, kk = _halves_to_pairs(q), _halves_to_pairs(kk)
+        if scale_query:
+            q = (q * np.float32(1.0 / math.sqrt(d))).astype(np.float32)
+        layers.append({
+            "pre_self_attention_layer_norm/scale": sd[p + "input_layernorm.weight"],
+            "post_self_attention_layer_norm/scale": sd[p + "post_attention_layernorm.weight"],
+            "self_attention/query/kernel": q,
+            "self_attention/key/kernel": kk,
+            "self_attention/value/kernel": _heads_in(sd[p + "self_attn.v_proj.weight"], k, d),
+            "self_attention/out/kernel": _heads_out(sd[p + "self_attn.o_proj.weight"], n, d),
+            "MoeBlock_0/gate/kernel": sd[p + "mlp.gate.weight"].T.copy(),
+            "MoeBlock_0/wi_0": wi0,
+            "MoeBlock_0/wi_1": wi1,
+            "MoeBlock_0/wo": np.stack([down[x].T for x in range(x_count)]),
+        })
+    return DictSource(top, layers)
+
+
+@pytest.mark.parametrize("head_dim", [16, 24], ids=["D16", "D24"])
+def test_mixtral_matches_transformers(head_dim: int) -> None:
+    """float32, top-2 of 4 experts; D=24 makes 1/sqrt(D) inexact and E != N*D (64 vs 96)."""
+    model = make_hf_mixtral(head_dim)
+    cfg = _forward_cfg(model, "mixtral")
+    assert (cfg.num_experts, cfg.experts_per_tok, cfg.moe_dim, cfg.norm_topk_prob) == (4, 2, 32, True)
+    assert (cfg.head_dim, cfg.rope_theta, cfg.rope_scaling, cfg.tied) == (head_dim, 10000.0, None, False)
+    tokens = tokens_for(cfg.vocab)
+    src = hf_mixtral_to_maxtext(model)
+    ref, got = hf_logits(model, tokens), maxtext_logits(src, cfg, tokens)
+    assert got.shape == ref.shape and got.dtype == np.float32
+    assert np.abs(ref).max() > 1.0
+    assert np.abs(got - ref).max() < 1e-4
+    assert max_kl(ref, got) < 1e-6
+    assert src.fetched == list(range(cfg.num_layers))
+    assert src.live_after_next_fetch[1:] == [0] * (cfg.num_layers - 1)  # previous layer was released
+
+
+@pytest.mark.parametrize("mistake", ["no_query_scaling", "rope_permutation", "gate_up_swapped", "raw_top_k"])
+def test_mixtral_conversion_and_routing_mistakes_are_caught(mistake: str) -> None:
+    """Llama's habits applied to Mixtral (interleaving q/k, or no folded scale), swapped w1/w3, or top-2 weights
+    left unnormalised, all move the logits."""
+    model = make_hf_mixtral()
+    cfg, tokens = _forward_cfg(model, "mixtral"), tokens_for(SIZES["vocab_size"])
+    src = hf_mixtral_to_maxtext(model, scale_query=mistake != "no_query_scaling", permute=mistake == "rope_permutation",
+                                swap_gate_up=mistake == "gate_up_swapped")
+    if mistake == "raw_top_k":
+        cfg = ForwardConfig(**{**cfg.__dict__, "norm_topk_prob": False})
+    assert max_kl(hf_logits(model, tokens), maxtext_logits(src, cfg, tokens)) > 1e-4
+
+
+def test_mixtral_config_legacy_and_v5() -> None:
+    """Released config.json (rope_theta at the top, no head_dim) and transformers 5's rope_parameters."""
+    released = {
+        "model_type": "mixtral", "hidden_size": 4096, "num_hidden_layers": 32, "num_attention_heads": 32,
+        "num_key_value_heads": 8, "intermediate_size": 14336, "num_local_experts": 8, "num_experts_per_tok": 2,
+        "vocab_size": 32000, "rms_norm_eps": 1e-5, "rope_theta": 1e6, "sliding_window": None,
+        "max_position_embeddings": 32768, "tie_word_embeddings": False,
+    }  # fmt: skip
+    fc = ForwardConfig.from_hf_config("mixtral", released)
+    assert (fc.head_dim, fc.rope_theta, fc.num_experts, fc.experts_per_tok, fc.moe_dim) == (128, 1e6, 8, 2, 14336)
+    assert fc.norm_topk_prob and fc.rope_scaling is None
+    no_theta = {k: v for k, v in released.items() if k != "rope_theta"}
+    assert ForwardConfig.from_hf_config("mixtral", no_theta).rope_theta == 1e6   # MixtralConfig's default
+    v5 = MixtralConfig(**{k: v for k, v in SIZES.items() if k != "rope_theta"}, num_local_experts=4).to_dict()
+    assert "rope_parameters" in v5
+    assert ForwardConfig.from_hf_config("mixtral", v5).rope_theta == v5["rope_parameters"]["rope_theta"]
+    with pytest.raises(ValueError, match="sliding_window 4096"):
+        ForwardConfig.from_hf_config("mixtral", {**released, "sliding_window": 4096})
+    with pytest.raises(ValueError, match="num_experts_per_tok"):
+        ForwardConfig.from_hf_config("mixtral", {**released, "num_experts_per_tok": 9})

@@ -22,7 +22,7 @@ from typer.testing import CliRunner
 
 from ckpt_cli.cli.app import app
 from ckpt_cli.convert import ToMaxTextOptions, hf_to_maxtext
-from ckpt_cli.families import detect_family, llama3, qwen3
+from ckpt_cli.families import detect_family, llama3, mixtral, qwen3
 from ckpt_cli.io.orbax import OrbaxCheckpoint
 from ckpt_cli.plan import SourceSlice
 from ckpt_cli.verify import reference
@@ -109,26 +109,34 @@ def test_converted_f32_models_match_transformers(converted, kind, scan):
     assert data["reference"]["kind"] == "hf" and data["reference"]["load"] == "full"
 
 
+# The MoE kinds: (family name, MaxText MoE block, transformers class)
+MOE_KINDS = {"qwen3-moe": ("qwen3_moe", "moe_block", "Qwen3MoeForCausalLM"),
+             "mixtral": ("mixtral", "MoeBlock_0", "MixtralForCausalLM")}
+
+
 @pytest.mark.parametrize("scan", [True, False], ids=["scanned", "unscanned"])
-def test_converted_qwen3_moe_matches_transformers(converted, scan):
-    """Qwen3 MoE (every layer routed, top-2 of 4 experts) in float32: the MaxText forward equals transformers'."""
-    src, out = converted("qwen3-moe", scan)
+@pytest.mark.parametrize("kind", list(MOE_KINDS))
+def test_converted_moe_models_match_transformers(converted, kind, scan):
+    """Qwen3 MoE and Mixtral (every layer routed, top-2 of 4 experts) in float32: the MaxText forward equals
+    transformers'."""
+    src, out = converted(kind, scan)
     data = verify_json("--maxtext", out, "--hf", src)
     s = data["summary"]
-    assert data["passed"] and data["family"] == "qwen3_moe" and data["scan_layers"] is scan
+    assert data["passed"] and data["family"] == MOE_KINDS[kind][0] and data["scan_layers"] is scan
     assert s["kl_max"] < 1e-6 and s["max_abs_dlogit"] < 1e-4, s
     assert s["top1_agreement"] == 1.0
     assert data["reference"]["load"] == "full" and data["maxtext_bytes_read"] > 0
 
 
-def test_qwen3_moe_swapped_experts_fail(converted, tmp_path):
+@pytest.mark.parametrize("kind", list(MOE_KINDS))
+def test_moe_swapped_experts_fail(converted, tmp_path, kind):
     """Experts 0 and 1 exchanged in every layer (the router left alone): tokens reach the wrong experts."""
-    src, good = converted("qwen3-moe", True)
+    src, good = converted(kind, True)
     out = tmp_path / "swapped-experts"
     shutil.copytree(good, out)
     ckpt = OrbaxCheckpoint(out)
     for name in ("wi_0", "wi_1", "wo"):
-        arr = ckpt.array(f"decoder/layers/moe_block/{name}")
+        arr = ckpt.array(f"decoder/layers/{MOE_KINDS[kind][1]}/{name}")
         first, second = arr[0].read().result(), arr[1].read().result()
         assert not np.array_equal(first, second)
         arr[0].write(second).result()
@@ -137,18 +145,22 @@ def test_qwen3_moe_swapped_experts_fail(converted, tmp_path):
     assert not data["passed"] and data["summary"]["kl_max"] > 1e-3
 
 
-def test_qwen3_moe_hf_model_cannot_be_layer_streamed(converted):
-    """transformers 5 fuses each layer's experts (experts.gate_up_proj); the files keep them per expert, so
-    --hf-load stream is refused in one line that says what to use instead."""
-    src, out = converted("qwen3-moe", True)
+@pytest.mark.parametrize("kind", list(MOE_KINDS))
+def test_moe_hf_model_cannot_be_layer_streamed(converted, kind):
+    """transformers 5 fuses each layer's experts (experts.gate_up_proj) and renames Mixtral's block_sparse_moe to
+    mlp; the files keep the released per-expert names, so --hf-load stream is refused in one line that says what
+    to use instead."""
+    src, out = converted(kind, True)
     r = verify("--maxtext", out, "--hf", src, "--hf-load", "stream")
     assert r.exit_code == 2, r.output
     line = error_line(r)
-    assert "cannot stream Qwen3MoeForCausalLM" in line and "experts.gate_up_proj" in line
+    held = {"qwen3-moe": "mlp.experts.gate_up_proj", "mixtral": "mlp.gate.weight"}[kind]   # the first one it meets
+    assert (f"cannot stream {MOE_KINDS[kind][2]}: transformers holds model.layers.0.{held}, which the weight files "
+            "store differently") in line
     assert "--hf-load full" in line and "--golden" in line
 
 
-@pytest.mark.parametrize("kind", ["qwen3", "qwen3-moe"])
+@pytest.mark.parametrize("kind", ["qwen3", "qwen3-moe", "mixtral"])
 def test_orbax_params_serve_each_layer_scanned_and_unscanned(converted, kind):
     """layer(i) of both layouts equals the spec's per-layer tensors (tests/expectations.py)."""
     src, scanned = converted(kind, True)
@@ -227,6 +239,38 @@ def test_llama_transform_mistakes_fail(sharp_llama, tmp_path, monkeypatch, mista
     assert not np.array_equal(leaf(bad, q), leaf(good, q))  # the monkeypatch really changed the conversion
     assert verify_json("--maxtext", good, "--hf", sharp_llama)["summary"]["kl_max"] < 1e-6
     assert_fails(bad, sharp_llama)
+
+
+@pytest.fixture(scope="module")
+def sharp_mixtral(tmp_path_factory) -> Path:
+    """The tiny Mixtral with q/k weights x4 (see sharp_llama)."""
+    model = make_hf_model("mixtral")
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "q_proj" in name or "k_proj" in name:
+                p.mul_(4.0)
+    return save_model(model, tmp_path_factory.mktemp("sharp-mixtral"), False)
+
+
+MIXTRAL_MISTAKES = {
+    "query-scale-left-out": (("self_attention/query/kernel", "transpose"),),
+    "llama-rope-permutation": (("self_attention/query/kernel", "transpose,rope-interleave,query-scale"),
+                               ("self_attention/key/kernel", "transpose,rope-interleave")),
+}
+
+
+@pytest.mark.parametrize("mistake", list(MIXTRAL_MISTAKES))
+def test_mixtral_transform_mistakes_fail(sharp_mixtral, tmp_path, monkeypatch, mistake):
+    """Mixtral needs the folded 1/sqrt(D) but not Llama 3.1's q/k permutation: either mistake fails."""
+    table = mixtral.LAYER
+    for leaf_path, steps in MIXTRAL_MISTAKES[mistake]:
+        table = with_steps(table, leaf_path, steps)
+    bad = convert_with(monkeypatch, mixtral, table, sharp_mixtral, tmp_path / "bad")
+    good = convert_with(monkeypatch, mixtral, mixtral.LAYER, sharp_mixtral, tmp_path / "good")
+    q = "decoder/layers/self_attention/query/kernel"
+    assert not np.array_equal(leaf(bad, q), leaf(good, q))  # the monkeypatch really changed the conversion
+    assert verify_json("--maxtext", good, "--hf", sharp_mixtral)["summary"]["kl_max"] < 1e-6
+    assert_fails(bad, sharp_mixtral)
 
 
 def test_norm_weight_off_by_one_fails(hf_models, tmp_path, monkeypatch):
