@@ -330,6 +330,22 @@ def embed_tokens(params: ParamSource, cfg, tokens: np.ndarray, dtype: str):
     return jnp.asarray(embedding[tokens]).astype(dtype)
 
 
+class _ExpertCopies:
+    """One expert of a stacked (X, ...) array at a time, as a fresh copy.
+
+    jaxlib on CPU may keep the numpy source of a host-to-device transfer referenced until some time after the
+    device copy is deleted; a view of one expert would then keep the layer's whole stacked array alive past the
+    next layer's fetch (seen under CPU contention, where `_flush_host_refs` is not always enough). A copy pins
+    only itself, and costs one expert's bytes.
+    """
+
+    def __init__(self, stacked: np.ndarray) -> None:
+        self.stacked = stacked
+
+    def __getitem__(self, x: int) -> np.ndarray:
+        return np.array(self.stacked[x])
+
+
 def _moe_layer(x: jax.Array, layer: dict[str, np.ndarray], cos: jax.Array, sin: jax.Array, cfg: ForwardConfig,
                static: dict) -> jax.Array:
     """One Qwen3 MoE / Mixtral layer: attention and routing in one jit, then each hit expert on the tokens routed
@@ -337,12 +353,14 @@ def _moe_layer(x: jax.Array, layer: dict[str, np.ndarray], cos: jax.Array, sin: 
     from ckpt_cli.verify import deepseek as ds  # it imports this module: imported here, not at the top
 
     gate_path, wi0, wi1, wo = _MOE_LEAVES[cfg.family]
-    weights = jax.block_until_ready({k: jax.device_put(v) for k, v in layer.items() if k not in (wi0, wi1, wo)})
+    weights = jax.block_until_ready({k: jax.device_put(np.array(v)) for k, v in layer.items()
+                                     if k not in (wi0, wi1, wo)})   # copies: see _ExpertCopies
     gate = weights.pop(gate_path)
     x, h, ids, gate_w = _moe_attention_route(x, weights, gate, cos, sin, top_k=cfg.experts_per_tok,
                                              norm_topk_prob=cfg.norm_topk_prob, **static)
     gate.delete()
-    experts = {ds._EXP_WI0: layer[wi0], ds._EXP_WI1: layer[wi1], ds._EXP_WO: layer[wo]}
+    experts = {ds._EXP_WI0: _ExpertCopies(layer[wi0]), ds._EXP_WI1: _ExpertCopies(layer[wi1]),
+               ds._EXP_WO: _ExpertCopies(layer[wo])}
     routed = ds._routed_experts(jnp.zeros_like(h), h, np.asarray(ids), np.asarray(gate_w), experts, static["dtype"])
     x = (x + routed.reshape(x.shape)).block_until_ready()
     for w in weights.values():
