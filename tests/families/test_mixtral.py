@@ -130,6 +130,10 @@ def test_tiny_model_files_use_the_released_per_expert_names(hf_models):
 
 
 def test_inspect_and_plan_by_model_name():
+    from ckpt_cli import inspect as I
+
+    assert I.matching_models(registry.reference_config("mixtral-8x7b")) == ["mixtral-8x7b"]
+    assert I.matching_models(registry.reference_config("mixtral-8x22b")) == ["mixtral-8x22b"]
     r = run("inspect", "--model", "mixtral-8x7b", "--json")
     assert r.exit_code == 0, r.output
     data = json.loads(r.stdout)
