@@ -7,6 +7,7 @@ import datetime as _dt
 import hashlib
 import json
 import shutil
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,7 +19,7 @@ from ckpt_cli.errors import ConfigMismatchError, Interrupted, OutputError, Sourc
 from ckpt_cli.families import detect_family
 from ckpt_cli.io import hf, remote_stream
 from ckpt_cli.io.orbax import OrbaxWriter, StorageOptions, partial_dir, read_progress
-from ckpt_cli.plan import ConversionPlan, build_to_maxtext
+from ckpt_cli.plan import ConversionPlan, build_to_maxtext, rename_sources
 
 
 @dataclass(frozen=True)
@@ -56,9 +57,16 @@ def plan_to_maxtext(source: hf.HFSource, opts: ToMaxTextOptions) -> ConversionPl
         if spec.family != family.name:
             raise ConfigMismatchError(f"{model_name} is a {spec.family} model, but config.json describes "
                                       f"a {family.name} model")
-        registry.check_against(spec, source.config, family.reference_keys)
+        registry.check_against(spec, family.model_config(source.config), family.reference_keys)
     features = frozenset({"mtp"}) if opts.mtp else frozenset()
     return build_to_maxtext(family, source.config, opts.scan_layers, output_dtype(opts.dtype), features)
+
+
+def with_source_names(plan: ConversionPlan, source: hf.HFSource, names: Collection[str]) -> ConversionPlan:
+    """The plan reading the names the source's files actually use (the family decides, e.g. the text prefix
+    of a multimodal Gemma3); unchanged when they are the family's own."""
+    rename, notes = detect_family(source.config).source_names(source.config, names)
+    return plan if rename is None else rename_sources(plan, rename, notes)
 
 
 def open_reader(source: hf.HFSource, load_method: str, dtype: np.dtype | None = None):
@@ -119,6 +127,7 @@ def hf_to_maxtext(source_arg: str, out: Path, opts: ToMaxTextOptions, progress=N
     source = hf.resolve(source_arg, opts.revision, stream=opts.load_method == "safetensors")
     plan = plan_to_maxtext(source, opts)
     reader = open_reader(source, opts.load_method, plan.dtype)
+    plan = with_source_names(plan, source, reader.names)
     engine.validate(plan, reader)
     used = {task.source.name for t in plan.tensors for task in t.tasks}
     used |= {extra for name in used for extra in getattr(reader, "consumed_with", lambda n: [])(name)}

@@ -8,8 +8,10 @@ knowing the family.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -183,20 +185,21 @@ def _split_rows(rows: int, row_bytes: int) -> list[tuple[int, int]] | None:
 
 
 _ROW_SAFE_STEPS = frozenset({"rope-interleave", "query-scale"})   # act within one head: safe on whole heads
+_ELEMENTWISE_STEPS = frozenset({"embedding-scale", "offset+1"})   # act on each element alone: safe on any rows
 
 
 def _span_axis(rule: Rule, shape: Shape, stack_axes: tuple[int, ...], dims: Dims) -> tuple[int, int] | None:
     """(target axis, HF rows per unit of it) for tensors that can move in row pieces, else None.
 
-    Identity 2-D tensors: HF rows are target rows. Transposes `(out, in) -> (in, o1, o2...)` (query, key,
-    MLP...): HF rows are `o1` units of `prod(o2...)` rows each (whole heads, so the RoPE permutation and
+    Identity (or elementwise) 2-D tensors: HF rows are target rows. Transposes `(out, in) -> (in, o1, o2...)`
+    (query, key, MLP...): HF rows are `o1` units of `prod(o2...)` rows each (whole heads, so the RoPE permutation and
     query scale, which act within a head, apply piece by piece). Transposes `(out, in...) -> (i..., out)`
     (attention out, LM head): HF rows are the target's last axis.
     """
     free = [a for a in range(len(shape)) if a not in stack_axes]
     if len(rule.hf_shape) != 2 or len(free) < 2:
         return None
-    if rule.steps == ():
+    if set(rule.steps) <= _ELEMENTWISE_STEPS:     # copies, scaled or offset (Gemma3 embedding)
         return (free[0], 1) if len(free) == 2 else None
     if rule.steps[0] != "transpose" or not set(rule.steps[1:]) <= _ROW_SAFE_STEPS:
         return None
@@ -233,14 +236,16 @@ def build_to_maxtext(family: Family, hf_config: dict, scan_layers: bool, dtype: 
     unknown = set(features) - set(family.features)
     if unknown:
         raise UnsupportedError(f"{family.name} has no optional part {', '.join(sorted(unknown))}")
+    hf_config = family.model_config(hf_config)
     notes = tuple(family.check_config(hf_config, frozenset(features)))
     dims = family.dims(hf_config)
     entries: list[tuple[Rule, Block | None, str]] = [(r, None, r.maxtext) for r in family.top_rules(dims, hf_config)]
     for block in family.blocks(dims, hf_config, scan_layers, frozenset(features)):
         entries += [(r, block, f"{block.prefix}/{r.maxtext}") for r in block.rules]
     tensors = []
-    itemsize = np.dtype(dtype).itemsize
     for rule, block, path in entries:
+        stored = np.dtype(np.float32) if rule.dtype == "f32" else np.dtype(dtype)
+        itemsize = stored.itemsize
         slice_shape = eval_shape(rule.maxtext_shape, dims)
         source_shape = eval_shape(rule.hf_shape, dims)
         shape, axes = _stacked(slice_shape, rule, block, dims)
@@ -258,12 +263,21 @@ def build_to_maxtext(family: Family, hf_config: dict, scan_layers: bool, dtype: 
         else:
             span_axis = None
         tensors.append(TensorPlan(
-            target=path, shape=shape, dtype=np.dtype(dtype), slice_shape=slice_shape, source_shape=source_shape,
+            target=path, shape=shape, dtype=stored, slice_shape=slice_shape, source_shape=source_shape,
             stack_axes=axes, chain=resolve_steps(rule.steps, dims), tasks=tasks, chunk_shape=chunks,
             span_axis=span_axis))
     check_coverage(tensors)
     return ConversionPlan(TO_MAXTEXT, family.name, scan_layers, np.dtype(dtype), tuple(tensors), dict(hf_config),
                           dims, notes, frozenset(features))
+
+
+def rename_sources(plan: ConversionPlan, rename: Callable[[str], str], notes: Sequence[str] = ()) -> ConversionPlan:
+    """The same HF -> MaxText plan reading every source under `rename(name)` (the names a source's files use
+    when they differ from the family's table, e.g. a multimodal wrapper's text prefix), with `notes` added."""
+    tensors = tuple(dataclasses.replace(t, tasks=tuple(
+        dataclasses.replace(task, source=dataclasses.replace(task.source, name=rename(task.source.name)))
+        for task in t.tasks)) for t in plan.tensors)
+    return dataclasses.replace(plan, tensors=tensors, notes=(*plan.notes, *notes))
 
 
 def check_coverage(tensors: list[TensorPlan]) -> None:

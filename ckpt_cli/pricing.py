@@ -263,6 +263,7 @@ def plan_hf_to_maxtext(source_arg: str | None, opts) -> tuple[ConversionPlan, So
     src = hf.resolve(source_arg, opts.revision, stream=True)
     plan = convert.plan_to_maxtext(src, opts)
     reader = convert.open_reader(src, "safetensors", plan.dtype)
+    plan = convert.with_source_names(plan, src, reader.names)
     engine.validate(plan, reader)
     tensors = reader.files.tensors
     itemsize = {name: info.dtype.itemsize for name, info in tensors.items()}

@@ -1,7 +1,7 @@
 """MaxText model names: family, default Hugging Face repo and reference hyperparameters.
 
-Reference values follow maxtext-layout.md (§2, §5.1, §6.1, §7.1, §8.1, §11.1). `reference_config` turns an entry into
-an HF-style config.json dict, so `plan`/`inspect` can price and show real models without any data.
+Reference values follow maxtext-layout.md (§2, §5.1, §6.1, §7.1, §8.1, §9.1, §11.1). `reference_config` turns an
+entry into an HF-style config.json dict, so `plan`/`inspect` can price and show real models without any data.
 """
 
 from __future__ import annotations
@@ -49,6 +49,23 @@ def _mixtral(name: str, repo: str, e: int, n: int, m: int, layers: int, vocab: i
         "num_experts_per_tok": 2, "num_hidden_layers": layers, "vocab_size": vocab, "tie_word_embeddings": False,
         "rms_norm_eps": 1e-5, "rope_theta": 1e6, "sliding_window": None, "hidden_act": "silu",
         "max_position_embeddings": max_positions, "bos_token_id": 1, "eos_token_id": 2, "torch_dtype": "bfloat16",
+    })
+
+
+def _gemma3(name: str, repo: str, e: int, n: int, k: int, d: int, f: int, layers: int, query_scalar: int
+            ) -> ModelSpec:
+    """The text model of a Gemma 3 release (the repos are multimodal; their text_config, defaults filled in).
+    Vocabulary 262144 as MaxText's gemma3 configs (the -it files hold 262208 rows)."""
+    return ModelSpec(name, "gemma3", repo, {
+        "architectures": ["Gemma3ForCausalLM"], "model_type": "gemma3_text", "hidden_size": e,
+        "num_attention_heads": n, "num_key_value_heads": k, "head_dim": d, "intermediate_size": f,
+        "num_hidden_layers": layers, "vocab_size": 262144, "tie_word_embeddings": True, "rms_norm_eps": 1e-6,
+        "query_pre_attn_scalar": query_scalar, "sliding_window": 1024, "sliding_window_pattern": 6,
+        "rope_theta": 1_000_000.0, "rope_local_base_freq": 10_000.0,
+        "rope_scaling": {"rope_type": "linear", "factor": 8.0}, "hidden_activation": "gelu_pytorch_tanh",
+        "final_logit_softcapping": None, "attn_logit_softcapping": None, "attention_bias": False,
+        "max_position_embeddings": 131072, "bos_token_id": 2, "eos_token_id": 1, "pad_token_id": 0,
+        "torch_dtype": "bfloat16",
     })
 
 
@@ -119,6 +136,9 @@ MODELS: dict[str, ModelSpec] = {m.name: m for m in (
     _llama("llama3.1-405b", "meta-llama/Llama-3.1-405B", 16384, 128, 53248, 126),
     _mixtral("mixtral-8x7b", "mistralai/Mixtral-8x7B-Instruct-v0.1", 4096, 32, 14336, 32, 32000, 32768),
     _mixtral("mixtral-8x22b", "mistralai/Mixtral-8x22B-Instruct-v0.1", 6144, 48, 16384, 56, 32768, 65536),
+    _gemma3("gemma3-4b", "google/gemma-3-4b-it", 2560, 8, 4, 256, 10240, 34, 256),
+    _gemma3("gemma3-12b", "google/gemma-3-12b-it", 3840, 16, 8, 256, 15360, 48, 256),
+    _gemma3("gemma3-27b", "google/gemma-3-27b-it", 5376, 32, 16, 128, 21504, 62, 168),
     _deepseek("deepseek2-16b", "deepseek-ai/DeepSeek-V2-Lite", "deepseek_v2", False),
     _deepseek("deepseek3-671b", "deepseek-ai/DeepSeek-V3", "deepseek_v3", True),
     _deepseek("deepseek3.2-671b", "deepseek-ai/DeepSeek-V3.2", "deepseek_v32", True),

@@ -22,7 +22,7 @@ from ckpt_cli.families import Family, detect_family
 from ckpt_cli.io.orbax import OrbaxCheckpoint
 from ckpt_cli.plan import ConversionPlan
 
-_SCANNED = re.compile(r"decoder/(layers|dense_layers|moe_layers)/")
+_SCANNED = re.compile(r"decoder/(layers|dense_layers|moe_layers|layers_remainder)/")
 _UNSCANNED = re.compile(r"decoder/(layers|dense_layers|moe_layers)_\d+/")
 _CONFIG_DTYPES = {"bfloat16": "bf16", "float32": "f32"}
 _TOKEN_IDS = ("bos_token_id", "eos_token_id", "pad_token_id")
@@ -67,6 +67,7 @@ def resolve_architecture(ckpt: OrbaxCheckpoint, model: str | None, hf_config: Pa
         raise SourceError(f"{ckpt.items} carries no config.json (not written by ckpt): pass --model NAME "
                           f"(e.g. qwen3-8b) or --hf-config PATH to say which architecture it holds")
     family = detect_family(cfg)
+    cfg = family.model_config(cfg)     # a multimodal config: the text model the checkpoint holds
     if spec is not None:
         if spec.family != family.name:
             raise ConfigMismatchError(f"{spec.name} is a {spec.family} model, but the {origin} config describes "

@@ -12,6 +12,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import ml_dtypes
 import numpy as np
 
 Shape = tuple[int, ...]
@@ -131,6 +132,13 @@ class Offset(Transform):
 def query_scale(head_dim: int) -> Scale:
     """The 1/sqrt(D) that MaxText expects folded into Llama/Mixtral query kernels."""
     return Scale(1.0 / math.sqrt(head_dim), label=f"1/sqrt({head_dim})")
+
+
+def embedding_scale(width: int) -> Scale:
+    """The bf16(sqrt(E)) MaxText expects folded into Gemma3's embedding table (it does not scale embeddings at
+    run time, and divides tied logits by sqrt(E)); export divides by the same factor."""
+    factor = float(np.float32(math.sqrt(width)).astype(ml_dtypes.bfloat16))
+    return Scale(factor, label=f"bf16(sqrt({width}))={factor:g}")
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,9 @@ TINY = dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_d
 LLAMA_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
               "original_max_position_embeddings": 64}
 
+GEMMA3_ROPE = {"full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1_000_000.0},
+               "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0}}
+
 
 def make_hf_model(kind: str, dtype: str = "float32", seed: int = 0):
     """A tiny transformers model with every parameter distinct (norms included).
@@ -23,7 +26,9 @@ def make_hf_model(kind: str, dtype: str = "float32", seed: int = 0):
     kind: qwen3, qwen3-tied, llama, llama-d24 (head_dim 24: 1/sqrt(D) is not a power of two), qwen3-moe
     (every layer MoE: 4 experts of width 32, top-2, renormalised top-k weights), mixtral (4 experts of width
     32, top-2; transformers 5 holds them fused in memory and save_pretrained writes the released per-expert
-    `block_sparse_moe.experts.{e}.w1/w2/w3` names).
+    `block_sparse_moe.experts.{e}.w1/w2/w3` names), gemma3 (14 layers: scanned, two
+    blocks of six plus a remainder of two; sliding window 4, query_pre_attn_scalar 24 != head_dim, global RoPE
+    linearly scaled), gemma3-e48 (hidden 48: bf16(sqrt(48)) = 6.9375 is not a power of two).
     """
     import torch
     import transformers as tf
@@ -41,6 +46,12 @@ def make_hf_model(kind: str, dtype: str = "float32", seed: int = 0):
     elif kind.startswith("qwen3"):
         cfg = tf.Qwen3Config(**TINY, tie_word_embeddings=kind == "qwen3-tied", rope_theta=10000.0, rms_norm_eps=1e-6)
         model = tf.Qwen3ForCausalLM(cfg)
+    elif kind in ("gemma3", "gemma3-e48"):
+        dims = TINY | {"num_hidden_layers": 14} | ({"hidden_size": 48} if kind == "gemma3-e48" else {})
+        cfg = tf.Gemma3TextConfig(**dims, sliding_window=4, query_pre_attn_scalar=24, rms_norm_eps=1e-6,
+                                  hidden_activation="gelu_pytorch_tanh", tie_word_embeddings=True,
+                                  rope_parameters=dict(GEMMA3_ROPE), attn_implementation="eager")
+        model = tf.Gemma3ForCausalLM(cfg)
     elif kind in ("llama", "llama-d24"):
         dims = TINY | {"head_dim": 24} if kind == "llama-d24" else TINY
         cfg = tf.LlamaConfig(**dims, tie_word_embeddings=False, rope_theta=10000.0, rms_norm_eps=1e-5,

@@ -15,6 +15,26 @@ def _f32(x):
     return np.asarray(x, dtype=np.float32)
 
 
+GEMMA3_NORMS = {  # §9.3: MaxText leaf <- HF name in the layer, every one stored as f32(w) + 1
+    "pre_self_attention_norm/scale": "input_layernorm.weight",
+    "post_self_attention_norm/scale": "post_attention_layernorm.weight",
+    "pre_ffw_norm/scale": "pre_feedforward_layernorm.weight",
+    "post_ffw_norm/scale": "post_feedforward_layernorm.weight",
+    "self_attention/query_norm/scale": "self_attn.q_norm.weight",
+    "self_attention/key_norm/scale": "self_attn.k_norm.weight",
+}
+
+
+def gemma3_embedding_factor(width: int) -> np.float32:
+    """§9.3: s = bf16(sqrt(E)) (4b: 50.5, 12b: 62.0, 27b: 73.5)."""
+    return np.float32(ml_dtypes.bfloat16(math.sqrt(width)))
+
+
+def stored_dtype(path: str, family: str, dtype: str) -> str:
+    """The dtype a leaf is stored in: §3.4, Gemma3's norm scales (after +1) are float32 whatever --dtype."""
+    return "f32" if family == "gemma3" and path.endswith("norm/scale") else dtype
+
+
 def expected_layer(hf: dict, cfg: dict, family: str, i: int) -> dict[str, np.ndarray]:
     """Per-layer MaxText leaves for HF layer i, as float32 (before the output cast)."""
     E, N, K = cfg["hidden_size"], cfg["num_attention_heads"], cfg["num_key_value_heads"]
@@ -30,6 +50,15 @@ def expected_layer(hf: dict, cfg: dict, family: str, i: int) -> dict[str, np.nda
     v_mt = np.einsum("hde->ehd", v.reshape(K, D, E))
     # out_mt[h, d, e] = o_hf[e, h*D + d]
     o_mt = np.einsum("ehd->hde", o.reshape(E, N, D))
+    if family == "gemma3":
+        # §9.3: no query scaling, no RoPE permutation; norms + 1 in float32; GeGLU kernels transposed
+        out = {leaf: _f32(hf[p + name]) + np.float32(1.0) for leaf, name in GEMMA3_NORMS.items()}
+        out |= {"self_attention/query/kernel": q_mt, "self_attention/key/kernel": k_mt,
+                "self_attention/value/kernel": v_mt, "self_attention/out/kernel": o_mt,
+                "mlp/wi_0/kernel": _f32(hf[p + "mlp.gate_proj.weight"]).T,
+                "mlp/wi_1/kernel": _f32(hf[p + "mlp.up_proj.weight"]).T,
+                "mlp/wo/kernel": _f32(hf[p + "mlp.down_proj.weight"]).T}
+        return out
     out = {
         "pre_self_attention_layer_norm/scale": _f32(hf[p + "input_layernorm.weight"]),
         "post_self_attention_layer_norm/scale": _f32(hf[p + "post_attention_layernorm.weight"]),
@@ -74,6 +103,8 @@ def expected_tree(hf: dict, cfg: dict, family: str, scan: bool) -> dict[str, np.
 
     Scanned: the layer axis is inserted at index 1 of every per-layer leaf (experts keep axis 0).
     """
+    if family == "gemma3":
+        return _gemma3_tree(hf, cfg, scan)
     tree = {"token_embedder/embedding": _f32(hf["model.embed_tokens.weight"]),
             "decoder/decoder_norm/scale": _f32(hf["model.norm.weight"])}
     if not cfg.get("tie_word_embeddings"):
@@ -85,6 +116,29 @@ def expected_tree(hf: dict, cfg: dict, family: str, scan: bool) -> dict[str, np.
         else:
             for i, lay in enumerate(layers):
                 tree[f"decoder/layers_{i}/{leaf}"] = lay[leaf]
+    return tree
+
+
+def _gemma3_tree(hf: dict, cfg: dict, scan: bool) -> dict[str, np.ndarray]:
+    """§9.2/§9.3: embedding x bf16(sqrt(E)) (f32 product), final norm + 1, tied (no logits_dense).
+
+    Unscanned `decoder/layers_<i>`; scanned `decoder/layers/layers_<b>` stacks HF layers 6s + b on axis 1 and
+    `decoder/layers_remainder/layers_<r>` holds HF layer 6*floor(L/6) + r unstacked.
+    """
+    E, L = cfg["hidden_size"], cfg["num_hidden_layers"]
+    tree = {"token_embedder/embedding": _f32(hf["model.embed_tokens.weight"]) * gemma3_embedding_factor(E),
+            "decoder/decoder_norm/scale": _f32(hf["model.norm.weight"]) + np.float32(1.0)}
+    layers = [expected_layer(hf, cfg, "gemma3", i) for i in range(L)]
+    for leaf in layers[0]:
+        if not scan:
+            for i, lay in enumerate(layers):
+                tree[f"decoder/layers_{i}/{leaf}"] = lay[leaf]
+            continue
+        reps = L // 6
+        for b in range(6 if reps else 0):
+            tree[f"decoder/layers/layers_{b}/{leaf}"] = np.stack([layers[6 * s + b][leaf] for s in range(reps)], axis=1)
+        for r in range(L - 6 * reps):
+            tree[f"decoder/layers_remainder/layers_{r}/{leaf}"] = layers[6 * reps + r][leaf]
     return tree
 
 

@@ -22,7 +22,7 @@ from ckpt_cli.cli.app import app
 from ckpt_cli.convert import ToHFOptions, ToMaxTextOptions, hf_to_maxtext, maxtext_to_hf
 from ckpt_cli.io.safetensors import read_header
 from tests.conftest import read_config
-from tests.expectations import assert_bits_equal
+from tests.expectations import assert_bits_equal, gemma3_embedding_factor
 from tests.hub_server import fake_hub  # noqa: F401 - pytest fixture
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -67,7 +67,9 @@ def bits(x: np.ndarray) -> np.ndarray:
 # ------------------------------------------------------------------------------------------------------------
 # HF -> MaxText -> HF
 
-ROUND_TRIPS = [(kind, scan, dtype) for kind in ("qwen3", "qwen3-tied", "llama", "llama-d24", "qwen3-moe", "mixtral")
+ROUND_TRIPS = [(kind, scan, dtype)
+               for kind in ("qwen3", "qwen3-tied", "llama", "llama-d24", "qwen3-moe", "mixtral", "gemma3",
+                            "gemma3-e48")
                for scan in (True, False) for dtype in ("bf16", "f32")]
 
 
@@ -82,6 +84,13 @@ def test_round_trip_is_exact(hf_models, tmp_path, kind, scan, dtype):
     at most 1: one bf16 ulp in bf16, one f32 ulp in f32, the least a non-power-of-two scale allows since it
     is not injective). In f32 most elements come back bit-identical. With D = 16 the factor is a power of two
     and (a) means bit-identical.
+
+    Gemma3's embedding is the same argument with s = bf16(sqrt(E)): exact for E = 64 (s = 8), one ulp at most for
+    E = 48 (s = 6.9375). Its norm weights go through `f32(x) + 1`, stored float32 whatever the dtype (§3.4), and
+    `- 1` on export: we assert the bits equal `out(f32(f32(x) + 1) - 1)`, and (bf16) bit-identity wherever
+    2^-15 <= |x| < 2^23 (x has 8 significant bits, so x + 1 needs at most 24 and is exact in float32, and so is
+    the subtraction), (f32) at most one ulp wherever |x| >= 0.5 (only the rounding of x + 1 can move it, by
+    half an ulp of x + 1 <= 3|x|, i.e. at most one ulp of x; the subtraction is then exact).
     """
     src = hf_models(kind, SRC_DTYPE[dtype])
     mt = to_maxtext(src, tmp_path / "mt", scan, dtype)
@@ -106,8 +115,25 @@ def test_round_trip_is_exact(hf_models, tmp_path, kind, scan, dtype):
             if dtype == "f32":
                 assert n_moved <= x.size // 4, f"{name}: {n_moved} of {x.size} moved by one ulp"
             moved += n_moved
+        elif kind.startswith("gemma3") and name == "model.embed_tokens.weight":
+            s = gemma3_embedding_factor(cfg["hidden_size"])
+            down = (x.astype(np.float32) * s).astype(store)
+            assert_bits_equal(got[name], (down.astype(np.float32) / s).astype(store), name)
+            assert np.abs(bits(got[name]) - bits(x)).max() <= 1, name
+            moved += int(np.count_nonzero(bits(got[name]) != bits(x)))
+        elif kind.startswith("gemma3") and name.endswith("norm.weight"):
+            one = np.float32(1.0)
+            assert_bits_equal(got[name], ((x.astype(np.float32) + one) - one).astype(store), name)
+            mag = np.abs(x.astype(np.float32))
+            proven = (mag >= 2.0**-15) & (mag < 2.0**23) if dtype == "bf16" else mag >= 0.5
+            assert proven.any(), name
+            assert np.abs(bits(got[name]) - bits(x))[proven].max() <= (0 if dtype == "bf16" else 1), name
         else:
             assert_bits_equal(got[name], x, name)
+    if kind == "gemma3":
+        assert moved == 0   # E = 64: bf16(sqrt(E)) = 8, a power of two, exact both ways
+    if kind == "gemma3-e48" and dtype == "bf16":
+        assert moved > 0    # s = 6.9375: bf16 rounding moves some embedding elements by one ulp
     if kind in ("llama", "mixtral"):
         assert moved == 0   # D = 16: the scale is a power of two, exact both ways
     if kind == "llama-d24" and dtype == "bf16":
@@ -120,7 +146,7 @@ def test_round_trip_is_exact(hf_models, tmp_path, kind, scan, dtype):
 
 @pytest.mark.parametrize("kind,scan", [("qwen3", True), ("qwen3-tied", False), ("llama", False),
                                        ("llama-d24", True), ("qwen3-moe", True), ("mixtral", True),
-                                       ("mixtral", False)])
+                                       ("mixtral", False), ("gemma3", True), ("gemma3-e48", False)])
 def test_round_trip_logits_match_transformers(hf_models, tmp_path, kind, scan):
     """The output folder loads with AutoModelForCausalLM and gives the original model's logits (float32)."""
     import torch
@@ -137,7 +163,9 @@ def test_round_trip_logits_match_transformers(hf_models, tmp_path, kind, scan):
         assert next(model.parameters()).dtype == torch.float32
         with torch.no_grad():
             logits.append(model(tokens).logits)
-    assert float((logits[0] - logits[1]).abs().max()) < 1e-5
+    # gemma3-e48: its embedding (x 6.9375 then / 6.9375) and norms (+1 then -1) come back within one f32 ulp, not
+    # bit-identical (test_round_trip_is_exact), which 14 layers turn into logit differences of about 1e-5
+    assert float((logits[0] - logits[1]).abs().max()) < (1e-4 if kind == "gemma3-e48" else 1e-5)
 
 
 def test_large_tensors_written_in_row_pieces(hf_models, tmp_path, monkeypatch):

@@ -1,5 +1,5 @@
-"""HF -> MaxText for Qwen3 (tied, untied), Qwen3 MoE, Llama 3.1 and Mixtral: restored with Orbax's own API, checked
-leaf by leaf against expectations written from the layout spec."""
+"""HF -> MaxText for Qwen3 (tied, untied), Qwen3 MoE, Llama 3.1, Mixtral and Gemma3: restored with Orbax's own API,
+checked leaf by leaf against expectations written from the layout spec."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from safetensors.numpy import load_file
 from ckpt_cli.convert import ToMaxTextOptions, hf_to_maxtext
 from ckpt_cli.io.orbax import StorageOptions
 from tests.conftest import read_config
-from tests.expectations import assert_bits_equal, cast, expected_tree, flatten
+from tests.expectations import assert_bits_equal, cast, expected_tree, flatten, stored_dtype
 
 
 def load_hf(folder) -> dict:
@@ -48,8 +48,15 @@ CASES = [
     ("mixtral", "float32", False, False, "f32"),
     ("mixtral", "bfloat16", True, False, "bf16"),
     ("mixtral", "bfloat16", False, True, "bf16"),
+    ("gemma3", "float32", False, True, "f32"),
+    ("gemma3", "float32", True, False, "f32"),
+    ("gemma3", "bfloat16", True, True, "bf16"),
+    ("gemma3", "bfloat16", False, False, "bf16"),
+    ("gemma3-e48", "bfloat16", False, True, "bf16"),
+    ("gemma3-e48", "float32", True, False, "f32"),
 ]
-FAMILY = {"llama": "llama", "qwen3-moe": "qwen3_moe", "mixtral": "mixtral"}   # the others: qwen3
+FAMILY = {"llama": "llama", "qwen3-moe": "qwen3_moe", "mixtral": "mixtral", "gemma3": "gemma3",
+          "gemma3-e48": "gemma3"}   # the others: qwen3
 
 
 @pytest.mark.parametrize("kind,src_dtype,sharded,scan,dtype", CASES)
@@ -61,10 +68,11 @@ def test_converted_tree_matches_spec(hf_models, tmp_path, kind, src_dtype, shard
     assert int(restored["step"]) == 0
     assert restored["opt_state"] == {} or restored["opt_state"] is None
     got = flatten(restored["params"]["params"])
-    want = expected_tree(load_hf(src), read_config(src), FAMILY.get(kind, "qwen3"), scan)
+    family = FAMILY.get(kind, "qwen3")
+    want = expected_tree(load_hf(src), read_config(src), family, scan)
     assert set(got) == set(want)
     for path, expected in want.items():
-        assert_bits_equal(got[path], cast(expected, dtype), path)
+        assert_bits_equal(got[path], cast(expected, stored_dtype(path, family, dtype)), path)
     if kind == "qwen3-moe":
         # §8.2 with X=4 experts, L=2, E=64, M=32: experts on axis 0, the layer axis (scanned) at 1
         pre = "decoder/layers/moe_block/" if scan else "decoder/layers_1/moe_block/"

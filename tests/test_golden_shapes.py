@@ -1,4 +1,4 @@
-"""The plan for real configs (no data) equals maxtext-layout.md Appendix A (and §8.2, §11.2), scanned and
+"""The plan for real configs (no data) equals maxtext-layout.md Appendix A (and §8.2, §9.2, §11.2), scanned and
 unscanned."""
 
 from __future__ import annotations
@@ -107,6 +107,68 @@ MIXTRAL = {
     "token_embedder-embedding": {"mixtral-8x7b": (32000, 4096), "mixtral-8x22b": (32768, 6144)},
 }
 
+# Appendix A, Gemma3 scanned: {b} is each of layers_0..5, {r} each remainder layer; (4b, 12b, 27b), None: absent.
+GEMMA3_SIZES = {"gemma3-4b": (34, 0), "gemma3-12b": (48, 1), "gemma3-27b": (62, 2)}   # (L, column)
+GEMMA3 = {
+    "decoder-decoder_norm-scale": ((2560,), (3840,), (5376,)),
+    "decoder-layers-layers_{b}-mlp-wi_0-kernel": ((2560, 5, 10240), (3840, 8, 15360), (5376, 10, 21504)),
+    "decoder-layers-layers_{b}-mlp-wi_1-kernel": ((2560, 5, 10240), (3840, 8, 15360), (5376, 10, 21504)),
+    "decoder-layers-layers_{b}-mlp-wo-kernel": ((10240, 5, 2560), (15360, 8, 3840), (21504, 10, 5376)),
+    "decoder-layers-layers_{b}-post_ffw_norm-scale": ((2560, 5), (3840, 8), (5376, 10)),
+    "decoder-layers-layers_{b}-post_self_attention_norm-scale": ((2560, 5), (3840, 8), (5376, 10)),
+    "decoder-layers-layers_{b}-pre_ffw_norm-scale": ((2560, 5), (3840, 8), (5376, 10)),
+    "decoder-layers-layers_{b}-pre_self_attention_norm-scale": ((2560, 5), (3840, 8), (5376, 10)),
+    "decoder-layers-layers_{b}-self_attention-key-kernel": ((2560, 5, 4, 256), (3840, 8, 8, 256), (5376, 10, 16, 128)),
+    "decoder-layers-layers_{b}-self_attention-key_norm-scale": ((256, 5), (256, 8), (128, 10)),
+    "decoder-layers-layers_{b}-self_attention-out-kernel": ((8, 5, 256, 2560), (16, 8, 256, 3840), (32, 10, 128, 5376)),
+    "decoder-layers-layers_{b}-self_attention-query-kernel":
+        ((2560, 5, 8, 256), (3840, 8, 16, 256), (5376, 10, 32, 128)),
+    "decoder-layers-layers_{b}-self_attention-query_norm-scale": ((256, 5), (256, 8), (128, 10)),
+    "decoder-layers-layers_{b}-self_attention-value-kernel":
+        ((2560, 5, 4, 256), (3840, 8, 8, 256), (5376, 10, 16, 128)),
+    "decoder-layers_remainder-layers_{r}-mlp-wi_0-kernel": ((2560, 10240), None, (5376, 21504)),
+    "decoder-layers_remainder-layers_{r}-mlp-wi_1-kernel": ((2560, 10240), None, (5376, 21504)),
+    "decoder-layers_remainder-layers_{r}-mlp-wo-kernel": ((10240, 2560), None, (21504, 5376)),
+    "decoder-layers_remainder-layers_{r}-post_ffw_norm-scale": ((2560,), None, (5376,)),
+    "decoder-layers_remainder-layers_{r}-post_self_attention_norm-scale": ((2560,), None, (5376,)),
+    "decoder-layers_remainder-layers_{r}-pre_ffw_norm-scale": ((2560,), None, (5376,)),
+    "decoder-layers_remainder-layers_{r}-pre_self_attention_norm-scale": ((2560,), None, (5376,)),
+    "decoder-layers_remainder-layers_{r}-self_attention-key-kernel": ((2560, 4, 256), None, (5376, 16, 128)),
+    "decoder-layers_remainder-layers_{r}-self_attention-key_norm-scale": ((256,), None, (128,)),
+    "decoder-layers_remainder-layers_{r}-self_attention-out-kernel": ((8, 256, 2560), None, (32, 128, 5376)),
+    "decoder-layers_remainder-layers_{r}-self_attention-query-kernel": ((2560, 8, 256), None, (5376, 32, 128)),
+    "decoder-layers_remainder-layers_{r}-self_attention-query_norm-scale": ((256,), None, (128,)),
+    "decoder-layers_remainder-layers_{r}-self_attention-value-kernel": ((2560, 4, 256), None, (5376, 16, 128)),
+    "token_embedder-embedding": ((262144, 2560), (262144, 3840), (262144, 5376)),
+}
+
+
+
+def gemma3_golden(model: str, scan: bool) -> dict[str, tuple[int, ...]]:
+    """Appendix A's Gemma3 rows expanded: {b} over layers_0..5 (scan length L // 6), {r} over the L mod 6 remainder
+    layers; unscanned, §9.2's decoder/layers_<i> with the per-layer shapes (scanned without axis 1)."""
+    layers, col = GEMMA3_SIZES[model]
+    out = {}
+    for key, shapes in GEMMA3.items():
+        shape = shapes[col]
+        if shape is None:
+            assert layers % 6 == 0 and "{r}" in key
+            continue
+        if "{b}" in key:
+            if scan:
+                assert shape[1] == layers // 6
+                out.update({key.format(b=b): shape for b in range(6)})
+            else:
+                per_layer = shape[:1] + shape[2:]
+                leaf = key.replace("decoder-layers-layers_{b}-", "")
+                out.update({f"decoder-layers_{i}-{leaf}": per_layer for i in range(layers)})
+        elif "{r}" in key:
+            if scan:
+                out.update({key.format(r=r): shape for r in range(layers % 6)})
+        else:
+            out[key] = shape
+    return out
+
 
 def golden(model: str) -> dict[str, tuple[int, ...]]:
     if model.startswith("llama"):
@@ -139,6 +201,26 @@ def plan_shapes(model: str, scan: bool) -> dict[str, tuple[int, ...]]:
 def test_plan_equals_appendix_a(model, layers):
     assert plan_shapes(model, True) == golden(model)
     assert plan_shapes(model, False) == unscanned(golden(model), layers)
+
+
+@pytest.mark.parametrize("model", list(GEMMA3_SIZES))
+def test_gemma3_plan_equals_appendix_a(model):
+    """gemma3-4b: 5 x 6 + 4 remainder; -12b: 8 x 6, no remainder; -27b: 10 x 6 + 2; no logits_dense (tied)."""
+    for scan in (True, False):
+        assert plan_shapes(model, scan) == gemma3_golden(model, scan)
+    assert not any("logits_dense" in key for key in plan_shapes(model, True))
+
+
+def test_gemma3_plan_stores_norms_f32_and_counts_4b_parameters():
+    """§3.4: the (1 + w) norm scales are float32 even in a bf16 checkpoint; everything else bf16. Gemma 3 4B's
+    language model (§9.1: E 2560, N 8, K 4, D 256, F 10240, L 34, V 262144) has about 3.88e9 parameters."""
+    cfg = registry.reference_config("gemma3-4b")
+    plan = build_to_maxtext(detect_family(cfg), cfg, True, output_dtype("bf16"))
+    for t in plan.tensors:
+        assert t.dtype.name == ("float32" if t.target.endswith("norm/scale") else "bfloat16"), t.target
+    e, n, k, d, f, layers, v = 2560, 8, 4, 256, 10240, 34, 262144
+    per_layer = e * n * d * 2 + e * k * d * 2 + 3 * e * f + 4 * e + 2 * d
+    assert sum(math.prod(t.shape) for t in plan.tensors) == v * e + e + layers * per_layer == 3_880_099_328
 
 
 def test_plan_reads_no_data_and_sizes_are_right():

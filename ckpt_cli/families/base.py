@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import re
 import string
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass, field
 
 from ckpt_cli import transforms as T
@@ -31,17 +31,18 @@ class Rule:
     hf_shape: tuple[str, ...]       # HF tensor shape as dim expressions
     steps: tuple[str, ...]          # transform names, HF -> MaxText order
     experts: str | None = None      # dim of an expert axis stacked at 0 (one HF tensor per expert)
+    dtype: str | None = None        # "f32": stored float32 in MaxText whatever the output dtype (Gemma norms)
 
     @property
     def slots(self) -> frozenset[str]:
         return frozenset(f for _, f, _, _ in string.Formatter().parse(self.hf) if f)
 
 
-def row(maxtext: str, hf: str, maxtext_shape: str, hf_shape: str, steps: str = "", experts: str | None = None
-        ) -> Rule:
+def row(maxtext: str, hf: str, maxtext_shape: str, hf_shape: str, steps: str = "", experts: str | None = None,
+        dtype: str | None = None) -> Rule:
     """Table-row shorthand: shapes and steps as comma-separated strings."""
     split = lambda s: tuple(p.strip() for p in s.split(",") if p.strip())  # noqa: E731
-    return Rule(maxtext, hf, split(maxtext_shape), split(hf_shape), split(steps), experts)
+    return Rule(maxtext, hf, split(maxtext_shape), split(hf_shape), split(steps), experts, dtype)
 
 
 @dataclass(frozen=True)
@@ -71,6 +72,12 @@ class Family:
     features: frozenset[str] = frozenset()          # optional parts a user can ask for (e.g. "mtp")
     reference_keys: tuple[str, ...] = ()             # config keys compared against reference models
     notes: str = ""
+    # The config of the model converted, from a source's config.json (e.g. a multimodal config's text part).
+    model_config: Callable[[dict], dict] = lambda cfg: cfg
+    # For a source whose files name the model's tensors differently (source config, file tensor names):
+    # (plan name -> file name, or None when the names agree; notes).
+    source_names: Callable[[dict, Collection[str]], tuple[Callable[[str], str] | None, list[str]]] = (
+        lambda cfg, names: (None, []))
     extra: dict = field(default_factory=dict)
 
 
@@ -131,9 +138,11 @@ def validate_rules(rules: Iterable[Rule], dims: Dims) -> None:
             raise AssertionError(f"{r.maxtext}: element counts differ between {r.maxtext_shape} and {r.hf_shape}")
         if not re.fullmatch(r"[A-Za-z0-9_/]+", r.maxtext):
             raise AssertionError(f"{r.maxtext}: bad leaf path")
+        if r.dtype not in (None, "f32"):
+            raise AssertionError(f"{r.maxtext}: unknown stored dtype {r.dtype!r}")
 
 
-STEP_NAMES = frozenset({"transpose", "reshape", "rope-interleave", "query-scale", "offset+1"})
+STEP_NAMES = frozenset({"transpose", "reshape", "rope-interleave", "query-scale", "offset+1", "embedding-scale"})
 
 
 def resolve_steps(names: Sequence[str], dims: Dims) -> T.Chain:
@@ -150,6 +159,8 @@ def resolve_steps(names: Sequence[str], dims: Dims) -> T.Chain:
             steps.append(T.query_scale(dims["D"]))
         elif name == "offset+1":
             steps.append(T.Offset(1.0))
+        elif name == "embedding-scale":
+            steps.append(T.embedding_scale(dims["E"]))
         else:
             raise AssertionError(f"unknown transform {name}")
     return T.Chain(tuple(steps))

@@ -182,6 +182,10 @@ def forward_config(cfg: dict):
             from ckpt_cli.verify.deepseek import DeepseekConfig
 
             return family, DeepseekConfig.from_hf_config(cfg)
+        if family.name == "gemma3":
+            from ckpt_cli.verify.gemma3 import Gemma3Config
+
+            return family, Gemma3Config.from_hf_config(cfg)
         from ckpt_cli.verify.forward import ForwardConfig
 
         return family, ForwardConfig.from_hf_config(family.name, cfg)
@@ -217,6 +221,10 @@ def maxtext_forward(params: OrbaxParams, fcfg, prompts: Sequence[Prompt], dtype:
         from ckpt_cli.verify.deepseek import deepseek_logits
 
         logits, notes = deepseek_logits(params, fcfg, batch, dtype=COMPUTE_DTYPES[dtype])
+    elif type(fcfg).__name__ == "Gemma3Config":
+        from ckpt_cli.verify.gemma3 import gemma3_logits
+
+        logits = gemma3_logits(params, fcfg, batch, dtype=COMPUTE_DTYPES[dtype])
     else:
         from ckpt_cli.verify.forward import maxtext_logits
 
@@ -245,6 +253,7 @@ def verify_logits(opts: VerifyOptions, note: Callable[[str], None] | None = None
     golden = golden_io.load(opts.golden) if opts.golden else None
     hf_folder = _hf_folder(opts.hf, opts.revision) if opts.hf else None
     cfg, config_source = resolve_config(ckpt, hf_folder, golden)
+    cfg = detect_family(cfg).model_config(cfg)
     family, fcfg = forward_config(cfg)
     scan = detect_scan(ckpt)
     check_tree(ckpt, family, cfg, scan)
