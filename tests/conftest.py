@@ -21,13 +21,19 @@ def make_hf_model(kind: str, dtype: str = "float32", seed: int = 0):
     """A tiny transformers model with every parameter distinct (norms included).
 
     kind: qwen3, qwen3-tied, llama, llama-d24 (head_dim 24: 1/sqrt(D) is not a power of two), qwen3-moe
-    (every layer MoE: 4 experts of width 32, top-2, renormalised top-k weights).
+    (every layer MoE: 4 experts of width 32, top-2, renormalised top-k weights), gpt-oss (4 layers, so two
+    scanned blocks of scan length 2; 4 experts of width 32 != hidden 64, top-2; sliding window 4).
     """
     import torch
     import transformers as tf
 
     torch.manual_seed(seed)
-    if kind == "qwen3-moe":
+    if kind == "gpt-oss":
+        dims = TINY | {"num_hidden_layers": 4, "intermediate_size": 32, "max_position_embeddings": 131072}
+        cfg = tf.GptOssConfig(**dims, num_local_experts=4, num_experts_per_tok=2, sliding_window=4,
+                              tie_word_embeddings=False, rms_norm_eps=1e-5)
+        model = tf.GptOssForCausalLM(cfg)
+    elif kind == "qwen3-moe":
         cfg = tf.Qwen3MoeConfig(**TINY, moe_intermediate_size=32, num_experts=4, num_experts_per_tok=2,
                                 norm_topk_prob=True, tie_word_embeddings=False, rope_theta=10000.0, rms_norm_eps=1e-6)
         model = tf.Qwen3MoeForCausalLM(cfg)

@@ -67,7 +67,7 @@ def bits(x: np.ndarray) -> np.ndarray:
 # ------------------------------------------------------------------------------------------------------------
 # HF -> MaxText -> HF
 
-ROUND_TRIPS = [(kind, scan, dtype) for kind in ("qwen3", "qwen3-tied", "llama", "llama-d24", "qwen3-moe")
+ROUND_TRIPS = [(kind, scan, dtype) for kind in ("qwen3", "qwen3-tied", "llama", "llama-d24", "qwen3-moe", "gpt-oss")
                for scan in (True, False) for dtype in ("bf16", "f32")]
 
 
@@ -118,7 +118,8 @@ def test_round_trip_is_exact(hf_models, tmp_path, kind, scan, dtype):
 
 
 @pytest.mark.parametrize("kind,scan", [("qwen3", True), ("qwen3-tied", False), ("llama", False),
-                                       ("llama-d24", True), ("qwen3-moe", True)])
+                                       ("llama-d24", True), ("qwen3-moe", True), ("gpt-oss", True),
+                                       ("gpt-oss", False)])
 def test_round_trip_logits_match_transformers(hf_models, tmp_path, kind, scan):
     """The output folder loads with AutoModelForCausalLM and gives the original model's logits (float32)."""
     import torch
