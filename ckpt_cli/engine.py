@@ -154,4 +154,4 @@ def default_budget(plan: ConversionPlan) -> int:
 
 def task_cost(tensor: TensorPlan, task: SliceTask) -> int:
     """Bytes one task holds at its peak: the source slice (at most 4 bytes an element) and its result."""
-    return math.prod(tensor.task_shape(task)) * (4 + np.dtype(tensor.dtype).itemsize)
+    return tensor.read_elements(task) * 4 + math.prod(tensor.task_shape(task)) * np.dtype(tensor.dtype).itemsize

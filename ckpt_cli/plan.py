@@ -102,6 +102,10 @@ class TensorPlan:
             shape[task.part.axis] = task.part.length(shape[task.part.axis])
         return tuple(shape)
 
+    def read_elements(self, task: SliceTask) -> int:
+        """Elements a task reads: what it produces, times the step of a source part (the rest is skipped)."""
+        return math.prod(self.task_shape(task)) * (task.source.part.step if task.source.part else 1)
+
     def apply(self, x: np.ndarray, direction: str, task: SliceTask) -> np.ndarray:
         """Transform one source slice into one target slice of the target dtype.
 

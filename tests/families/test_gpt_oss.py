@@ -248,3 +248,19 @@ def test_maxtext_to_hf_resolves_gpt_oss_architecture(hf_models, tmp_path):
     data = json.loads(r.stdout)
     assert data["family"] == "gpt_oss" and data["scan_layers"] is True
     assert json.loads((tmp_path / "c" / "config.json").read_text())["architectures"] == ["GptOssForCausalLM"]
+
+
+def test_pricing_counts_each_gate_up_byte_read_once_per_part(hf_models):
+    """Both parts read the whole expert slice (the other half is skipped): import reads gate_up_proj twice,
+    every other tensor once; export reads every MaxText element once."""
+    from ckpt_cli import pricing
+
+    src = hf_models("gpt-oss")
+    cfg = read_config(src)
+    hf = load_hf(src)
+    forward = build_to_maxtext(detect_family(cfg), cfg, True, np.dtype(np.float32))
+    source = pricing.Source("src", "local", itemsize={k: 4 for k in hf})
+    gate_up = sum(v.nbytes for k, v in hf.items() if k.endswith("gate_up_proj") or k.endswith("gate_up_proj_bias"))
+    assert pricing.read_bytes(forward, source) == sum(v.nbytes for v in hf.values()) + gate_up
+    reverse = build_to_hf(detect_family(cfg), cfg, True, np.dtype(np.float32))
+    assert pricing.read_bytes(reverse, pricing.Source("mt", "orbax", {}, default_itemsize=4)) == forward.output_bytes
