@@ -105,7 +105,8 @@ def progress_key(plan: ConversionPlan, source: hf.HFSource, opts: ToMaxTextOptio
     ident = {"tool": __version__, "source": source.label, "files": files,
              "storage": dataclasses.asdict(opts.storage), "load_method": opts.load_method,
              "plan": [[t.target, list(t.shape), np.dtype(t.dtype).name, list(t.chunk_shape), t.chain.describe(),
-                       [[k.source.name, repr(k.source.index), repr(k.source.rows)] for k in t.tasks]]
+                       [[k.source.name, repr(k.source.index), repr(k.source.rows)]
+                        + ([repr(k.source.part)] if k.source.part else []) for k in t.tasks]]
                       for t in plan.tensors]}
     return hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()
 

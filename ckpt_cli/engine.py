@@ -13,7 +13,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Collection
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 import numpy as np
@@ -77,9 +77,7 @@ def execute(plan: ConversionPlan, reader: Reader, writer: Writer, progress: Prog
     start = time.perf_counter()
     for t in plan.tensors:
         writer.create(t.target, t.shape, t.dtype, t.chunk_shape)
-    jobs: list[tuple[TensorPlan, SliceTask]] = [(t, task) for t in plan.tensors for task in t.tasks
-                                                if not skip or write_key(t.target, t.target_index(task)) not in skip]
-    jobs.sort(key=lambda j: reader.order_key(j[1].source))
+    jobs = ordered_jobs(plan, reader, skip)
     total = sum(_task_bytes(t, task) for t, task in jobs)
     budget = budget_bytes or default_budget(plan)
     stats = Stats(tensors=len(plan.tensors), tasks=len(jobs))
@@ -126,6 +124,25 @@ def execute(plan: ConversionPlan, reader: Reader, writer: Writer, progress: Prog
     return stats
 
 
+def ordered_jobs(plan: ConversionPlan, reader: Reader, skip: Collection[tuple] = ()
+                 ) -> list[tuple[TensorPlan, SliceTask]]:
+    """The tasks to run, in source order (sequential reads), except that tasks writing parts of one target
+    region run back to back, where the first of them would run: the writer then completes each region
+    while it is still in the page cache (parts of a safetensors tensor are interleaved on disk)."""
+    jobs = [(t, task) for t in plan.tensors for task in t.tasks
+            if not skip or write_key(t.target, t.target_index(task)) not in skip]
+    keys = [reader.order_key(task.source) for _, task in jobs]
+    first: dict[tuple, tuple] = {}
+    regions = []
+    for (t, task), key in zip(jobs, keys, strict=True):
+        region = write_key(t.target, t.target_index(replace(task, part=None))) if task.part else None
+        regions.append(region)
+        if region is not None and (region not in first or key < first[region]):
+            first[region] = key
+    order = sorted(range(len(jobs)), key=lambda n: (first[regions[n]] if regions[n] else keys[n], keys[n]))
+    return [jobs[n] for n in order]
+
+
 def _task_bytes(tensor: TensorPlan, task: SliceTask) -> int:
     return math.prod(tensor.task_shape(task)) * np.dtype(tensor.dtype).itemsize
 
@@ -137,4 +154,4 @@ def default_budget(plan: ConversionPlan) -> int:
 
 def task_cost(tensor: TensorPlan, task: SliceTask) -> int:
     """Bytes one task holds at its peak: the source slice (at most 4 bytes an element) and its result."""
-    return math.prod(tensor.task_shape(task)) * (4 + np.dtype(tensor.dtype).itemsize)
+    return tensor.read_elements(task) * 4 + math.prod(tensor.task_shape(task)) * np.dtype(tensor.dtype).itemsize

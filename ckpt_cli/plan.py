@@ -19,7 +19,7 @@ import numpy as np
 from ckpt_cli import transforms as T
 from ckpt_cli.errors import UnsupportedError
 from ckpt_cli.families import Family
-from ckpt_cli.families.base import Block, Dims, Rule, eval_shape, resolve_steps
+from ckpt_cli.families.base import Block, Dims, Part, Rule, eval_shape, resolve_steps
 
 Shape = tuple[int, ...]
 TO_MAXTEXT = "hf-to-maxtext"
@@ -37,6 +37,11 @@ class SourceSlice:
     axes: tuple[int, ...] = ()
     rows: tuple[int, int] | None = None   # a range on axis `rows_axis` of the source (full coordinates)
     rows_axis: int = 0
+    part: Part | None = None              # then only this strided part of the slice is used
+
+    def select(self, x: np.ndarray) -> np.ndarray:
+        """The part of a read slice this source stands for (a view; the whole slice without a part)."""
+        return x if self.part is None else x[self.part.index(x.ndim)]
 
 
 @dataclass(frozen=True)
@@ -46,6 +51,7 @@ class SliceTask:
     index: tuple[int, ...]
     source: SourceSlice
     span: tuple[int, int] | None = None   # range on the tensor's span_axis, for row-piece tasks
+    part: Part | None = None              # the strided part of the target slice this task writes
 
 
 @dataclass(frozen=True)
@@ -82,16 +88,25 @@ class TensorPlan:
             idx[axis] = i
         if task.span is not None:
             idx[self.span_axis] = slice(*task.span)
+        if task.part is not None:
+            idx[task.part.axis] = slice(task.part.start, None, task.part.step)
         return tuple(idx)
 
     def task_shape(self, task: SliceTask) -> Shape:
-        """The shape one task produces: the slice shape, narrowed to the task's span."""
-        if task.span is None:
+        """The shape one task produces: the slice shape, narrowed to the task's span and part."""
+        if task.span is None and task.part is None:
             return self.slice_shape
-        free = [a for a in range(len(self.shape)) if a not in self.stack_axes]
         shape = list(self.slice_shape)
-        shape[free.index(self.span_axis)] = task.span[1] - task.span[0]
+        if task.span is not None:
+            free = [a for a in range(len(self.shape)) if a not in self.stack_axes]
+            shape[free.index(self.span_axis)] = task.span[1] - task.span[0]
+        if task.part is not None:
+            shape[task.part.axis] = task.part.length(shape[task.part.axis])
         return tuple(shape)
+
+    def read_elements(self, task: SliceTask) -> int:
+        """Elements a task reads: what it produces, times the step of a source part (the rest is skipped)."""
+        return math.prod(self.task_shape(task)) * (task.source.part.step if task.source.part else 1)
 
     def apply(self, x: np.ndarray, direction: str, task: SliceTask) -> np.ndarray:
         """Transform one source slice into one target slice of the target dtype.
@@ -100,6 +115,7 @@ class TensorPlan:
         construction, and numpy's native copy loops release the GIL (ml_dtypes' do not).
         """
         shape = self.task_shape(task)
+        x = task.source.select(x)
         src_dtype = x.dtype
         as_bits = self.chain.exact and src_dtype.itemsize == np.dtype(self.dtype).itemsize
         if as_bits:
@@ -197,7 +213,7 @@ def _span_axis(rule: Rule, shape: Shape, stack_axes: tuple[int, ...], dims: Dims
     (attention out, LM head): HF rows are the target's last axis.
     """
     free = [a for a in range(len(shape)) if a not in stack_axes]
-    if len(rule.hf_shape) != 2 or len(free) < 2:
+    if len(rule.hf_shape) != 2 or len(free) < 2 or rule.part is not None or rule.hf_expert_axis:
         return None
     if set(rule.steps) <= _ELEMENTWISE_STEPS:     # copies, scaled or offset (Gemma3 embedding)
         return (free[0], 1) if len(free) == 2 else None
@@ -223,8 +239,18 @@ def _tasks(rule: Rule, block: Block | None, dims: Dims) -> tuple[SliceTask, ...]
     for e, (s, hf_layer) in itertools.product(experts, layers):
         index = tuple(i for i in (e, s) if i is not None)
         name = rule.hf.format(layer=hf_layer, expert=e) if (rule.slots or e is not None) else rule.hf
-        tasks.append(SliceTask(index, SourceSlice(name)))
+        if rule.hf_expert_axis:     # expert e is index e on axis 0 of the one HF tensor
+            source = SourceSlice(name, index=(e,), axes=(0,), part=rule.part)
+        else:
+            source = SourceSlice(name, part=rule.part)
+        tasks.append(SliceTask(index, source))
     return tuple(tasks)
+
+
+def _source_shape(rule: Rule, dims: Dims) -> Shape:
+    """The HF shape one task reads (before its part): the tensor, or one expert's slice of it."""
+    shape = eval_shape(rule.hf_shape, dims)
+    return shape[1:] if rule.hf_expert_axis else shape
 
 
 def build_to_maxtext(family: Family, hf_config: dict, scan_layers: bool, dtype: np.dtype,
@@ -247,7 +273,7 @@ def build_to_maxtext(family: Family, hf_config: dict, scan_layers: bool, dtype: 
         stored = np.dtype(np.float32) if rule.dtype == "f32" else np.dtype(dtype)
         itemsize = stored.itemsize
         slice_shape = eval_shape(rule.maxtext_shape, dims)
-        source_shape = eval_shape(rule.hf_shape, dims)
+        source_shape = _source_shape(rule, dims)
         shape, axes = _stacked(slice_shape, rule, block, dims)
         tasks = _tasks(rule, block, dims)
         chunks = chunk_shape(shape, axes, itemsize)
@@ -281,25 +307,51 @@ def rename_sources(plan: ConversionPlan, rename: Callable[[str], str], notes: Se
 
 
 def check_coverage(tensors: list[TensorPlan]) -> None:
-    """Every target slice written exactly once, every source read by one task, no duplicate targets."""
+    """Every target slice written exactly once, every source read by one task, no duplicate targets.
+
+    Parts: a source slice read in parts is read in parts that tile it (no element dropped), and a
+    target slice written in parts gets parts that tile it (no gap, no overlap).
+    """
     targets = [t.target for t in tensors]
     if len(set(targets)) != len(targets):
         raise AssertionError("plan has duplicate targets")
-    sources = [(task.source.name, task.source.index, task.source.rows) for t in tensors for task in t.tasks]
+    sources = [(task.source.name, task.source.index, task.source.rows, task.source.part)
+               for t in tensors for task in t.tasks]
     if len(set(sources)) != len(sources):
         raise AssertionError("plan reads a source slice twice")
+    read_parts: dict[tuple, set] = {}
+    for name, index, rows, part in sources:
+        read_parts.setdefault((name, index, rows), set()).add(part)
+    for (name, index, _), parts in read_parts.items():
+        if not _parts_tile(parts):
+            raise AssertionError(f"{name}{list(index) if index else ''}: its parts do not tile it (some of it "
+                                 "would be dropped or read twice)")
     for t in tensors:
         want = set(itertools.product(*(range(t.shape[a]) for a in t.stack_axes)))
-        got = [task.index for task in t.tasks]
-        if set(got) != want:
+        writes: dict[tuple, list] = {}
+        for task in t.tasks:
+            writes.setdefault(task.index, []).append((task.span, task.part))
+        if set(writes) != want:
             raise AssertionError(f"{t.target}: tasks do not cover the stacked axes")
         spans = sorted({task.span for task in t.tasks if task.span is not None})
-        per_index = len(got) // len(want)
-        if per_index != max(1, len(spans)) or len(got) % len(want):
+        parts = {task.part for task in t.tasks}
+        combos = {(s, p) for s in (spans or [None]) for p in parts}
+        if not _parts_tile(parts) or any(len(w) != len(set(w)) or set(w) != combos for w in writes.values()):
             raise AssertionError(f"{t.target}: tasks do not cover the stacked axes exactly once")
         if spans and (spans[0][0] != 0 or spans[-1][1] != t.shape[t.span_axis]
                       or any(a[1] != b[0] for a, b in zip(spans, spans[1:], strict=False))):
             raise AssertionError(f"{t.target}: row pieces do not tile axis {t.span_axis}")
+
+
+def _parts_tile(parts: set) -> bool:
+    """{None} (whole), or parts of one axis and step whose starts are exactly 0..step-1."""
+    if parts == {None}:
+        return True
+    if None in parts:
+        return False
+    first = next(iter(parts))
+    same = all((p.axis, p.step) == (first.axis, first.step) for p in parts)
+    return same and sorted(p.start for p in parts) == list(range(first.step))
 
 
 def build_to_hf(family: Family, hf_config: dict, scan_layers: bool, dtype: np.dtype,
@@ -307,25 +359,38 @@ def build_to_hf(family: Family, hf_config: dict, scan_layers: bool, dtype: np.dt
     """The MaxText -> HF plan: every HF tensor with the MaxText slice it comes from (the forward plan inverted).
 
     Built from the forward plan, so the two directions cannot disagree: each forward task (HF source ->
-    MaxText slice) becomes one reverse task (MaxText slice -> whole HF tensor, or an HF row piece).
+    MaxText slice) becomes one reverse task (MaxText slice -> whole HF tensor, an HF row piece, one
+    expert's index on axis 0 of the HF tensor, or a strided part of any of these). Forward tensors that
+    read parts of one HF tensor (GPT-OSS's gate/up) become one HF tensor written by all their tasks.
     """
     forward = build_to_maxtext(family, hf_config, scan_layers, np.dtype(dtype), features)
-    tensors = []
+    by_name: dict[str, list[tuple[TensorPlan, SliceTask]]] = {}
     for t in forward.tensors:
-        by_name: dict[str, list[SliceTask]] = {}
         for task in t.tasks:
-            by_name.setdefault(task.source.name, []).append(task)
-        for name, tasks in by_name.items():
-            reverse_tasks = [
-                SliceTask((), SourceSlice(t.target, index=task.index, axes=t.stack_axes, rows=task.span,
-                                          rows_axis=t.span_axis or 0), span=task.source.rows)
-                for task in tasks]
-            span_axis = 0 if reverse_tasks[0].span is not None else None
-            tensors.append(TensorPlan(
-                target=name, shape=t.source_shape, dtype=np.dtype(dtype), slice_shape=t.source_shape,
-                source_shape=t.slice_shape, stack_axes=(), chain=t.chain, tasks=tuple(reverse_tasks),
-                chunk_shape=t.source_shape, span_axis=span_axis))
+            by_name.setdefault(task.source.name, []).append((t, task))
+    tensors = []
+    for name, jobs in by_name.items():
+        t = jobs[0][0]
+        if any((u.source_shape, u.chain) != (t.source_shape, t.chain) for u, _ in jobs):
+            raise AssertionError(f"{name}: the MaxText tensors it feeds disagree on its shape or transform")
+        axes = jobs[0][1].source.axes
+        if any(task.source.axes != axes for _, task in jobs):
+            raise AssertionError(f"{name}: read with different stacked axes")
+        shape = list(t.source_shape)
+        for k, axis in enumerate(axes):   # stacked HF axes (experts on axis 0): as many as the indices seen
+            shape.insert(axis, 1 + max(task.source.index[k] for _, task in jobs))
+        reverse_tasks = [
+            SliceTask(task.source.index, SourceSlice(u.target, index=task.index, axes=u.stack_axes, rows=task.span,
+                                                     rows_axis=u.span_axis or 0),
+                      span=task.source.rows, part=task.source.part)
+            for u, task in jobs]
+        span_axis = 0 if reverse_tasks[0].span is not None else None
+        tensors.append(TensorPlan(
+            target=name, shape=tuple(shape), dtype=np.dtype(dtype), slice_shape=t.source_shape,
+            source_shape=t.slice_shape, stack_axes=axes, chain=t.chain, tasks=tuple(reverse_tasks),
+            chunk_shape=tuple(shape), span_axis=span_axis))
     tensors.sort(key=lambda x: x.target)
+    check_coverage(tensors)
     return ConversionPlan(TO_HF, family.name, scan_layers, np.dtype(dtype), tuple(tensors), dict(hf_config),
                           forward.dims, forward.notes, forward.features)
 

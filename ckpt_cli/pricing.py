@@ -94,15 +94,16 @@ def task_figures(plan: ConversionPlan, source: Source) -> list[TaskFigures]:
     for tensor, task in jobs:
         src = source.itemsize.get(task.source.name, source.default_itemsize)
         fp8 = task.source.name in source.fp8
-        key = (tensor.slice_shape, tensor.source_shape, task.span, tensor.dtype, tensor.chain, src, fp8)
+        key = (tensor.slice_shape, tensor.source_shape, task.span, task.part, task.source.part, tensor.dtype,
+               tensor.chain, src, fp8)
         if key not in cache:
             n = math.prod(tensor.task_shape(task))
             size = np.dtype(tensor.dtype).itemsize
             exact = tensor.chain.exact
             passes = exact and src == size and all(s.name == "reshape" for s in tensor.chain.steps)
             result = n * (src if passes else size)
-            running = n * (src * (2 if source.raw_copy else 1) + (0 if passes else 2 * size)
-                           + (0 if exact else 8) + (8 if fp8 else 0))
+            running = (tensor.read_elements(task) * src * (2 if source.raw_copy else 1)
+                       + n * ((0 if passes else 2 * size) + (0 if exact else 8) + (8 if fp8 else 0)))
             cache[key] = TaskFigures(engine.task_cost(tensor, task), result, max(result, running), n * size)
         out.append(cache[key])
     return out
@@ -161,7 +162,7 @@ def output_bytes(plan: ConversionPlan, writer: str) -> int:
 
 
 def read_bytes(plan: ConversionPlan, source: Source) -> int:
-    return sum(math.prod(t.task_shape(task)) * source.itemsize.get(task.source.name, source.default_itemsize)
+    return sum(t.read_elements(task) * source.itemsize.get(task.source.name, source.default_itemsize)
                for t in plan.tensors for task in t.tasks)
 
 

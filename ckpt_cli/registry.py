@@ -1,7 +1,8 @@
 """MaxText model names: family, default Hugging Face repo and reference hyperparameters.
 
-Reference values follow maxtext-layout.md (§2, §5.1, §6.1, §7.1, §8.1, §9.1, §11.1). `reference_config` turns an
-entry into an HF-style config.json dict, so `plan`/`inspect` can price and show real models without any data.
+Reference values follow maxtext-layout.md (§2, §5.1, §6.1, §7.1, §8.1, §9.1, §10.1, §11.1). `reference_config`
+turns an entry into an HF-style config.json dict, so `plan`/`inspect` can price and show real models without
+any data.
 """
 
 from __future__ import annotations
@@ -66,6 +67,22 @@ def _gemma3(name: str, repo: str, e: int, n: int, k: int, d: int, f: int, layers
         "final_logit_softcapping": None, "attn_logit_softcapping": None, "attention_bias": False,
         "max_position_embeddings": 131072, "bos_token_id": 2, "eos_token_id": 1, "pad_token_id": 0,
         "torch_dtype": "bfloat16",
+    })
+
+
+def _gpt_oss(name: str, repo: str, layers: int, experts: int) -> ModelSpec:
+    """§10.1; the rest as the released config.json (hidden 2880, 64 heads of 64, 8 kv heads, YaRN x32)."""
+    return ModelSpec(name, "gpt_oss", repo, {
+        "architectures": ["GptOssForCausalLM"], "model_type": "gpt_oss", "hidden_size": 2880,
+        "num_attention_heads": 64, "num_key_value_heads": 8, "head_dim": 64, "intermediate_size": 2880,
+        "num_local_experts": experts, "num_experts_per_tok": 4, "num_hidden_layers": layers, "vocab_size": 201088,
+        "layer_types": [("sliding_attention", "full_attention")[i % 2] for i in range(layers)],
+        "sliding_window": 128, "attention_bias": True, "tie_word_embeddings": False, "rms_norm_eps": 1e-5,
+        "rope_theta": 150000.0, "rope_scaling": {"rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0,
+                                                 "beta_slow": 1.0, "original_max_position_embeddings": 4096,
+                                                 "truncate": False},
+        "max_position_embeddings": 131072, "swiglu_limit": 7.0, "hidden_act": "silu", "router_aux_loss_coef": 0.9,
+        "eos_token_id": 200002, "pad_token_id": 199999, "torch_dtype": "bfloat16",
     })
 
 
@@ -139,6 +156,8 @@ MODELS: dict[str, ModelSpec] = {m.name: m for m in (
     _gemma3("gemma3-4b", "google/gemma-3-4b-it", 2560, 8, 4, 256, 10240, 34, 256),
     _gemma3("gemma3-12b", "google/gemma-3-12b-it", 3840, 16, 8, 256, 15360, 48, 256),
     _gemma3("gemma3-27b", "google/gemma-3-27b-it", 5376, 32, 16, 128, 21504, 62, 168),
+    _gpt_oss("gpt-oss-20b", "unsloth/gpt-oss-20b-BF16", 24, 32),
+    _gpt_oss("gpt-oss-120b", "unsloth/gpt-oss-120b-BF16", 36, 128),
     _deepseek("deepseek2-16b", "deepseek-ai/DeepSeek-V2-Lite", "deepseek_v2", False),
     _deepseek("deepseek3-671b", "deepseek-ai/DeepSeek-V3", "deepseek_v3", True),
     _deepseek("deepseek3.2-671b", "deepseek-ai/DeepSeek-V3.2", "deepseek_v32", True),

@@ -28,13 +28,20 @@ def make_hf_model(kind: str, dtype: str = "float32", seed: int = 0):
     32, top-2; transformers 5 holds them fused in memory and save_pretrained writes the released per-expert
     `block_sparse_moe.experts.{e}.w1/w2/w3` names), gemma3 (14 layers: scanned, two
     blocks of six plus a remainder of two; sliding window 4, query_pre_attn_scalar 24 != head_dim, global RoPE
-    linearly scaled), gemma3-e48 (hidden 48: bf16(sqrt(48)) = 6.9375 is not a power of two).
+    linearly scaled), gemma3-e48 (hidden 48: bf16(sqrt(48)) = 6.9375 is not a power of two),
+    gpt-oss (4 layers, so two scanned blocks of scan length 2; 4 experts of width 32 != hidden 64, top-2;
+    sliding window 4).
     """
     import torch
     import transformers as tf
 
     torch.manual_seed(seed)
-    if kind == "qwen3-moe":
+    if kind == "gpt-oss":
+        dims = TINY | {"num_hidden_layers": 4, "intermediate_size": 32, "max_position_embeddings": 131072}
+        cfg = tf.GptOssConfig(**dims, num_local_experts=4, num_experts_per_tok=2, sliding_window=4,
+                              tie_word_embeddings=False, rms_norm_eps=1e-5)
+        model = tf.GptOssForCausalLM(cfg)
+    elif kind == "qwen3-moe":
         cfg = tf.Qwen3MoeConfig(**TINY, moe_intermediate_size=32, num_experts=4, num_experts_per_tok=2,
                                 norm_topk_prob=True, tie_word_embeddings=False, rope_theta=10000.0, rms_norm_eps=1e-6)
         model = tf.Qwen3MoeForCausalLM(cfg)

@@ -37,6 +37,8 @@ def stored_dtype(path: str, family: str, dtype: str) -> str:
 
 def expected_layer(hf: dict, cfg: dict, family: str, i: int) -> dict[str, np.ndarray]:
     """Per-layer MaxText leaves for HF layer i, as float32 (before the output cast)."""
+    if family == "gpt_oss":
+        return expected_gpt_oss_layer(hf, cfg, i)
     E, N, K = cfg["hidden_size"], cfg["num_attention_heads"], cfg["num_key_value_heads"]
     D = cfg.get("head_dim") or E // N
     p = f"model.layers.{i}."
@@ -98,6 +100,44 @@ def expected_layer(hf: dict, cfg: dict, family: str, i: int) -> dict[str, np.nda
     return out
 
 
+def expected_gpt_oss_layer(hf: dict, cfg: dict, i: int) -> dict[str, np.ndarray]:
+    """§10.3, element by element: q_mt[e, h, d] = q_hf[h*D + d, e]; bias_mt[h, d] = bias_hf[h*D + d];
+    wi_0[x, e, m] = gate_up[x, e, 2m], wi_1[x, e, m] = gate_up[x, e, 2m + 1] (no transpose), same for the
+    biases; router kernel[e, x] = router[x, e]; down_proj, its bias, sinks, router bias and o bias copied."""
+    E, N, K, D = cfg["hidden_size"], cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["head_dim"]
+    X, M = cfg["num_local_experts"], cfg["intermediate_size"]
+    p = f"model.layers.{i}."
+    out = {"pre_self_attention_layer_norm/scale": _f32(hf[p + "input_layernorm.weight"]),
+           "post_self_attention_layer_norm/scale": _f32(hf[p + "post_attention_layernorm.weight"])}
+    for leaf, name, heads in (("query", "q_proj", N), ("key", "k_proj", K), ("value", "v_proj", K)):
+        w, bias = _f32(hf[p + f"self_attn.{name}.weight"]), _f32(hf[p + f"self_attn.{name}.bias"])
+        kernel = np.empty((E, heads, D), np.float32)
+        bias_mt = np.empty((heads, D), np.float32)
+        for h in range(heads):
+            for d in range(D):
+                kernel[:, h, d] = w[h * D + d, :]
+                bias_mt[h, d] = bias[h * D + d]
+        out[f"GptOssAttention/{leaf}/kernel"], out[f"GptOssAttention/{leaf}/bias"] = kernel, bias_mt
+    o = _f32(hf[p + "self_attn.o_proj.weight"])
+    out["GptOssAttention/out/kernel"] = np.stack([np.stack([o[:, h * D + d] for d in range(D)]) for h in range(N)])
+    out["GptOssAttention/out/bias"] = _f32(hf[p + "self_attn.o_proj.bias"])
+    out["GptOssAttention/sinks"] = _f32(hf[p + "self_attn.sinks"])
+    out["GptOssMlp/gate/kernel"] = np.ascontiguousarray(_f32(hf[p + "mlp.router.weight"]).T)
+    out["GptOssMlp/gate/bias"] = _f32(hf[p + "mlp.router.bias"])
+    gate_up, gate_up_bias = _f32(hf[p + "mlp.experts.gate_up_proj"]), _f32(hf[p + "mlp.experts.gate_up_proj_bias"])
+    assert gate_up.shape == (X, E, 2 * M) and gate_up_bias.shape == (X, 2 * M)
+    for leaf, parity in (("wi_0", 0), ("wi_1", 1)):
+        kernel = np.empty((X, E, M), np.float32)
+        bias_mt = np.empty((X, M), np.float32)
+        for m in range(M):
+            kernel[:, :, m] = gate_up[:, :, 2 * m + parity]
+            bias_mt[:, m] = gate_up_bias[:, 2 * m + parity]
+        out[f"GptOssMlp/{leaf}"], out[f"GptOssMlp/{leaf}_bias"] = kernel, bias_mt
+    out["GptOssMlp/wo"] = _f32(hf[p + "mlp.experts.down_proj"])
+    out["GptOssMlp/wo_bias"] = _f32(hf[p + "mlp.experts.down_proj_bias"])
+    return out
+
+
 def expected_tree(hf: dict, cfg: dict, family: str, scan: bool) -> dict[str, np.ndarray]:
     """Every MaxText leaf path (under params/params, '/'-joined) -> expected float32 array.
 
@@ -111,7 +151,11 @@ def expected_tree(hf: dict, cfg: dict, family: str, scan: bool) -> dict[str, np.
         tree["decoder/logits_dense/kernel"] = _f32(hf["lm_head.weight"]).T
     layers = [expected_layer(hf, cfg, family, i) for i in range(cfg["num_hidden_layers"])]
     for leaf in layers[0]:
-        if scan:
+        if scan and family == "gpt_oss":
+            # §1.3: blocks of 2 layers, decoder/layers/layers_<b>, scan index s holds HF layer 2s + b
+            for b in range(2):
+                tree[f"decoder/layers/layers_{b}/{leaf}"] = np.stack([lay[leaf] for lay in layers[b::2]], axis=1)
+        elif scan:
             tree[f"decoder/layers/{leaf}"] = np.stack([lay[leaf] for lay in layers], axis=1)
         else:
             for i, lay in enumerate(layers):

@@ -69,7 +69,7 @@ def bits(x: np.ndarray) -> np.ndarray:
 
 ROUND_TRIPS = [(kind, scan, dtype)
                for kind in ("qwen3", "qwen3-tied", "llama", "llama-d24", "qwen3-moe", "mixtral", "gemma3",
-                            "gemma3-e48")
+                            "gemma3-e48", "gpt-oss")
                for scan in (True, False) for dtype in ("bf16", "f32")]
 
 
@@ -146,7 +146,8 @@ def test_round_trip_is_exact(hf_models, tmp_path, kind, scan, dtype):
 
 @pytest.mark.parametrize("kind,scan", [("qwen3", True), ("qwen3-tied", False), ("llama", False),
                                        ("llama-d24", True), ("qwen3-moe", True), ("mixtral", True),
-                                       ("mixtral", False), ("gemma3", True), ("gemma3-e48", False)])
+                                       ("mixtral", False), ("gemma3", True), ("gemma3-e48", False),
+                                       ("gpt-oss", True), ("gpt-oss", False)])
 def test_round_trip_logits_match_transformers(hf_models, tmp_path, kind, scan):
     """The output folder loads with AutoModelForCausalLM and gives the original model's logits (float32)."""
     import torch

@@ -54,9 +54,13 @@ CASES = [
     ("gemma3", "bfloat16", False, False, "bf16"),
     ("gemma3-e48", "bfloat16", False, True, "bf16"),
     ("gemma3-e48", "float32", True, False, "f32"),
+    ("gpt-oss", "float32", True, True, "f32"),
+    ("gpt-oss", "float32", False, False, "f32"),
+    ("gpt-oss", "bfloat16", False, True, "bf16"),
+    ("gpt-oss", "bfloat16", True, False, "bf16"),
 ]
 FAMILY = {"llama": "llama", "qwen3-moe": "qwen3_moe", "mixtral": "mixtral", "gemma3": "gemma3",
-          "gemma3-e48": "gemma3"}   # the others: qwen3
+          "gemma3-e48": "gemma3", "gpt-oss": "gpt_oss"}   # the others: qwen3
 
 
 @pytest.mark.parametrize("kind,src_dtype,sharded,scan,dtype", CASES)
@@ -87,6 +91,15 @@ def test_converted_tree_matches_spec(hf_models, tmp_path, kind, src_dtype, shard
         for leaf, shape in shapes.items():
             assert got[pre + leaf].shape == (shape if scan else shape[:1] + shape[2:]), leaf
         assert not any("/mlp/" in path or "query_norm" in path for path in got)
+    if kind == "gpt-oss":
+        # §10.2 with X=4, L=4 (scan length 2), E=64, M=32, N=4, K=2, D=16: layer axis at 1, experts keep axis 0
+        shapes = {"GptOssMlp/wi_0": (4, 2, 64, 32), "GptOssMlp/wi_1_bias": (4, 2, 32), "GptOssMlp/wo": (4, 2, 32, 64),
+                  "GptOssMlp/gate/bias": (4, 2), "GptOssAttention/query/bias": (4, 2, 16),
+                  "GptOssAttention/sinks": (4, 2)}
+        for leaf, shape in shapes.items():
+            for b in range(2):
+                path = f"decoder/layers/layers_{b}/{leaf}" if scan else f"decoder/layers_{b + 2}/{leaf}"
+                assert got[path].shape == (shape if scan else shape[:1] + shape[2:]), path
 
 
 def test_step_metadata_and_provenance(hf_models, tmp_path):

@@ -258,3 +258,54 @@ def test_mixtral_plan_is_section_11_2():
     assert {task.source.name for task in wi_0.tasks} == {
         f"model.layers.0.block_sparse_moe.experts.{x}.w1.weight" for x in range(8)}
     assert sum(math.prod(s) for s in plan_shapes("mixtral-8x7b", True).values()) == 46_702_792_704   # "46.7B"
+
+
+# Appendix A, GPT-OSS (§10.2), copied from the spec's table: `layers_{b}` stands for both block members b = 0, 1.
+GPT_OSS = {
+    "decoder-decoder_norm-scale": ((2880,), (2880,)),
+    "decoder-layers-layers_{b}-GptOssAttention-key-bias": ((8, 12, 64), (8, 18, 64)),
+    "decoder-layers-layers_{b}-GptOssAttention-key-kernel": ((2880, 12, 8, 64), (2880, 18, 8, 64)),
+    "decoder-layers-layers_{b}-GptOssAttention-out-bias": ((2880, 12), (2880, 18)),
+    "decoder-layers-layers_{b}-GptOssAttention-out-kernel": ((64, 12, 64, 2880), (64, 18, 64, 2880)),
+    "decoder-layers-layers_{b}-GptOssAttention-query-bias": ((64, 12, 64), (64, 18, 64)),
+    "decoder-layers-layers_{b}-GptOssAttention-query-kernel": ((2880, 12, 64, 64), (2880, 18, 64, 64)),
+    "decoder-layers-layers_{b}-GptOssAttention-sinks": ((64, 12), (64, 18)),
+    "decoder-layers-layers_{b}-GptOssAttention-value-bias": ((8, 12, 64), (8, 18, 64)),
+    "decoder-layers-layers_{b}-GptOssAttention-value-kernel": ((2880, 12, 8, 64), (2880, 18, 8, 64)),
+    "decoder-layers-layers_{b}-GptOssMlp-gate-bias": ((32, 12), (128, 18)),
+    "decoder-layers-layers_{b}-GptOssMlp-gate-kernel": ((2880, 12, 32), (2880, 18, 128)),
+    "decoder-layers-layers_{b}-GptOssMlp-wi_0": ((32, 12, 2880, 2880), (128, 18, 2880, 2880)),
+    "decoder-layers-layers_{b}-GptOssMlp-wi_0_bias": ((32, 12, 2880), (128, 18, 2880)),
+    "decoder-layers-layers_{b}-GptOssMlp-wi_1": ((32, 12, 2880, 2880), (128, 18, 2880, 2880)),
+    "decoder-layers-layers_{b}-GptOssMlp-wi_1_bias": ((32, 12, 2880), (128, 18, 2880)),
+    "decoder-layers-layers_{b}-GptOssMlp-wo": ((32, 12, 2880, 2880), (128, 18, 2880, 2880)),
+    "decoder-layers-layers_{b}-GptOssMlp-wo_bias": ((32, 12, 2880), (128, 18, 2880)),
+    "decoder-layers-layers_{b}-post_self_attention_layer_norm-scale": ((2880, 12), (2880, 18)),
+    "decoder-layers-layers_{b}-pre_self_attention_layer_norm-scale": ((2880, 12), (2880, 18)),
+    "decoder-logits_dense-kernel": ((2880, 201088), (2880, 201088)),
+    "token_embedder-embedding": ((201088, 2880), (201088, 2880)),
+}
+
+
+@pytest.mark.parametrize("model,column,layers", [("gpt-oss-20b", 0, 24), ("gpt-oss-120b", 1, 36)])
+def test_gpt_oss_plan_equals_appendix_a(model, column, layers):
+    """Scanned: two blocks `decoder/layers/layers_{0,1}` of scan length L/2. Unscanned (§1.3: plain
+    `decoder/layers_<i>`): the per-layer shapes, i.e. the scanned ones without axis 1, for every layer."""
+    scanned = {}
+    for key, shapes in GPT_OSS.items():
+        for b in (0, 1):
+            scanned[key.format(b=b)] = shapes[column]
+    assert plan_shapes(model, True) == scanned
+    per_layer = {k.replace("decoder-layers-layers_0-", ""): s[:1] + s[2:] for k, s in scanned.items()
+                 if k.startswith("decoder-layers-layers_0-")}
+    flat = {k: s for k, s in scanned.items() if not k.startswith("decoder-layers-")}
+    flat |= {f"decoder-layers_{i}-{leaf}": shape for i in range(layers) for leaf, shape in per_layer.items()}
+    assert plan_shapes(model, False) == flat
+
+
+@pytest.mark.parametrize("model,params", [("gpt-oss-20b", 20_914_757_184), ("gpt-oss-120b", 116_829_156_672)])
+def test_gpt_oss_parameter_counts(model, params):
+    """The whole plan's element count is the models' published total (20.9B and 116.8B parameters)."""
+    cfg = registry.reference_config(model)
+    plan = build_to_maxtext(detect_family(cfg), cfg, True, output_dtype("bf16"))
+    assert sum(math.prod(t.shape) for t in plan.tensors) == params

@@ -22,6 +22,31 @@ SLOTS = frozenset({"layer", "expert"})
 
 
 @dataclass(frozen=True)
+class Part:
+    """A strided part of one axis of a tensor: indices `start, start + step, ...` of axis `axis`.
+
+    `axis` counts from the end (-1 is the last axis), so it means the same axis in a whole tensor and in
+    a slice of it with leading axes indexed away. Rules whose parts share one HF tensor, with the same
+    axis and step and every start in [0, step), together map all of it (e.g. GPT-OSS's interleaved
+    gate/up projection: `Part(-1, 0, 2)` is the gate, `Part(-1, 1, 2)` the up projection).
+    """
+
+    axis: int
+    start: int
+    step: int
+
+    def index(self, ndim: int) -> tuple:
+        """The numpy index selecting this part of an array of `ndim` axes."""
+        idx: list = [slice(None)] * ndim
+        idx[self.axis] = slice(self.start, None, self.step)
+        return tuple(idx)
+
+    def length(self, size: int) -> int:
+        """Elements of an axis of `size` that belong to this part."""
+        return len(range(self.start, size, self.step))
+
+
+@dataclass(frozen=True)
 class Rule:
     """One MaxText leaf and where it comes from in HF, per layer (or global)."""
 
@@ -30,19 +55,26 @@ class Rule:
     maxtext_shape: tuple[str, ...]  # per-layer MaxText shape (without the expert axis) as dim expressions
     hf_shape: tuple[str, ...]       # HF tensor shape as dim expressions
     steps: tuple[str, ...]          # transform names, HF -> MaxText order
-    experts: str | None = None      # dim of an expert axis stacked at 0 (one HF tensor per expert)
+    experts: str | None = None      # dim of an expert axis stacked at MaxText axis 0: one HF tensor per expert
+                                    # ({expert} slot), or without the slot, the HF tensor's own axis 0
+    part: Part | None = None        # only this strided part of the HF tensor maps to the leaf
     dtype: str | None = None        # "f32": stored float32 in MaxText whatever the output dtype (Gemma norms)
 
     @property
     def slots(self) -> frozenset[str]:
         return frozenset(f for _, f, _, _ in string.Formatter().parse(self.hf) if f)
 
+    @property
+    def hf_expert_axis(self) -> bool:
+        """True when the experts are axis 0 of one HF tensor (`hf_shape` then starts with the expert dim)."""
+        return self.experts is not None and "expert" not in self.slots
+
 
 def row(maxtext: str, hf: str, maxtext_shape: str, hf_shape: str, steps: str = "", experts: str | None = None,
-        dtype: str | None = None) -> Rule:
+        part: Part | None = None, dtype: str | None = None) -> Rule:
     """Table-row shorthand: shapes and steps as comma-separated strings."""
     split = lambda s: tuple(p.strip() for p in s.split(",") if p.strip())  # noqa: E731
-    return Rule(maxtext, hf, split(maxtext_shape), split(hf_shape), split(steps), experts, dtype)
+    return Rule(maxtext, hf, split(maxtext_shape), split(hf_shape), split(steps), experts, part, dtype)
 
 
 @dataclass(frozen=True)
@@ -119,27 +151,71 @@ def head_dim(cfg: dict) -> int:
 
 
 def validate_rules(rules: Iterable[Rule], dims: Dims) -> None:
-    """Strict checks of a family table: known transforms, known slots, consistent sizes, one-to-one."""
+    """Strict checks of a family table: known transforms, known slots, consistent sizes, one-to-one.
+
+    One HF tensor may feed several leaves only through parts (`Rule.part`): the rules sharing it must
+    agree on everything but the part's start, and their parts must neither overlap nor leave a gap.
+    """
     seen_mt: set[str] = set()
-    seen_hf: set[str] = set()
+    by_hf: dict[str, list[Rule]] = {}
     for r in rules:
         unknown = [s for s in r.steps if s not in STEP_NAMES]
         if unknown:
             raise AssertionError(f"{r.maxtext}: unknown transform {unknown}")
         if not r.slots <= SLOTS:
             raise AssertionError(f"{r.maxtext}: unknown template slots {set(r.slots) - SLOTS}")
-        if ("expert" in r.slots) != (r.experts is not None):
-            raise AssertionError(f"{r.maxtext}: the {{expert}} slot and the experts axis go together")
-        if r.maxtext in seen_mt or r.hf in seen_hf:
+        if "expert" in r.slots and r.experts is None:
+            raise AssertionError(f"{r.maxtext}: the {{expert}} slot needs an experts axis")
+        if r.hf_expert_axis and (not r.hf_shape or r.hf_shape[0] != r.experts):
+            raise AssertionError(f"{r.maxtext}: experts on axis 0 of {r.hf} need hf_shape to start with {r.experts}")
+        if r.maxtext in seen_mt:
             raise AssertionError(f"{r.maxtext} / {r.hf}: mapping is not one-to-one")
         seen_mt.add(r.maxtext)
-        seen_hf.add(r.hf)
-        if math.prod(eval_shape(r.maxtext_shape, dims)) != math.prod(eval_shape(r.hf_shape, dims)):
-            raise AssertionError(f"{r.maxtext}: element counts differ between {r.maxtext_shape} and {r.hf_shape}")
+        by_hf.setdefault(r.hf, []).append(r)
+        hf_shape = eval_shape(r.hf_shape, dims)
+        hf_count = math.prod(hf_shape) // (hf_shape[0] if r.hf_expert_axis else 1)
+        if r.part is not None:
+            _check_part(r, hf_shape)
+            hf_count //= r.part.step
+        if math.prod(eval_shape(r.maxtext_shape, dims)) != hf_count:
+            raise AssertionError(f"{r.maxtext}: element counts differ between {r.maxtext_shape} and {r.hf_shape}"
+                                 + (f" (part 1/{r.part.step})" if r.part else ""))
         if not re.fullmatch(r"[A-Za-z0-9_/]+", r.maxtext):
             raise AssertionError(f"{r.maxtext}: bad leaf path")
         if r.dtype not in (None, "f32"):
             raise AssertionError(f"{r.maxtext}: unknown stored dtype {r.dtype!r}")
+    for hf, group in by_hf.items():
+        _check_shared(hf, group)
+
+
+def _check_part(r: Rule, hf_shape: tuple[int, ...]) -> None:
+    p = r.part
+    assert p is not None
+    if not -len(hf_shape) <= p.axis < 0 or (r.hf_expert_axis and p.axis == -len(hf_shape)):
+        raise AssertionError(f"{r.maxtext}: part axis {p.axis} must count from the end of {r.hf_shape} "
+                             "(and not be the expert axis)")
+    if p.step < 1 or not 0 <= p.start < p.step or hf_shape[p.axis] % p.step:
+        raise AssertionError(f"{r.maxtext}: part {p.start}::{p.step} does not divide axis {p.axis} of {r.hf_shape}")
+
+
+def _check_shared(hf: str, group: list[Rule]) -> None:
+    """Rules reading one HF tensor: alone and whole, or parts that tile it exactly."""
+    if len(group) == 1 and (group[0].part is None or group[0].part.step == 1):
+        return
+    names = " / ".join(r.maxtext for r in group)
+    if any(r.part is None for r in group):
+        raise AssertionError(f"{names} / {hf}: mapping is not one-to-one")
+    first = group[0]
+    for r in group[1:]:
+        if (r.part.axis, r.part.step, r.hf_shape, r.maxtext_shape, r.steps, r.experts) != (
+                first.part.axis, first.part.step, first.hf_shape, first.maxtext_shape, first.steps, first.experts):
+            raise AssertionError(f"{names} / {hf}: parts of one tensor must agree on axis, step, shapes, "
+                                 "transforms and experts")
+    starts = sorted(r.part.start for r in group)
+    if len(set(starts)) != len(starts):
+        raise AssertionError(f"{names} / {hf}: parts overlap (starts {starts})")
+    if starts != list(range(first.part.step)):
+        raise AssertionError(f"{names} / {hf}: parts leave a gap (starts {starts} of step {first.part.step})")
 
 
 STEP_NAMES = frozenset({"transpose", "reshape", "rope-interleave", "query-scale", "offset+1", "embedding-scale"})

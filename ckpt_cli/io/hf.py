@@ -108,8 +108,15 @@ class SafetensorsReader:
         return scale
 
     def read(self, source: SourceSlice) -> np.ndarray:
+        """The tensor, a range of its rows, or (experts stored in one tensor) one index of its axis 0."""
         if source.axes:
-            raise AssertionError("HF sources are read whole or by rows")
+            if source.axes != (0,) or source.rows is not None:
+                raise AssertionError("HF sources are read whole, by rows, or by one index of axis 0")
+            (i,) = source.index
+            x = self.files.read(source.name, (i, i + 1))[0]
+            if self.scale_name(source.name) is not None:
+                raise SourceError(f"tensor {source.name}: fp8 block scales of a stacked tensor are not supported")
+            return x
         x = self.files.read(source.name, source.rows)
         scale_name = self.scale_name(source.name)
         if scale_name is None:
@@ -157,7 +164,11 @@ class TransformersReader:
 
     def read(self, source: SourceSlice) -> np.ndarray:
         t = self.state[source.name]
-        if source.rows is not None:
+        if source.axes:
+            if source.axes != (0,) or source.rows is not None:
+                raise AssertionError("HF sources are read whole, by rows, or by one index of axis 0")
+            t = t[source.index[0]]
+        elif source.rows is not None:
             t = t[source.rows[0]:source.rows[1]]
         return to_numpy(t)
 

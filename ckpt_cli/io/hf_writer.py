@@ -74,6 +74,7 @@ class HFFolderWriter:
         self.weight_map = {t.name: f for f, shard in zip(self.files, self.shards, strict=True) for t in shard}
         self.writers: dict[str, StreamingSafetensorsWriter] = {}
         self.closed: set[str] = set()
+        self.part_bytes: dict[tuple, int] = {}     # bytes of strided parts written per block of rows
         try:
             for name, shard in zip(self.files, self.shards, strict=True):
                 self.writers[name] = StreamingSafetensorsWriter(self.tmp / name, shard, {"format": "pt"})
@@ -92,19 +93,37 @@ class HFFolderWriter:
             raise AssertionError(f"{target}: not planned as {shape} {np.dtype(dtype)}")
 
     def write(self, target: str, index: tuple, array: np.ndarray) -> int:
-        """Write a whole tensor, or a row range when `index` starts with a slice of rows; returns 0 (no backlog)."""
+        """Write `array` at `tensor[index]`; returns 0 (no backlog).
+
+        `index` is the whole tensor, a row range or one row (an int) on axis 0, possibly with a strided
+        part on one axis (GPT-OSS's interleaved gate/up). Contiguous writes go straight to their offset;
+        a strided part is merged into its block of rows, whose writeback starts once every part is in.
+        """
         writer = self.writers[self.weight_map[target]]
-        rows = index[0] if index else slice(None)
-        if any(s != slice(None) for s in index[1:]) or rows.step not in (None, 1):
-            raise AssertionError(f"{target}: only whole tensors or row ranges can be written, got {index}")
-        begin, end = writer.offsets[target]
-        if rows == slice(None):
-            writer.write(target, array)
-            offset, nbytes = begin, end - begin
+        shape = self.planned[target].shape
+        first = index[0] if index else slice(None)
+        if isinstance(first, slice):
+            start, stop, step = first.indices(shape[0]) if shape else (0, 0, 1)
+            inner0: int | slice = slice(None) if step == 1 else slice(0, None, step)
         else:
-            writer.write_rows(target, rows.start or 0, array)
-            offset, nbytes = begin + (rows.start or 0) * (array.nbytes // max(1, len(array))), array.nbytes
-        _start_writeback(writer.fd, writer.base + offset, nbytes)
+            start, stop, step, inner0 = int(first), int(first) + 1, 1, 0
+        inner = (inner0, *index[1:])
+        contiguous = step == 1 and all(s == slice(None) for s in index[1:])
+        begin, end = writer.offsets[target]
+        row = (end - begin) // shape[0] if shape and shape[0] else 0
+        if contiguous and (start, stop) == (0, shape[0] if shape else 0) or not shape:
+            writer.write(target, array)
+            _start_writeback(writer.fd, writer.base + begin, end - begin)
+        elif contiguous:
+            writer.write_rows(target, start, array.reshape((stop - start, *shape[1:])))
+            _start_writeback(writer.fd, writer.base + begin + start * row, (stop - start) * row)
+        else:
+            writer.write_part(target, start, stop, inner, array)
+            key = (target, start, stop)
+            self.part_bytes[key] = self.part_bytes.get(key, 0) + array.nbytes
+            if self.part_bytes[key] >= (stop - start) * row:
+                del self.part_bytes[key]
+                _start_writeback(writer.fd, writer.base + begin + start * row, (stop - start) * row)
         return 0
 
     def flush(self) -> None:

@@ -212,7 +212,7 @@ class StreamingSafetensorsWriter:
         self.filled: dict[str, int] = {}   # bytes written so far per tensor (row writes add up)
         self.shapes = {t.name: tuple(t.shape) for t in tensors}
         try:
-            self.fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
             os.pwrite(self.fd, struct.pack("<Q", len(raw)) + raw, 0)
         except OSError as exc:
             raise OutputError(f"cannot write {self.path}: {exc.strerror}") from None
@@ -231,7 +231,44 @@ class StreamingSafetensorsWriter:
         row = (end - begin) // shape[0] if shape[0] else 0
         self._pwrite(name, begin + start * row, len(array) * row, array)
 
-    def _pwrite(self, name: str, offset: int, nbytes: int, array: np.ndarray) -> None:
+    def write_part(self, name: str, start: int, stop: int, inner: tuple, array: np.ndarray) -> None:
+        """Write `array` at `block[inner]` of rows [start, stop) of a tensor, keeping the rest of the block.
+
+        For parts that are not contiguous on disk (a strided index): the block is read back (what other
+        parts already wrote; zeros where nothing was written yet), the part placed, the block written.
+        Only the part's bytes count as filled, so `close` still sees every element written exactly once
+        when the parts tile the tensor.
+        """
+        begin, end = self.offsets[name]
+        shape = self.shapes[name]
+        if not shape or not 0 <= start < stop <= shape[0]:
+            raise ValueError(f"{name}: rows {start}:{stop} do not fit {shape}")
+        dtype = np.dtype(array.dtype)
+        row = (end - begin) // shape[0]
+        offset, nbytes = begin + start * row, (stop - start) * row
+        raw = self._pread(self.base + offset, nbytes)
+        block = raw.view(dtype).reshape((stop - start, *shape[1:]))
+        if block[inner].shape != array.shape:
+            raise ValueError(f"{name}: a part of shape {array.shape} does not fit {block[inner].shape} at {inner}")
+        block[inner] = array
+        self._pwrite(name, offset, nbytes, block, counted=array.nbytes)
+
+    def _pread(self, offset: int, nbytes: int) -> np.ndarray:
+        """Bytes at `offset` of the file being written; past its current end (not written yet), zeros."""
+        buf = np.zeros(nbytes, dtype=np.uint8)
+        view = memoryview(buf)
+        done = 0
+        try:
+            while done < nbytes:
+                got = os.preadv(self.fd, [view[done:]], offset + done)
+                if got == 0:
+                    break
+                done += got
+        except OSError as exc:
+            raise OutputError(f"cannot read back {self.path}: {exc.strerror}") from None
+        return buf
+
+    def _pwrite(self, name: str, offset: int, nbytes: int, array: np.ndarray, counted: int | None = None) -> None:
         data = memoryview(np.ascontiguousarray(array).reshape(-1).view(np.uint8))
         if len(data) != nbytes:
             raise ValueError(f"{name}: {len(data)} bytes, planned {nbytes}")
@@ -241,7 +278,7 @@ class StreamingSafetensorsWriter:
                 done += os.pwrite(self.fd, data[done:], self.base + offset + done)
         except OSError as exc:
             raise OutputError(f"cannot write {self.path}: {exc.strerror}") from None
-        self.filled[name] = self.filled.get(name, 0) + nbytes
+        self.filled[name] = self.filled.get(name, 0) + (nbytes if counted is None else counted)
         if self.filled[name] >= self.offsets[name][1] - self.offsets[name][0]:
             self.written.add(name)
 

@@ -255,18 +255,24 @@ def rope_attention_factor(cfg: DeepseekConfig) -> float:
 
 def rope_inv_freq(cfg: DeepseekConfig) -> np.ndarray:
     """Inverse RoPE frequencies (Dr/2,) in float32 for the rope dims, YaRN-blended when configured."""
-    d = cfg.qk_rope
-    pos_freqs = np.float32(cfg.rope_theta) ** (np.arange(0, d, 2, dtype=np.float32) / np.float32(d))
+    return yarn_inv_freq(cfg.qk_rope, cfg.rope_theta, cfg.rope_factor, cfg.rope_original_max, cfg.beta_fast,
+                         cfg.beta_slow, cfg.rope_truncate)
+
+
+def yarn_inv_freq(d: int, theta: float, factor: float | None, original_max: int | None, beta_fast: float,
+                  beta_slow: float, truncate: bool) -> np.ndarray:
+    """Inverse RoPE frequencies (d/2,) in float32: plain (`factor` None) or YaRN-blended (as transformers)."""
+    pos_freqs = np.float32(theta) ** (np.arange(0, d, 2, dtype=np.float32) / np.float32(d))
     extrapolation = (np.float32(1.0) / pos_freqs).astype(np.float32)
-    if cfg.rope_factor is None:
+    if factor is None:
         return extrapolation
-    interpolation = (np.float32(1.0) / (np.float32(cfg.rope_factor) * pos_freqs)).astype(np.float32)
+    interpolation = (np.float32(1.0) / (np.float32(factor) * pos_freqs)).astype(np.float32)
 
     def correction_dim(rotations: float) -> float:
-        return d * math.log(cfg.rope_original_max / (rotations * 2 * math.pi)) / (2 * math.log(cfg.rope_theta))
+        return d * math.log(original_max / (rotations * 2 * math.pi)) / (2 * math.log(theta))
 
-    low, high = correction_dim(cfg.beta_fast), correction_dim(cfg.beta_slow)
-    if cfg.rope_truncate:
+    low, high = correction_dim(beta_fast), correction_dim(beta_slow)
+    if truncate:
         low, high = math.floor(low), math.ceil(high)
     low, high = max(low, 0), min(high, d - 1)
     if low == high:

@@ -186,6 +186,10 @@ def forward_config(cfg: dict):
             from ckpt_cli.verify.gemma3 import Gemma3Config
 
             return family, Gemma3Config.from_hf_config(cfg)
+        if family.name == "gpt_oss":
+            from ckpt_cli.verify.gpt_oss import GptOssConfig
+
+            return family, GptOssConfig.from_hf_config(cfg)
         from ckpt_cli.verify.forward import ForwardConfig
 
         return family, ForwardConfig.from_hf_config(family.name, cfg)
@@ -225,6 +229,10 @@ def maxtext_forward(params: OrbaxParams, fcfg, prompts: Sequence[Prompt], dtype:
         from ckpt_cli.verify.gemma3 import gemma3_logits
 
         logits = gemma3_logits(params, fcfg, batch, dtype=COMPUTE_DTYPES[dtype])
+    elif type(fcfg).__name__ == "GptOssConfig":
+        from ckpt_cli.verify.gpt_oss import gpt_oss_logits
+
+        logits = gpt_oss_logits(params, fcfg, batch, dtype=COMPUTE_DTYPES[dtype])
     else:
         from ckpt_cli.verify.forward import maxtext_logits
 

@@ -160,7 +160,43 @@ def test_moe_hf_model_cannot_be_layer_streamed(converted, kind):
     assert "--hf-load full" in line and "--golden" in line
 
 
-@pytest.mark.parametrize("kind", ["qwen3", "qwen3-moe", "mixtral", "gemma3"])
+@pytest.mark.parametrize("scan", [True, False], ids=["scanned", "unscanned"])
+def test_converted_gpt_oss_matches_transformers(converted, scan):
+    """GPT-OSS in float32 (sinks, biases, sliding window 4 on the local layers, YaRN, clamped SwiGLU experts),
+    default prompts of 8, 16 and 40 tokens: the MaxText forward equals transformers' eager model."""
+    src, out = converted("gpt-oss", scan)
+    data = verify_json("--maxtext", out, "--hf", src, "--max-kl", "1e-6")
+    s = data["summary"]
+    assert data["passed"] and data["family"] == "gpt_oss" and data["scan_layers"] is scan
+    assert max(len(p["tokens"]) for p in data["prompts"]) > 4   # longer than the sliding window
+    assert s["kl_max"] < 1e-6 and s["max_abs_dlogit"] < 1e-4, s
+    assert s["top1_agreement"] == 1.0
+
+
+def test_gpt_oss_hf_model_streams_layer_by_layer(converted):
+    """transformers holds GPT-OSS's experts as the files do (fused gate_up_proj): --hf-load stream works."""
+    src, out = converted("gpt-oss", True)
+    data = verify_json("--maxtext", out, "--hf", src, "--hf-load", "stream", "--max-kl", "1e-6")
+    assert data["passed"] and data["reference"]["load"] == "stream"
+
+
+def test_gpt_oss_swapped_gate_and_up_fail(converted, tmp_path):
+    """wi_0 and wi_1 exchanged in the checkpoint (the de-interleave done backwards): the verdict is FAIL."""
+    src, good = converted("gpt-oss", True)
+    out = tmp_path / "swapped-gate-up"
+    shutil.copytree(good, out)
+    ckpt = OrbaxCheckpoint(out)
+    for block in ("layers_0", "layers_1"):
+        for a, b in (("wi_0", "wi_1"), ("wi_0_bias", "wi_1_bias")):
+            x, y = (ckpt.array(f"decoder/layers/{block}/GptOssMlp/{n}") for n in (a, b))
+            xa, ya = x.read().result(), y.read().result()
+            x.write(ya).result()
+            y.write(xa).result()
+    data = verify_json("--maxtext", out, "--hf", src, "--max-kl", "1e-6", code=1)
+    assert not data["passed"] and data["summary"]["kl_max"] > 1e-5   # the right tree: ~1e-14
+
+
+@pytest.mark.parametrize("kind", ["qwen3", "qwen3-moe", "mixtral", "gemma3", "gpt-oss"])
 def test_orbax_params_serve_each_layer_scanned_and_unscanned(converted, kind):
     """layer(i) of both layouts equals the spec's per-layer tensors (tests/expectations.py); for Gemma3 every one
     of the 14 layers (scanned: layer i is scan index i // 6 of layers_<i mod 6>, or layers_remainder/layers_<i-12>)."""
@@ -172,7 +208,7 @@ def test_orbax_params_serve_each_layer_scanned_and_unscanned(converted, kind):
     b = OrbaxParams(OrbaxCheckpoint(unscanned), family, cfg, False)
     assert a.scan_layers and not b.scan_layers
     assert a.num_layers == b.num_layers == cfg["num_hidden_layers"]
-    for i in range(cfg["num_hidden_layers"] if kind == "gemma3" else 2):
+    for i in range(cfg["num_hidden_layers"] if kind in ("gemma3", "gpt-oss") else 2):
         want = expected_layer(hf, cfg, kind.replace("-", "_"), i)
         for got in (a.layer(i), b.layer(i)):
             assert set(got) == set(want)
