@@ -8,14 +8,21 @@ real positions). Two ways to hold the weights, chosen by `load`:
 * `stream`: the model is built on the meta device; the embedding, final norm and LM head are loaded,
   and each decoder layer's weights are read from the safetensors files just before that layer runs
   and dropped right after it (forward hooks), so RAM holds about one layer plus the embedding/head.
-  Same modules, same math: logits are identical to `full`. Needs safetensors files whose names
-  match the model's state dict (true for Qwen3 and Llama checkpoints saved by transformers).
+  Same modules, same math: logits are identical to `full`. Needs safetensors files. Where transformers
+  holds a weight differently from the files (transformers 5 fuses the per-expert tensors of Qwen3 MoE and
+  Mixtral into `mlp.experts.gate_up_proj` / `down_proj` and renames Mixtral's `block_sparse_moe` to
+  `mlp`), each layer's file tensors go through transformers' own load-time conversion
+  (`transformers.conversion_mapping`), the one `from_pretrained` applies. Non-persistent buffers
+  computed from the config (RoPE frequencies, Gemma3's embedding scale) are rebuilt.
 * `auto` (default): `full` when the estimate fits in the available memory, else `stream`; when
   even streaming does not fit, a one-line error instead of running out of memory.
 """
 
 from __future__ import annotations
 
+import contextlib
+import copy
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +39,7 @@ LOAD_MODES = ("auto", "full", "stream")
 LAYERS_PREFIX = "model.layers."
 OVERHEAD_BYTES = 512 * 1024 * 1024   # interpreter, torch, transformers, allocator slack
 FIT_FRACTION = 0.85                  # use at most this share of the available memory
+PER_EXPERT = re.compile(r"\.experts\.\d+\.")   # released per-expert tensors (transformers 5 fuses them)
 
 
 class NotEnoughMemory(CkptError):
@@ -89,19 +97,24 @@ def estimate_memory(folder: Path, cfg: dict, prompts: Sequence[Prompt], dtype: s
         return MemoryEstimate(size * itemsize // stored + activations + OVERHEAD_BYTES, None, available_memory())
     layer_bytes: dict[int, int] = {}
     other = largest_read = 0
+    per_expert = False
     for name, info in files.tensors.items():
         n = int(np.prod(info.shape, dtype=np.int64)) * itemsize
         largest_read = max(largest_read, info.nbytes)
         if name.startswith(LAYERS_PREFIX):
             i = int(name[len(LAYERS_PREFIX):].split(".", 1)[0])
             layer_bytes[i] = layer_bytes.get(i, 0) + n
+            per_expert = per_expert or PER_EXPERT.search(name) is not None
         else:
             other += n
     # from_pretrained maps the safetensors files while it copies out of them: their pages count in RSS then
     stored = sum(info.nbytes for info in files.tensors.values())
     full = other + sum(layer_bytes.values()) + stored + activations + OVERHEAD_BYTES
-    # streaming: one layer live (the previous one is dropped first) plus one tensor being read and cast
-    stream = other + max(layer_bytes.values(), default=0) + largest_read + activations + OVERHEAD_BYTES
+    # streaming: one layer live (the previous one is dropped first) plus one tensor being read and cast; where
+    # transformers stacks per-expert file tensors into fused ones, the read tensors and the stacked copies of a
+    # layer coexist while it is built (at most about twice the layer)
+    layer = max(layer_bytes.values(), default=0)
+    stream = other + layer * (2 if per_expert else 1) + largest_read + activations + OVERHEAD_BYTES
     return MemoryEstimate(full, stream, available_memory())
 
 
@@ -179,6 +192,78 @@ def _to_torch(array: np.ndarray, torch_dtype):
     return t.to(torch_dtype)
 
 
+class WeightMap:
+    """Which file tensors make each tensor of the model's state dict, and how (transformers' load-time conversion).
+
+    transformers 5 keeps, per model type, the renamings and converters `from_pretrained` applies to the file
+    tensors (`get_model_conversion_mapping`; e.g. Qwen3 MoE: per expert `mlp.experts.{e}.gate_proj.weight` and
+    `up_proj.weight` stacked over experts and concatenated into `mlp.experts.gate_up_proj`). The names are
+    matched once, here, exactly as `from_pretrained` matches them; `build` runs the same conversion on just the
+    tensors asked for. Without that API (transformers 4, which holds the file layout) names map one to one.
+    """
+
+    def __init__(self, model, names):
+        state = model.state_dict()
+        self.model = model
+        self.api = _conversion_api()
+        self.groups: dict[str, tuple[object | None, list[tuple[str, str | None]]]] = {}
+        self.produced: set[str] = set()
+        if self.api is None:
+            for name in names:
+                if name in state:
+                    self.groups[name] = (None, [(name, None)])
+            self.produced = set(self.groups)
+            return
+        rename_source_key, dot_natural_key, renaming_cls, converter_cls, get_mapping = self.api
+        mapping = get_mapping(model)
+        renamings = [t for t in mapping if isinstance(t, renaming_cls)]
+        converters = [t for t in mapping if isinstance(t, converter_cls)]
+        by_pattern = {p: c for c in converters for p in c.source_patterns}
+        prefix = model.base_model_prefix
+        for name in sorted(names, key=dot_natural_key):   # the order from_pretrained stacks experts in
+            target, pattern = rename_source_key(name, renamings, converters, prefix, state)
+            if target not in state and name in state:
+                target, pattern = rename_source_key(name, [], [], prefix, state)
+            if target not in state:
+                continue   # a file tensor the model does not use (from_pretrained ignores it too)
+            converter = by_pattern[pattern] if pattern is not None else None
+            self.groups.setdefault(target, (converter, []))[1].append((name, pattern))
+        for target, (converter, _) in self.groups.items():
+            if converter is None:
+                self.produced.add(target)
+            else:   # a one-to-many converter is keyed by its first target (as in from_pretrained)
+                first = converter.target_patterns[0]
+                self.produced.update(target.replace(first, t) for t in converter.target_patterns)
+
+    def keys_under(self, prefix: str) -> list[str]:
+        return [k for k in self.groups if k.startswith(prefix)]
+
+    def build(self, keys, read: Callable[[str], object]) -> dict:
+        """The model's tensors for the group `keys`, made from the file tensors `read(name)` gives."""
+        out = {}
+        for key in keys:
+            converter, sources = self.groups[key]
+            if converter is None:
+                out[key] = read(sources[0][0])
+                continue
+            conv = copy.deepcopy(converter)
+            for name, pattern in sources:
+                conv.add_tensor(key, name, pattern, read(name))
+            for name, value in conv.convert(key, model=self.model, config=self.model.config).items():
+                out[name] = value[0] if isinstance(value, list) else value
+        return out
+
+
+def _conversion_api():
+    """transformers' weight-conversion functions (transformers 5), or None when this transformers has none."""
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightConverter, WeightRenaming, dot_natural_key, rename_source_key
+    except ImportError:
+        return None
+    return rename_source_key, dot_natural_key, WeightRenaming, WeightConverter, get_model_conversion_mapping
+
+
 class StreamedModel:
     """A transformers causal LM whose decoder layers are loaded from safetensors only while they run."""
 
@@ -195,49 +280,62 @@ class StreamedModel:
         if layers is None:
             raise CkptError(f"{type(model).__name__} has no {LAYERS_PREFIX.rstrip('.')}: cannot stream it; "
                             f"use --hf-load full")
+        cls = type(model).__name__
+        self.map = WeightMap(model, list(self.files.tensors))
+        self.layer_groups = [self.map.keys_under(f"{LAYERS_PREFIX}{i}.") for i in range(len(layers))]
+        for i, layer in enumerate(layers):
+            unbuilt = [k for k in layer.state_dict() if f"{LAYERS_PREFIX}{i}.{k}" not in self.map.produced]
+            if unbuilt:   # e.g. experts stored in a layout transformers' load-time conversion does not know
+                how = "" if self.map.api else " (this transformers has no weight-conversion API)"
+                raise CkptError(f"cannot stream {cls}: transformers holds {LAYERS_PREFIX}{i}.{unbuilt[0]}, which "
+                                f"it cannot build from the weight files{how}; use --hf-load full, or --golden")
+            lost = {n for n, _ in layer.named_buffers()} - set(layer.state_dict())
+            if lost:
+                raise CkptError(f"cannot stream {cls}: {LAYERS_PREFIX}{i}.{sorted(lost)[0]} is a buffer not in the "
+                                "weight files; use --hf-load full")
         state = model.state_dict()
         tied = bool(getattr(config, "tie_word_embeddings", False))
-        others = {}
+        top = [k for k in self.map.groups if not k.startswith(LAYERS_PREFIX)]
+        others = self.map.build(top, self._read)
         for name in state:
-            if name.startswith(LAYERS_PREFIX):
-                continue
-            if name in self.files:
-                others[name] = _to_torch(self.files.read(name), self.dtype)
-            elif not (tied and name == "lm_head.weight"):
+            if not name.startswith(LAYERS_PREFIX) and name not in others and not (tied and name == "lm_head.weight"):
                 raise SourceError(f"tensor {name} is missing from {folder}")
         model.load_state_dict(others, strict=False, assign=True)
         if tied:
             model.lm_head.weight = model.get_input_embeddings().weight
         self._rebuild_buffers(model, config)
-        self.layer_keys = [list(layer.state_dict()) for layer in layers]
-        unstored = [k for k in self.layer_keys[0] if f"{LAYERS_PREFIX}0.{k}" not in self.files]
-        if unstored:   # e.g. transformers 5 fuses MoE experts (experts.gate_up_proj); the files keep them per expert
-            raise CkptError(f"cannot stream {type(model).__name__}: transformers holds {LAYERS_PREFIX}0.{unstored[0]}, "
-                            "which the weight files store differently; use --hf-load full, or --golden")
         for i, layer in enumerate(layers):
             layer.register_forward_pre_hook(self._loader(i))
             layer.register_forward_hook(self._dropper())
         self.model = model.eval()
 
+    def _read(self, name: str):
+        return _to_torch(self.files.read(name), self.dtype)
+
     @staticmethod
     def _rebuild_buffers(model, config) -> None:
-        """Non-persistent buffers (RoPE inverse frequencies) are not in the files: rebuild those modules."""
+        """Non-persistent buffers are not in the files: RoPE modules are rebuilt from the config, other buffers
+        (Gemma3's embedding scale) are initialized by the model's own `_init_weights`, as from_pretrained does."""
+        import torch
+
         for name, module in list(model.named_modules()):
             if name.startswith(LAYERS_PREFIX) or not any(b.is_meta for b in module.buffers(recurse=False)):
                 continue
-            if not name.endswith("rotary_emb"):
-                raise CkptError(f"{name}: a buffer not in the weight files; cannot stream, use --hf-load full")
-            parent = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
-            setattr(parent, name.rsplit(".", 1)[-1], type(module)(config=config))
+            if name.endswith("rotary_emb"):
+                parent = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
+                setattr(parent, name.rsplit(".", 1)[-1], type(module)(config=getattr(module, "config", config)))
+                continue
+            _init_buffers(model, name, module, torch)
         left = [n for n, p in model.named_parameters() if p.is_meta and not n.startswith(LAYERS_PREFIX)]
         if left:
             raise CkptError(f"cannot stream: {left[0]} is not loaded; use --hf-load full")
 
     def _loader(self, i: int):
+        prefix = f"{LAYERS_PREFIX}{i}."
+
         def hook(module, args):
-            weights = {k: _to_torch(self.files.read(f"{LAYERS_PREFIX}{i}.{k}"), self.dtype)
-                       for k in self.layer_keys[i]}
-            module.load_state_dict(weights, strict=True, assign=True)
+            weights = self.map.build(self.layer_groups[i], self._read)
+            module.load_state_dict({k.removeprefix(prefix): v for k, v in weights.items()}, strict=True, assign=True)
 
         return hook
 
@@ -251,3 +349,34 @@ class StreamedModel:
     def __call__(self, **kwargs):
         return self.model(**kwargs)
 
+
+def _init_buffers(model, name: str, module, torch) -> None:
+    """Give `module`'s meta buffers their values from the model's `_init_weights` (its loaded weights untouched).
+
+    The buffers start as NaN: one the initializer does not set (or a non-float one) is refused in one line.
+    """
+    refuse = CkptError(f"{name}: a buffer not in the weight files; cannot stream, use --hf-load full")
+    init_weights = getattr(model, "_init_weights", None)
+    if init_weights is None:
+        raise refuse
+    for p in module.parameters(recurse=False):
+        p._is_hf_initialized = True   # transformers' init functions skip flagged tensors: keep the loaded weights
+    fresh = []
+    for key, buf in list(module.named_buffers(recurse=False)):
+        if buf is None or not buf.is_meta:
+            continue
+        if not buf.is_floating_point():
+            raise refuse
+        value = torch.full(buf.shape, float("nan"), dtype=buf.dtype)
+        setattr(module, key, value)   # an existing buffer name: stays a buffer, persistence unchanged
+        fresh.append(key)
+    try:
+        from transformers import initialization
+
+        guard = initialization.guard_torch_init_functions()
+    except (ImportError, AttributeError):
+        guard = contextlib.nullcontext()
+    with torch.no_grad(), guard:
+        init_weights(module)
+    if any(torch.isnan(getattr(module, key)).any() for key in fresh):
+        raise refuse

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -24,6 +25,7 @@ from ckpt_cli.cli.app import app
 from ckpt_cli.convert import ToMaxTextOptions, hf_to_maxtext
 from ckpt_cli.families import detect_family, llama3, mixtral, qwen3
 from ckpt_cli.io.orbax import OrbaxCheckpoint
+from ckpt_cli.io.safetensors import SafetensorsFolder
 from ckpt_cli.plan import SourceSlice
 from ckpt_cli.verify import reference
 from ckpt_cli.verify.params import OrbaxParams
@@ -145,19 +147,84 @@ def test_moe_swapped_experts_fail(converted, tmp_path, kind):
     assert not data["passed"] and data["summary"]["kl_max"] > 1e-3
 
 
-@pytest.mark.parametrize("kind", list(MOE_KINDS))
-def test_moe_hf_model_cannot_be_layer_streamed(converted, kind):
-    """transformers 5 fuses each layer's experts (experts.gate_up_proj) and renames Mixtral's block_sparse_moe to
-    mlp; the files keep the released per-expert names, so --hf-load stream is refused in one line that says what
-    to use instead."""
+@pytest.mark.parametrize("kind", ["qwen3-moe", "mixtral", "gemma3"])
+def test_fused_expert_and_gemma3_hf_models_stream_layer_by_layer(converted, monkeypatch, kind):
+    """Qwen3 MoE and Mixtral (transformers 5 fuses each layer's per-expert file tensors into experts.gate_up_proj /
+    down_proj, Mixtral's block_sparse_moe is renamed mlp) and Gemma3 (embedding scale in a non-persistent buffer):
+    when the whole model does not fit, auto streams it, with the same figures as the whole model."""
     src, out = converted(kind, True)
+    full = verify_json("--maxtext", out, "--hf", src, "--hf-load", "full", "--max-kl", "1e-6")
+    est = reference.estimate_memory(src, read_config(src), [Prompt((1,) * 40)] * 3, "f32")
+    assert est.stream < est.full
+    room = int((est.stream + est.full) / 2 / reference.FIT_FRACTION)
+    monkeypatch.setattr(reference, "available_memory", lambda: room)
+    streamed = verify_json("--maxtext", out, "--hf", src, "--max-kl", "1e-6")
+    assert full["reference"]["load"] == "full" and streamed["reference"]["load"] == "stream"
+    assert streamed["passed"] and streamed["summary"]["kl_max"] < 1e-6, streamed["summary"]
+    assert streamed["prompts"] == full["prompts"]   # identical logits, so identical figures
+
+
+@pytest.mark.parametrize("dtype", ["f32", "bf16"])
+@pytest.mark.parametrize("kind,stored", [("qwen3-moe", "bfloat16"), ("mixtral", "float32"), ("gemma3-e48", "bfloat16")])
+def test_streamed_logits_equal_whole_model_logits_bit_for_bit(hf_models, kind, stored, dtype):
+    """The streamed model is transformers' own module with the tensors from_pretrained would give it: same logits,
+    bit for bit, in both compute dtypes (gemma3-e48: the bf16 embedding scale sqrt(48) is not exact)."""
+    src = hf_models(kind, stored, sharded=kind == "mixtral")
+    prompts = [Prompt(tuple(range(1, 9))), Prompt(tuple(range(3, 43)))]
+    full, a = reference.hf_logits(src, read_config(src), prompts, dtype, "full")
+    streamed, b = reference.hf_logits(src, read_config(src), prompts, dtype, "stream")
+    assert (a["load"], b["load"]) == ("full", "stream")
+    for x, y in zip(full, streamed, strict=True):
+        np.testing.assert_array_equal(x, y)
+
+
+@pytest.mark.parametrize("kind", ["qwen3-moe", "mixtral"])
+def test_stream_estimate_counts_a_fused_layer_twice(hf_models, monkeypatch, kind):
+    """While a layer of per-expert file tensors is stacked into transformers' fused ones, the read tensors and the
+    stacked copies coexist: the streaming estimate holds two layers, still far below the whole model."""
+    src = hf_models(kind, "float32")
+    cfg, prompts = read_config(src), [Prompt((1,) * 40)] * 3
+    est = reference.estimate_memory(src, cfg, prompts, "f32")
+    layer = max(sum(int(np.prod(info.shape)) * 4 for name, info in SafetensorsFolder(src).tensors.items()
+                    if name.startswith(f"model.layers.{i}.")) for i in range(cfg["num_hidden_layers"]))
+    monkeypatch.setattr(reference, "PER_EXPERT", re.compile(r"(?!)"))   # as if the files held the fused layout
+    assert est.stream - reference.estimate_memory(src, cfg, prompts, "f32").stream == layer
+    assert est.stream < est.full
+
+
+def test_expert_layout_transformers_cannot_build_is_refused_in_one_line(converted, tmp_path):
+    """A Qwen3 MoE whose files name the experts the Mixtral way (w1/w3/w2): transformers' qwen3_moe conversion
+    cannot make experts.gate_up_proj from them, and --hf-load stream says so instead of running random weights."""
+    from safetensors.numpy import load_file, save_file
+
+    src, out = converted("qwen3-moe", True)
+    folder = tmp_path / "mixtral-named-experts"
+    shutil.copytree(src, folder)
+    names = {"gate_proj": "w1", "up_proj": "w3", "down_proj": "w2"}
+    for f in folder.glob("*.safetensors"):
+        tensors = load_file(f)
+        renamed = {re.sub(r"\.(gate_proj|up_proj|down_proj)\.weight$", lambda m: f".{names[m[1]]}.weight", k)
+                   if ".experts." in k else k: v for k, v in tensors.items()}
+        assert renamed != tensors
+        save_file(renamed, f, metadata={"format": "pt"})
+    r = verify("--maxtext", out, "--hf", folder, "--hf-load", "stream")
+    assert r.exit_code == 2, r.output
+    assert error_line(r) == ("error: cannot stream Qwen3MoeForCausalLM: transformers holds "
+                             "model.layers.0.mlp.experts.gate_up_proj, which it cannot build from the weight files; "
+                             "use --hf-load full, or --golden")
+
+
+def test_a_buffer_the_model_does_not_initialize_is_refused(converted, monkeypatch):
+    """Gemma3's embedding scale comes from the model's own initializer; a non-persistent buffer it leaves unset
+    (here: the initializer made a no-op) is refused in one line rather than run as garbage."""
+    from transformers.models.gemma3 import modeling_gemma3
+
+    src, out = converted("gemma3", True)
+    monkeypatch.setattr(modeling_gemma3.Gemma3PreTrainedModel, "_init_weights", lambda self, module: None)
     r = verify("--maxtext", out, "--hf", src, "--hf-load", "stream")
     assert r.exit_code == 2, r.output
-    line = error_line(r)
-    held = {"qwen3-moe": "mlp.experts.gate_up_proj", "mixtral": "mlp.gate.weight"}[kind]   # the first one it meets
-    assert (f"cannot stream {MOE_KINDS[kind][2]}: transformers holds model.layers.0.{held}, which the weight files "
-            "store differently") in line
-    assert "--hf-load full" in line and "--golden" in line
+    assert error_line(r) == ("error: model.embed_tokens: a buffer not in the weight files; cannot stream, "
+                             "use --hf-load full")
 
 
 @pytest.mark.parametrize("scan", [True, False], ids=["scanned", "unscanned"])
