@@ -192,7 +192,7 @@ class TransformersReader:
 
         try:
             model = AutoModelForCausalLM.from_pretrained(str(folder), dtype="auto")
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError, ImportError) as exc:   # ImportError: e.g. MXFP4 without accelerate/kernels
             raise SourceError(f"transformers cannot load {folder}: {str(exc).splitlines()[0]}") from None
         self.state = saved_state(model)
         self._torch = torch

@@ -238,6 +238,22 @@ def test_streamed_from_a_repo_equals_local(mxfp4_source, fake_hub, tmp_path):  #
         assert x.dtype == y.dtype and np.array_equal(x.view(np.uint8), y.view(np.uint8)), path
 
 
+def test_transformers_load_method_failing_to_import_is_one_line(mxfp4_source, tmp_path, monkeypatch):
+    """transformers' own MXFP4 loading needs extra packages (accelerate, kernels): a missing one is a
+    one-line error, not a traceback (the safetensors reader needs none)."""
+    import transformers
+
+    def refuse(*args, **kwargs):
+        raise ImportError("Using mxfp4 requires Accelerate: `pip install accelerate`")
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", refuse)
+    out = tmp_path / "mt"
+    r = run("convert", "hf-to-maxtext", mxfp4_source[0], "--out", out, "--load-method", "transformers")
+    assert r.exit_code == 2, r.output
+    assert error_line(r).endswith("Using mxfp4 requires Accelerate: `pip install accelerate`")
+    assert not out.exists()
+
+
 # ------------------------------------------------------------------------------------------------------------
 # inspect and plan
 
