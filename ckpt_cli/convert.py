@@ -80,6 +80,16 @@ def open_reader(source: hf.HFSource, load_method: str, dtype: np.dtype | None = 
     raise SourceError(f"unknown load method {load_method!r}: choose safetensors or transformers")
 
 
+def mxfp4_notes(plan: ConversionPlan, reader) -> list[str]:
+    """A note naming how many MXFP4 weights the plan dequantizes (none for other sources)."""
+    packed = getattr(reader, "mxfp4", {})
+    names = {task.source.name for t in plan.tensors for task in t.tasks if task.source.name in packed}
+    if not names:
+        return []
+    return [f"{len(names)} MXFP4 weight(s) (*_blocks + *_scales, e.g. {min(names)}) dequantized one expert at a "
+            f"time into {np.dtype(plan.dtype).name}"]
+
+
 def provenance(plan: ConversionPlan, source: hf.HFSource, opts: ToMaxTextOptions) -> dict:
     """What we carry inside the checkpoint so maxtext-to-hf needs no flags."""
     return {
@@ -133,7 +143,7 @@ def hf_to_maxtext(source_arg: str, out: Path, opts: ToMaxTextOptions, progress=N
     used = {task.source.name for t in plan.tensors for task in t.tasks}
     used |= {extra for name in used for extra in getattr(reader, "consumed_with", lambda n: [])(name)}
     ignored = sorted(set(reader.names) - used)
-    notes = list(plan.notes)
+    notes = list(plan.notes) + mxfp4_notes(plan, reader)
     if ignored:
         notes.append(f"{len(ignored)} source tensor(s) not used: {', '.join(ignored[:4])}"
                      + (" ..." if len(ignored) > 4 else ""))

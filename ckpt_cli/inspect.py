@@ -18,8 +18,10 @@ import numpy as np
 
 from ckpt_cli import registry
 from ckpt_cli.dtypes import output_dtype
+from ckpt_cli.engine import source_slice_shape
 from ckpt_cli.errors import ConfigMismatchError, SourceError, UnknownModelError
 from ckpt_cli.families import detect_family, family_named
+from ckpt_cli.io import mxfp4
 from ckpt_cli.io.remote_stream import tree_bytes
 from ckpt_cli.io.safetensors import SafetensorsFolder, TensorInfo, read_header
 from ckpt_cli.plan import ConversionPlan, build_to_maxtext
@@ -136,6 +138,11 @@ def _hf_target(kind: str, label: str, config: dict | None, headers: dict[str, Te
     t = Target(kind, label, leaves, config, info, headers)
     if config is None:
         t.notes.append("no config.json: family and MaxText mapping unknown")
+    packed = mxfp4.logical_names(headers)
+    if packed:
+        t.notes.append(f"{len(packed)} MXFP4 weight(s) stored as *_blocks (uint8, two FP4 values a byte) + *_scales "
+                       f"(uint8, one exponent per {mxfp4.GROUP} values), e.g. {min(packed)}: parameter counts of "
+                       "these are bytes; hf-to-maxtext dequantizes them")
     return t
 
 
@@ -272,13 +279,20 @@ def maxtext_tree(t: Target, scan: bool, dtype: str | None = None) -> tuple[dict[
     used: set[str] = set()
     for tensor in plan.tensors:
         missing, misshaped = [], []
-        for name in tensor.source_names:
+        sources = {task.source.name: task.source for task in tensor.tasks}
+        for name, source in sources.items():
             used.add(name)
-            info = t.headers.get(name)
-            if info is None:
+            used.update(mxfp4.pair(name))
+            try:
+                shape = _hf_shape(t.headers, name)
+            except SourceError as exc:
+                misshaped.append(str(exc))
+                continue
+            if shape is None:
                 missing.append(name)
-            elif tuple(info.shape) != tuple(tensor.source_shape):
-                misshaped.append(f"{name} is {tuple(info.shape)}, expected {tuple(tensor.source_shape)}")
+            elif source_slice_shape(shape, source) != tuple(tensor.source_shape):   # per expert when stacked
+                misshaped.append(f"{name} is {shape}, expected {tuple(tensor.source_shape)}"
+                                 + (" per index of axis 0" if source.axes else ""))
         dtype_name = np.dtype(tensor.dtype).name
         if missing:
             more = f" (+{len(missing) - 1} more)" if len(missing) > 1 else ""
@@ -288,6 +302,18 @@ def maxtext_tree(t: Target, scan: bool, dtype: str | None = None) -> tuple[dict[
         else:
             tree[tensor.target] = Entry(tuple(tensor.shape), dtype_name)
     return tree, sorted(set(t.headers) - used)
+
+
+def _hf_shape(headers: dict[str, TensorInfo], name: str) -> tuple[int, ...] | None:
+    """A planned HF source's shape as the plan reads it (per expert for stacked experts): stored under its name,
+    or an MXFP4 pair's dequantized shape; None when absent."""
+    info = headers.get(name)
+    if info is not None:
+        return tuple(info.shape)
+    if name + mxfp4.BLOCKS in headers:
+        b, s = headers[name + mxfp4.BLOCKS], headers.get(name + mxfp4.SCALES)
+        return mxfp4.logical_shape(name, (b.shape, b.dtype), (s.shape, s.dtype) if s else None)
+    return None
 
 
 def compare(a: Target, b: Target, scan: bool | None = None, dtype: str | None = None,

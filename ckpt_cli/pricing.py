@@ -8,7 +8,8 @@ The memory model follows the engine and the writers rather than guessing:
   (4 + output itemsize)) fits `engine.default_budget(plan)`; the window is simulated over the very
   task list. A finished task waiting for the writer holds its result (its source slice when the
   transform hands the source through); each of the `workers` running tasks also holds its source
-  and temporaries (a float32 copy for arithmetic transforms and fp8 dequantization).
+  and temporaries (a float32 copy for arithmetic transforms; fp8 and MXFP4 dequantization: the float32
+  values of the whole slice read, and a gather temporary, 8 bytes per element read).
 * The Orbax writer keeps references to staged slices until their transaction is committed: one open
   transaction and `MAX_PENDING_COMMITS` committing, each up to `BATCH_BYTES` plus one slice; a
   committing batch also has its chunks encoded, and tensorstore keeps a working set of its own:
@@ -59,14 +60,14 @@ class Source:
 
     label: str
     kind: str                                 # local | remote | model | orbax
-    itemsize: dict[str, int]                  # bytes per element of each source tensor as stored
+    itemsize: dict[str, float]                # bytes per element of each source tensor as stored (MXFP4: 17/32)
     default_itemsize: int = 2                 # for tensors not listed (pricing a model with no data)
     total_bytes: int = 0                      # all tensor bytes of the source
     download: DiskNeed | None = None          # remote sources: what fetching the shards takes
     max_disk: int | None = None
     probe_file: Path | None = None            # a local file to time reads on
     order_key: Callable | None = None         # the reader's order_key (engine order); plan order if None
-    fp8: frozenset[str] = frozenset()         # sources dequantized through float32 on the fly
+    fp8: frozenset[str] = frozenset()         # sources dequantized through float32 on the fly (fp8, MXFP4)
     reader_held: int = 0                      # what the reader itself keeps (BlockReader's layer blocks)
     raw_copy: bool = False                    # reads decode a raw chunk copy (tensorstore), not a mapping
 
@@ -102,9 +103,11 @@ def task_figures(plan: ConversionPlan, source: Source) -> list[TaskFigures]:
             exact = tensor.chain.exact
             passes = exact and src == size and all(s.name == "reshape" for s in tensor.chain.steps)
             result = n * (src if passes else size)
-            running = (tensor.read_elements(task) * src * (2 if source.raw_copy else 1)
-                       + n * ((0 if passes else 2 * size) + (0 if exact else 8) + (8 if fp8 else 0)))
-            cache[key] = TaskFigures(engine.task_cost(tensor, task), result, max(result, running), n * size)
+            read = tensor.read_elements(task)
+            running = (read * src * (2 if source.raw_copy else 1) + (8 * read if fp8 else 0)
+                       + n * ((0 if passes else 2 * size) + (0 if exact else 8)))
+            cache[key] = TaskFigures(engine.task_cost(tensor, task), math.ceil(result), math.ceil(max(result, running)),
+                                     n * size)
         out.append(cache[key])
     return out
 
@@ -162,8 +165,9 @@ def output_bytes(plan: ConversionPlan, writer: str) -> int:
 
 
 def read_bytes(plan: ConversionPlan, source: Source) -> int:
-    return sum(t.read_elements(task) * source.itemsize.get(task.source.name, source.default_itemsize)
-               for t in plan.tensors for task in t.tasks)
+    """Bytes the tasks read as stored (an MXFP4 weight: its packed blocks and scales)."""
+    return round(sum(t.read_elements(task) * source.itemsize.get(task.source.name, source.default_itemsize)
+                     for t in plan.tensors for task in t.tasks))
 
 
 # ----------------------------------------------------------------------------------------------- time
@@ -267,8 +271,12 @@ def plan_hf_to_maxtext(source_arg: str | None, opts) -> tuple[ConversionPlan, So
     plan = convert.with_source_names(plan, src, reader.names)
     engine.validate(plan, reader)
     tensors = reader.files.tensors
-    itemsize = {name: info.dtype.itemsize for name, info in tensors.items()}
+    itemsize: dict[str, float] = {name: info.dtype.itemsize for name, info in tensors.items()}
     fp8 = frozenset(n for n, i in tensors.items() if i.dtype.itemsize == 1 and i.dtype.name.startswith("float8"))
+    for name, (blocks, scales) in reader.mxfp4.items():     # priced by their packed bytes, through float32
+        if scales in tensors:
+            itemsize[name] = (tensors[blocks].nbytes + tensors[scales].nbytes) / math.prod(reader.mxfp4_shape(name))
+    fp8 |= frozenset(reader.mxfp4)
     notes = list(plan.notes)
     if src.remote is None:
         files = {i.file for i in tensors.values()}

@@ -12,8 +12,10 @@ Scanned, MaxText groups the layers in pairs (`inhomogeneous_layer_cycle_interval
 `decoder/layers/layers_<b>/…` with scan length L/2, scan index s holding HF layer 2s + b; layer 2s+0 is
 the sliding-window (local) layer, 2s+1 the global one. Unscanned: plain `decoder/layers_<i>/…`.
 
-Only the BF16 checkpoints are read (unsloth/gpt-oss-*-BF16, what MaxText's HF_IDS name); the official
-MXFP4 repos are refused (see `check_config`).
+Both the BF16 checkpoints (unsloth/gpt-oss-*-BF16, what MaxText's HF_IDS name) and the official MXFP4 repos
+(openai/gpt-oss-*) are read: there `gate_up_proj` / `down_proj` are stored as `*_blocks` + `*_scales`, which the
+safetensors reader dequantizes one expert at a time into the same (X, in, out) layout (io/mxfp4.py), so the
+table is the same for both.
 """
 
 from __future__ import annotations
@@ -95,9 +97,10 @@ def rope(cfg: dict) -> dict:
 
 def check_config(cfg: dict, features: frozenset[str] = frozenset()) -> list[str]:
     quant = cfg.get("quantization_config") or {}
-    if str(quant.get("quant_method", "")).lower() == "mxfp4":
-        raise UnsupportedError(f"config.json says MXFP4 weights (*_blocks/*_scales): not converted; use the "
-                               f"BF16 copies {BF16_REPOS}")
+    method = str(quant.get("quant_method") or "mxfp4").lower()
+    if method != "mxfp4":
+        raise UnsupportedError(f"config.json says {method} quantization: only MXFP4 (the official openai/gpt-oss "
+                               f"repos) and unquantized sources ({BF16_REPOS}) are read")
     layers = config_int(cfg, "num_hidden_layers")
     if layers % CYCLE:
         raise UnsupportedError(f"config.json has {layers} layers: MaxText's gpt_oss groups layers in pairs "

@@ -15,6 +15,7 @@ import numpy as np
 
 from ckpt_cli import registry
 from ckpt_cli.errors import SourceError
+from ckpt_cli.io import mxfp4
 from ckpt_cli.io.remote import RemoteRepo, hub_errors, is_offline
 from ckpt_cli.io.safetensors import SafetensorsFolder
 from ckpt_cli.plan import SourceSlice
@@ -85,6 +86,9 @@ class SafetensorsReader:
 
     fp8 weights stored the DeepSeek way (float8_e4m3fn with a float32 `<name>_scale_inv` per
     block, possibly in another shard) are dequantized slice by slice on the fly into `dequant_dtype`.
+    So are MXFP4 weights (GPT-OSS experts, see `io/mxfp4.py`): a weight absent under its own name but
+    stored as `<name>_blocks` + `<name>_scales` is served under its own name, in its dequantized (X, in,
+    out) layout, one expert (index of axis 0) at a time; `mxfp4` maps such names to their pair.
     """
 
     def __init__(self, folder: Path | SafetensorsFolder, dequant_dtype: np.dtype | None = None,
@@ -92,10 +96,23 @@ class SafetensorsReader:
         self.files = folder if isinstance(folder, SafetensorsFolder) else SafetensorsFolder(folder)
         self.dequant_dtype = np.dtype(dequant_dtype) if dequant_dtype is not None else np.dtype(np.float32)
         self.block = block
+        self.mxfp4 = mxfp4.logical_names(self.files.tensors)
 
     def describe(self, name: str) -> tuple[tuple[int, ...], np.dtype]:
+        if name in self.mxfp4:
+            return self.mxfp4_shape(name), np.dtype(np.float32)
+        if name not in self.files and name + mxfp4.SCALES in self.files:
+            raise SourceError(f"tensor {name + mxfp4.SCALES} (MXFP4) has no {name + mxfp4.BLOCKS}: "
+                              "the packed weights are missing")
         info = self.files.info(name)
         return info.shape, info.dtype
+
+    def mxfp4_shape(self, name: str) -> tuple[int, ...]:
+        """The dequantized shape of an MXFP4 weight (its pair checked: both present, uint8, matching shapes)."""
+        blocks, scales = self.mxfp4[name]
+        b = self.files.info(blocks)
+        s = self.files.info(scales) if scales in self.files else None
+        return mxfp4.logical_shape(name, (b.shape, b.dtype), (s.shape, s.dtype) if s else None)
 
     def scale_name(self, name: str) -> str | None:
         """The companion block-scale tensor of an fp8 weight, when it has one."""
@@ -109,6 +126,8 @@ class SafetensorsReader:
 
     def read(self, source: SourceSlice) -> np.ndarray:
         """The tensor, a range of its rows, or (experts stored in one tensor) one index of its axis 0."""
+        if source.name in self.mxfp4:
+            return self.read_mxfp4(source)
         if source.axes:
             if source.axes != (0,) or source.rows is not None:
                 raise AssertionError("HF sources are read whole, by rows, or by one index of axis 0")
@@ -124,13 +143,35 @@ class SafetensorsReader:
         return dequantize_blocks(x, self.files.read(scale_name), (source.rows or (0, 0))[0], self.block,
                                  self.dequant_dtype)
 
+    def read_mxfp4(self, source: SourceSlice) -> np.ndarray:
+        """One expert (or all, or a range of experts) of an MXFP4 weight, dequantized into `dequant_dtype`.
+
+        Only that expert's blocks and scales are read; the float32 values exist for this slice alone.
+        """
+        blocks, scales = self.mxfp4[source.name]
+        self.mxfp4_shape(source.name)
+        if source.axes:
+            if source.axes != (0,) or source.rows is not None:
+                raise AssertionError("HF sources are read whole, by rows, or by one index of axis 0")
+            (i,) = source.index
+            rows: tuple[int, int] | None = (i, i + 1)
+        else:
+            rows = source.rows
+            if rows is not None and source.rows_axis != 0:
+                raise AssertionError("MXFP4 weights are read by experts (axis 0)")
+        x = mxfp4.dequantize(self.files.read(blocks, rows), self.files.read(scales, rows), self.dequant_dtype)
+        return x[0] if source.axes else x
+
     def consumed_with(self, name: str) -> list[str]:
-        """Extra tensors read along with `name` (its fp8 scale), for the unused-tensor report."""
+        """Extra tensors read along with `name` (its fp8 scale, its MXFP4 pair), for the unused-tensor report
+        and the shards a task needs."""
+        if name in self.mxfp4:
+            return [n for n in self.mxfp4[name] if n in self.files]
         scale = self.scale_name(name) if name in self.files else None
         return [scale] if scale else []
 
     def order_key(self, source: SourceSlice) -> tuple:
-        info = self.files.info(source.name)
+        info = self.files.info(self.mxfp4[source.name][0] if source.name in self.mxfp4 else source.name)
         return (str(info.file), info.begin)
 
     @property
@@ -151,7 +192,7 @@ class TransformersReader:
 
         try:
             model = AutoModelForCausalLM.from_pretrained(str(folder), dtype="auto")
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError, ImportError) as exc:   # ImportError: e.g. MXFP4 without accelerate/kernels
             raise SourceError(f"transformers cannot load {folder}: {str(exc).splitlines()[0]}") from None
         self.state = saved_state(model)
         self._torch = torch

@@ -88,7 +88,8 @@ class ShardStream:
         for tensor, task in jobs:
             if write_key(tensor.target, tensor.target_index(task)) in skip:
                 continue                           # written by the interrupted run this one resumes
-            names = [task.source.name, *consumed(task.source.name)]
+            # an MXFP4 weight is not stored under its own name: only its consumed pair is
+            names = [n for n in (task.source.name, *consumed(task.source.name)) if n in folder]
             shards = tuple(dict.fromkeys(folder.info(n).file.name for n in names))
             self.task_shards[write_key(tensor.target, tensor.target_index(task))] = shards
             group = max(group, sum(self.repo.sizes[s] for s in shards))

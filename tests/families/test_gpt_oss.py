@@ -1,5 +1,5 @@
 """GPT-OSS specifics: the composite gate/up rules (parts of one HF tensor) in tables, plans and the HF writer;
-refused configs (one-line errors, nothing written); the reference models.
+refused configs (one-line errors, nothing written); the reference models. MXFP4 sources: test_gpt_oss_mxfp4.py.
 
 The element-wise tree, round trip, Appendix A shapes and verify-logits of the tiny gpt-oss model are in
 tests/test_convert_to_maxtext.py, tests/test_convert_to_hf.py, tests/test_golden_shapes.py and tests/verify/.
@@ -27,8 +27,8 @@ from ckpt_cli.io.hf_writer import HFFolderWriter
 from ckpt_cli.io.safetensors import PlannedTensor
 from ckpt_cli.plan import build_to_hf, build_to_maxtext, check_coverage
 from tests.conftest import read_config
-from tests.expectations import assert_bits_equal
-from tests.test_convert_to_maxtext import load_hf
+from tests.expectations import assert_bits_equal, flatten
+from tests.test_convert_to_maxtext import load_hf, restore
 
 runner = CliRunner()
 DIMS = {"X": 3, "E": 4, "M": 5}
@@ -180,8 +180,8 @@ def test_round_trip_across_small_shards(hf_models, tmp_path):
 
 
 REFUSED = [
-    ({"quantization_config": {"quant_method": "mxfp4"}}, "MXFP4 weights (*_blocks/*_scales): not converted; use "
-                                                         "the BF16 copies unsloth/gpt-oss-20b-BF16"),
+    ({"quantization_config": {"quant_method": "bitsandbytes"}}, "config.json says bitsandbytes quantization: only "
+                                                                "MXFP4 (the official openai/gpt-oss repos) and"),
     ({"num_hidden_layers": 23}, "23 layers: MaxText's gpt_oss groups layers in pairs"),
     ({"layer_types": ["full_attention", "sliding_attention"] * 12}, "is not MaxText's gpt_oss pattern"),
     ({"attention_bias": False}, "attention_bias false"),
@@ -202,15 +202,29 @@ def test_refused_configs(changes, message):
     assert message in str(exc.value) and "\n" not in str(exc.value)
 
 
-def test_mxfp4_source_is_one_line_error_and_nothing_written(hf_models, tmp_path):
-    src = with_config(hf_models("gpt-oss"), tmp_path / "src",
-                      quantization_config={"quant_method": "mxfp4", "modules_to_not_convert": []})
+def test_other_quantization_is_one_line_error_and_nothing_written(hf_models, tmp_path):
+    src = with_config(hf_models("gpt-oss"), tmp_path / "src", quantization_config={"quant_method": "gptq"})
     out = tmp_path / "mt"
     r = run("convert", "hf-to-maxtext", src, "--out", out)
     assert r.exit_code == 2, r.output
-    assert error_line(r) == ("error: config.json says MXFP4 weights (*_blocks/*_scales): not converted; use the "
-                             "BF16 copies unsloth/gpt-oss-20b-BF16 or unsloth/gpt-oss-120b-BF16")
+    assert error_line(r) == ("error: config.json says gptq quantization: only MXFP4 (the official openai/gpt-oss "
+                             "repos) and unquantized sources (unsloth/gpt-oss-20b-BF16 or unsloth/gpt-oss-120b-BF16) "
+                             "are read")
     assert not out.exists() and not out.with_name("mt.partial").exists()
+
+
+def test_mxfp4_config_over_plain_tensors_converts_them_as_stored(hf_models, tmp_path):
+    """config.json may still say MXFP4 over weights already dequantized: the stored tensors are what is read
+    (the MXFP4 sources themselves: tests/families/test_gpt_oss_mxfp4.py)."""
+    plain = hf_models("gpt-oss")
+    src = with_config(plain, tmp_path / "src", quantization_config={"quant_method": "mxfp4"})
+    hf_to_maxtext(str(plain), tmp_path / "a", ToMaxTextOptions(dtype="f32"))
+    result = hf_to_maxtext(str(src), tmp_path / "b", ToMaxTextOptions(dtype="f32"))
+    assert not any("MXFP4" in n for n in result.notes)
+    a, b = flatten(restore(tmp_path / "a")["params"]["params"]), flatten(restore(tmp_path / "b")["params"]["params"])
+    assert sorted(a) == sorted(b)
+    for path in a:
+        assert_bits_equal(b[path], a[path], path)
 
 
 def test_swiglu_limit_note():
