@@ -315,28 +315,32 @@ def maxtext_to_hf(source_arg: str, out: Path, opts: ToHFOptions, progress=None, 
     planned = [PlannedTensor(t.target, t.dtype, t.shape) for t in plan.tensors]
     if not opts.resume and partial.exists():
         notes.append(f"an interrupted run's {partial} was removed (pass --resume to take it up)")
+    writer = None
     try:
-        writer = HFFolderWriter(out, planned, opts.shard_size, overwrite=opts.overwrite, progress_key=key, done=done)
-    except OutputError as exc:
-        if done is None:
-            raise
-        done, why_not = None, str(exc)      # its shards are not this conversion's: start afresh
-        writer = HFFolderWriter(out, planned, opts.shard_size, overwrite=opts.overwrite, progress_key=key)
-    if opts.resume:
-        notes.append(f"resuming: {len(done)} of {len(task_bytes)} writes were already durable in {partial}"
-                     if done is not None else f"--resume: {why_not}; starting afresh")
-    if on_plan:
-        on_plan(plan, notes)
-    try:
+        try:
+            writer = HFFolderWriter(out, planned, opts.shard_size, overwrite=opts.overwrite, progress_key=key,
+                                    done=done)
+        except OutputError as exc:
+            if done is None:
+                raise
+            done, why_not = None, str(exc)      # its shards are not this conversion's: start afresh
+            writer = HFFolderWriter(out, planned, opts.shard_size, overwrite=opts.overwrite, progress_key=key)
+        if opts.resume:
+            notes.append(f"resuming: {len(done)} of {len(task_bytes)} writes were already durable in {partial}"
+                         if done is not None else f"--resume: {why_not}; starting afresh")
+        if on_plan:
+            on_plan(plan, notes)
         reader = BlockReader(ckpt)
         stats = engine.execute(plan, reader, writer, progress=progress, workers=opts.workers, skip=writer.done)
         files = writer.finalize(json_files, copies)
     except KeyboardInterrupt as exc:
-        if writer.abort(keep=True):
+        kept = writer.abort(keep=True) if writer is not None else done is not None and partial.is_dir()
+        if kept:
             raise Interrupted(f"progress kept in {partial}: run the same command with --resume to finish it") from exc
         raise
     except BaseException:
-        writer.abort()
+        if writer is not None:
+            writer.abort()
         raise
     stats.extra["shards"] = len(writer.files)
     stats.extra["blocks_read"] = reader.blocks_read

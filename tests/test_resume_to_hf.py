@@ -175,6 +175,41 @@ def test_a_damaged_progress_file_means_a_fresh_start_with_a_note(mt, tmp_path, m
     assert hashes(out) == hashes(tmp_path / "clean")
 
 
+def test_a_shard_whose_header_differs_means_a_fresh_start(mt, tmp_path, monkeypatch, snapshots_often):
+    src = mt("qwen3")
+    out = tmp_path / "hf"
+    interrupted(src, out, monkeypatch, 10)
+    shard = sorted(partial_dir(out).glob("*.safetensors"))[0]
+    with open(shard, "r+b") as fh:
+        fh.seek(9)
+        fh.write(b"X")
+    result = maxtext_to_hf(str(src), out, opts(resume=True))
+    assert "resumed_tasks" not in result.stats.extra
+    assert any(n.startswith("--resume: ") and "header differs" in n for n in result.notes)
+    clean_run(src, tmp_path / "clean")
+    assert hashes(out) == hashes(tmp_path / "clean")
+
+
+def test_ctrl_c_while_reopening_keeps_the_progress(mt, tmp_path, monkeypatch, snapshots_often):
+    src = mt("qwen3")
+    out = tmp_path / "hf"
+    interrupted(src, out, monkeypatch, 10)
+    before = progress_done(out)
+    with monkeypatch.context() as m:
+        def stop(self, key):
+            raise KeyboardInterrupt
+
+        m.setattr(HFFolderWriter, "_count_resumed", stop)
+        with pytest.raises(KeyboardInterrupt) as info:     # a plain one must fail the test, not stop pytest
+            maxtext_to_hf(str(src), out, opts(resume=True))
+    assert isinstance(info.value, Interrupted)
+    assert progress_done(out) == before
+    result = maxtext_to_hf(str(src), out, opts(resume=True))
+    assert result.stats.extra["resumed_tasks"] == len(before)
+    clean_run(src, tmp_path / "clean")
+    assert hashes(out) == hashes(tmp_path / "clean")
+
+
 def test_resume_with_nothing_to_resume(mt, tmp_path):
     src = mt("qwen3")
     result = maxtext_to_hf(str(src), tmp_path / "hf", opts(resume=True))

@@ -113,8 +113,8 @@ class HFFolderWriter:
                 self._count_resumed(key)
             if progress_key is not None:
                 self.writeback = Writeback()
-        except BaseException:
-            self.abort()
+        except BaseException as exc:      # Ctrl-C while reopening: the interrupted run's progress is still good
+            self.abort(keep=resume and isinstance(exc, KeyboardInterrupt))
             raise
 
     @property
