@@ -6,6 +6,8 @@ import dataclasses
 import datetime as _dt
 import hashlib
 import json
+import math
+import os
 import shutil
 from collections.abc import Collection
 from dataclasses import dataclass, field
@@ -199,6 +201,7 @@ class ToHFOptions:
     tokenizer: str | None = None        # local folder/file or hub repo id
     overwrite: bool = False
     workers: int = 2
+    resume: bool = False                # take up an interrupted run's OUT.partial when it was the same conversion
 
 
 @dataclass
@@ -243,13 +246,51 @@ def hf_side_files(ckpt, arch, opts: ToHFOptions, notes: list[str]) -> tuple[dict
     return tokenizer, generation or to_hf.derived_generation_config(arch.config)
 
 
+def checkpoint_files(items: Path) -> dict[str, list[int]]:
+    """Names, sizes and modification times of a checkpoint's files: the step directory's, and the items
+    directory's two levels down (metadata, manifests, OCDBT data files, array metadata; not chunk trees)."""
+    files: dict[str, list[int]] = {}
+
+    def walk(folder: Path, prefix: str, depth: int) -> None:
+        try:
+            entries = sorted(os.scandir(folder), key=lambda e: e.name)
+        except OSError:
+            return
+        for e in entries:
+            if e.is_file():
+                st = e.stat()
+                files[prefix + e.name] = [st.st_size, st.st_mtime_ns]
+            elif e.is_dir() and depth > 0:
+                walk(Path(e.path), f"{prefix}{e.name}/", depth - 1)
+
+    walk(items.parent, "../", 0)
+    walk(items, "", 2)
+    return files
+
+
+def hf_progress_key(plan: ConversionPlan, ckpt, opts: ToHFOptions, json_files: dict, copies: dict) -> str:
+    """What must match for maxtext-to-hf `--resume` to take up an interrupted run: the same checkpoint (its
+    path and files), the same plan (every target, shape, dtype, transform and source slice), the same
+    shards and the same files written beside them."""
+    ident = {"tool": __version__, "source": str(Path(ckpt.items).resolve()), "files": checkpoint_files(ckpt.items),
+             "shard_size": opts.shard_size, "json_files": json_files,
+             "copies": {name: str(Path(src).resolve()) for name, src in sorted(copies.items())},
+             "plan": [[t.target, list(t.shape), np.dtype(t.dtype).name, t.chain.describe(),
+                       [[k.source.name, repr(k.source.index), repr(k.source.rows), repr(k.source.part),
+                         repr(k.index), repr(k.span), repr(k.part)] for k in t.tasks]]
+                      for t in plan.tensors]}
+    return hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()
+
+
 def maxtext_to_hf(source_arg: str, out: Path, opts: ToHFOptions, progress=None, on_plan=None) -> HFResult:
     """Convert a MaxText checkpoint (run, step or items dir) to an HF safetensors folder at `out` (atomically)."""
     from ckpt_cli import to_hf
     from ckpt_cli.io.hf_writer import HFFolderWriter, check_output
+    from ckpt_cli.io.hf_writer import read_progress as read_hf_progress
     from ckpt_cli.io.orbax import OrbaxCheckpoint
     from ckpt_cli.io.orbax_blocks import BlockReader
     from ckpt_cli.io.safetensors import PlannedTensor
+    from ckpt_cli.plan import write_key
 
     out = Path(out)
     ckpt = OrbaxCheckpoint(Path(source_arg))
@@ -269,23 +310,47 @@ def maxtext_to_hf(source_arg: str, out: Path, opts: ToHFOptions, progress=None, 
         notes.append(f"{len(big)} tensor(s) larger than the shard size get a shard of their own: {big[0]}"
                      + (" ..." if len(big) > 1 else ""))
     tokenizer, generation = hf_side_files(ckpt, arch, opts, notes)
-    check_free_space(out, plan.output_bytes)
-    if on_plan:
-        on_plan(plan, notes)
     json_files = {"config.json": to_hf.output_config(arch.config, plan.dtype)}
     copies = dict(tokenizer)
     if isinstance(generation, dict):
         json_files["generation_config.json"] = generation
     elif generation is not None:
         copies["generation_config.json"] = generation
-    writer = HFFolderWriter(out, [PlannedTensor(t.target, t.dtype, t.shape) for t in plan.tensors],
-                            opts.shard_size, overwrite=opts.overwrite)
+    key = hf_progress_key(plan, ckpt, opts, json_files, copies)
+    task_bytes = {write_key(t.target, t.target_index(task)): math.prod(t.task_shape(task)) * np.dtype(t.dtype).itemsize
+                  for t in plan.tensors for task in t.tasks}
+    partial = partial_dir(out)
+    done, why_not = read_hf_progress(out, key, task_bytes) if opts.resume else (None, "")
+    check_free_space(out, plan.output_bytes - sum(task_bytes[k] for k in done or ()))
+    planned = [PlannedTensor(t.target, t.dtype, t.shape) for t in plan.tensors]
+    if not opts.resume and partial.exists():
+        notes.append(f"an interrupted run's {partial} was removed (pass --resume to take it up)")
+    writer = None
     try:
+        try:
+            writer = HFFolderWriter(out, planned, opts.shard_size, overwrite=opts.overwrite, progress_key=key,
+                                    done=done)
+        except OutputError as exc:
+            if done is None:
+                raise
+            done, why_not = None, str(exc)      # its shards are not this conversion's: start afresh
+            writer = HFFolderWriter(out, planned, opts.shard_size, overwrite=opts.overwrite, progress_key=key)
+        if opts.resume:
+            notes.append(f"resuming: {len(done)} of {len(task_bytes)} writes were already durable in {partial}"
+                         if done is not None else f"--resume: {why_not}; starting afresh")
+        if on_plan:
+            on_plan(plan, notes)
         reader = BlockReader(ckpt)
-        stats = engine.execute(plan, reader, writer, progress=progress, workers=opts.workers)
+        stats = engine.execute(plan, reader, writer, progress=progress, workers=opts.workers, skip=writer.done)
         files = writer.finalize(json_files, copies)
+    except KeyboardInterrupt as exc:
+        kept = writer.abort(keep=True) if writer is not None else done is not None and partial.is_dir()
+        if kept:
+            raise Interrupted(f"progress kept in {partial}: run the same command with --resume to finish it") from exc
+        raise
     except BaseException:
-        writer.abort()
+        if writer is not None:
+            writer.abort()
         raise
     stats.extra["shards"] = len(writer.files)
     stats.extra["blocks_read"] = reader.blocks_read

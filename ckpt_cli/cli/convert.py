@@ -111,6 +111,7 @@ def maxtext_to_hf(
     shard_size: ShardSizeOpt = "5GB",
     tokenizer: TokenizerOpt = None,
     workers: O.WorkersOpt = 2,
+    resume: O.ResumeOpt = False,
     overwrite: O.OverwriteOpt = False,
     show_tensors: O.ShowTensorsOpt = False,
     json_out: O.JsonOpt = False,
@@ -122,6 +123,8 @@ def maxtext_to_hf(
     A checkpoint written by hf-to-maxtext carries its config.json: no other flag is needed.
     For one written by MaxText, name its architecture with --model or --hf-config.
     The output folder loads with transformers' from_pretrained.
+    Interrupted (Ctrl-C, SIGTERM) after its first progress snapshot, a run keeps OUT.partial;
+    the same command with --resume finishes it.
 
     Examples:
 
@@ -136,7 +139,7 @@ def maxtext_to_hf(
 
     outp = Output(json_out, quiet)
     opts = convert.ToHFOptions(model=model, hf_config=hf_config, dtype=dtype, shard_size=parse_size(shard_size),
-                               tokenizer=tokenizer, overwrite=overwrite, workers=workers)
+                               tokenizer=tokenizer, overwrite=overwrite, workers=workers, resume=resume)
 
     with outp.bytes_progress("maxtext → hf") as progress:
         result = convert.maxtext_to_hf(source, Path(out), opts, progress=progress,

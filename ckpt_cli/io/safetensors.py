@@ -194,7 +194,10 @@ class StreamingSafetensorsWriter:
     longer than its own write.
     """
 
-    def __init__(self, path: Path, tensors: Iterable[PlannedTensor], metadata: dict[str, str] | None = None):
+    def __init__(self, path: Path, tensors: Iterable[PlannedTensor], metadata: dict[str, str] | None = None,
+                 reopen: bool = False):
+        """`reopen`: continue a file an interrupted run began (its header must be this one, byte for byte);
+        its data is kept, and the caller accounts for the tensors already in it (`filled`)."""
         self.path = Path(path)
         header: dict[str, object] = {"__metadata__": metadata} if metadata else {}
         self.offsets: dict[str, tuple[int, int]] = {}
@@ -211,11 +214,18 @@ class StreamingSafetensorsWriter:
         self.written: set[str] = set()
         self.filled: dict[str, int] = {}   # bytes written so far per tensor (row writes add up)
         self.shapes = {t.name: tuple(t.shape) for t in tensors}
+        head = struct.pack("<Q", len(raw)) + raw
         try:
-            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
-            os.pwrite(self.fd, struct.pack("<Q", len(raw)) + raw, 0)
+            if reopen:
+                self.fd = os.open(self.path, os.O_RDWR)
+                if os.pread(self.fd, len(head), 0) != head or os.fstat(self.fd).st_size > self.total:
+                    os.close(self.fd)
+                    raise OutputError(f"{self.path}: not the file this conversion writes (its header differs)")
+            else:
+                self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+                os.pwrite(self.fd, head, 0)
         except OSError as exc:
-            raise OutputError(f"cannot write {self.path}: {exc.strerror}") from None
+            raise OutputError(f"cannot {'reopen' if reopen else 'write'} {self.path}: {exc.strerror}") from None
 
     def write(self, name: str, array: np.ndarray) -> None:
         begin, end = self.offsets[name]
@@ -278,7 +288,12 @@ class StreamingSafetensorsWriter:
                 done += os.pwrite(self.fd, data[done:], self.base + offset + done)
         except OSError as exc:
             raise OutputError(f"cannot write {self.path}: {exc.strerror}") from None
-        self.filled[name] = self.filled.get(name, 0) + (nbytes if counted is None else counted)
+        self.count(name, nbytes if counted is None else counted)
+
+    def count(self, name: str, nbytes: int) -> None:
+        """Count `nbytes` of a tensor as written (by `_pwrite`, or by the interrupted run a reopened file
+        continues)."""
+        self.filled[name] = self.filled.get(name, 0) + nbytes
         if self.filled[name] >= self.offsets[name][1] - self.offsets[name][0]:
             self.written.add(name)
 

@@ -33,6 +33,7 @@ class Writeback:
     def __init__(self) -> None:
         self.synced: dict[str, tuple[int, int]] = {}
         self.snapshots = 0
+        self.sync_error: OSError | None = None     # an fsync of `snapshot(sync_fds=...)` failed (data not durable)
         self._cancelled = False
         self._jobs: queue.Queue[tuple[str, object] | None] = queue.Queue()
         self._thread = threading.Thread(target=self._run, name="ckpt-writeback", daemon=True)
@@ -42,9 +43,13 @@ class Writeback:
         """fsync these files, then drop their pages from the page cache (best effort)."""
         self._jobs.put(("persist", list(paths)))
 
-    def snapshot(self, directory: Path, files: dict[str, bytes]) -> None:
-        """Replace these small files in `directory` durably, in the given order (each one atomic)."""
-        self._jobs.put(("snapshot", (Path(directory), dict(files))))
+    def snapshot(self, directory: Path, files: dict[str, bytes], sync_fds: Iterable[int] = ()) -> None:
+        """Replace these small files in `directory` durably, in the given order (each one atomic).
+
+        With `sync_fds`, those open files are fsynced first; if one fsync fails, the files are not written
+        and `sync_error` keeps the error (the caller must not publish data whose writeback failed).
+        """
+        self._jobs.put(("snapshot", (Path(directory), dict(files), tuple(sync_fds))))
 
     def close(self, cancel: bool = False) -> None:
         """Wait for the queued files (or, with `cancel`, only for the one being synced) and stop."""
@@ -61,7 +66,15 @@ class Writeback:
                     if not self._cancelled and (version := _persist(path)) is not None:
                         self.synced[path] = version
             elif not self._cancelled:
-                directory, files = arg
+                directory, files, sync_fds = arg
+                if self.sync_error is not None:
+                    continue        # a later fsync can succeed although the failed writeback lost data
+                try:
+                    for fd in sync_fds:
+                        os.fsync(fd)
+                except OSError as exc:
+                    self.sync_error = exc
+                    continue
                 try:
                     for name, data in files.items():
                         replace_durably(directory / name, data)
