@@ -12,28 +12,14 @@ import time
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
 
-from ckpt_cli.cli.app import app
 from ckpt_cli.io.safetensors import read_header
-
-runner = CliRunner()
-
-
-def run(*args: str):
-    return runner.invoke(app, list(args))
+from tests.cli_helpers import error_line, run
 
 
 def no_checkpoint_left(out: Path) -> bool:
     partial = out.with_name(out.name + ".partial")
     return not (out / "0" / "commit_success.txt").exists() and not partial.exists()
-
-
-def error_line(result) -> str:
-    lines = [ln for ln in result.stderr.strip().splitlines() if ln.strip()]
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("error: "), lines[0]
-    return lines[0]
 
 
 def test_json_output_is_plain_json(hf_models, tmp_path):

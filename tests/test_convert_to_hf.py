@@ -15,18 +15,16 @@ import numpy as np
 import pytest
 from safetensors import safe_open
 from safetensors.numpy import load_file
-from typer.testing import CliRunner
 
 from ckpt_cli import registry
-from ckpt_cli.cli.app import app
 from ckpt_cli.convert import ToHFOptions, ToMaxTextOptions, hf_to_maxtext, maxtext_to_hf
 from ckpt_cli.io.safetensors import read_header
+from tests.cli_helpers import error_line, run
 from tests.conftest import read_config
 from tests.expectations import assert_bits_equal, gemma3_embedding_factor
 from tests.hub_server import fake_hub  # noqa: F401 - pytest fixture
 
 ROOT = Path(__file__).resolve().parent.parent
-runner = CliRunner()
 SRC_DTYPE = {"bf16": "bfloat16", "f32": "float32"}
 
 
@@ -35,17 +33,6 @@ def load_hf(folder: Path) -> dict[str, np.ndarray]:
     for f in sorted(folder.glob("*.safetensors")):
         state.update(load_file(f))
     return state
-
-
-def run(*args: str):
-    return runner.invoke(app, [str(a) for a in args])
-
-
-def error_line(result) -> str:
-    lines = [ln for ln in result.stderr.strip().splitlines() if ln.strip()]
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("error: "), lines[0]
-    return lines[0]
 
 
 def nothing_published(out: Path) -> bool:

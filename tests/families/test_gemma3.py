@@ -8,44 +8,21 @@ tests/test_convert_to_maxtext.py, tests/test_convert_to_hf.py, tests/test_golden
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
-from typer.testing import CliRunner
 
 from ckpt_cli import registry
 from ckpt_cli import transforms as T
-from ckpt_cli.cli.app import app
 from ckpt_cli.convert import ToHFOptions, ToMaxTextOptions, hf_to_maxtext, maxtext_to_hf
 from ckpt_cli.errors import UnsupportedError
 from ckpt_cli.families import detect_family, gemma3
+from tests.cli_helpers import error_line, run, with_config
 from tests.conftest import GEMMA3_ROPE, TINY, read_config
 from tests.expectations import assert_bits_equal, cast, expected_tree, flatten, stored_dtype
 from tests.test_convert_to_maxtext import restore
-
-runner = CliRunner()
-
-
-def run(*args) -> object:
-    return runner.invoke(app, [str(a) for a in args])
-
-
-def error_line(result) -> str:
-    lines = [ln for ln in result.stderr.strip().splitlines() if ln.strip()]
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("error: "), lines[0]
-    return lines[0]
-
-
-def with_config(src: Path, dest: Path, **changes) -> Path:
-    shutil.copytree(src, dest)
-    cfg = read_config(dest) | changes
-    (dest / "config.json").write_text(json.dumps(cfg))
-    return dest
-
 
 REFUSED = [
     ({"final_logit_softcapping": 30.0}, "config.json sets final_logit_softcapping 30.0: MaxText's gemma3 has no"),

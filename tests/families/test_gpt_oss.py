@@ -9,15 +9,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import shutil
-from pathlib import Path
 
 import numpy as np
 import pytest
-from typer.testing import CliRunner
 
 from ckpt_cli import registry
-from ckpt_cli.cli.app import app
 from ckpt_cli.convert import ToHFOptions, ToMaxTextOptions, hf_to_maxtext, maxtext_to_hf
 from ckpt_cli.engine import ordered_jobs
 from ckpt_cli.errors import UnsupportedError
@@ -26,30 +22,12 @@ from ckpt_cli.families.base import Part, row, validate_rules
 from ckpt_cli.io.hf_writer import HFFolderWriter
 from ckpt_cli.io.safetensors import PlannedTensor
 from ckpt_cli.plan import build_to_hf, build_to_maxtext, check_coverage
+from tests.cli_helpers import error_line, run, with_config
 from tests.conftest import read_config
 from tests.expectations import assert_bits_equal, flatten
 from tests.test_convert_to_maxtext import load_hf, restore
 
-runner = CliRunner()
 DIMS = {"X": 3, "E": 4, "M": 5}
-
-
-def run(*args) -> object:
-    return runner.invoke(app, [str(a) for a in args])
-
-
-def error_line(result) -> str:
-    lines = [ln for ln in result.stderr.strip().splitlines() if ln.strip()]
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("error: "), lines[0]
-    return lines[0]
-
-
-def with_config(src: Path, dest: Path, **changes) -> Path:
-    shutil.copytree(src, dest)
-    cfg = read_config(dest) | changes
-    (dest / "config.json").write_text(json.dumps(cfg))
-    return dest
 
 
 # ------------------------------------------------------------------------------------------------------------

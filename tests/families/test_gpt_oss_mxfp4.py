@@ -16,21 +16,19 @@ import ml_dtypes
 import numpy as np
 import pytest
 from safetensors.numpy import load_file
-from typer.testing import CliRunner
 
 from ckpt_cli import pricing
-from ckpt_cli.cli.app import app
 from ckpt_cli.convert import ToHFOptions, ToMaxTextOptions, hf_to_maxtext, maxtext_to_hf
 from ckpt_cli.io import mxfp4
 from ckpt_cli.io.hf import SafetensorsReader
 from ckpt_cli.io.safetensors import save_file
 from ckpt_cli.machine import Machine, Rates
+from tests.cli_helpers import error_line, run
 from tests.conftest import read_config
 from tests.expectations import assert_bits_equal, cast, expected_tree, flatten, stored_dtype
 from tests.hub_server import fake_hub  # noqa: F401 (fixture)
 from tests.test_convert_to_maxtext import load_hf, restore
 
-runner = CliRunner()
 EXPERTS = ("gate_up_proj", "down_proj")
 # The 16 FP4 E2M1 values by code (OCP MX spec v1.0, table 5): sign bit 3, exponent bits 2..1, mantissa bit 0.
 E2M1_TABLE = [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0]
@@ -107,17 +105,6 @@ def expected_hf(src: Path, want: dict[str, np.ndarray]) -> dict[str, np.ndarray]
     """The source's tensors as a BF16 checkpoint would hold them: the packed pairs replaced by their values."""
     state = {k: v for k, v in load_hf(src).items() if not k.endswith(("_blocks", "_scales"))}
     return state | want
-
-
-def run(*args):
-    return runner.invoke(app, [str(a) for a in args])
-
-
-def error_line(result) -> str:
-    lines = [ln for ln in result.stderr.strip().splitlines() if ln.strip()]
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("error: "), lines[0]
-    return lines[0]
 
 
 # ------------------------------------------------------------------------------------------------------------

@@ -8,41 +8,15 @@ tests/test_convert_to_maxtext.py, tests/test_convert_to_hf.py, tests/test_golden
 from __future__ import annotations
 
 import json
-import shutil
-from pathlib import Path
 
 import pytest
 from safetensors import safe_open
-from typer.testing import CliRunner
 
 from ckpt_cli import registry
-from ckpt_cli.cli.app import app
 from ckpt_cli.convert import ToMaxTextOptions, hf_to_maxtext
 from ckpt_cli.errors import ConfigMismatchError, UnsupportedError
 from ckpt_cli.families import detect_family
-from tests.conftest import read_config
-
-runner = CliRunner()
-
-
-def run(*args) -> object:
-    return runner.invoke(app, [str(a) for a in args])
-
-
-def error_line(result) -> str:
-    lines = [ln for ln in result.stderr.strip().splitlines() if ln.strip()]
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("error: "), lines[0]
-    return lines[0]
-
-
-def with_config(src: Path, dest: Path, **changes) -> Path:
-    """A copy of an HF folder whose config.json has `changes` applied."""
-    shutil.copytree(src, dest)
-    cfg = read_config(dest) | changes
-    (dest / "config.json").write_text(json.dumps(cfg))
-    return dest
-
+from tests.cli_helpers import error_line, run, with_config
 
 REFUSED = [
     ({"sliding_window": 4096}, "config.json sets sliding_window 4096: MaxText's mixtral attends over the whole "
