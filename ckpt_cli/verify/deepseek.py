@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ckpt_cli.verify.forward import ParamSource, _rms_norm, _rope, embed_tokens
+from ckpt_cli.verify.forward import ParamSource, _rms_norm, _rope, embed_tokens, select_leaves
 
 VERSIONS = ("v2", "v3", "v3.2")
 _MODEL_TYPES = {"deepseek_v2": "v2", "deepseek_v3": "v3", "deepseek_v32": "v3.2"}
@@ -494,13 +494,7 @@ def _expected_shapes(cfg: DeepseekConfig, moe: bool) -> dict[str, tuple[int, ...
 def _layer_weights(layer: dict[str, np.ndarray], cfg: DeepseekConfig, i: int) -> dict[str, np.ndarray]:
     """Select and shape-check the leaves of HF layer ``i`` used by the forward."""
     shapes = _expected_shapes(cfg, moe=i >= cfg.first_k_dense)
-    missing = [p for p in shapes if p not in layer]
-    if missing:
-        raise KeyError(f"layer {i}: missing leaves {missing}")
-    for path, shape in shapes.items():
-        if tuple(layer[path].shape) != shape:
-            raise ValueError(f"layer {i}: {path} has shape {tuple(layer[path].shape)}, expected {shape}")
-    return {p: layer[p] for p in shapes}
+    return select_leaves(layer, shapes, i)
 
 
 def _bucket(n: int, cap: int) -> int:

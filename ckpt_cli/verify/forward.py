@@ -303,6 +303,12 @@ def _layer_weights(layer: dict[str, np.ndarray], cfg: ForwardConfig, i: int) -> 
     else:
         f = layer[_WI0].shape[-1] if _WI0 in layer else -1
         shapes |= {_WI0: (e, f), _WI1: (e, f), _WO: (f, e)}
+    return select_leaves(layer, shapes, i)
+
+
+def select_leaves(layer: dict[str, np.ndarray], shapes: dict[str, tuple[int, ...]], i: int
+                  ) -> dict[str, np.ndarray]:
+    """The leaves of layer ``i`` named in ``shapes``, each checked for presence and shape (KeyError, ValueError)."""
     missing = [p for p in shapes if p not in layer]
     if missing:
         raise KeyError(f"layer {i}: missing leaves {missing}")

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ckpt_cli.families import gemma3 as family
-from ckpt_cli.verify.forward import _MASK_VALUE, ParamSource, _rms_norm, _rope, embed_tokens
+from ckpt_cli.verify.forward import _MASK_VALUE, ParamSource, _rms_norm, _rope, embed_tokens, select_leaves
 
 _PRE_ATTN, _POST_ATTN = "pre_self_attention_norm/scale", "post_self_attention_norm/scale"
 _PRE_FFW, _POST_FFW = "pre_ffw_norm/scale", "post_ffw_norm/scale"
@@ -115,13 +115,7 @@ def _layer_weights(layer: dict[str, np.ndarray], cfg: Gemma3Config, i: int) -> d
     e, n, k, d, f = cfg.hidden, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.mlp_dim
     shapes = {_PRE_ATTN: (e,), _POST_ATTN: (e,), _PRE_FFW: (e,), _POST_FFW: (e,), _Q: (e, n, d), _K: (e, k, d),
               _V: (e, k, d), _O: (n, d, e), _Q_NORM: (d,), _K_NORM: (d,), _WI0: (e, f), _WI1: (e, f), _WO: (f, e)}
-    missing = [p for p in shapes if p not in layer]
-    if missing:
-        raise KeyError(f"layer {i}: missing leaves {missing}")
-    for path, shape in shapes.items():
-        if tuple(layer[path].shape) != shape:
-            raise ValueError(f"layer {i}: {path} has shape {tuple(layer[path].shape)}, expected {shape}")
-    return {p: layer[p] for p in shapes}
+    return select_leaves(layer, shapes, i)
 
 
 def gemma3_logits(params: ParamSource, cfg: Gemma3Config, tokens: np.ndarray, dtype: str = "float32") -> np.ndarray:

@@ -24,7 +24,15 @@ import jax.numpy as jnp
 import numpy as np
 
 from ckpt_cli.verify.deepseek import yarn_inv_freq
-from ckpt_cli.verify.forward import _MASK_VALUE, ParamSource, _final_logits, _rms_norm, _rope, embed_tokens
+from ckpt_cli.verify.forward import (
+    _MASK_VALUE,
+    ParamSource,
+    _final_logits,
+    _rms_norm,
+    _rope,
+    embed_tokens,
+    select_leaves,
+)
 
 A, MLP = "GptOssAttention/", "GptOssMlp/"
 _PRE_NORM, _POST_NORM = "pre_self_attention_layer_norm/scale", "post_self_attention_layer_norm/scale"
@@ -167,13 +175,7 @@ def _layer_weights(layer: dict[str, np.ndarray], cfg: GptOssConfig, i: int) -> d
         MLP + "wi_0": (x, e, m), MLP + "wi_1": (x, e, m), MLP + "wi_0_bias": (x, m), MLP + "wi_1_bias": (x, m),
         MLP + "wo": (x, m, e), MLP + "wo_bias": (x, e),
     }
-    missing = [p for p in shapes if p not in layer]
-    if missing:
-        raise KeyError(f"layer {i}: missing leaves {missing}")
-    for path, shape in shapes.items():
-        if tuple(layer[path].shape) != shape:
-            raise ValueError(f"layer {i}: {path} has shape {tuple(layer[path].shape)}, expected {shape}")
-    return {p: layer[p] for p in shapes}
+    return select_leaves(layer, shapes, i)
 
 
 def gpt_oss_logits(params: ParamSource, cfg: GptOssConfig, tokens: np.ndarray, dtype: str = "float32"
