@@ -7,9 +7,11 @@ Also checks that scanned and unscanned outputs hold identical arrays.
 
 `--model qwen3-4b` (or any registry name) runs the same measurement on a larger model, to show that
 time grows with bytes and peak RSS does not; the baseline (which holds the whole model) and the issue
-target apply to Qwen3-0.6B only.
+target apply to Qwen3-0.6B only. `--layers N` keeps the first N decoder layers of that model at full width
+(e.g. `--model gpt-oss-20b --layers 8`: 32 full-size experts a layer, about 15 GB), for families whose
+whole model would not fit this disk three times (input and both outputs).
 
-Usage: python benchmarks/bench_qwen3_0p6b.py [--dir DIR] [--model NAME] [--skip-baseline] [--keep]
+Usage: python benchmarks/bench_qwen3_0p6b.py [--dir DIR] [--model NAME] [--layers N] [--skip-baseline] [--keep]
 """
 
 from __future__ import annotations
@@ -31,7 +33,8 @@ TARGET_WALL_S = 15.7 / 4   # MaxText 0.2.5 to_maxtext, lazy scanned, measured on
 TARGET_RSS = 2.83e9 / 4
 
 
-def same_arrays(scanned: Path, unscanned: Path, layers: int) -> bool:
+def same_arrays(scanned: Path, unscanned: Path, config: dict) -> bool:
+    """Every top-level leaf, and the first and last scan index of every stacked leaf, equal the unscanned ones."""
     import tensorstore as ts
 
     def open_leaf(root: Path, path: str):
@@ -39,6 +42,10 @@ def same_arrays(scanned: Path, unscanned: Path, layers: int) -> bool:
                                                         "path": "params.params." + path.replace("/", ".") + "/"}}
                        ).result()
 
+    from ckpt_cli.families import detect_family
+
+    family = detect_family(config)
+    blocks = family.blocks(family.dims(config), config, True, frozenset())
     meta = json.loads((scanned / "0" / "items" / "_METADATA").read_text())["tree_metadata"]
     for key in meta:
         parts = eval(key)  # noqa: S307 - our own metadata file, tuple of strings
@@ -46,11 +53,18 @@ def same_arrays(scanned: Path, unscanned: Path, layers: int) -> bool:
             continue
         path = "/".join(parts[2:])
         a = open_leaf(scanned, path)
-        if path.startswith("decoder/layers/"):
-            for i in (0, layers - 1):
-                b = open_leaf(unscanned, path.replace("decoder/layers/", f"decoder/layers_{i}/"))
-                if not np.array_equal(a[:, i].read().result().view(np.uint16), b.read().result().view(np.uint16)):
+        block = next((b for b in blocks if path.startswith(b.prefix + "/")), None)
+        if block is not None and block.stacked:
+            leaf = path.removeprefix(block.prefix + "/")
+            for s in (0, len(block.hf_layers) - 1):   # scan index s holds HF layer hf_layers[s] (axis 1)
+                b = open_leaf(unscanned, f"decoder/layers_{block.hf_layers[s]}/{leaf}")
+                if not np.array_equal(a[:, s].read().result().view(np.uint16), b.read().result().view(np.uint16)):
                     return False
+        elif block is not None:                       # an unstacked remainder layer (Gemma3)
+            leaf = path.removeprefix(block.prefix + "/")
+            b = open_leaf(unscanned, f"decoder/layers_{block.hf_layers[0]}/{leaf}")
+            if not np.array_equal(a.read().result().view(np.uint16), b.read().result().view(np.uint16)):
+                return False
         else:
             if not np.array_equal(a.read().result().view(np.uint16),
                                   open_leaf(unscanned, path).read().result().view(np.uint16)):
@@ -64,13 +78,15 @@ def main() -> None:
     ap.add_argument("--skip-baseline", action="store_true")
     ap.add_argument("--keep", action="store_true")
     ap.add_argument("--model", default="qwen3-0.6b")
+    ap.add_argument("--layers", type=int, default=None, help="keep only the first N decoder layers (full width)")
     args = ap.parse_args()
-    small = args.model == "qwen3-0.6b"
+    small = args.model == "qwen3-0.6b" and args.layers is None
     root = args.dir or Path(tempfile.mkdtemp(prefix="ckpt-bench-"))
-    src = root / ("Qwen3-0.6B-synthetic" if small else f"{args.model}-synthetic")
+    name = args.model + (f"-{args.layers}-layers" if args.layers else "")
+    src = root / ("Qwen3-0.6B-synthetic" if small else f"{name}-synthetic")
     if not any(src.glob("*.safetensors")):
-        print(f"writing synthetic {args.model} (bf16, random) ...", flush=True)
-        write_synthetic(src, args.model, shard_bytes=0 if small else 4_000_000_000)
+        print(f"writing synthetic {name} (bf16, random) ...", flush=True)
+        write_synthetic(src, args.model, shard_bytes=0 if small else 4_000_000_000, layers=args.layers)
     size = sum(f.stat().st_size for f in src.iterdir())
     warm(src)
 
@@ -90,8 +106,7 @@ def main() -> None:
                           scan, "--json"])
         assert r.returncode == 0, r.stdout
         results[scan] = r
-    layers = json.loads((src / "config.json").read_text())["num_hidden_layers"]
-    identical = same_arrays(root / "out--scan", root / "out--no-scan", layers)
+    identical = same_arrays(root / "out--scan", root / "out--no-scan", json.loads((src / "config.json").read_text()))
     baseline = None
     if small and not args.skip_baseline:
         out = root / "maxtext-like"
@@ -100,7 +115,7 @@ def main() -> None:
         baseline = run_measured([sys.executable, str(Path(__file__).parent / "maxtext_like.py"), str(src), str(out)])
         assert baseline.returncode == 0
 
-    print(f"\ninput: {gb(size)} {args.model}-shaped bf16 checkpoint (page-cached)")
+    print(f"\ninput: {gb(size)} {name}-shaped bf16 checkpoint (page-cached)")
     print(f"cp -r                     : {cp.wall_s:6.2f} s  peak RSS {gb(cp.peak_rss)}")
     print(f"cp -r + sync (durable)    : {durable.wall_s:6.2f} s  (the disk's floor for writing this output)")
     if baseline:

@@ -22,21 +22,26 @@ import numpy as np
 from ckpt_cli import registry
 from ckpt_cli.families import detect_family
 from ckpt_cli.io.safetensors import PlannedTensor, StreamingSafetensorsWriter
-from ckpt_cli.plan import build_to_maxtext
+from ckpt_cli.plan import build_to_hf
 
 
 def hf_tensors(config: dict) -> list[PlannedTensor]:
     """Every HF tensor the plan for this config reads, with its shape, as bf16."""
-    plan = build_to_maxtext(detect_family(config), config, True, np.dtype(np.float32))
-    tensors = {task.source.name: PlannedTensor(task.source.name, np.dtype(ml_dtypes.bfloat16), t.source_shape)
-               for t in plan.tensors for task in t.tasks}
-    return list(tensors.values())
+    # The reverse plan's targets are the HF tensors whole (a per-task source shape is one expert of a fused
+    # expert tensor, or one part of it).
+    plan = build_to_hf(detect_family(config), config, True, np.dtype(np.float32))
+    return [PlannedTensor(t.target, np.dtype(ml_dtypes.bfloat16), t.shape) for t in plan.tensors]
 
 
-def write_synthetic(folder: Path, model: str, shard_bytes: int = 0, seed: int = 0) -> Path:
-    """Write config.json + safetensors shard(s) of random bf16 weights for a registry model."""
+def write_synthetic(folder: Path, model: str, shard_bytes: int = 0, seed: int = 0, layers: int | None = None) -> Path:
+    """Write config.json + safetensors shard(s) of random bf16 weights for a registry model (`layers`: keep only
+    the first that many decoder layers, every other dimension full size)."""
     folder.mkdir(parents=True, exist_ok=True)
     config = registry.reference_config(model)
+    if layers is not None:
+        config["num_hidden_layers"] = layers
+        if config.get("layer_types"):
+            config["layer_types"] = config["layer_types"][:layers]
     (folder / "config.json").write_text(json.dumps(config, indent=2))
     tensors = sorted(hf_tensors(config), key=lambda t: t.name)
     shards: list[list[PlannedTensor]] = [[]]
