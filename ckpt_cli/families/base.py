@@ -150,6 +150,15 @@ def head_dim(cfg: dict) -> int:
     return config_int(cfg, "hidden_size") // config_int(cfg, "num_attention_heads")
 
 
+def attention_dims(cfg: dict) -> Dims:
+    """The dimensions every GQA decoder shares: E, N, K (defaults to N), D, L and V."""
+    return {
+        "E": config_int(cfg, "hidden_size"), "N": config_int(cfg, "num_attention_heads"),
+        "K": config_int(cfg, "num_key_value_heads", cfg.get("num_attention_heads")), "D": head_dim(cfg),
+        "L": config_int(cfg, "num_hidden_layers"), "V": config_int(cfg, "vocab_size"),
+    }
+
+
 def validate_rules(rules: Iterable[Rule], dims: Dims) -> None:
     """Strict checks of a family table: known transforms, known slots, consistent sizes, one-to-one.
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 from collections.abc import Callable, Collection
 
 from ckpt_cli.errors import SourceError, UnsupportedError
-from ckpt_cli.families.base import Block, Dims, Family, config_int, head_dim, row, uniform_blocks
+from ckpt_cli.families.base import Block, Dims, Family, attention_dims, config_int, row, uniform_blocks
 
 P = "model.layers.{layer}."
 NORM = "offset+1"
@@ -92,12 +92,7 @@ def source_names(cfg: dict, names: Collection[str]) -> tuple[Callable[[str], str
 
 def dims(cfg: dict) -> Dims:
     cfg = model_config(cfg)
-    return {
-        "E": config_int(cfg, "hidden_size"), "N": config_int(cfg, "num_attention_heads"),
-        "K": config_int(cfg, "num_key_value_heads", cfg.get("num_attention_heads")), "D": head_dim(cfg),
-        "F": config_int(cfg, "intermediate_size"), "L": config_int(cfg, "num_hidden_layers"),
-        "V": config_int(cfg, "vocab_size"),
-    }
+    return attention_dims(cfg) | {"F": config_int(cfg, "intermediate_size")}
 
 
 def top_rules(d: Dims, cfg: dict) -> tuple:

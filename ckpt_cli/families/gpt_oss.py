@@ -23,7 +23,7 @@ from __future__ import annotations
 import math
 
 from ckpt_cli.errors import UnsupportedError
-from ckpt_cli.families.base import Block, Dims, Family, Part, config_int, head_dim, row, uniform_blocks
+from ckpt_cli.families.base import Block, Dims, Family, Part, attention_dims, config_int, row, uniform_blocks
 
 P = "model.layers.{layer}."
 A = "GptOssAttention/"
@@ -63,12 +63,7 @@ TOP = (
 
 
 def dims(cfg: dict) -> Dims:
-    return {
-        "E": config_int(cfg, "hidden_size"), "N": config_int(cfg, "num_attention_heads"),
-        "K": config_int(cfg, "num_key_value_heads", cfg.get("num_attention_heads")), "D": head_dim(cfg),
-        "M": config_int(cfg, "intermediate_size"), "X": config_int(cfg, "num_local_experts"),
-        "L": config_int(cfg, "num_hidden_layers"), "V": config_int(cfg, "vocab_size"),
-    }
+    return attention_dims(cfg) | {"M": config_int(cfg, "intermediate_size"), "X": config_int(cfg, "num_local_experts")}
 
 
 def top_rules(d: Dims, cfg: dict) -> tuple:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from ckpt_cli.errors import UnsupportedError
 from ckpt_cli.families import llama3
-from ckpt_cli.families.base import Block, Dims, Family, config_int, head_dim, row, uniform_blocks
+from ckpt_cli.families.base import Block, Dims, Family, attention_dims, config_int, head_dim, row, uniform_blocks
 
 P = "model.layers.{layer}."
 MOE = P + "block_sparse_moe."
@@ -34,12 +34,7 @@ TOP = llama3.TOP   # embedding, final norm, untied lm_head (transposed)
 
 
 def dims(cfg: dict) -> Dims:
-    return {
-        "E": config_int(cfg, "hidden_size"), "N": config_int(cfg, "num_attention_heads"),
-        "K": config_int(cfg, "num_key_value_heads", cfg.get("num_attention_heads")), "D": head_dim(cfg),
-        "M": config_int(cfg, "intermediate_size"), "X": config_int(cfg, "num_local_experts"),
-        "L": config_int(cfg, "num_hidden_layers"), "V": config_int(cfg, "vocab_size"),
-    }
+    return attention_dims(cfg) | {"M": config_int(cfg, "intermediate_size"), "X": config_int(cfg, "num_local_experts")}
 
 
 def top_rules(d: Dims, cfg: dict) -> tuple:

@@ -7,7 +7,7 @@ q/k RMSNorm, tied embeddings for the small sizes (no logits_dense then).
 from __future__ import annotations
 
 from ckpt_cli.errors import UnsupportedError
-from ckpt_cli.families.base import Block, Dims, Family, config_int, head_dim, row, uniform_blocks
+from ckpt_cli.families.base import Block, Dims, Family, attention_dims, config_int, row, uniform_blocks
 
 P = "model.layers.{layer}."
 
@@ -33,12 +33,7 @@ HEAD = row("decoder/logits_dense/kernel", "lm_head.weight", "E,V", "V,E", "trans
 
 
 def dims(cfg: dict) -> Dims:
-    return {
-        "E": config_int(cfg, "hidden_size"), "N": config_int(cfg, "num_attention_heads"),
-        "K": config_int(cfg, "num_key_value_heads", cfg.get("num_attention_heads")), "D": head_dim(cfg),
-        "F": config_int(cfg, "intermediate_size"), "L": config_int(cfg, "num_hidden_layers"),
-        "V": config_int(cfg, "vocab_size"),
-    }
+    return attention_dims(cfg) | {"F": config_int(cfg, "intermediate_size")}
 
 
 def tied(cfg: dict) -> bool:

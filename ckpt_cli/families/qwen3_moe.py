@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from ckpt_cli.errors import UnsupportedError
 from ckpt_cli.families import qwen3
-from ckpt_cli.families.base import Block, Dims, Family, config_int, head_dim, row, uniform_blocks
+from ckpt_cli.families.base import Block, Dims, Family, attention_dims, config_int, row, uniform_blocks
 
 P = "model.layers.{layer}."
 
@@ -34,12 +34,7 @@ def num_experts(cfg: dict) -> int:
 
 
 def dims(cfg: dict) -> Dims:
-    return {
-        "E": config_int(cfg, "hidden_size"), "N": config_int(cfg, "num_attention_heads"),
-        "K": config_int(cfg, "num_key_value_heads", cfg.get("num_attention_heads")), "D": head_dim(cfg),
-        "M": config_int(cfg, "moe_intermediate_size"), "X": num_experts(cfg),
-        "L": config_int(cfg, "num_hidden_layers"), "V": config_int(cfg, "vocab_size"),
-    }
+    return attention_dims(cfg) | {"M": config_int(cfg, "moe_intermediate_size"), "X": num_experts(cfg)}
 
 
 def top_rules(d: Dims, cfg: dict) -> tuple:
