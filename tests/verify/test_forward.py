@@ -355,6 +355,19 @@ def make_hf_moe(norm_topk_prob: bool = True) -> torch.nn.Module:
     return model.float().eval()
 
 
+def _fused_experts(sd: dict[str, np.ndarray], p: str, m: int, x_count: int, e: int, swap_gate_up: bool
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(wi_0, wi_1, wo) stacked over experts from transformers 5's fused tensors of the layer at prefix `p`:
+    gate_up_proj (X, 2M, E) holds expert x's gate rows [0, M) and up rows [M, 2M); down_proj is (X, E, M)."""
+    gate_up, down = sd[p + "mlp.experts.gate_up_proj"], sd[p + "mlp.experts.down_proj"]
+    assert gate_up.shape == (x_count, 2 * m, e) and down.shape == (x_count, e, m)
+    wi0 = np.stack([gate_up[x, :m, :].T for x in range(x_count)])
+    wi1 = np.stack([gate_up[x, m:, :].T for x in range(x_count)])
+    if swap_gate_up:
+        wi0, wi1 = wi1, wi0
+    return wi0, wi1, np.stack([down[x].T for x in range(x_count)])
+
+
 def hf_moe_to_maxtext(model: torch.nn.Module, swap_gate_up: bool = False) -> DictSource:
     """The Qwen3 MoE tree from the model's own parameters, written from §8.2 independently of the converter.
 
@@ -373,12 +386,7 @@ def hf_moe_to_maxtext(model: torch.nn.Module, swap_gate_up: bool = False) -> Dic
     layers = []
     for i in range(c.num_hidden_layers):
         p = f"model.layers.{i}."
-        gate_up, down = sd[p + "mlp.experts.gate_up_proj"], sd[p + "mlp.experts.down_proj"]
-        assert gate_up.shape == (x_count, 2 * m, c.hidden_size) and down.shape == (x_count, c.hidden_size, m)
-        wi0 = np.stack([gate_up[x, :m, :].T for x in range(x_count)])
-        wi1 = np.stack([gate_up[x, m:, :].T for x in range(x_count)])
-        if swap_gate_up:
-            wi0, wi1 = wi1, wi0
+        wi0, wi1, wo = _fused_experts(sd, p, m, x_count, c.hidden_size, swap_gate_up)
         layers.append({
             "pre_self_attention_layer_norm/scale": sd[p + "input_layernorm.weight"],
             "post_self_attention_layer_norm/scale": sd[p + "post_attention_layernorm.weight"],
@@ -391,7 +399,7 @@ def hf_moe_to_maxtext(model: torch.nn.Module, swap_gate_up: bool = False) -> Dic
             "moe_block/gate/kernel": sd[p + "mlp.gate.weight"].T.copy(),
             "moe_block/wi_0": wi0,
             "moe_block/wi_1": wi1,
-            "moe_block/wo": np.stack([down[x].T for x in range(x_count)]),
+            "moe_block/wo": wo,
         })
     return DictSource(top, layers)
 
@@ -468,12 +476,7 @@ def hf_mixtral_to_maxtext(model: torch.nn.Module, *, scale_query: bool = True, p
     layers = []
     for i in range(c.num_hidden_layers):
         p = f"model.layers.{i}."
-        gate_up, down = sd[p + "mlp.experts.gate_up_proj"], sd[p + "mlp.experts.down_proj"]
-        assert gate_up.shape == (x_count, 2 * m, c.hidden_size) and down.shape == (x_count, c.hidden_size, m)
-        wi0 = np.stack([gate_up[x, :m, :].T for x in range(x_count)])
-        wi1 = np.stack([gate_up[x, m:, :].T for x in range(x_count)])
-        if swap_gate_up:
-            wi0, wi1 = wi1, wi0
+        wi0, wi1, wo = _fused_experts(sd, p, m, x_count, c.hidden_size, swap_gate_up)
         q = _heads_in(sd[p + "self_attn.q_proj.weight"], n, d)
         kk = _heads_in(sd[p + "self_attn.k_proj.weight"], k, d)
         if permute:
@@ -490,7 +493,7 @@ def hf_mixtral_to_maxtext(model: torch.nn.Module, *, scale_query: bool = True, p
             "MoeBlock_0/gate/kernel": sd[p + "mlp.gate.weight"].T.copy(),
             "MoeBlock_0/wi_0": wi0,
             "MoeBlock_0/wi_1": wi1,
-            "MoeBlock_0/wo": np.stack([down[x].T for x in range(x_count)]),
+            "MoeBlock_0/wo": wo,
         })
     return DictSource(top, layers)
 
