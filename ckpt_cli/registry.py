@@ -249,6 +249,10 @@ def check_against(spec: ModelSpec, cfg: dict, keys: tuple[str, ...]) -> None:
             got = cfg.get("num_local_experts")   # transformers 5 writes Qwen3-MoE's num_experts under this name
         if key == "rope_theta" and got is None:   # transformers 5 nests it; absent means transformers' default
             got = float((cfg.get("rope_parameters") or {}).get("rope_theta", 10000.0))
+        if key == "rope_scaling":   # compared by kind: Llama 3's unscaled RoPE is not Llama 3.1's llama3 scaling
+            from ckpt_cli.families.llama3 import rope_kind
+
+            want, got = rope_kind(spec.config) or "default", rope_kind(cfg) or "default"
         if key == "tie_word_embeddings":
             want, got = bool(want), bool(got)
         if want is not None and got != want:

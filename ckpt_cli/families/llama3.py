@@ -137,19 +137,20 @@ REFERENCE_KEYS = ("hidden_size", "num_attention_heads", "num_key_value_heads", "
 FAMILY = Family(
     name="llama3.1", model_types=("llama",), dims=dims, top_rules=top_rules, blocks=blocks,
     check_config=check_config, claims=lambda cfg: rope_kind(cfg) == "llama3",
-    reference_keys=REFERENCE_KEYS,
+    reference_keys=(*REFERENCE_KEYS, "rope_scaling"),
     extra={"tied": lambda cfg: False, "layer_rules": LAYER, "top_table": TOP},
 )
 
-# MaxText's llama2-*, llama3-* and llama3.3-70b: the rope_theta of each config is part of its math.
+# MaxText's llama2-*, llama3-* and llama3.3-70b: the rope_theta of each config is part of its math, and so is the
+# kind of RoPE scaling its HF config names (none, or Llama 3.3's llama3, which MaxText leaves out).
 LLAMA2 = Family(
     name="llama2", model_types=("llama",), dims=dims, top_rules=top_rules, blocks=plain_blocks,
-    check_config=check_plain, reference_keys=(*REFERENCE_KEYS, "rope_theta"),
+    check_config=check_plain, reference_keys=(*REFERENCE_KEYS, "rope_theta", "rope_scaling"),
     extra={"tied": lambda cfg: False, "layer_rules": PLAIN_LAYER, "top_table": TOP},
 )
 
 MISTRAL = Family(
     name="mistral", model_types=("mistral",), dims=dims, top_rules=top_rules, blocks=plain_blocks,
-    check_config=check_mistral, reference_keys=(*REFERENCE_KEYS, "rope_theta"),
+    check_config=check_mistral, reference_keys=(*REFERENCE_KEYS, "rope_theta", "rope_scaling"),
     extra={"tied": lambda cfg: False, "layer_rules": PLAIN_LAYER, "top_table": TOP},
 )

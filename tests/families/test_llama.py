@@ -108,6 +108,21 @@ def test_llama_configs_read_by_rope_scaling_or_model_name():
     assert detect_family(registry.reference_config("mistral-7b"), "llama2-7b").name == "mistral"  # not a llama type
 
 
+def test_matching_models_tell_llama3_from_llama3_1_by_rope_scaling():
+    """Llama 3.3's config matches the llama3.1-70b names and llama3.3-70b (same shapes, llama3 scaling), not
+    llama3-70b (unscaled); a Llama 3.1 config under --model llama3-8b is refused in one line."""
+    from ckpt_cli import inspect as I
+
+    assert I.matching_models(registry.reference_config("llama3.3-70b")) == [
+        "llama3.1-70b", "llama3.1-70b-Instruct", "llama3.3-70b"]
+    assert I.matching_models(registry.reference_config("llama3-70b")) == ["llama3-70b"]
+    assert I.matching_models(registry.reference_config("llama2-7b")) == ["llama2-7b"]
+    assert I.matching_models(registry.reference_config("mistral-7b")) == ["mistral-7b"]
+    with pytest.raises(ConfigMismatchError, match="^config.json rope_scaling = llama3, but llama3-8b has default$"):
+        registry.check_against(registry.lookup("llama3-8b"), registry.reference_config("llama3.1-8b"),
+                               llama3.LLAMA2.reference_keys)
+
+
 def test_llama3_3_scaling_is_noted_and_left_out_of_the_forward():
     """MaxText 0.2.5's llama3.3-70b runs plain RoPE (only llama3.1-* names get the scaled one): noted, and the
     forward computes what MaxText does."""
