@@ -295,6 +295,7 @@ def verify_logits(opts: VerifyOptions, note: Callable[[str], None] | None = None
         f"{'scanned' if scan else 'unscanned'}, one layer at a time)")
     params = OrbaxParams(ckpt, family, cfg, scan, progress=progress)
     mt_logits, notes = maxtext_forward(params, fcfg, prompts, opts.dtype)
+    notes = [*family.check_config(cfg), *notes]   # what MaxText computes differently from HF, e.g. no sliding window
     timings["maxtext"] = time.perf_counter() - t
 
     vocab = min(fcfg.vocab, min(r.shape[-1] for r in ref_logits))

@@ -144,6 +144,19 @@ def test_mistral_sliding_window_is_noted():
     assert llama3.MISTRAL.check_config(cfg | {"sliding_window": 32768}) == []
 
 
+def test_mistral_window_verify_says_why_maxtext_differs(models, tmp_path):
+    """A 4-token window: transformers masks beyond it, MaxText's mistral block does not (the forward computes
+    MaxText's math), so the 8/16/40-token prompts FAIL, and the verdict carries the conversion's note."""
+    src = with_config(models.hf("mistral", sharp=True), tmp_path / "src", sliding_window=4)
+    out = tmp_path / "mt"
+    hf_to_maxtext(str(src), out, ToMaxTextOptions(dtype="f32"))
+    data = assert_fails(out, src)
+    assert any(n.startswith("config.json sets sliding_window 4: MaxText's mistral attends over the whole context")
+               for n in data["notes"])
+    short = verify_json("--maxtext", out, "--hf", src, "--tokens", "5,6,7,8")   # within the window: equal
+    assert short["summary"]["kl_max"] < 1e-6
+
+
 REFUSED = [
     ("llama2", {"attention_bias": True}, "config.json sets attention_bias/mlp_bias: MaxText's llama2 block has no "
                                          "biases"),
