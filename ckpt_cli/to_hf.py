@@ -67,6 +67,7 @@ def resolve_architecture(ckpt: OrbaxCheckpoint, model: str | None, hf_config: Pa
         raise SourceError(f"{ckpt.items} carries no config.json (not written by ckpt): pass --model NAME "
                           f"(e.g. qwen3-8b) or --hf-config PATH to say which architecture it holds")
     converted_as = ckpt.provenance.get("model_name")
+    converted_as = converted_as if converted_as and registry.is_model_name(converted_as) else None
     family = detect_family(cfg, spec.name if spec else converted_as)
     cfg = family.model_config(cfg)     # a multimodal config: the text model the checkpoint holds
     if spec is not None:

@@ -234,7 +234,8 @@ def test_reference_models_inspect_and_plan(name):
     r = run("inspect", "--model", name, "--json")
     assert r.exit_code == 0, r.output
     data = json.loads(r.stdout)
-    assert data["maxtext_models"] == [name] and data["totals"]["parameters"] == params
+    assert data["maxtext_models"] == [name] and data["totals"]["parameters"] == params and data["family"] == family
+    assert any("does not apply (plain RoPE" in n for n in data["notes"]) is (name == "llama3.3-70b")
     for direction in ("hf-to-maxtext", "maxtext-to-hf"):
         r = run("plan", direction, "--model", name, "--read-gbps", "1", "--write-gbps", "0.5", "--json")
         assert r.exit_code in (0, 1), r.output            # go or no-go on this machine: both are answers

@@ -156,7 +156,7 @@ def test_reference_models_inspect_and_plan(name):
     assert r.exit_code == 0, r.output
     data = json.loads(r.stdout)
     paths = {t["path"] for t in data["tensors"]}
-    assert data["maxtext_models"] == [name] and data["totals"]["parameters"] == params
+    assert data["maxtext_models"] == [name] and data["totals"]["parameters"] == params and data["family"] == "qwen2"
     assert ("decoder/logits_dense/kernel" in paths) is not tied
     assert "decoder/layers/self_attention/query/bias" in paths
     for direction in ("hf-to-maxtext", "maxtext-to-hf"):
