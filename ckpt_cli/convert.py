@@ -18,7 +18,7 @@ import numpy as np
 from ckpt_cli import __version__, engine, registry
 from ckpt_cli.dtypes import output_dtype
 from ckpt_cli.errors import ConfigMismatchError, Interrupted, OutputError, SourceError
-from ckpt_cli.families import detect_family
+from ckpt_cli.families import detect_family, family_named
 from ckpt_cli.io import hf, remote_stream
 from ckpt_cli.io.orbax import OrbaxWriter, StorageOptions, partial_dir, read_progress
 from ckpt_cli.plan import ConversionPlan, build_to_maxtext, rename_sources
@@ -52,8 +52,8 @@ class Result:
 
 def plan_to_maxtext(source: hf.HFSource, opts: ToMaxTextOptions) -> ConversionPlan:
     """The plan for a resolved HF source, with the config checked against --model when given."""
-    family = detect_family(source.config)
     model_name = opts.model or source.model_name
+    family = detect_family(source.config, model_name)
     if model_name:
         spec = registry.lookup(model_name)
         if spec.family != family.name:
@@ -67,7 +67,7 @@ def plan_to_maxtext(source: hf.HFSource, opts: ToMaxTextOptions) -> ConversionPl
 def with_source_names(plan: ConversionPlan, source: hf.HFSource, names: Collection[str]) -> ConversionPlan:
     """The plan reading the names the source's files actually use (the family decides, e.g. the text prefix
     of a multimodal Gemma3); unchanged when they are the family's own."""
-    rename, notes = detect_family(source.config).source_names(source.config, names)
+    rename, notes = family_named(plan.family).source_names(source.config, names)
     return plan if rename is None else rename_sources(plan, rename, notes)
 
 

@@ -65,9 +65,15 @@ class Target:
     notes: list[str] = field(default_factory=list)
 
     @property
+    def model_name(self) -> str | None:
+        """The registered model name it is (a model target) or was converted as (ckpt provenance), if any."""
+        name = self.info.get("model") or (self.info.get("provenance") or {}).get("model_name")
+        return name if name and registry.is_model_name(name) else None
+
+    @property
     def family(self) -> str | None:
         try:
-            return detect_family(self.config).name if self.config else None
+            return detect_family(self.config, self.model_name).name if self.config else None
         except UnknownModelError:
             return None
 
@@ -198,13 +204,10 @@ def matching_models(config: dict | None) -> list[str]:
     """Registered MaxText model names whose reference hyperparameters this config matches."""
     if not config:
         return []
-    try:
-        family = detect_family(config)
-    except UnknownModelError:
-        return []
     found = []
     for spec in registry.MODELS.values():
-        if spec.family != family.name:
+        family = family_named(spec.family)
+        if config.get("model_type") not in family.model_types:   # Llama 3.3's config is also Llama 3.1's
             continue
         try:
             registry.check_against(spec, config, family.reference_keys)
@@ -274,7 +277,8 @@ def maxtext_tree(t: Target, scan: bool, dtype: str | None = None) -> tuple[dict[
         return {x.name: Entry(x.shape, x.dtype) for x in t.leaves}, []
     if not t.config:
         raise SourceError(f"{t.label}: no config.json, so its MaxText paths are unknown")
-    plan: ConversionPlan = build_to_maxtext(detect_family(t.config), t.config, scan, output_dtype(dtype or "bf16"))
+    plan: ConversionPlan = build_to_maxtext(detect_family(t.config, t.model_name), t.config, scan,
+                                            output_dtype(dtype or "bf16"))
     tree: dict[str, Entry] = {}
     used: set[str] = set()
     for tensor in plan.tensors:

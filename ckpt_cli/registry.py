@@ -100,6 +100,52 @@ def _llama(name: str, repo: str, e: int, n: int, f: int, layers: int) -> ModelSp
     })
 
 
+# Llama 2 / 3 / 3.3, Mistral and Qwen2.5 (issue 12): MaxText's configs/models/NAME.yml, the rest as the released
+# config.json of the default repo.
+def _llama2(name: str, repo: str, e: int, n: int, k: int, f: int, layers: int, llama3: bool = False,
+            scaled: bool = False) -> ModelSpec:
+    """Llama 2 (vocab 32000, rope_theta 1e4, 4k context) or, `llama3`, Llama 3 (128256, 5e5, 8k); `scaled`:
+    Llama 3.3's llama3 rope scaling and 128k context (MaxText's llama3.3-70b does not apply the scaling)."""
+    cfg = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": e, "num_attention_heads": n,
+           "num_key_value_heads": k, "head_dim": 128, "intermediate_size": f, "num_hidden_layers": layers,
+           "tie_word_embeddings": False, "hidden_act": "silu", "attention_bias": False, "mlp_bias": False}
+    if llama3:
+        cfg |= {"vocab_size": 128256, "rms_norm_eps": 1e-5, "rope_theta": 500000.0, "rope_scaling": None,
+                "max_position_embeddings": 8192, "bos_token_id": 128000, "eos_token_id": 128001,
+                "torch_dtype": "bfloat16"}
+    else:
+        cfg |= {"vocab_size": 32000, "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "rope_scaling": None,
+                "max_position_embeddings": 4096, "bos_token_id": 1, "eos_token_id": 2, "torch_dtype": "float16"}
+    if scaled:
+        cfg |= {"rope_scaling": dict(_LLAMA_ROPE), "max_position_embeddings": 131072,
+                "eos_token_id": [128001, 128008, 128009]}
+    return ModelSpec(name, "llama2", repo, cfg)
+
+
+def _mistral(name: str, repo: str) -> ModelSpec:
+    """MaxText's mistral-7b (rope_theta 1e6, vocab 32000, no sliding window) is Mistral-7B v0.2's config; MaxText's
+    HF_IDS names v0.1, whose rope_theta 1e4 and 4096-token window MaxText's config does not have."""
+    return ModelSpec(name, "mistral", repo, {
+        "architectures": ["MistralForCausalLM"], "model_type": "mistral", "hidden_size": 4096,
+        "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128, "intermediate_size": 14336,
+        "num_hidden_layers": 32, "vocab_size": 32000, "tie_word_embeddings": False, "rms_norm_eps": 1e-5,
+        "rope_theta": 1000000.0, "sliding_window": None, "hidden_act": "silu", "max_position_embeddings": 32768,
+        "bos_token_id": 1, "eos_token_id": 2, "torch_dtype": "bfloat16",
+    })
+
+
+def _qwen2(name: str, repo: str, e: int, n: int, k: int, f: int, layers: int, vocab: int, tied: bool
+           ) -> ModelSpec:
+    """As MaxText's checkpoint_conversion/utils/hf_model_configs.py (the -Instruct repos: 32k context)."""
+    return ModelSpec(name, "qwen2", repo, {
+        "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_size": e, "num_attention_heads": n,
+        "num_key_value_heads": k, "intermediate_size": f, "num_hidden_layers": layers, "vocab_size": vocab,
+        "tie_word_embeddings": tied, "rms_norm_eps": 1e-6, "rope_theta": 1000000.0, "rope_scaling": None,
+        "hidden_act": "silu", "use_sliding_window": False, "sliding_window": 32768, "max_window_layers": layers,
+        "max_position_embeddings": 32768, "bos_token_id": 151643, "eos_token_id": 151645, "torch_dtype": "bfloat16",
+    })
+
+
 def _deepseek(name: str, repo: str, model_type: str, v3: bool) -> ModelSpec:
     if not v3:
         cfg = {"hidden_size": 2048, "num_attention_heads": 16, "num_key_value_heads": 16, "num_hidden_layers": 27,
@@ -158,6 +204,16 @@ MODELS: dict[str, ModelSpec] = {m.name: m for m in (
     _gemma3("gemma3-27b", "google/gemma-3-27b-it", 5376, 32, 16, 128, 21504, 62, 168),
     _gpt_oss("gpt-oss-20b", "unsloth/gpt-oss-20b-BF16", 24, 32),
     _gpt_oss("gpt-oss-120b", "unsloth/gpt-oss-120b-BF16", 36, 128),
+    _llama2("llama2-7b", "meta-llama/Llama-2-7b-hf", 4096, 32, 32, 11008, 32),
+    _llama2("llama2-13b", "meta-llama/Llama-2-13b-hf", 5120, 40, 40, 13824, 40),
+    _llama2("llama2-70b", "meta-llama/Llama-2-70b-hf", 8192, 64, 8, 28672, 80),
+    _llama2("llama3-8b", "meta-llama/Meta-Llama-3-8B", 4096, 32, 8, 14336, 32, llama3=True),
+    _llama2("llama3-70b", "meta-llama/Meta-Llama-3-70B", 8192, 64, 8, 28672, 80, llama3=True),
+    _llama2("llama3.3-70b", "meta-llama/Llama-3.3-70B-Instruct", 8192, 64, 8, 28672, 80, llama3=True, scaled=True),
+    _mistral("mistral-7b", "mistralai/Mistral-7B-Instruct-v0.2"),
+    _qwen2("qwen2.5-1.5b", "Qwen/Qwen2.5-1.5B-Instruct", 1536, 12, 2, 8960, 28, 151936, True),
+    _qwen2("qwen2.5-7b", "Qwen/Qwen2.5-7B-Instruct", 3584, 28, 4, 18944, 28, 152064, False),
+    _qwen2("qwen2.5-14b", "Qwen/Qwen2.5-14B-Instruct", 5120, 40, 8, 13824, 48, 152064, False),
     _deepseek("deepseek2-16b", "deepseek-ai/DeepSeek-V2-Lite", "deepseek_v2", False),
     _deepseek("deepseek3-671b", "deepseek-ai/DeepSeek-V3", "deepseek_v3", True),
     _deepseek("deepseek3.2-671b", "deepseek-ai/DeepSeek-V3.2", "deepseek_v32", True),
@@ -191,6 +247,12 @@ def check_against(spec: ModelSpec, cfg: dict, keys: tuple[str, ...]) -> None:
             got = cfg["hidden_size"] // cfg["num_attention_heads"]
         if key == "num_experts" and got is None:
             got = cfg.get("num_local_experts")   # transformers 5 writes Qwen3-MoE's num_experts under this name
+        if key == "rope_theta" and got is None:   # transformers 5 nests it; absent means transformers' default
+            got = float((cfg.get("rope_parameters") or {}).get("rope_theta", 10000.0))
+        if key == "rope_scaling":   # compared by kind: Llama 3's unscaled RoPE is not Llama 3.1's llama3 scaling
+            from ckpt_cli.families.llama3 import rope_kind
+
+            want, got = rope_kind(spec.config) or "default", rope_kind(cfg) or "default"
         if key == "tie_word_embeddings":
             want, got = bool(want), bool(got)
         if want is not None and got != want:

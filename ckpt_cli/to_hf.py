@@ -66,7 +66,9 @@ def resolve_architecture(ckpt: OrbaxCheckpoint, model: str | None, hf_config: Pa
     else:
         raise SourceError(f"{ckpt.items} carries no config.json (not written by ckpt): pass --model NAME "
                           f"(e.g. qwen3-8b) or --hf-config PATH to say which architecture it holds")
-    family = detect_family(cfg)
+    converted_as = ckpt.provenance.get("model_name")
+    converted_as = converted_as if converted_as and registry.is_model_name(converted_as) else None
+    family = detect_family(cfg, spec.name if spec else converted_as)
     cfg = family.model_config(cfg)     # a multimodal config: the text model the checkpoint holds
     if spec is not None:
         if spec.family != family.name:
@@ -74,6 +76,13 @@ def resolve_architecture(ckpt: OrbaxCheckpoint, model: str | None, hf_config: Pa
                                       f"a {family.name} model")
         if origin != f"--model {spec.name}":
             registry.check_against(spec, cfg, family.reference_keys)
+    carried_family = ckpt.provenance.get("family")
+    if carried_family and carried_family != family.name:
+        # One config can be read by two families (Llama 3.3's is Llama 3.1's): the inverse must be the conversion's.
+        raise ConfigMismatchError(f"the checkpoint was converted as a {carried_family} model"
+                                  + (f" ({converted_as})" if converted_as else "")
+                                  + f", but the {origin} config reads as a {family.name} model"
+                                  + (f" ({spec.name})" if spec else ""))
     return Architecture(cfg, family, origin, spec.name if spec else ckpt.provenance.get("model_name"))
 
 

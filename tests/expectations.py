@@ -88,10 +88,19 @@ def expected_layer(hf: dict, cfg: dict, family: str, i: int) -> dict[str, np.nda
         perm = np.array([j // 2 if j % 2 == 0 else D // 2 + j // 2 for j in range(D)])
         out["self_attention/query/kernel"] = q_mt[..., perm] * np.float32(1 / math.sqrt(D))
         out["self_attention/key/kernel"] = k_mt[..., perm]
-    elif family == "mixtral":
-        # §11.2: rotate-half RoPE on both sides (no permutation); q_mt[e, h, d] = q_hf[h*D + d, e] / sqrt(D)
+    elif family in ("mixtral", "llama2", "mistral"):
+        # §11.2 (and MaxText's llama_or_mistral_ckpt.py for HF Llama 2/3/3.3 and Mistral): rotate-half RoPE on both
+        # sides (no permutation); q_mt[e, h, d] = q_hf[h*D + d, e] / sqrt(D)
         out["self_attention/query/kernel"] = q_mt * np.float32(1 / math.sqrt(D))
         out["self_attention/key/kernel"] = k_mt
+    elif family == "qwen2":
+        # Qwen2.5 (QWEN_MAXTEXT_TO_HF hooks): no scale, no permutation, no q/k norm; bias_mt[h, d] = bias_hf[h*D + d]
+        out["self_attention/query/kernel"] = q_mt
+        out["self_attention/key/kernel"] = k_mt
+        for leaf, name, heads in (("query", "q_proj", N), ("key", "k_proj", K), ("value", "v_proj", K)):
+            bias = _f32(hf[p + f"self_attn.{name}.bias"])
+            out[f"self_attention/{leaf}/bias"] = np.array([[bias[h * D + d] for d in range(D)] for h in range(heads)],
+                                                          dtype=np.float32)
     else:
         out["self_attention/query/kernel"] = q_mt
         out["self_attention/key/kernel"] = k_mt

@@ -7,7 +7,8 @@ from ckpt_cli.families import deepseek, gemma3, gpt_oss, llama3, mixtral, qwen3,
 from ckpt_cli.families.base import Family
 
 FAMILIES: dict[str, Family] = {f.name: f for f in (qwen3.FAMILY, llama3.FAMILY, deepseek.FAMILY, qwen3_moe.FAMILY,
-                                                   mixtral.FAMILY, gemma3.FAMILY, gpt_oss.FAMILY)}
+                                                   mixtral.FAMILY, gemma3.FAMILY, gpt_oss.FAMILY,
+                                                   llama3.LLAMA2, llama3.MISTRAL, qwen3.QWEN2)}
 
 
 def family_named(name: str) -> Family:
@@ -17,11 +18,19 @@ def family_named(name: str) -> Family:
         raise UnknownModelError(f"unknown family {name!r}; known: {', '.join(sorted(FAMILIES))}") from None
 
 
-def detect_family(cfg: dict) -> Family:
-    """The family of an HF config.json, from its model_type."""
+def detect_family(cfg: dict, model: str | None = None) -> Family:
+    """The family of an HF config.json: a registered model name's own family when `model` is given and the
+    config is of a type it reads (say Llama 3.3 under llama3.3-70b, whose config alone reads as Llama 3.1),
+    else the first family that claims the config's model_type."""
     model_type = cfg.get("model_type")
+    if model is not None:
+        from ckpt_cli import registry
+
+        named = family_named(registry.lookup(model).family)
+        if model_type in named.model_types:
+            return named
     for fam in FAMILIES.values():
-        if model_type in fam.model_types:
+        if model_type in fam.model_types and fam.claims(cfg):
             return fam
     arch = ",".join(cfg.get("architectures") or []) or "?"
     raise UnknownModelError(f"config.json model_type {model_type!r} ({arch}) is not supported; "

@@ -101,6 +101,9 @@ class Family:
     top_rules: Callable[[Dims, dict], tuple[Rule, ...]]
     blocks: Callable[[Dims, dict, bool, frozenset[str]], list[Block]]   # (dims, config, scan, features)
     check_config: Callable[[dict, frozenset[str]], list[str]] = lambda cfg, features: []  # notes; raises on refusal
+    # Whether a config of one of those model types is this family's when no model name says (several families
+    # may share a model_type: Llama 3.1 and Llama 2/3 are both "llama"); the first family that claims it wins.
+    claims: Callable[[dict], bool] = lambda cfg: True
     features: frozenset[str] = frozenset()          # optional parts a user can ask for (e.g. "mtp")
     reference_keys: tuple[str, ...] = ()             # config keys compared against reference models
     notes: str = ""

@@ -18,12 +18,7 @@ P = "model.layers.{layer}."
 MOE = P + "block_sparse_moe."
 
 LAYER = (
-    row("pre_self_attention_layer_norm/scale", P + "input_layernorm.weight", "E", "E"),
-    row("post_self_attention_layer_norm/scale", P + "post_attention_layernorm.weight", "E", "E"),
-    row("self_attention/query/kernel", P + "self_attn.q_proj.weight", "E,N,D", "N*D,E", "transpose,query-scale"),
-    row("self_attention/key/kernel", P + "self_attn.k_proj.weight", "E,K,D", "K*D,E", "transpose"),
-    row("self_attention/value/kernel", P + "self_attn.v_proj.weight", "E,K,D", "K*D,E", "transpose"),
-    row("self_attention/out/kernel", P + "self_attn.o_proj.weight", "N,D,E", "E,N*D", "transpose"),
+    *llama3.ATTENTION,   # norms, q (1/sqrt(D) folded in), k, v, out; rotate-half RoPE, no permutation
     row("MoeBlock_0/gate/kernel", MOE + "gate.weight", "E,X", "X,E", "transpose"),
     row("MoeBlock_0/wi_0", MOE + "experts.{expert}.w1.weight", "E,M", "M,E", "transpose", "X"),
     row("MoeBlock_0/wi_1", MOE + "experts.{expert}.w3.weight", "E,M", "M,E", "transpose", "X"),

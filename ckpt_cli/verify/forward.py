@@ -1,13 +1,18 @@
 """Reference JAX forward pass of MaxText's decoder math over a MaxText parameter tree.
 
-Supports Qwen3 dense, Qwen3 MoE, Llama 3.1 and Mixtral. Weights are read one decoder layer at a time through a
+Supports Qwen3 dense, Qwen3 MoE, Llama 3.1, Llama 2 / 3 / 3.3 (``llama2``), Mistral, Qwen2.5 (``qwen2``) and
+Mixtral. Weights are read one decoder layer at a time through a
 :class:`ParamSource`, so peak memory is about one layer of weights plus activations (and the
 embedding / LM head). See ``maxtext-layout.md`` §1.2, §1.5, §5.4, §6.4, §8.3 and §11 for the conventions.
 Qwen3 MoE and Mixtral route as transformers does (softmax over all experts in float32, top-k, renormalised when
 ``norm_topk_prob``: with it, the same as MaxText's top-k of the logits then softmax over the k); only the
 experts a token is routed to are computed for it (the expert code is DeepSeek's, ``verify/deepseek.py``).
 Mixtral always renormalises (transformers' Mixtral does; MaxText takes the top-k logits then a softmax over
-them), has no qk-norm, rotate-half RoPE and its 1/sqrt(D) folded into the query kernel.
+them), has no qk-norm, rotate-half RoPE and its 1/sqrt(D) folded into the query kernel. ``llama2`` and
+``mistral`` are Llama 3.1 with MaxText's default rotate-half RoPE, unscaled whatever the config asks (MaxText
+0.2.5 gives the scaled Llama RoPE to llama3.1-* names only), and full causal attention (its mistral block has no
+sliding window). ``qwen2`` adds the q/k/v biases after the projections, scales queries at run time and has no
+qk-norm.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-FAMILIES = ("qwen3", "llama3.1", "qwen3_moe", "mixtral")
+FAMILIES = ("qwen3", "llama3.1", "qwen3_moe", "mixtral", "llama2", "mistral", "qwen2")
 MOE_FAMILIES = ("qwen3_moe", "mixtral")
 _DTYPES = ("float32", "bfloat16")
 # Same convention as MaxText: a large finite negative value instead of -inf.
@@ -32,6 +37,10 @@ _PRE_NORM = "pre_self_attention_layer_norm/scale"
 _POST_NORM = "post_self_attention_layer_norm/scale"
 _Q, _K, _V, _O = (f"self_attention/{n}/kernel" for n in ("query", "key", "value", "out"))
 _Q_NORM, _K_NORM = "self_attention/query_norm/scale", "self_attention/key_norm/scale"
+_QB, _KB, _VB = (f"self_attention/{n}/bias" for n in ("query", "key", "value"))
+QK_NORM_FAMILIES = ("qwen3", "qwen3_moe")
+FOLDED_QUERY_SCALE = ("llama3.1", "mixtral", "llama2", "mistral")   # 1/sqrt(D) is in their query kernels
+PLAIN_ROPE = ("llama2", "mistral", "qwen2")   # MaxText's default RoPE: no scaling whatever the HF config asks
 _WI0, _WI1, _WO = "mlp/wi_0/kernel", "mlp/wi_1/kernel", "mlp/wo/kernel"
 # The MoE block's leaves (router, then the stacked experts wi_0, wi_1, wo) under each family's name for it.
 _MOE_LEAVES = {family: (f"{block}/gate/kernel", f"{block}/wi_0", f"{block}/wi_1", f"{block}/wo")
@@ -104,8 +113,8 @@ class ForwardConfig:
         rope_type = rope.get("rope_type", rope.get("type", "default"))
         if rope_type in (None, "default"):
             scaling = None
-        elif rope_type == "llama3":
-            scaling = {k: rope[k] for k in _LLAMA3_KEYS if k in rope}
+        elif rope_type == "llama3":   # MaxText's default RoPE (PLAIN_ROPE) leaves it out; check_config notes so
+            scaling = None if family in PLAIN_ROPE else {k: rope[k] for k in _LLAMA3_KEYS if k in rope}
         else:
             raise ValueError(f"unsupported rope_type {rope_type!r}")
         heads = int(cfg["num_attention_heads"])
@@ -183,6 +192,12 @@ def _rope(x: jax.Array, cos: jax.Array, sin: jax.Array, interleaved: bool) -> ja
     return out.astype(x.dtype)
 
 
+def _project(h: jax.Array, w: dict[str, jax.Array], kernel: str, bias: str) -> jax.Array:
+    """h (B,T,E) through an (E, H, D) projection kernel, plus its (H, D) bias when the layer has one (Qwen2.5)."""
+    out = jnp.einsum("bte,ehd->bthd", h, w[kernel])
+    return out + w[bias] if bias in w else out
+
+
 def _self_attention(
     x: jax.Array,
     w: dict[str, jax.Array],
@@ -196,9 +211,9 @@ def _self_attention(
 ) -> jax.Array:
     """x + pre-norm GQA causal self-attention of x (B,T,E); ``w`` already in ``dt`` (traced inside a jit)."""
     h = _rms_norm(x, w[_PRE_NORM], eps, dt)
-    q = jnp.einsum("bte,end->btnd", h, w[_Q])
-    k = jnp.einsum("bte,ekd->btkd", h, w[_K])
-    v = jnp.einsum("bte,ekd->btkd", h, w[_V])
+    q = _project(h, w, _Q, _QB)
+    k = _project(h, w, _K, _KB)
+    v = _project(h, w, _V, _VB)
     if qk_norm:
         q, k = _rms_norm(q, w[_Q_NORM], eps, dt), _rms_norm(k, w[_K_NORM], eps, dt)
     q, k = _rope(q, cos, sin, interleaved), _rope(k, cos, sin, interleaved)
@@ -294,8 +309,10 @@ def _layer_weights(layer: dict[str, np.ndarray], cfg: ForwardConfig, i: int) -> 
         _V: (e, k, d),
         _O: (n, d, e),
     }
-    if cfg.family in ("qwen3", "qwen3_moe"):
+    if cfg.family in QK_NORM_FAMILIES:
         shapes |= {_Q_NORM: (d,), _K_NORM: (d,)}
+    if cfg.family == "qwen2":
+        shapes |= {_QB: (n, d), _KB: (k, d), _VB: (k, d)}
     if cfg.family in MOE_FAMILIES:
         x, m = cfg.num_experts, cfg.moe_dim
         gate, wi0, wi1, wo = _MOE_LEAVES[cfg.family]
@@ -388,13 +405,11 @@ def maxtext_logits(params: ParamSource, cfg: ForwardConfig, tokens: np.ndarray, 
 
     angles = np.arange(tokens.shape[1], dtype=np.float32)[:, None] * rope_inv_freq(cfg)[None, :]
     cos, sin = jnp.asarray(np.cos(angles)), jnp.asarray(np.sin(angles))
-    llama = cfg.family == "llama3.1"
-    folded = cfg.family in ("llama3.1", "mixtral")   # the 1/sqrt(D) is in their query kernels
     static = {
         "eps": float(cfg.rms_eps),
-        "qk_norm": cfg.family in ("qwen3", "qwen3_moe"),
-        "interleaved": llama,
-        "query_scale": 1.0 if folded else cfg.head_dim**-0.5,
+        "qk_norm": cfg.family in QK_NORM_FAMILIES,
+        "interleaved": cfg.family == "llama3.1",
+        "query_scale": 1.0 if cfg.family in FOLDED_QUERY_SCALE else cfg.head_dim**-0.5,
         "dtype": dtype,
     }
     for i in range(cfg.num_layers):

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ckpt_cli import __version__
+from ckpt_cli import __version__, registry
 from ckpt_cli.errors import CkptError, ConfigMismatchError, SourceError, UnsupportedError
 from ckpt_cli.families import detect_family
 from ckpt_cli.io.orbax import OrbaxCheckpoint
@@ -173,9 +173,10 @@ def resolve_config(ckpt: OrbaxCheckpoint, hf_folder: Path | None, golden: golden
                       f"FOLDER with a config.json")
 
 
-def forward_config(cfg: dict):
-    """(family, forward config) for an HF config, refusing what the forward does not implement."""
-    family = detect_family(cfg)
+def forward_config(cfg: dict, model: str | None = None):
+    """(family, forward config) for an HF config (of registered model `model`, when known), refusing what the
+    forward does not implement."""
+    family = detect_family(cfg, model)
     family.check_config(cfg)
     try:
         if family.name == "deepseek":
@@ -261,8 +262,10 @@ def verify_logits(opts: VerifyOptions, note: Callable[[str], None] | None = None
     golden = golden_io.load(opts.golden) if opts.golden else None
     hf_folder = _hf_folder(opts.hf, opts.revision) if opts.hf else None
     cfg, config_source = resolve_config(ckpt, hf_folder, golden)
-    cfg = detect_family(cfg).model_config(cfg)
-    family, fcfg = forward_config(cfg)
+    model = ckpt.provenance.get("model_name")   # the family it was converted as (Llama 3.3's config reads as 3.1's)
+    model = model if model and registry.is_model_name(model) else None
+    cfg = detect_family(cfg, model).model_config(cfg)
+    family, fcfg = forward_config(cfg, model)
     scan = detect_scan(ckpt)
     check_tree(ckpt, family, cfg, scan)
     prompts = _prompts(opts, hf_folder, golden, fcfg.vocab)
@@ -292,6 +295,7 @@ def verify_logits(opts: VerifyOptions, note: Callable[[str], None] | None = None
         f"{'scanned' if scan else 'unscanned'}, one layer at a time)")
     params = OrbaxParams(ckpt, family, cfg, scan, progress=progress)
     mt_logits, notes = maxtext_forward(params, fcfg, prompts, opts.dtype)
+    notes = [*family.check_config(cfg), *notes]   # what MaxText computes differently from HF, e.g. no sliding window
     timings["maxtext"] = time.perf_counter() - t
 
     vocab = min(fcfg.vocab, min(r.shape[-1] for r in ref_logits))

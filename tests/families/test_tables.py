@@ -14,7 +14,7 @@ from ckpt_cli.families.base import validate_rules
 def test_every_registered_model_has_a_valid_table(name):
     spec = registry.lookup(name)
     cfg = registry.reference_config(name)
-    family = detect_family(cfg)
+    family = detect_family(cfg, name)
     assert family.name == spec.family
     dims = family.dims(cfg)
     validate_rules(family.top_rules(dims, cfg), dims)
