@@ -18,7 +18,15 @@ import jax.numpy as jnp
 import numpy as np
 
 from ckpt_cli.families import gemma3 as family
-from ckpt_cli.verify.forward import _MASK_VALUE, ParamSource, _rms_norm, _rope, embed_tokens, select_leaves
+from ckpt_cli.verify.forward import (
+    _MASK_VALUE,
+    ParamSource,
+    _rms_norm,
+    _rope,
+    attention_mask,
+    embed_tokens,
+    select_leaves,
+)
 
 _PRE_ATTN, _POST_ATTN = "pre_self_attention_norm/scale", "post_self_attention_norm/scale"
 _PRE_FFW, _POST_FFW = "pre_ffw_norm/scale", "post_ffw_norm/scale"
@@ -68,13 +76,6 @@ def _cos_sin(length: int, head_dim: int, theta: float, factor: float) -> tuple[j
     inv_freq = 1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.float32) / np.float32(head_dim)))
     angles = np.arange(length, dtype=np.float32)[:, None] * (inv_freq / np.float32(factor))[None, :]
     return jnp.asarray(np.cos(angles)), jnp.asarray(np.sin(angles))
-
-
-def attention_mask(length: int, window: int | None) -> np.ndarray:
-    """(T, T) bool: causal, and for a local layer only the last `window` positions (q - kv < window)."""
-    q, kv = np.arange(length)[:, None], np.arange(length)[None, :]
-    mask = kv <= q
-    return mask & (q - kv < window) if window is not None else mask
 
 
 @partial(jax.jit, static_argnames=("eps", "query_scale", "dtype"))
