@@ -125,6 +125,15 @@ def test_converted_f32_models_match_transformers(olmo3_converted, kind, scan):
     assert data["notes"] == []
 
 
+def test_hf_model_streams_layer_by_layer(olmo3_converted):
+    """--hf-load stream (the per-layer-type RoPE buffers rebuilt from the config) gives the whole model's figures."""
+    src, out = olmo3_converted()
+    full = verify_json("--maxtext", out, "--hf", src, "--hf-load", "full", "--max-kl", "1e-6")
+    stream = verify_json("--maxtext", out, "--hf", src, "--hf-load", "stream", "--max-kl", "1e-6")
+    assert stream["passed"] and stream["reference"]["load"] == "stream"
+    assert stream["summary"]["kl_max"] == full["summary"]["kl_max"]
+
+
 def test_bf16_conversion_passes_the_default_threshold(olmo3_converted):
     src, out = olmo3_converted("olmo3", True, "bf16")
     data = verify_json("--maxtext", out, "--hf", src, "--dtype", "bf16")
