@@ -156,6 +156,24 @@ def test_hub_style_config_verifies_maxtext_math_with_a_note(olmo3_converted, tmp
                for n in data["notes"])
 
 
+def test_unscanned_layer_count_needs_no_whole_cycle(tmp_path):
+    """Six layers (S S S F S S): refused scanned, converted and verified unscanned, as MaxText runs them."""
+    import torch
+    import transformers as tf
+
+    from tests.conftest import TINY
+
+    torch.manual_seed(3)
+    cfg = tf.Olmo3Config(**TINY | {"num_hidden_layers": 6}, sliding_window=4, rms_norm_eps=1e-6, eos_token_id=2,
+                         rope_parameters={k: dict(OLMO3_YARN) for k in ("full_attention", "sliding_attention")})
+    src = tmp_path / "hf"
+    tf.Olmo3ForCausalLM(cfg).save_pretrained(src)
+    out = tmp_path / "mt"
+    hf_to_maxtext(str(src), out, ToMaxTextOptions(scan_layers=False, dtype="f32"))
+    data = verify_json("--maxtext", out, "--hf", src, "--max-kl", "1e-6")
+    assert data["passed"] and data["scan_layers"] is False
+
+
 def test_swapped_layers_fail(olmo3_converted, tmp_path):
     """Scan indices 0 and 1 of the cycle's first block (HF layers 0 and 4) swapped in place."""
     src, good = olmo3_converted()
