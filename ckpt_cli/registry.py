@@ -86,6 +86,31 @@ def _gpt_oss(name: str, repo: str, layers: int, experts: int) -> ModelSpec:
     })
 
 
+def _olmo3(name: str, repo: str, e: int, n: int, k: int, f: int, layers: int, yarn: bool) -> ModelSpec:
+    """Dimensions as MaxText 0.2.5's hf_model_configs.py; RoPE as its configs/models/NAME.yml: YaRN x8 from 8192
+    positions for olmo3-7b / -32b (the stage-3 and post-trained releases), plain RoPE for olmo3-7b-pt (the
+    Olmo-3-1025-7B stage-1/2 revisions). Every fourth layer global, the others a 4096-token sliding window."""
+    rope = {"rope_scaling": {"rope_type": "yarn", "factor": 8.0, "original_max_position_embeddings": 8192,
+                             "beta_fast": 32.0, "beta_slow": 1.0, "attention_factor": 1.2079441541679836},
+            "max_position_embeddings": 65536} if yarn else {"rope_scaling": None, "max_position_embeddings": 8192}
+    return ModelSpec(name, "olmo3", repo, {
+        "architectures": ["Olmo3ForCausalLM"], "model_type": "olmo3", "hidden_size": e, "num_attention_heads": n,
+        "num_key_value_heads": k, "head_dim": 128, "intermediate_size": f, "num_hidden_layers": layers,
+        "vocab_size": 100278, "tie_word_embeddings": False, "rms_norm_eps": 1e-6, "rope_theta": 500000.0, **rope,
+        "sliding_window": 4096, "layer_types": [("sliding_attention", "full_attention")[i % 4 == 3]
+                                                for i in range(layers)],
+        "hidden_act": "silu", "attention_bias": False, "pad_token_id": 100277, "eos_token_id": 100257,
+        "torch_dtype": "bfloat16",
+    })
+
+
+_OLMO3 = (   # MaxText's HF_IDS (utils/globals.py)
+    _olmo3("olmo3-7b", "allenai/Olmo-3-7B-Instruct", 4096, 32, 32, 11008, 32, True),
+    _olmo3("olmo3-7b-pt", "allenai/Olmo-3-1025-7B", 4096, 32, 32, 11008, 32, False),
+    _olmo3("olmo3-32b", "allenai/Olmo-3-32B-Think", 5120, 40, 8, 27648, 64, True),
+)
+
+
 _LLAMA_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                "original_max_position_embeddings": 8192}
 
@@ -217,6 +242,7 @@ MODELS: dict[str, ModelSpec] = {m.name: m for m in (
     _deepseek("deepseek2-16b", "deepseek-ai/DeepSeek-V2-Lite", "deepseek_v2", False),
     _deepseek("deepseek3-671b", "deepseek-ai/DeepSeek-V3", "deepseek_v3", True),
     _deepseek("deepseek3.2-671b", "deepseek-ai/DeepSeek-V3.2", "deepseek_v32", True),
+    *_OLMO3,
 )}
 
 

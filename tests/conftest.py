@@ -16,6 +16,10 @@ TINY = dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_d
 LLAMA_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
               "original_max_position_embeddings": 64}
 
+# OLMo 3's YaRN (original context 4096 so the ramp spans dims 2..6 of 8 at head_dim 16), on both layer types:
+# what MaxText 0.2.5 computes, and what transformers 5 computes when the config says so for each type
+OLMO3_YARN = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 8.0, "original_max_position_embeddings": 4096,
+              "beta_fast": 32.0, "beta_slow": 1.0}
 GEMMA3_ROPE = {"full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1_000_000.0},
                "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0}}
 
@@ -30,7 +34,8 @@ def make_hf_model(kind: str, dtype: str = "float32", seed: int = 0):
     blocks of six plus a remainder of two; sliding window 4, query_pre_attn_scalar 24 != head_dim, global RoPE
     linearly scaled), gemma3-e48 (hidden 48: bf16(sqrt(48)) = 6.9375 is not a power of two),
     gpt-oss (4 layers, so two scanned blocks of scan length 2; 4 experts of width 32 != hidden 64, top-2;
-    sliding window 4).
+    sliding window 4), olmo3 (8 layers: two scanned cycles of 3 sliding + 1 global, sliding window 4, YaRN on
+    every layer), olmo3-plain (the same with plain RoPE, as olmo3-7b-pt).
     """
     import torch
     import transformers as tf
@@ -59,6 +64,13 @@ def make_hf_model(kind: str, dtype: str = "float32", seed: int = 0):
                                   hidden_activation="gelu_pytorch_tanh", tie_word_embeddings=True,
                                   rope_parameters=dict(GEMMA3_ROPE), attn_implementation="eager")
         model = tf.Gemma3ForCausalLM(cfg)
+    elif kind in ("olmo3", "olmo3-plain"):
+        dims = TINY | {"num_hidden_layers": 8, "max_position_embeddings": 32768}
+        rope = dict(OLMO3_YARN) if kind == "olmo3" else {"rope_type": "default", "rope_theta": 10000.0}
+        cfg = tf.Olmo3Config(**dims, sliding_window=4, rms_norm_eps=1e-6, tie_word_embeddings=False, eos_token_id=2,
+                             rope_parameters={"full_attention": dict(rope), "sliding_attention": dict(rope)},
+                             attn_implementation="eager")
+        model = tf.Olmo3ForCausalLM(cfg)
     elif kind in ("llama", "llama-d24"):
         dims = TINY | {"head_dim": 24} if kind == "llama-d24" else TINY
         cfg = tf.LlamaConfig(**dims, tie_word_embeddings=False, rope_theta=10000.0, rms_norm_eps=1e-5,

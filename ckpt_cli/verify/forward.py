@@ -219,15 +219,34 @@ def _self_attention(
     q, k = _rope(q, cos, sin, interleaved), _rope(k, cos, sin, interleaved)
     if query_scale != 1.0:
         q = q * jnp.asarray(query_scale, dt)
+    attn = gqa_attention(q, k, v, jnp.tril(jnp.ones((q.shape[1], q.shape[1]), dtype=bool)), dt)
+    return x + jnp.einsum("btnd,nde->bte", attn, w[_O])
 
+
+def attention_mask(length: int, window: int | None) -> np.ndarray:
+    """(T, T) bool: causal, and for a sliding-window (local) layer only the last `window` positions (q - kv < W)."""
+    q, kv = np.arange(length)[:, None], np.arange(length)[None, :]
+    mask = kv <= q
+    return mask & (q - kv < window) if window is not None else mask
+
+
+def gqa_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, dt: jnp.dtype) -> jax.Array:
+    """Softmax attention of q (B,T,N,D) over k, v (B,S,K,D), query head n reading kv head n // (N/K).
+
+    q is already scaled; scores in float32, masked positions (`mask` (T,S) False) get MaxText's large negative
+    value, the probabilities are cast to `dt` before they weight v. Returns (B,T,N,D).
+    """
     b, t, n, d = q.shape
     kv = k.shape[2]
-    qg = q.reshape(b, t, kv, n // kv, d)  # query head n uses kv head n // (N/K)
+    qg = q.reshape(b, t, kv, n // kv, d)
     scores = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32)
-    causal = jnp.tril(jnp.ones((t, t), dtype=bool))
-    probs = jax.nn.softmax(jnp.where(causal, scores, _MASK_VALUE), axis=-1).astype(dt)
-    attn = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, n, d)
-    return x + jnp.einsum("btnd,nde->bte", attn, w[_O])
+    probs = jax.nn.softmax(jnp.where(mask, scores, _MASK_VALUE), axis=-1).astype(dt)
+    return jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, n, d)
+
+
+def swiglu(h: jax.Array, wi_0: jax.Array, wi_1: jax.Array, wo: jax.Array) -> jax.Array:
+    """MaxText's gated MLP with activations ["silu", "linear"]: (silu(h·wi_0) * (h·wi_1))·wo."""
+    return (jax.nn.silu(h @ wi_0) * (h @ wi_1)) @ wo
 
 
 @partial(jax.jit, static_argnames=("eps", "qk_norm", "interleaved", "query_scale", "dtype"))
@@ -248,9 +267,7 @@ def _decoder_layer(
     w = {k: v.astype(dt) for k, v in w.items()}
     x = _self_attention(x, w, cos, sin, eps, qk_norm, interleaved, query_scale, dt)
 
-    h = _rms_norm(x, w[_POST_NORM], eps, dt)
-    mlp = jax.nn.silu(h @ w[_WI0]) * (h @ w[_WI1])
-    return x + mlp @ w[_WO]
+    return x + swiglu(_rms_norm(x, w[_POST_NORM], eps, dt), w[_WI0], w[_WI1], w[_WO])
 
 
 @partial(jax.jit, static_argnames=("eps", "qk_norm", "interleaved", "query_scale", "top_k", "norm_topk_prob",

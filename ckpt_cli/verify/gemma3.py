@@ -18,7 +18,15 @@ import jax.numpy as jnp
 import numpy as np
 
 from ckpt_cli.families import gemma3 as family
-from ckpt_cli.verify.forward import _MASK_VALUE, ParamSource, _rms_norm, _rope, embed_tokens, select_leaves
+from ckpt_cli.verify.forward import (
+    ParamSource,
+    _rms_norm,
+    _rope,
+    attention_mask,
+    embed_tokens,
+    gqa_attention,
+    select_leaves,
+)
 
 _PRE_ATTN, _POST_ATTN = "pre_self_attention_norm/scale", "post_self_attention_norm/scale"
 _PRE_FFW, _POST_FFW = "pre_ffw_norm/scale", "post_ffw_norm/scale"
@@ -70,13 +78,6 @@ def _cos_sin(length: int, head_dim: int, theta: float, factor: float) -> tuple[j
     return jnp.asarray(np.cos(angles)), jnp.asarray(np.sin(angles))
 
 
-def attention_mask(length: int, window: int | None) -> np.ndarray:
-    """(T, T) bool: causal, and for a local layer only the last `window` positions (q - kv < window)."""
-    q, kv = np.arange(length)[:, None], np.arange(length)[None, :]
-    mask = kv <= q
-    return mask & (q - kv < window) if window is not None else mask
-
-
 @partial(jax.jit, static_argnames=("eps", "query_scale", "dtype"))
 def _layer(x: jax.Array, w: dict[str, jax.Array], cos: jax.Array, sin: jax.Array, mask: jax.Array, *,
            eps: float, query_scale: float, dtype: str) -> jax.Array:
@@ -89,13 +90,7 @@ def _layer(x: jax.Array, w: dict[str, jax.Array], cos: jax.Array, sin: jax.Array
     v = jnp.einsum("bte,ekd->btkd", h, w[_V])
     q, k = _rms_norm(q, w[_Q_NORM], eps, dt), _rms_norm(k, w[_K_NORM], eps, dt)
     q, k = _rope(q, cos, sin, False), _rope(k, cos, sin, False)
-    q = q * jnp.asarray(query_scale, dt)
-    b, t, n, d = q.shape
-    kv = k.shape[2]
-    qg = q.reshape(b, t, kv, n // kv, d)
-    scores = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32)
-    probs = jax.nn.softmax(jnp.where(mask, scores, _MASK_VALUE), axis=-1).astype(dt)
-    attn = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, n, d)
+    attn = gqa_attention(q * jnp.asarray(query_scale, dt), k, v, mask, dt)
     x = x + _rms_norm(jnp.einsum("btnd,nde->bte", attn, w[_O]), w[_POST_ATTN], eps, dt)
     h = _rms_norm(x, w[_PRE_FFW], eps, dt)
     mlp = (jax.nn.gelu(h @ w[_WI0], approximate=True) * (h @ w[_WI1])) @ w[_WO]

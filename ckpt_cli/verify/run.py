@@ -191,6 +191,10 @@ def forward_config(cfg: dict, model: str | None = None):
             from ckpt_cli.verify.gpt_oss import GptOssConfig
 
             return family, GptOssConfig.from_hf_config(cfg)
+        if family.name == "olmo3":
+            from ckpt_cli.verify.olmo3 import Olmo3Config
+
+            return family, Olmo3Config.from_hf_config(cfg)
         from ckpt_cli.verify.forward import ForwardConfig
 
         return family, ForwardConfig.from_hf_config(family.name, cfg)
@@ -234,6 +238,11 @@ def maxtext_forward(params: OrbaxParams, fcfg, prompts: Sequence[Prompt], dtype:
         from ckpt_cli.verify.gpt_oss import gpt_oss_logits
 
         logits = gpt_oss_logits(params, fcfg, batch, dtype=COMPUTE_DTYPES[dtype])
+    elif type(fcfg).__name__ == "Olmo3Config":
+        from ckpt_cli.verify.olmo3 import olmo3_logits
+
+        logits = olmo3_logits(params, fcfg, batch, dtype=COMPUTE_DTYPES[dtype])
+        notes = [fcfg.rope_note] if fcfg.rope_note else []
     else:
         from ckpt_cli.verify.forward import maxtext_logits
 
