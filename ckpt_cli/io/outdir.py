@@ -115,7 +115,8 @@ def not_replaceable(folder: Path) -> str | None:
         return _foreign_in_step(folder)
     steps = [e for e in entries if e.name.isdigit() and e.is_dir(follow_symlinks=False)]
     if not steps:
-        return "no config.json with weights, no Orbax _METADATA, no step folder"
+        return (f"it holds {entries[0].name}{f' and {len(entries) - 1} more' if len(entries) > 1 else ''}, and no "
+                f"config.json with weights, Orbax _METADATA or step folder")
     for e in entries:
         if e.name == PARTIAL_MARKER:
             continue
