@@ -142,6 +142,13 @@ def test_maxtext_to_hf_out_is_the_hf_config(mt, src, tmp_path):
             ["contains the source"], [mt, src])
 
 
+@pytest.mark.parametrize("inside", ["hf", "maxtext"])
+def test_save_golden_inside_a_source(mt, src, inside):
+    golden = (src if inside == "hf" else mt / "0") / "golden.npz"
+    refused(["verify-logits", "--maxtext", mt, "--hf", src, "--save-golden", golden], 3,
+            ["--save-golden", "is inside the source"], [mt, src])
+
+
 # ------------------------------------------------------------------------------ 2: OUT.partial is ckpt's only
 
 

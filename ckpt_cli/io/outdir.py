@@ -65,23 +65,23 @@ def output_path(out: Path | str) -> Path:
     return resolved
 
 
-def check_not_overlapping(out: Path, sources: Iterable[Path | str], verb: str = "reads") -> None:
+def check_not_overlapping(out: Path, sources: Iterable[Path | str], flag: str = "--out") -> None:
     """Refuse an `out` that is, is inside or contains a source (resolved paths), or whose OUT.partial is one."""
     out_r = _resolve(out)
     partial = _resolve(partial_dir(out_r))
     for source in sources:
         src = _resolve(Path(source))
         if src == out_r:
-            raise OutputError(f"--out {out} is the source {source} (this command {verb} it): choose another --out")
+            raise OutputError(f"{flag} {out} is the source {source} (this command reads it): choose another {flag}")
         if out_r in src.parents:
-            raise OutputError(f"--out {out} contains the source {source} (this command {verb} it): choose "
-                              f"another --out")
+            raise OutputError(f"{flag} {out} contains the source {source} (this command reads it): choose "
+                              f"another {flag}")
         if src in out_r.parents:
-            raise OutputError(f"--out {out} is inside the source {source} (this command {verb} it): choose an "
-                              f"--out outside it")
+            raise OutputError(f"{flag} {out} is inside the source {source} (this command reads it): choose "
+                              f"a {flag} outside it")
         if src == partial or partial in src.parents:
             raise OutputError(f"the source {source} is {partial_dir(Path(out))}, where this command writes "
-                              f"before publishing (and which it would replace): rename it or choose another --out")
+                              f"before publishing (and which it would replace): rename it or choose another {flag}")
 
 
 def check_output(out: Path, overwrite: bool) -> None:
