@@ -154,8 +154,8 @@ def test_save_golden_inside_a_source(mt, src, inside):
 
 def test_hf_source_named_out_partial(src, tmp_path):
     source = src.rename(tmp_path / "o.partial")
-    refused(["convert", "hf-to-maxtext", source, "--out", tmp_path / "o"], 3, ["o.partial", "where this command "
-            "writes before publishing"], [source], tmp_path / "o")
+    refused(["convert", "hf-to-maxtext", source, "--out", tmp_path / "o"], 3, ["o.partial is the folder --out",
+            "is written in before it is published"], [source], tmp_path / "o")
 
 
 def test_maxtext_source_named_out_partial(mt, tmp_path):
@@ -244,7 +244,8 @@ def test_out_is_a_symlink(src, mt, tmp_path, direction):
 def test_demo_refuses_a_folder_it_did_not_write(tmp_path):
     (tmp_path / "maxtext").mkdir()
     (tmp_path / "maxtext" / "notes.txt").write_text("mine")
-    refused(["demo", "--out", tmp_path], 3, ["maxtext is not a checkpoint", "holds notes.txt"], [tmp_path])
+    refused(["demo", "--out", tmp_path], 3, ["holds maxtext, which is not a checkpoint", "holds notes.txt"],
+            [tmp_path])
 
 
 def test_demo_refuses_other_files(tmp_path):

@@ -19,7 +19,7 @@ TINY, MAXTEXT = "hf-tiny-qwen3", "maxtext"
 def check_demo_folder(root: Path) -> None:
     """demo --out must be new, empty, or a previous demo's folder: the demo writes nothing over anything else."""
     from ckpt_cli.errors import OutputError
-    from ckpt_cli.io.outdir import LOCK_SUFFIX, check_output, output_path
+    from ckpt_cli.io.outdir import LOCK_SUFFIX, check_partial, not_replaceable, output_path
 
     if not root.is_dir():
         return
@@ -34,7 +34,12 @@ def check_demo_folder(root: Path) -> None:
     if other:
         raise OutputError(f"demo --out {root} holds {other[0]}, which the demo did not write: give a new or empty "
                           f"folder")
-    check_output(output_path(root / MAXTEXT), overwrite=True)     # replaced only if it is a checkpoint
+    maxtext = output_path(root / MAXTEXT)
+    why = not_replaceable(maxtext) if maxtext.is_dir() and any(maxtext.iterdir()) else None
+    if why:         # the demo replaces a previous demo's checkpoint, nothing else
+        raise OutputError(f"demo --out {root} holds {MAXTEXT}, which is not a checkpoint ({why}): give a new or "
+                          f"empty folder")
+    check_partial(maxtext)
 
 
 @guarded

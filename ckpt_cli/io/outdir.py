@@ -80,8 +80,9 @@ def check_not_overlapping(out: Path, sources: Iterable[Path | str], flag: str = 
             raise OutputError(f"{flag} {out} is inside the source {source} (this command reads it): choose "
                               f"a {flag} outside it")
         if src == partial or partial in src.parents:
-            raise OutputError(f"the source {source} is {partial_dir(Path(out))}, where this command writes "
-                              f"before publishing (and which it would replace): rename it or choose another {flag}")
+            raise OutputError(f"the source {source} is {'inside ' if src != partial else ''}the folder {flag} "
+                              f"{out} is written in before it is published, which this command replaces: rename "
+                              f"the source or choose another {flag}")
 
 
 def check_output(out: Path, overwrite: bool) -> None:
