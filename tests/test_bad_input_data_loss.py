@@ -219,6 +219,18 @@ def test_overwrite_replaces_a_checkpoint(src, mt, tmp_path):
     assert not list(tmp_path.glob("*.partial")) and not list(tmp_path.glob(f"*{LOCK}"))
 
 
+def test_overwrite_of_an_hf_folder_of_links_keeps_their_targets(mt, src, tmp_path):
+    """An HF folder whose files link elsewhere (hub local_dir downloads) is a checkpoint; the targets survive."""
+    out = tmp_path / "hf"
+    out.mkdir()
+    for f in src.iterdir():
+        (out / f.name).symlink_to(f)
+    before = tree_hash(src)
+    r = run("convert", "maxtext-to-hf", mt, "--out", out, "--overwrite", "-q")
+    assert r.exit_code == 0, r.output
+    assert tree_hash(src) == before and not (out / "model.safetensors").is_symlink()
+
+
 # ------------------------------------------------------------------------------ 12 (part): --out a file or a symlink
 
 

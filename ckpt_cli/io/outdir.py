@@ -109,7 +109,8 @@ def not_replaceable(folder: Path) -> str | None:
         for e in entries:
             if e.is_dir(follow_symlinks=False) and e.name in _HF_DIRS:
                 continue
-            if not (e.is_file(follow_symlinks=False) and any(fnmatch.fnmatch(e.name, p) for p in _HF_FILES)):
+            # a link to a file counts (hub local_dir downloads link into the cache); replacing removes the link only
+            if not (e.is_file() and any(fnmatch.fnmatch(e.name, p) for p in _HF_FILES)):
                 return f"it holds {e.name}, which is not part of an HF model folder"
         return None
     if _is_step_dir(folder):
