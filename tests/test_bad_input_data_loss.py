@@ -273,16 +273,18 @@ def ckpt(*args) -> subprocess.Popen:
                             stderr=subprocess.PIPE, text=True, env=os.environ | {"PYTHONUNBUFFERED": "1"})
 
 
-@pytest.fixture
-def bigger(tmp_path) -> Path:
-    """A model big enough (~20 MB) that a conversion holds its lock for a while."""
-    cfg = TINY_QWEN3 | {"hidden_size": 256, "intermediate_size": 1024, "num_hidden_layers": 6, "vocab_size": 16000}
-    return write_tiny_model(tmp_path / "bigger", cfg)
+@pytest.fixture(scope="module")
+def bigger(tmp_path_factory) -> tuple[Path, Path]:
+    """A model big enough (~6 MB) that a conversion holds its lock for a while, and its solo conversion."""
+    root = tmp_path_factory.mktemp("bigger")
+    cfg = TINY_QWEN3 | {"hidden_size": 256, "intermediate_size": 1024, "num_hidden_layers": 4, "vocab_size": 4000}
+    src = write_tiny_model(root / "src", cfg)
+    hf_to_maxtext(str(src), root / "solo", ToMaxTextOptions())
+    return src, root / "solo"
 
 
 def test_second_run_on_the_same_out_fails_at_once_naming_the_holder(bigger, tmp_path):
-    solo = tmp_path / "solo"
-    hf_to_maxtext(str(bigger), solo, ToMaxTextOptions())
+    bigger, solo = bigger
     out = tmp_path / "out"
     lock = out.with_name(out.name + LOCK)
     before = tree_hash(bigger)
@@ -313,8 +315,7 @@ def test_second_run_on_the_same_out_fails_at_once_naming_the_holder(bigger, tmp_
 def test_two_runs_racing_on_the_same_out(bigger, tmp_path):
     """Started together: exactly one publishes, the other exits 3 (naming the winner's pid when it ran while the
     winner held the lock); the output equals a solo run's, element for element."""
-    solo = tmp_path / "solo"
-    hf_to_maxtext(str(bigger), solo, ToMaxTextOptions())
+    bigger, solo = bigger
     out = tmp_path / "out"
     procs = [ckpt("convert", "hf-to-maxtext", bigger, "--out", out, "-q") for _ in range(2)]
     results = [(p, *p.communicate(timeout=180)) for p in procs]
