@@ -1,6 +1,7 @@
 """Where a writing command writes: the checks made before it writes, the lock it holds, and OUT.partial.
 
-The rules, shared by every command that writes (convert in both directions, demo) and checked by `plan`:
+The rules, shared by every command that writes (convert in both directions, demo, verify-logits
+--save-golden) and checked by `plan`:
 
 - `--out` never overlaps what the command reads: not the source, not inside it, not containing it, compared
   as resolved paths (symlinks and `..`), and the source is never `OUT.partial` either.
