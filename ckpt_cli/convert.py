@@ -17,10 +17,11 @@ import numpy as np
 
 from ckpt_cli import __version__, engine, registry
 from ckpt_cli.dtypes import output_dtype
-from ckpt_cli.errors import ConfigMismatchError, Interrupted, OutputError, SourceError
+from ckpt_cli.errors import ConfigMismatchError, DiskFull, Interrupted, OutputError, SourceError
 from ckpt_cli.families import detect_family, family_named
-from ckpt_cli.io import hf, remote_stream
-from ckpt_cli.io.orbax import OrbaxWriter, StorageOptions, partial_dir, read_progress
+from ckpt_cli.io import hf, outdir, remote_stream
+from ckpt_cli.io.orbax import OrbaxWriter, StorageOptions, read_progress
+from ckpt_cli.io.outdir import partial_dir
 from ckpt_cli.plan import ConversionPlan, build_to_maxtext, rename_sources
 
 
@@ -134,10 +135,38 @@ def check_free_space(out: Path, nbytes: int) -> None:
                           f"{free / 1e9:.2f} GB free")
 
 
+def source_paths(source: hf.HFSource) -> list[Path]:
+    """What hf-to-maxtext reads from a local source: its folder and (resolved, so links count) its files."""
+    folder = Path(source.folder)
+    if source.remote is not None:
+        return [folder] if folder.exists() else []
+    return outdir.read_paths(folder)
+
+
+def kept_or_not(full: DiskFull, kept: bool, partial: Path) -> DiskFull:
+    """The one line for a full disk: whether the progress was kept, and what to do."""
+    if kept:
+        return DiskFull(f"{full}: progress kept in {partial}; free some space, then run the same command with "
+                        f"--resume to finish it")
+    return DiskFull(f"{full}: nothing kept (no progress snapshot yet); free some space, then run it again")
+
+
 def hf_to_maxtext(source_arg: str, out: Path, opts: ToMaxTextOptions, progress=None,
                   on_plan=None) -> Result:
-    """Convert an HF checkpoint to a MaxText Orbax checkpoint at `out` (published atomically)."""
+    """Convert an HF checkpoint to a MaxText Orbax checkpoint at `out` (published atomically).
+
+    `out` must not overlap the source; the run holds `out`'s lock throughout (see io/outdir.py)."""
     source = hf.resolve(source_arg, opts.revision, stream=opts.load_method == "safetensors")
+    target = outdir.output_path(out)
+    outdir.check_not_overlapping(target, source_paths(source))
+    with outdir.OutputLock(target):
+        outdir.check_output(target, opts.overwrite)
+        result = _hf_to_maxtext(source, target, opts, progress, on_plan)
+    result.out = Path(out)
+    return result
+
+
+def _hf_to_maxtext(source: hf.HFSource, out: Path, opts: ToMaxTextOptions, progress, on_plan) -> Result:
     plan = plan_to_maxtext(source, opts)
     reader = open_reader(source, opts.load_method, plan.dtype)
     plan = with_source_names(plan, source, reader.names)
@@ -149,7 +178,6 @@ def hf_to_maxtext(source_arg: str, out: Path, opts: ToMaxTextOptions, progress=N
     if ignored:
         notes.append(f"{len(ignored)} source tensor(s) not used: {', '.join(ignored[:4])}"
                      + (" ..." if len(ignored) > 4 else ""))
-    out = Path(out)
     key = progress_key(plan, source, opts)
     done = read_progress(out, key, opts.storage) if opts.resume else None
     if opts.resume:
@@ -179,8 +207,11 @@ def hf_to_maxtext(source_arg: str, out: Path, opts: ToMaxTextOptions, progress=N
             raise Interrupted(f"progress kept in {partial_dir(out)}: run the same command with --resume "
                               "to finish it") from exc
         raise
-    except BaseException:
-        writer.abort()
+    except BaseException as exc:
+        full = outdir.disk_full(exc)
+        kept = writer.abort(keep=full is not None)
+        if full is not None:
+            raise kept_or_not(full, kept, partial_dir(out)) from None
         raise
     finally:
         if stream:
@@ -283,20 +314,30 @@ def hf_progress_key(plan: ConversionPlan, ckpt, opts: ToHFOptions, json_files: d
 
 
 def maxtext_to_hf(source_arg: str, out: Path, opts: ToHFOptions, progress=None, on_plan=None) -> HFResult:
-    """Convert a MaxText checkpoint (run, step or items dir) to an HF safetensors folder at `out` (atomically)."""
-    from ckpt_cli import to_hf
-    from ckpt_cli.io.hf_writer import HFFolderWriter, check_output
-    from ckpt_cli.io.hf_writer import read_progress as read_hf_progress
+    """Convert a MaxText checkpoint (run, step or items dir) to an HF safetensors folder at `out` (atomically).
+
+    `out` must not overlap anything read (the checkpoint, --hf-config, the files copied beside the weights);
+    the run holds `out`'s lock throughout (see io/outdir.py)."""
     from ckpt_cli.io.orbax import OrbaxCheckpoint
+
+    ckpt = OrbaxCheckpoint(Path(source_arg))
+    target = outdir.output_path(out)
+    outdir.check_not_overlapping(target, [Path(source_arg), ckpt.items, *([opts.hf_config] if opts.hf_config else [])])
+    with outdir.OutputLock(target):
+        outdir.check_output(target, opts.overwrite)
+        result = _maxtext_to_hf(ckpt, source_arg, target, opts, progress, on_plan)
+    result.out = Path(out)
+    return result
+
+
+def _maxtext_to_hf(ckpt, source_arg: str, out: Path, opts: ToHFOptions, progress, on_plan) -> HFResult:
+    from ckpt_cli import to_hf
+    from ckpt_cli.io.hf_writer import HFFolderWriter
+    from ckpt_cli.io.hf_writer import read_progress as read_hf_progress
     from ckpt_cli.io.orbax_blocks import BlockReader
     from ckpt_cli.io.safetensors import PlannedTensor
     from ckpt_cli.plan import write_key
 
-    out = Path(out)
-    ckpt = OrbaxCheckpoint(Path(source_arg))
-    if out.resolve() in (ckpt.items.resolve(), *ckpt.items.resolve().parents):
-        raise OutputError(f"--out {out} is, or contains, the source checkpoint")
-    check_output(out, opts.overwrite)
     plan, arch = plan_to_hf(ckpt, opts)
     engine.validate(plan, ckpt)
     notes = list(plan.notes)
@@ -316,6 +357,7 @@ def maxtext_to_hf(source_arg: str, out: Path, opts: ToHFOptions, progress=None, 
         json_files["generation_config.json"] = generation
     elif generation is not None:
         copies["generation_config.json"] = generation
+    outdir.check_not_overlapping(out, copies.values())
     key = hf_progress_key(plan, ckpt, opts, json_files, copies)
     task_bytes = {write_key(t.target, t.target_index(task)): math.prod(t.task_shape(task)) * np.dtype(t.dtype).itemsize
                   for t in plan.tensors for task in t.tasks}
@@ -348,9 +390,11 @@ def maxtext_to_hf(source_arg: str, out: Path, opts: ToHFOptions, progress=None, 
         if kept:
             raise Interrupted(f"progress kept in {partial}: run the same command with --resume to finish it") from exc
         raise
-    except BaseException:
-        if writer is not None:
-            writer.abort()
+    except BaseException as exc:
+        full = outdir.disk_full(exc)
+        kept = writer.abort(keep=full is not None) if writer is not None else False
+        if full is not None:
+            raise kept_or_not(full, kept, partial) from None
         raise
     stats.extra["shards"] = len(writer.files)
     stats.extra["blocks_read"] = reader.blocks_read

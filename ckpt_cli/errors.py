@@ -30,6 +30,10 @@ class OutputError(CkptError):
     """The output location exists, cannot be written, or has too little free space."""
 
 
+class DiskFull(OutputError):
+    """The output's disk (or quota) filled up while writing; the message says what was kept."""
+
+
 class UnsupportedError(CkptError):
     """A feature of the source that this tool refuses instead of silently mishandling."""
 

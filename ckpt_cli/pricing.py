@@ -32,7 +32,7 @@ from __future__ import annotations
 import heapq
 import math
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -193,8 +193,9 @@ def wall_time(plan: ConversionPlan, read: int, written: int, rates: Rates, downl
 
 
 def price(plan: ConversionPlan, source: Source, rates: Rates, mach: Machine, writer: str | None = None,
-          replaced: int = 0, workers: int = 2) -> dict:
-    """Every figure of a plan and a go / no-go verdict with its reason (JSON-ready)."""
+          replaced: int = 0, workers: int = 2, refusals: Sequence[str] = ()) -> dict:
+    """Every figure of a plan and a go / no-go verdict with its reason (JSON-ready). `refusals`: why convert
+    would refuse this output before writing (io/outdir.py's checks), each a reason for no-go."""
     writer = writer or ("orbax" if plan.direction == TO_MAXTEXT else "safetensors")
     mem = memory(plan, source, writer, workers)
     on_disk = output_bytes(plan, writer)
@@ -207,7 +208,7 @@ def price(plan: ConversionPlan, source: Source, rates: Rates, mach: Machine, wri
         download = dl_disk = source.total_bytes
     temporary = replaced + (dl_disk if source.max_disk is not None else 0)
     need_disk = on_disk + replaced + dl_disk
-    reasons = []
+    reasons = list(refusals)
     if mem["peak_rss"] > RAM_HEADROOM * mach.available_ram:
         reasons.append(f"needs {_gb(mem['peak_rss'])} of RAM, {_gb(mach.available_ram)} available")
     if need_disk > mach.free_disk:

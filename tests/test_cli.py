@@ -132,8 +132,12 @@ def test_output_exists_and_overwrite(hf_models, tmp_path):
     r = run("convert", "hf-to-maxtext", src, "--out", str(out))
     assert r.exit_code == 3 and "not empty" in error_line(r)
     assert (out / "keep.txt").exists()
-    r = run("convert", "hf-to-maxtext", src, "--out", str(out), "--overwrite", "-q")
-    assert r.exit_code == 0 and not (out / "keep.txt").exists() and (out / "0" / "commit_success.txt").exists()
+    r = run("convert", "hf-to-maxtext", src, "--out", str(out), "--overwrite", "-q")     # not a checkpoint: kept
+    assert r.exit_code == 3 and "holds keep.txt" in error_line(r) and (out / "keep.txt").exists()
+    (out / "keep.txt").unlink()
+    assert run("convert", "hf-to-maxtext", src, "--out", str(out), "-q").exit_code == 0
+    r = run("convert", "hf-to-maxtext", src, "--out", str(out), "--overwrite", "-q")     # a checkpoint: replaced
+    assert r.exit_code == 0 and (out / "0" / "commit_success.txt").exists()
 
 
 def test_not_enough_disk(hf_models, tmp_path, monkeypatch):
@@ -147,8 +151,9 @@ def test_not_enough_disk(hf_models, tmp_path, monkeypatch):
 
 
 def test_unsupported_architecture(tmp_path):
-    (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert", "architectures": ["BertModel"]}))
-    r = run("convert", "hf-to-maxtext", str(tmp_path), "--out", str(tmp_path / "o"))
+    (tmp_path / "bert").mkdir()
+    (tmp_path / "bert" / "config.json").write_text(json.dumps({"model_type": "bert", "architectures": ["BertModel"]}))
+    r = run("convert", "hf-to-maxtext", str(tmp_path / "bert"), "--out", str(tmp_path / "o"))
     assert r.exit_code == 2 and "model_type 'bert'" in error_line(r)
 
 

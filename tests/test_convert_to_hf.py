@@ -548,10 +548,14 @@ def test_output_exists_and_overwrite(carried, tmp_path):
     r = run("convert", "maxtext-to-hf", carried, "--out", out)
     assert r.exit_code == 3 and "not empty" in error_line(r)
     assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
-    r = run("convert", "maxtext-to-hf", carried, "--out", out, "--overwrite", "-q")
-    assert r.exit_code == 0 and not (out / "keep.txt").exists() and (out / "model.safetensors").exists()
+    r = run("convert", "maxtext-to-hf", carried, "--out", out, "--overwrite", "-q")     # not a checkpoint: kept
+    assert r.exit_code == 3 and "holds keep.txt" in error_line(r) and (out / "keep.txt").exists()
+    (out / "keep.txt").unlink()
+    assert run("convert", "maxtext-to-hf", carried, "--out", out, "-q").exit_code == 0
+    r = run("convert", "maxtext-to-hf", carried, "--out", out, "--overwrite", "-q")     # a checkpoint: replaced
+    assert r.exit_code == 0 and (out / "model.safetensors").exists()
     r = run("convert", "maxtext-to-hf", carried, "--out", carried.parent, "--overwrite")
-    assert r.exit_code == 3 and "contains, the source checkpoint" in error_line(r)
+    assert r.exit_code == 3 and "contains the source" in error_line(r)
     assert (carried / "0" / "items" / "_METADATA").exists()
 
 

@@ -15,6 +15,7 @@ from ckpt_cli.cli.errors import guarded
 from ckpt_cli.cli.output import Output
 from ckpt_cli.cli.report import summary_table
 from ckpt_cli.io.orbax import StorageOptions
+from ckpt_cli.io.outdir import preflight, read_paths
 from ckpt_cli.units import human_bytes
 
 app = typer.Typer(help="Price a conversion (RAM, disk, bytes, time) from metadata only, with a go / no-go.",
@@ -80,7 +81,8 @@ def plan_hf_to_maxtext(
     plan, src, notes = pricing.plan_hf_to_maxtext(source, opts)
     if compression == "zstd":
         notes.append("zstd: output bytes are the uncompressed upper bound (bf16 weights shrink ~10%)")
-    _price_and_show(plan, src, notes, out, workers, overwrite, read_gbps, write_gbps, net_gbps, json_out)
+    reads = read_paths(Path(source)) if source else []
+    _price_and_show(plan, src, notes, out, workers, overwrite, read_gbps, write_gbps, net_gbps, json_out, reads)
 
 
 @app.command("maxtext-to-hf")
@@ -114,21 +116,27 @@ def plan_maxtext_to_hf(
     opts = convert.ToHFOptions(model=model, hf_config=hf_config, dtype=dtype, shard_size=parse_size(shard_size),
                                overwrite=overwrite, workers=workers)
     plan, src, notes = pricing.plan_maxtext_to_hf(source, opts, scan)
-    _price_and_show(plan, src, notes, out, workers, overwrite, read_gbps, write_gbps, None, json_out)
+    reads = []
+    if source:
+        from ckpt_cli.io.orbax import find_items_dir
+
+        reads = [Path(source), find_items_dir(Path(source)), *([hf_config] if hf_config else [])]
+    _price_and_show(plan, src, notes, out, workers, overwrite, read_gbps, write_gbps, None, json_out, reads)
 
 
 def _price_and_show(plan, src, notes: list[str], out: Path | None, workers: int, overwrite: bool,
                     read_gbps: float | None, write_gbps: float | None, net_gbps: float | None,
-                    json_out: bool) -> None:
+                    json_out: bool, reads: list[Path]) -> None:
     from ckpt_cli import pricing
     from ckpt_cli.io.remote_stream import tree_bytes
     from ckpt_cli.machine import probe_rates, this_machine
 
     outp = Output(json_out, False)
     writer = "orbax" if plan.direction == "hf-to-maxtext" else "safetensors"
-    replaced = tree_bytes(out) if out is not None and out.exists() and overwrite else 0
+    refusals = preflight(out, overwrite, reads) if out is not None else []     # what convert refuses up front
+    replaced = tree_bytes(out) if out is not None and out.is_dir() and overwrite and not refusals else 0
     rates = probe_rates(src.probe_file, out, writer, workers, read_gbps, write_gbps, net_gbps)
-    figures = pricing.price(plan, src, rates, this_machine(out), writer, replaced, workers)
+    figures = pricing.price(plan, src, rates, this_machine(out), writer, replaced, workers, refusals)
     record = {"command": "plan", "direction": plan.direction, "source": src.label, "source_kind": src.kind,
               "out": str(out) if out else None, "family": plan.family, "scan_layers": plan.scan_layers,
               "dtype": np.dtype(plan.dtype).name, "tensors": len(plan.tensors),

@@ -26,8 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ckpt_cli.errors import OutputError
 from ckpt_cli.io.durable import fsync_path
+from ckpt_cli.io.outdir import PARTIAL_MARKER, check_output, make_partial, os_error, output_path, partial_dir, publish
 from ckpt_cli.io.safetensors import INDEX_NAME, PlannedTensor, StreamingSafetensorsWriter
 from ckpt_cli.io.writeback import Writeback
 from ckpt_cli.plan import write_key
@@ -57,16 +57,6 @@ def shard_file_names(count: int) -> list[str]:
     return [f"model-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]
 
 
-def partial_dir(out: Path) -> Path:
-    return out.with_name(out.name + ".partial")
-
-
-def check_output(out: Path, overwrite: bool) -> None:
-    """Refuse an existing non-empty output unless told to replace it (checked before any work starts)."""
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise OutputError(f"{out} exists and is not empty (use --overwrite to replace it)")
-
-
 class HFFolderWriter:
     """The engine's Writer for an HF folder: one StreamingSafetensorsWriter per shard.
 
@@ -76,7 +66,8 @@ class HFFolderWriter:
 
     def __init__(self, out: Path, tensors: list[PlannedTensor], shard_bytes: int, overwrite: bool = False,
                  progress_key: str | None = None, done: set[tuple] | None = None):
-        self.out = Path(out)
+        self.out = output_path(out)
+        self.overwrite = overwrite
         check_output(self.out, overwrite)
         self.tmp = partial_dir(self.out)
         self.planned = {t.name: t for t in tensors}
@@ -96,15 +87,10 @@ class HFFolderWriter:
         resume = done is not None
         if resume:
             for leftover in self.tmp.iterdir():     # e.g. an index from an interrupted finalize
-                if leftover.name not in (*self.files, PROGRESS):
+                if leftover.name not in (*self.files, PROGRESS, PARTIAL_MARKER):
                     shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink()
         else:
-            if self.tmp.exists():
-                shutil.rmtree(self.tmp)
-            try:
-                self.tmp.mkdir(parents=True)
-            except OSError as exc:
-                raise OutputError(f"cannot create {self.tmp}: {exc.strerror}") from None
+            make_partial(self.out)
         try:
             for name, shard in zip(self.files, self.shards, strict=True):
                 self.writers[name] = StreamingSafetensorsWriter(self.tmp / name, shard, {"format": "pt"},
@@ -213,7 +199,7 @@ class HFFolderWriter:
         if self.writeback is not None:
             self.writeback.close()      # first: a queued snapshot must not land after the progress is removed
             if self.writeback.sync_error is not None:
-                raise OutputError(f"cannot write {self.tmp}: {self.writeback.sync_error.strerror}")
+                raise os_error(self.writeback.sync_error, f"cannot write {self.tmp}")
         names = list(self.files)
         if len(self.files) > 1:
             json_files = {INDEX_NAME: {"metadata": {"total_size": self.total_size},
@@ -234,10 +220,7 @@ class HFFolderWriter:
         for leftover in (PROGRESS, f"{PROGRESS}.ckpt-tmp"):     # kept until the data is durable
             (self.tmp / leftover).unlink(missing_ok=True)
         fsync_path(self.tmp)
-        if self.out.exists():
-            shutil.rmtree(self.out) if self.out.is_dir() else self.out.unlink()
-        os.replace(self.tmp, self.out)
-        fsync_path(self.out.parent)
+        publish(self.tmp, self.out, self.overwrite)
         return sorted(names)
 
     def _close_shard(self, name: str) -> None:
@@ -313,11 +296,11 @@ def _write(path: Path, data: bytes) -> None:
     try:
         path.write_bytes(data)
     except OSError as exc:
-        raise OutputError(f"cannot write {path}: {exc.strerror}") from None
+        raise os_error(exc, f"cannot write {path}") from None
 
 
 def _copy(src: Path, dst: Path) -> None:
     try:
         shutil.copyfile(src, dst)
     except OSError as exc:
-        raise OutputError(f"cannot copy {src} to {dst}: {exc.strerror}") from None
+        raise os_error(exc, f"cannot copy {src} to {dst}") from None

@@ -22,8 +22,9 @@ import numpy as np
 import tensorstore as ts
 
 from ckpt_cli.dtypes import dtype_name
-from ckpt_cli.errors import OutputError, SourceError
-from ckpt_cli.io.durable import fsync_path, fsync_tree
+from ckpt_cli.errors import DiskFull, OutputError, SourceError
+from ckpt_cli.io.durable import fsync_tree
+from ckpt_cli.io.outdir import check_output, make_partial, os_error, output_path, partial_dir, publish
 from ckpt_cli.io.writeback import NewFiles, Writeback
 from ckpt_cli.plan import write_key
 
@@ -107,10 +108,6 @@ def tree_metadata(paths: Iterable[str], opts: StorageOptions) -> dict:
             "store_array_data_equal_to_fill_value": True, "custom_metadata": None}
 
 
-def partial_dir(out: Path) -> Path:
-    return out.with_name(out.name + ".partial")
-
-
 class OrbaxWriter:
     """Creates every array up front, takes slice writes in batched transactions, publishes atomically.
 
@@ -128,10 +125,10 @@ class OrbaxWriter:
 
     def __init__(self, out: Path, opts: StorageOptions, overwrite: bool = False, progress_key: str | None = None,
                  resume: bool = False):
-        self.out = Path(out)
+        self.out = output_path(out)
         self.opts = opts
-        if self.out.exists() and any(self.out.iterdir()) and not overwrite:
-            raise OutputError(f"{self.out} exists and is not empty (use --overwrite to replace it)")
+        self.overwrite = overwrite
+        check_output(self.out, overwrite)
         self.tmp = partial_dir(self.out)
         self.items = self.tmp / "0" / "items"
         self.progress_key = progress_key
@@ -140,12 +137,11 @@ class OrbaxWriter:
         self.done: set[tuple] = set()
         self.resumed = resume and self._reopen()
         if not self.resumed:
-            if self.tmp.exists():
-                shutil.rmtree(self.tmp)
+            make_partial(self.out)
             try:
                 self.items.mkdir(parents=True)
             except OSError as exc:
-                raise OutputError(f"cannot create {self.items}: {exc.strerror}") from None
+                raise os_error(exc, f"cannot create {self.items}") from None
         self.committed: list[tuple] = []     # writes committed since the run began, in order
         self.txn_keys: list[tuple] = []
         self.since_snapshot = 0
@@ -222,10 +218,10 @@ class OrbaxWriter:
         self.snapshots_queued += 1
         progress = {"key": self.progress_key, "done": [*self.done, *self.committed]}
         files = {}
-        if self.opts.use_ocdbt:
-            files["manifest.ocdbt"] = self._manifest_bytes()
-        self.writeback.snapshot(self.items, files)
-        self.writeback.snapshot(self.tmp, {PROGRESS: json.dumps(progress).encode()})
+        if self.opts.use_ocdbt:     # one job: a progress file never lands after its manifest failed to
+            files["0/items/manifest.ocdbt"] = self._manifest_bytes()
+        files[PROGRESS] = json.dumps(progress).encode()
+        self.writeback.snapshot(self.tmp, files)
 
     def _reopen(self) -> bool:
         """Take up an interrupted run's OUT.partial if its progress snapshot has our key."""
@@ -274,10 +270,7 @@ class OrbaxWriter:
             "custom_metadata": custom_metadata})
         (step_dir / "commit_success.txt").write_text("Checkpoint commit was successful.")
         fsync_tree(self.tmp, data=False)
-        if self.out.exists():
-            shutil.rmtree(self.out)
-        os.replace(self.tmp, self.out)
-        fsync_path(self.out.parent)
+        publish(self.tmp, self.out, self.overwrite)
 
     def _manifest_bytes(self) -> bytes:
         store = _result(ts.KvStore.open(self.manifest, context=self.context), "reading the OCDBT manifest")
@@ -292,7 +285,7 @@ class OrbaxWriter:
         try:
             (self.items / "manifest.ocdbt").write_bytes(data)
         except OSError as exc:
-            raise OutputError(f"cannot write {self.items / 'manifest.ocdbt'}: {exc.strerror}") from None
+            raise os_error(exc, f"cannot write {self.items / 'manifest.ocdbt'}") from None
 
     def abort(self, keep: bool = False) -> bool:
         """Drop everything written so far (interrupt or error): no partial output survives, unless `keep`
@@ -342,7 +335,7 @@ def _result(future, what: str):
     except ValueError as exc:  # tensorstore reports I/O failures (ENOSPC, EACCES) as ValueError
         msg = str(exc)
         if "No space left" in msg or "ENOSPC" in msg:
-            raise OutputError(f"disk full while {what}") from None
+            raise DiskFull(f"disk full while {what}") from None
         if "Permission denied" in msg or "Read-only" in msg:
             raise OutputError(f"cannot write output while {what}: permission denied") from None
         raise
@@ -352,7 +345,7 @@ def _write_json(path: Path, obj: dict) -> None:
     try:
         path.write_text(json.dumps(obj, indent=1))
     except OSError as exc:
-        raise OutputError(f"cannot write {path}: {exc.strerror}") from None
+        raise os_error(exc, f"cannot write {path}") from None
 
 
 class OrbaxCheckpoint:

@@ -21,6 +21,7 @@ import numpy as np
 
 from ckpt_cli.dtypes import SAFETENSORS_NAMES, numpy_dtype_of_safetensors
 from ckpt_cli.errors import OutputError, SourceError
+from ckpt_cli.io.outdir import os_error
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 INDEX_NAME = "model.safetensors.index.json"
@@ -287,7 +288,7 @@ class StreamingSafetensorsWriter:
             while done < len(data):
                 done += os.pwrite(self.fd, data[done:], self.base + offset + done)
         except OSError as exc:
-            raise OutputError(f"cannot write {self.path}: {exc.strerror}") from None
+            raise os_error(exc, f"cannot write {self.path}") from None
         self.count(name, nbytes if counted is None else counted)
 
     def count(self, name: str, nbytes: int) -> None:

@@ -44,7 +44,8 @@ class Writeback:
         self._jobs.put(("persist", list(paths)))
 
     def snapshot(self, directory: Path, files: dict[str, bytes], sync_fds: Iterable[int] = ()) -> None:
-        """Replace these small files in `directory` durably, in the given order (each one atomic).
+        """Replace these small files (paths relative to `directory`) durably, in the given order (each one
+        atomic, its directory synced before the next; after a failure the later ones are not written).
 
         With `sync_fds`, those open files are fsynced first; if one fsync fails, the files are not written
         and `sync_error` keeps the error (the caller must not publish data whose writeback failed).
@@ -76,9 +77,9 @@ class Writeback:
                     self.sync_error = exc
                     continue
                 try:
-                    for name, data in files.items():
+                    for name, data in files.items():     # in order; a failure stops the rest
                         replace_durably(directory / name, data)
-                    fsync_path(directory)
+                        fsync_path((directory / name).parent)
                     self.snapshots += 1
                 except OSError:
                     pass        # a snapshot is an optimisation for --resume; the conversion goes on

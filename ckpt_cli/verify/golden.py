@@ -22,7 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ckpt_cli.errors import CkptError, OutputError, SourceError
+from ckpt_cli.errors import CkptError, SourceError
+from ckpt_cli.io.outdir import OutputLock, os_error
 from ckpt_cli.verify.prompts import Prompt
 
 FORMAT = "ckpt-golden-logits"
@@ -44,9 +45,15 @@ def check_suffix(path: Path) -> None:
 
 
 def save(path: Path, golden: Golden) -> None:
-    """Write a golden file (format by suffix), through a temporary sibling and a rename."""
+    """Write a golden file (format by suffix), through a temporary sibling and a rename, holding the file's
+    lock (one writer at a time, see io/outdir.py)."""
     path = Path(path)
     check_suffix(path)
+    with OutputLock(path):
+        _save(path, golden)
+
+
+def _save(path: Path, golden: Golden) -> None:
     meta = {"format": FORMAT, "version": 1, **golden.meta, "prompts": [p.text for p in golden.prompts]}
     tmp = path.with_name(f".{path.name}.partial")
     try:
@@ -67,7 +74,7 @@ def save(path: Path, golden: Golden) -> None:
         os.replace(tmp, path)
     except OSError as exc:
         tmp.unlink(missing_ok=True)
-        raise OutputError(f"cannot write golden file {path}: {exc.strerror}") from None
+        raise os_error(exc, f"cannot write golden file {path}") from None
 
 
 def load(path: Path) -> Golden:

@@ -20,6 +20,7 @@ from ckpt_cli import __version__, registry
 from ckpt_cli.errors import CkptError, ConfigMismatchError, SourceError, UnsupportedError
 from ckpt_cli.families import detect_family
 from ckpt_cli.io.orbax import OrbaxCheckpoint
+from ckpt_cli.io.outdir import check_not_overlapping
 from ckpt_cli.resources import peak_rss_bytes
 from ckpt_cli.verify import golden as golden_io
 from ckpt_cli.verify.metrics import KL_DEFINITION, PromptMetrics, compare
@@ -270,6 +271,9 @@ def verify_logits(opts: VerifyOptions, note: Callable[[str], None] | None = None
     ckpt = OrbaxCheckpoint(Path(opts.maxtext))
     golden = golden_io.load(opts.golden) if opts.golden else None
     hf_folder = _hf_folder(opts.hf, opts.revision) if opts.hf else None
+    if opts.save_golden:
+        check_not_overlapping(opts.save_golden, [opts.maxtext, ckpt.items, *([hf_folder] if hf_folder else [])],
+                              flag="--save-golden")
     cfg, config_source = resolve_config(ckpt, hf_folder, golden)
     model = ckpt.provenance.get("model_name")   # the family it was converted as (Llama 3.3's config reads as 3.1's)
     model = model if model and registry.is_model_name(model) else None
