@@ -187,8 +187,8 @@ def _stacked(shape: Shape, rule: Rule, block: Block | None, dims: Dims) -> tuple
         full.insert(0, dims[rule.experts])
         stack_axes.append(0)
     if block is not None and block.stacked:
-        full.insert(1, len(block.hf_layers))
-        stack_axes.append(1)
+        full.insert(rule.scan_axis, len(block.hf_layers))
+        stack_axes.append(rule.scan_axis)
     return tuple(full), tuple(stack_axes)
 
 

@@ -3,7 +3,8 @@
 Dense layers (the first `first_k_dense_replace`) and MoE layers live in two groups, `dense_layers` and
 `moe_layers`; the MoE index restarts at 0. Experts are stacked on axis 0 ((X, L, E, M) when scanned).
 No weight scaling, offsets or RoPE permutation: DeepSeek's HF weights are already in MaxText's
-interleaved-pair order. V3/V3.2 add the router bias (`e_score_correction_bias`); V3.2 adds the
+interleaved-pair order. V3/V3.2 add the router bias (`e_score_correction_bias`, a non-parameter
+variable: `(Lm, X)` when scanned); V3.2 adds the
 lightning indexer. The multi-token-prediction layer (V3 `model.layers.{L}`) converts with `--mtp`.
 """
 
@@ -53,7 +54,10 @@ MOE_MLP = (
     row(MOE + "shared_experts/wi_1/kernel", P + "mlp.shared_experts.up_proj.weight", "E,S", "S,E", "transpose"),
     row(MOE + "shared_experts/wo/kernel", P + "mlp.shared_experts.down_proj.weight", "S,E", "E,S", "transpose"),
 )
-ROUTER_BIAS = (row(MOE + "MoeBlock_0/gate/bias", P + "mlp.gate.e_score_correction_bias", "X", "X"),)
+# A non-parameter variable in MaxText 0.2.5 (collection MoEBiasVar, as for every model name starting with
+# deepseek3): scanned, its layer axis is 0, (Lm, X).
+ROUTER_BIAS = (row(MOE + "MoeBlock_0/gate/bias", P + "mlp.gate.e_score_correction_bias", "X", "X",
+                   collection="MoEBiasVar"),)
 MTP_OWN = (
     row("mtp_1_embedding_norm/scale", P + "enorm.weight", "E", "E"),
     row("mtp_1_hidden_state_norm/scale", P + "hnorm.weight", "E", "E"),
