@@ -32,12 +32,16 @@ def detect_scan(ckpt: OrbaxCheckpoint) -> bool:
     return detect(ckpt)
 
 
-def check_tree(ckpt: OrbaxCheckpoint, family: Family, hf_config: dict, scan: bool) -> None:
+def check_tree(ckpt: OrbaxCheckpoint, family: Family, hf_config: dict, scan: bool) -> list[str]:
     """Every leaf the plan for this config writes exists with the planned shape (metadata only).
 
     The vocabulary axis of the embedding / LM head may be larger (MaxText pads it); extra leaves are allowed.
+    A leaf in an older ckpt layout (a variable stacked on axis 1) is read as planned; returns the note saying so.
     """
+    from ckpt_cli.to_hf import read_legacy_layouts
+
     plan = build_to_maxtext(family, hf_config, scan, np.dtype(np.float32))
+    notes = read_legacy_layouts(plan, ckpt)
     for t in plan.tensors:
         if t.target not in ckpt.paths:
             layout = "scanned" if scan else "unscanned"
@@ -50,6 +54,7 @@ def check_tree(ckpt: OrbaxCheckpoint, family: Family, hf_config: dict, scan: boo
             a == b for i, (a, b) in enumerate(zip(shape, want, strict=True)) if i != axis)
         if shape != want and not padded:
             raise ShapeMismatchError(f"{t.target}: the checkpoint has shape {shape}, the config implies {want}")
+    return notes
 
 
 class OrbaxParams:
