@@ -14,6 +14,7 @@ from safetensors.numpy import load_file, save_file
 from ckpt_cli import engine, registry
 from ckpt_cli.convert import ToMaxTextOptions, hf_to_maxtext
 from ckpt_cli.dtypes import output_dtype
+from ckpt_cli.errors import ConfigMismatchError
 from ckpt_cli.families import detect_family
 from ckpt_cli.io.orbax import OrbaxCheckpoint
 from ckpt_cli.plan import build_to_hf, build_to_maxtext
@@ -434,6 +435,29 @@ def test_plan_equals_appendix_a(model, golden):
             assert unscanned[path] == shape
     params = sum(math.prod(s) for s in golden.values())
     assert params == {"deepseek2-16b": 15_706_484_224}.get(model, params)
+
+
+def test_deepseek2_236b_plan():
+    """DeepSeek-V2 (MaxText 0.2.5's deepseek2-236b.yml, the released config): E 5120, 128 heads, q_lora_rank 1536,
+    160 routed + 2 shared experts of 1536, 1 dense layer of 12288 then 59 MoE layers; no router bias (V2);
+    235.7e9 parameters."""
+    spec = registry.lookup("deepseek2-236b")
+    assert spec.repo_id == "deepseek-ai/DeepSeek-V2" and spec.config["model_type"] == "deepseek_v2"
+    cfg = registry.reference_config("deepseek2-236b")
+    shapes = {t.target: t.shape for t in build_to_maxtext(detect_family(cfg), cfg, True, output_dtype("bf16")).tensors}
+    moe = "decoder/moe_layers/"
+    assert shapes[moe + "self_attention/wq_a/kernel"] == (5120, 59, 1536)
+    assert shapes[moe + "self_attention/wq_b/kernel"] == (1536, 59, 128, 192)
+    assert shapes[moe + "DeepSeekMoeBlock_0/MoeBlock_0/wi_0"] == (160, 59, 5120, 1536)
+    assert shapes[moe + "DeepSeekMoeBlock_0/shared_experts/wo/kernel"] == (3072, 59, 5120)
+    assert shapes["decoder/dense_layers/mlp/wi_0/kernel"] == (5120, 1, 12288)
+    assert not any(p.endswith("gate/bias") for p in shapes)
+    assert sum(math.prod(s) for s in shapes.values()) == 235_741_434_880
+    unscanned = build_to_maxtext(detect_family(cfg), cfg, False, output_dtype("bf16"))
+    assert sum(math.prod(t.shape) for t in unscanned.tensors) == 235_741_434_880
+    lite = registry.reference_config("deepseek2-16b")
+    with pytest.raises(ConfigMismatchError, match="hidden_size"):
+        registry.check_against(spec, lite, detect_family(lite).reference_keys)
 
 
 def test_model_name_resolves_to_repo():
