@@ -30,21 +30,22 @@ HF_BIAS = "model.layers.{}.mlp.gate.e_score_correction_bias"
 
 
 def resave(src: Path, out: Path, change: Callable[[dict, np.ndarray], None]) -> Path:
-    """Save a ckpt-written checkpoint again with orbax itself (CheckpointManager, item `items`, as MaxText does),
-    after `change(state, bias)` has placed the router bias (removed from params/params) where a writer puts it."""
+    """Save a ckpt-written checkpoint again the way MaxText 0.2.5 saves (Orbax v1 `training.Checkpointer`,
+    checkpointable `items`, jax arrays, `scan_layers` custom metadata), after `change(state, bias)` has put the
+    router bias (taken out of params/params) where a writer puts it."""
+    import jax
     import orbax.checkpoint as ocp
+    from orbax.checkpoint import v1
 
     state = ocp.PyTreeCheckpointer().restore(str(src / "0" / "items"))
     gate = state["params"]["params"]["decoder"]["moe_layers"]["DeepSeekMoeBlock_0"]["MoeBlock_0"]["gate"]
     change(state, gate.pop("bias"))
+    state["opt_state"] = [None, {"count": np.int32(3)}]
     custom = json.loads((src / "0" / "_CHECKPOINT_METADATA").read_text())["custom_metadata"]
-    handler = ocp.PyTreeCheckpointHandler(use_ocdbt=True, use_zarr3=True)
-    manager = ocp.CheckpointManager(
-        out, item_names=("items",), item_handlers={"items": handler},
-        options=ocp.CheckpointManagerOptions(create=True, enable_async_checkpointing=False))
-    manager.save(0, args=ocp.args.Composite(items=ocp.args.PyTreeSave(item=state)), custom_metadata=custom)
-    manager.wait_until_finished()
-    manager.close()
+    checkpointer = v1.training.Checkpointer(out)
+    checkpointer.save_checkpointables(3, {"items": jax.tree_util.tree_map(jax.numpy.asarray, state)},
+                                      custom_metadata=custom)
+    checkpointer.close()
     return out
 
 
