@@ -134,6 +134,12 @@ def mtp_layers(cfg: dict) -> int:
     return int(cfg.get("num_nextn_predict_layers") or 0)
 
 
+def v2_group_limited(cfg: dict) -> bool:
+    """A DeepSeek-V2 config whose router keeps only the best `topk_group` of `n_group` expert groups."""
+    return (cfg.get("model_type") == "deepseek_v2" and cfg.get("topk_method") == "group_limited_greedy"
+            and int(cfg.get("n_group") or 1) > 1 and int(cfg.get("topk_group") or 0) < int(cfg["n_group"]))
+
+
 def check_config(cfg: dict, features: frozenset[str] = frozenset()) -> list[str]:
     notes = []
     if "mtp" in features and mtp_layers(cfg) != 1:
@@ -147,6 +153,10 @@ def check_config(cfg: dict, features: frozenset[str] = frozenset()) -> list[str]
     if cfg.get("n_group") and cfg.get("topk_group") and cfg["n_group"] > 1 and is_v3(cfg):
         notes.append(f"config uses group-limited routing (n_group {cfg['n_group']}, topk_group {cfg['topk_group']}): "
                      "set MaxText's n_routing_groups/topk_routing_group to match for identical logits")
+    elif v2_group_limited(cfg):
+        notes.append(f"config uses group-limited greedy routing (n_group {cfg['n_group']}, topk_group "
+                     f"{cfg['topk_group']}), which MaxText 0.2.5 does not apply to DeepSeek-V2 (its deepseek2 "
+                     "routing is a plain top-k): MaxText's logits will differ from Hugging Face's")
     if mtp_layers(cfg) and "mtp" not in features:
         notes.append(f"the multi-token-prediction layer (model.layers.{cfg['num_hidden_layers']}.*) is skipped; "
                      "pass --mtp to convert it")

@@ -455,7 +455,10 @@ def test_deepseek2_236b_plan():
     assert sum(math.prod(s) for s in shapes.values()) == 235_741_434_880
     unscanned = build_to_maxtext(detect_family(cfg), cfg, False, output_dtype("bf16"))
     assert sum(math.prod(t.shape) for t in unscanned.tensors) == 235_741_434_880
+    notes = build_to_maxtext(detect_family(cfg), cfg, True, output_dtype("bf16")).notes
+    assert any("group-limited greedy routing (n_group 8, topk_group 3)" in n for n in notes)   # MaxText: plain top-k
     lite = registry.reference_config("deepseek2-16b")
+    assert not build_to_maxtext(detect_family(lite), lite, True, output_dtype("bf16")).notes   # greedy: no groups
     with pytest.raises(ConfigMismatchError, match="hidden_size"):
         registry.check_against(spec, lite, detect_family(lite).reference_keys)
 
