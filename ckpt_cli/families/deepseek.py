@@ -62,9 +62,11 @@ MTP_OWN = (
     row("mtp_1_embedding_norm/scale", P + "enorm.weight", "E", "E"),
     row("mtp_1_hidden_state_norm/scale", P + "hnorm.weight", "E", "E"),
     row("mtp_1_projection/kernel", P + "eh_proj.weight", "2*E,E", "E,2*E", "transpose"),
+    # MaxText 0.2.5's dedicated MTP norm before the shared head (DeepSeek's shared_head.norm != model.norm)
+    row("mtp_1_final_norm/scale", P + "shared_head.norm.weight", "E", "E"),
 )
 # MaxText's MTP block reuses the main embedding and head; these HF copies are not converted.
-MTP_SHARED = ("embed_tokens.weight", "shared_head.norm.weight", "shared_head.head.weight")
+MTP_SHARED = ("embed_tokens.weight", "shared_head.head.weight")
 
 TOP = (
     row("token_embedder/embedding", "model.embed_tokens.weight", "V,E", "V,E"),

@@ -148,6 +148,7 @@ def expected_tree(hf: dict, cfg: dict, scan: bool, mtp: bool = False) -> dict[st
         tree["mtp_block/mtp_layer_1/mtp_1_embedding_norm/scale"] = f32(hf[p + "enorm.weight"])
         tree["mtp_block/mtp_layer_1/mtp_1_hidden_state_norm/scale"] = f32(hf[p + "hnorm.weight"])
         tree["mtp_block/mtp_layer_1/mtp_1_projection/kernel"] = f32(hf[p + "eh_proj.weight"]).T
+        tree["mtp_block/mtp_layer_1/mtp_1_final_norm/scale"] = f32(hf[p + "shared_head.norm.weight"])
         for leaf, value in expected_layer(hf, cfg | {"first_k_dense_replace": 0}, L).items():
             tree[f"mtp_block/mtp_layer_1/mtp_1_transformer_layer/{leaf}"] = value
     return tree
@@ -269,8 +270,8 @@ def test_mtp_layer_converts_and_round_trips(deepseek_models, tmp_path, scan):
     writer = DictWriter()
     engine.execute(plan, ckpt, writer)
     original = load_hf(src)
-    shared = {f"model.layers.{cfg['num_hidden_layers']}.{s}" for s in
-              ("embed_tokens.weight", "shared_head.norm.weight", "shared_head.head.weight")}
+    shared = {f"model.layers.{cfg['num_hidden_layers']}.{s}" for s in ("embed_tokens.weight",
+                                                                      "shared_head.head.weight")}
     assert set(writer.arrays) == set(original) - shared
     for name, value in writer.arrays.items():
         assert_bits_equal(value, original[name], name)
