@@ -129,9 +129,10 @@ def legacy_layout(t: TensorPlan, shape: tuple[int, ...]) -> tuple[int, ...] | No
     """The axis order that reads a leaf stored in an older ckpt layout as planned, or None.
 
     Earlier ckpt versions stacked a scanned non-parameter variable (DeepSeek-V3's router bias) on axis 1, as parameters
-    are, `(X, Lm)`; MaxText 0.2.5 stacks variables on axis 0, `(Lm, X)`, which is what ckpt writes now.
+    are, `(X, Lm)`; MaxText 0.2.5 stacks variables on axis 0, `(Lm, X)`, which is what ckpt writes now. When
+    Lm == X the two cannot be told apart by shape and the leaf is read as MaxText 0.2.5's.
     """
-    if t.collection is None or t.stack_axes != (0,) or len(t.shape) < 2:
+    if t.collection is None or t.stack_axes != (0,) or len(t.shape) < 2 or tuple(shape) == tuple(t.shape):
         return None
     old = (t.shape[1], t.shape[0], *t.shape[2:])
     return (1, 0, *range(2, len(t.shape))) if tuple(shape) == old else None

@@ -143,3 +143,21 @@ def test_bias_where_maxtext_saves_it(v3_scanned, tmp_path, change, stored):
     assert report["stored_outside_params"] == {BIAS: stored + BIAS}
     assert {x["path"]: x["shape"] for x in report["tensors"]}[BIAS] == [2, 4]
     assert any(stored + BIAS in n for n in report["notes"])
+
+
+def test_legacy_layout_only_where_shapes_tell():
+    """(X, Lm) is read transposed only when it differs from (Lm, X); parameters are never reinterpreted."""
+    from ckpt_cli import registry
+    from ckpt_cli.plan import build_to_maxtext
+    from ckpt_cli.to_hf import legacy_layout
+
+    cfg = registry.reference_config("deepseek3-671b")
+    plan = build_to_maxtext(detect_family(cfg), cfg, True, output_dtype("bf16"))
+    bias, kernel = plan.tensor(BIAS), plan.tensor(BIAS.replace("bias", "kernel"))
+    assert bias.shape == (58, 256) and bias.collection == "MoEBiasVar" and kernel.collection is None
+    assert legacy_layout(bias, (256, 58)) == (1, 0)
+    assert legacy_layout(bias, (58, 256)) is None
+    assert legacy_layout(kernel, (256, 58, 7168)) is None
+    square = registry.reference_config("deepseek3-671b") | {"num_hidden_layers": 259}   # Lm = 256 = X
+    plan = build_to_maxtext(detect_family(square), square, True, output_dtype("bf16"))
+    assert plan.tensor(BIAS).shape == (256, 256) and legacy_layout(plan.tensor(BIAS), (256, 256)) is None
