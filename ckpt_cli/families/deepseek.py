@@ -55,8 +55,9 @@ MOE_MLP = (
     row(MOE + "shared_experts/wo/kernel", P + "mlp.shared_experts.down_proj.weight", "S,E", "E,S", "transpose"),
 )
 # A non-parameter variable in MaxText 0.2.5 (collection MoEBiasVar, as for every model name starting with
-# deepseek3): scanned, its layer axis is 0, (Lm, X).
-ROUTER_BIAS = (row(MOE + "MoeBlock_0/gate/bias", P + "mlp.gate.e_score_correction_bias", "X", "X",
+# deepseek3): scanned, its layer axis is 0, (Lm, X). Stored float32 whatever the output dtype, as the released
+# checkpoints hold it: it decides which experts a token is routed to, and bf16 rounding can change that choice.
+ROUTER_BIAS = (row(MOE + "MoeBlock_0/gate/bias", P + "mlp.gate.e_score_correction_bias", "X", "X", dtype="f32",
                    collection="MoEBiasVar"),)
 MTP_OWN = (
     row("mtp_1_embedding_norm/scale", P + "enorm.weight", "E", "E"),

@@ -177,7 +177,8 @@ def test_tree_matches_spec(deepseek_models, tmp_path, kind, scan, dtype, sharded
     want = expected_tree(load_hf(src), cfg, scan)
     assert set(got) == set(want)
     for path, value in want.items():
-        assert_bits_equal(got[path], cast(value, dtype), path)
+        # the router bias is stored float32 whatever the output dtype (as the released checkpoints hold it)
+        assert_bits_equal(got[path], cast(value, "f32" if path.endswith("gate/bias") else dtype), path)
     if scan:
         wi0 = got["decoder/moe_layers/DeepSeekMoeBlock_0/MoeBlock_0/wi_0"]
         assert wi0.shape == (4, 2, 64, 32)   # (X, Lm, E, M): experts on 0, layers on 1
@@ -263,7 +264,7 @@ def test_mtp_layer_converts_and_round_trips(deepseek_models, tmp_path, scan):
     want = expected_tree(load_hf(src), cfg, scan, mtp=True)
     assert set(got) == set(want)
     for path, value in want.items():
-        assert_bits_equal(got[path], cast(value, "bf16"), path)
+        assert_bits_equal(got[path], cast(value, "f32" if path.endswith("gate/bias") else "bf16"), path)
     # And back: every converted MTP tensor returns bit-identical.
     ckpt = OrbaxCheckpoint(tmp_path / "mtp")
     plan = build_to_hf(detect_family(cfg), cfg, scan, output_dtype("bf16"), frozenset({"mtp"}))

@@ -96,6 +96,18 @@ def test_scanned_bias_is_layers_by_experts(v3_scanned):
     assert OrbaxCheckpoint(mt).stored_at(BIAS) == "params/params/" + BIAS
 
 
+def test_bias_stays_float32_in_a_bf16_checkpoint(v3_scanned, tmp_path):
+    """The released bias is float32 and picks the experts: a bf16 conversion keeps it float32, bit for bit."""
+    src, _ = v3_scanned
+    hf_to_maxtext(str(src), tmp_path / "mt", ToMaxTextOptions(scan_layers=True, dtype="bf16"))
+    got = restore(tmp_path / "mt")
+    hf = load_hf(src)
+    assert got[BIAS].dtype == np.float32 and got[BIAS.replace("bias", "kernel")].dtype != np.float32
+    for i in range(got[BIAS].shape[0]):
+        assert_bits_equal(got[BIAS][i], hf[HF_BIAS.format(1 + i)], f"row {i}")
+    assert not np.array_equal(hf[HF_BIAS.format(1)].astype("bfloat16").astype(np.float32), hf[HF_BIAS.format(1)])
+
+
 def test_scanned_bias_round_trips_exactly(v3_scanned, tmp_path):
     src, mt = v3_scanned
     out = tmp_path / "hf"
