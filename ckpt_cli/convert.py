@@ -253,8 +253,9 @@ def plan_to_hf(ckpt, opts: ToHFOptions):
     scan = to_hf.detect_scan(ckpt)
     dtype = output_dtype(opts.dtype or to_hf.default_dtype(arch.config))
     features = to_hf.detect_features(arch, ckpt, scan)
-    to_hf.check_checkpoint(build_to_maxtext(arch.family, arch.config, scan, dtype, features), ckpt)
-    return build_to_hf(arch.family, arch.config, scan, dtype, features), arch
+    notes = to_hf.check_checkpoint(build_to_maxtext(arch.family, arch.config, scan, dtype, features), ckpt)
+    plan = build_to_hf(arch.family, arch.config, scan, dtype, features)
+    return dataclasses.replace(plan, notes=(*plan.notes, *notes)), arch
 
 
 def hf_side_files(ckpt, arch, opts: ToHFOptions, notes: list[str]) -> tuple[dict[str, Path], dict | Path | None]:

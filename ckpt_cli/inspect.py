@@ -154,15 +154,11 @@ def _hf_target(kind: str, label: str, config: dict | None, headers: dict[str, Te
 
 def open_orbax(path: Path) -> Target:
     """An Orbax checkpoint's tree from its metadata: shapes, dtypes and chunk shapes, no array data."""
-    import tensorstore as ts
-
-    from ckpt_cli.io.orbax import OrbaxCheckpoint, kvstore_spec, param_name
+    from ckpt_cli.io.orbax import ROOT_KEYS, OrbaxCheckpoint
     from ckpt_cli.to_hf import detect_scan
 
     ckpt = OrbaxCheckpoint(path)
-    driver = "zarr3" if ckpt.opts.use_zarr3 else "zarr"
-    futures = {p: ts.open({"driver": driver, "kvstore": kvstore_spec(ckpt.items, param_name(p), ckpt.opts),
-                           "open": True}, context=ckpt.context) for p in ckpt.paths}
+    futures = {p: ckpt.open(p) for p in ckpt.paths}
     leaves = []
     for p in sorted(ckpt.paths):
         try:
@@ -182,6 +178,11 @@ def open_orbax(path: Path) -> Target:
             "storage": {"use_ocdbt": ckpt.opts.use_ocdbt, "use_zarr3": ckpt.opts.use_zarr3},
             "provenance": prov, "disk_bytes": tree_bytes(root)}
     t = Target("orbax", str(path), leaves, prov.get("hf_config"), info, scan_layers=scan)
+    elsewhere = sorted(p for p in ckpt.paths if ckpt.keys[p][:2] != ROOT_KEYS)
+    info["stored_outside_params"] = {p: ckpt.stored_at(p) for p in elsewhere}
+    if elsewhere:
+        t.notes.append(f"{len(elsewhere)} variable(s) stored outside params/params, shown at their parameter path: "
+                       f"{elsewhere[0]} is {ckpt.stored_at(elsewhere[0])}" + (" ..." if len(elsewhere) > 1 else ""))
     if not prov:
         t.notes.append("no ckpt provenance (not written by ckpt): family unknown unless compared with --model")
     return t

@@ -68,6 +68,7 @@ class TensorPlan:
     tasks: tuple[SliceTask, ...]
     chunk_shape: Shape
     span_axis: int | None = None  # target axis split into row pieces (large 2-D tensors only)
+    collection: str | None = None  # a MaxText non-parameter variable's Flax collection (its layers on axis 0)
 
     @property
     def nbytes(self) -> int:
@@ -187,8 +188,8 @@ def _stacked(shape: Shape, rule: Rule, block: Block | None, dims: Dims) -> tuple
         full.insert(0, dims[rule.experts])
         stack_axes.append(0)
     if block is not None and block.stacked:
-        full.insert(1, len(block.hf_layers))
-        stack_axes.append(1)
+        full.insert(rule.scan_axis, len(block.hf_layers))
+        stack_axes.append(rule.scan_axis)
     return tuple(full), tuple(stack_axes)
 
 
@@ -291,7 +292,7 @@ def build_to_maxtext(family: Family, hf_config: dict, scan_layers: bool, dtype: 
         tensors.append(TensorPlan(
             target=path, shape=shape, dtype=stored, slice_shape=slice_shape, source_shape=source_shape,
             stack_axes=axes, chain=resolve_steps(rule.steps, dims), tasks=tasks, chunk_shape=chunks,
-            span_axis=span_axis))
+            span_axis=span_axis, collection=rule.collection))
     check_coverage(tensors)
     return ConversionPlan(TO_MAXTEXT, family.name, scan_layers, np.dtype(dtype), tuple(tensors), dict(hf_config),
                           dims, notes, frozenset(features))

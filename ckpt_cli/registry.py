@@ -246,6 +246,30 @@ MODELS: dict[str, ModelSpec] = {m.name: m for m in (
 )}
 
 
+# MaxText 0.2.5 names for more released models of the families above: the Qwen3 -Base repos (the architecture of
+# the post-trained ones, with the 32K context of their released configs) and DeepSeek-V2 (236B: the V2-Lite
+# layout with q_lora_rank 1536, 160 experts and group-limited greedy routing, as its released config.json).
+def _qwen3_base(name: str, repo: str, e: int, n: int, f: int, layers: int, tied: bool) -> ModelSpec:
+    spec = _qwen3(name, repo, e, n, f, layers, tied)
+    return ModelSpec(name, spec.family, repo, spec.config | {"max_position_embeddings": 32768})
+
+
+def _deepseek2_236b() -> ModelSpec:
+    lite = _deepseek("deepseek2-236b", "deepseek-ai/DeepSeek-V2", "deepseek_v2", False)
+    return ModelSpec(lite.name, lite.family, lite.repo_id, lite.config | {
+        "hidden_size": 5120, "num_attention_heads": 128, "num_key_value_heads": 128, "num_hidden_layers": 60,
+        "intermediate_size": 12288, "moe_intermediate_size": 1536, "n_routed_experts": 160, "q_lora_rank": 1536,
+        "topk_method": "group_limited_greedy", "n_group": 8, "topk_group": 3, "routed_scaling_factor": 16.0})
+
+
+MODELS.update({m.name: m for m in (
+    _qwen3_base("qwen3-1.7b-base", "Qwen/Qwen3-1.7B-Base", 2048, 16, 6144, 28, True),
+    _qwen3_base("qwen3-4b-base", "Qwen/Qwen3-4B-Base", 2560, 32, 9728, 36, True),
+    _qwen3_base("qwen3-8b-base", "Qwen/Qwen3-8B-Base", 4096, 32, 12288, 36, False),
+    _qwen3_base("qwen3-14b-base", "Qwen/Qwen3-14B-Base", 5120, 40, 17408, 40, False),
+    _deepseek2_236b(),
+)})
+
 def lookup(name: str) -> ModelSpec:
     """A registered MaxText model name (case-insensitive), or an UnknownModelError listing close names."""
     for key, spec in MODELS.items():

@@ -20,7 +20,7 @@ from ckpt_cli.dtypes import dtype_name, is_float
 from ckpt_cli.errors import ConfigMismatchError, ShapeMismatchError, SourceError
 from ckpt_cli.families import Family, detect_family
 from ckpt_cli.io.orbax import OrbaxCheckpoint
-from ckpt_cli.plan import ConversionPlan
+from ckpt_cli.plan import ConversionPlan, TensorPlan
 
 _SCANNED = re.compile(r"decoder/(layers|dense_layers|moe_layers|layers_remainder)/")
 _UNSCANNED = re.compile(r"decoder/(layers|dense_layers|moe_layers)_\d+/")
@@ -134,11 +134,42 @@ def default_dtype(cfg: dict) -> str:
     return _CONFIG_DTYPES.get(str(name).removeprefix("torch."), "bf16")
 
 
-def check_checkpoint(forward: ConversionPlan, ckpt: OrbaxCheckpoint) -> None:
+def legacy_layout(t: TensorPlan, shape: tuple[int, ...]) -> tuple[int, ...] | None:
+    """The axis order that reads a leaf stored in an older ckpt layout as planned, or None.
+
+    Earlier ckpt versions stacked a scanned non-parameter variable (DeepSeek-V3's router bias) on axis 1, as parameters
+    are, `(X, Lm)`; MaxText 0.2.5 stacks variables on axis 0, `(Lm, X)`, which is what ckpt writes now. When
+    Lm == X the two cannot be told apart by shape and the leaf is read as MaxText 0.2.5's.
+    """
+    if t.collection is None or t.stack_axes != (0,) or len(t.shape) < 2 or tuple(shape) == tuple(t.shape):
+        return None
+    old = (t.shape[1], t.shape[0], *t.shape[2:])
+    return (1, 0, *range(2, len(t.shape))) if tuple(shape) == old else None
+
+
+def read_legacy_layouts(forward: ConversionPlan, ckpt: OrbaxCheckpoint) -> list[str]:
+    """Present every leaf stored in an older ckpt layout (see `legacy_layout`) as planned; one note if any."""
+    found = []
+    for t in forward.tensors:
+        if t.target in ckpt.paths:
+            axes = legacy_layout(t, ckpt.describe(t.target)[0])
+            if axes is not None:
+                ckpt.read_transposed(t.target, axes)
+                found.append(t)
+    if not found:
+        return []
+    t = found[0]
+    return [f"{len(found)} scanned variable(s) in the layout earlier ckpt versions wrote (layers on axis 1, e.g. "
+            f"{t.target} {(t.shape[1], t.shape[0], *t.shape[2:])}) read as MaxText 0.2.5's {tuple(t.shape)}"]
+
+
+def check_checkpoint(forward: ConversionPlan, ckpt: OrbaxCheckpoint) -> list[str]:
     """Every parameter the plan reads is present with its full shape and a float dtype; nothing is left over.
 
-    Fails on the first offending parameter with one line naming it.
+    Fails on the first offending parameter with one line naming it. A leaf in an older ckpt layout is
+    read as planned; returns the note saying so (or no notes).
     """
+    notes = read_legacy_layouts(forward, ckpt)
     for t in forward.tensors:
         if t.target not in ckpt.paths:
             raise ShapeMismatchError(f"{t.target}: missing from the checkpoint (the {forward.family} config "
@@ -152,6 +183,7 @@ def check_checkpoint(forward: ConversionPlan, ckpt: OrbaxCheckpoint) -> None:
     if extra:
         raise ShapeMismatchError(f"{extra[0]}: in the checkpoint but not in the {forward.family} config "
                                  f"({len(extra)} such parameter(s)); the config does not describe this checkpoint")
+    return notes
 
 
 def output_config(cfg: dict, dtype: np.dtype) -> dict:

@@ -203,6 +203,29 @@ def test_plan_equals_appendix_a(model, layers):
     assert plan_shapes(model, False) == unscanned(golden(model), layers)
 
 
+@pytest.mark.parametrize("model,repo,sizes,tied,params", [
+    ("qwen3-1.7b-base", "Qwen/Qwen3-1.7B-Base", (2048, 16, 6144, 28), True, 1_720_574_976),
+    ("qwen3-4b-base", "Qwen/Qwen3-4B-Base", (2560, 32, 9728, 36), True, 4_022_468_096),
+    ("qwen3-8b-base", "Qwen/Qwen3-8B-Base", (4096, 32, 12288, 36), False, 8_190_735_360),
+    ("qwen3-14b-base", "Qwen/Qwen3-14B-Base", (5120, 40, 17408, 40), False, 14_768_307_200),
+])
+def test_qwen3_base_plans(model, repo, sizes, tied, params):
+    """The Qwen3 -Base names (MaxText 0.2.5's configs/models/qwen3-*-base.yml): E, N, F, L with 8 kv heads of 128,
+    tied up to 4B; their repos' 32K context. Parameter counts from the dimensions, scanned and unscanned."""
+    spec = registry.lookup(model)
+    assert spec.repo_id == repo and spec.family == "qwen3" and spec.config["max_position_embeddings"] == 32768
+    e, n, f, layers = sizes
+    v, k, d = 151936, 8, 128
+    per_layer = e * n * d * 2 + e * k * d * 2 + 3 * e * f + 2 * e + 2 * d
+    assert params == v * e * (1 if tied else 2) + e + layers * per_layer
+    for scan in (True, False):
+        shapes = plan_shapes(model, scan)
+        assert sum(math.prod(s) for s in shapes.values()) == params
+        assert ("decoder-logits_dense-kernel" in shapes) is not tied
+    query = plan_shapes(model, True)["decoder-layers-self_attention-query-kernel"]
+    assert query == (e, layers, n, d)
+
+
 @pytest.mark.parametrize("model", list(GEMMA3_SIZES))
 def test_gemma3_plan_equals_appendix_a(model):
     """gemma3-4b: 5 x 6 + 4 remainder; -12b: 8 x 6, no remainder; -27b: 10 x 6 + 2; no logits_dense (tied)."""

@@ -21,7 +21,7 @@ runner = CliRunner()
 
 COMMON = {"command", "kind", "target", "family", "maxtext_models", "totals", "tensors", "notes"}
 HF_KEYS = COMMON | {"config", "source", "shards", "fetched"}
-ORBAX_KEYS = COMMON | {"items_dir", "scan_layers", "storage", "provenance", "disk_bytes"}
+ORBAX_KEYS = COMMON | {"items_dir", "scan_layers", "storage", "provenance", "disk_bytes", "stored_outside_params"}
 MODEL_KEYS = COMMON | {"model", "repo_id", "scan_layers", "dtype"}
 COMPARE_KEYS = {"command", "kind", "a", "b", "scan_layers", "identical", "counts", "missing", "extra", "mismatched",
                 "dtype_differs", "unmapped", "notes"}
@@ -76,6 +76,7 @@ def test_orbax_checkpoint(converted):
     q = {t["path"]: t for t in data["tensors"]}["decoder/layers/self_attention/query/kernel"]
     assert q["shape"] == [64, 2, 4, 16] and q["chunk_shape"] == [64, 1, 4, 16] and q["dtype"] == "bfloat16"
     assert data["disk_bytes"] > data["totals"]["bytes"] > 0
+    assert data["stored_outside_params"] == {}
     # run dir, step dir and items dir all open; the unscanned one says so
     for path in (scanned / "0", scanned / "0" / "items"):
         assert run_json(str(path))["items_dir"] == str(scanned / "0" / "items")

@@ -59,6 +59,16 @@ class Rule:
                                     # ({expert} slot), or without the slot, the HF tensor's own axis 0
     part: Part | None = None        # only this strided part of the HF tensor maps to the leaf
     dtype: str | None = None        # "f32": stored float32 in MaxText whatever the output dtype (Gemma norms)
+    collection: str | None = None   # the Flax collection MaxText keeps a non-parameter variable in (e.g.
+                                    # "MoEBiasVar"); ckpt writes it under params/params, where MaxText's loaders
+                                    # also look, but it stacks its layer axis at 0 as MaxText does for variables
+
+    @property
+    def scan_axis(self) -> int:
+        """The axis a stacked (scanned) block adds for its layers: 1 for parameters (MaxText's param_scan_axis),
+        0 for a non-parameter variable (MaxText 0.2.5 stacks those on axis 0, e.g. DeepSeek-V3's router bias
+        `(Lm, X)`)."""
+        return 0 if self.collection else 1
 
     @property
     def slots(self) -> frozenset[str]:
@@ -71,18 +81,19 @@ class Rule:
 
 
 def row(maxtext: str, hf: str, maxtext_shape: str, hf_shape: str, steps: str = "", experts: str | None = None,
-        part: Part | None = None, dtype: str | None = None) -> Rule:
+        part: Part | None = None, dtype: str | None = None, collection: str | None = None) -> Rule:
     """Table-row shorthand: shapes and steps as comma-separated strings."""
     split = lambda s: tuple(p.strip() for p in s.split(",") if p.strip())  # noqa: E731
-    return Rule(maxtext, hf, split(maxtext_shape), split(hf_shape), split(steps), experts, part, dtype)
+    return Rule(maxtext, hf, split(maxtext_shape), split(hf_shape), split(steps), experts, part, dtype, collection)
 
 
 @dataclass(frozen=True)
 class Block:
     """A group of decoder layers stored under one prefix.
 
-    Stacked (scanned): every leaf gains a layer axis at index 1 (experts keep axis 0), and scan index
-    s holds HF layer `hf_layers[s]`. Unstacked: one layer, per-layer shapes.
+    Stacked (scanned): every leaf gains a layer axis at its rule's `scan_axis` (1 for parameters, experts
+    keeping axis 0; 0 for non-parameter variables), and scan index s holds HF layer `hf_layers[s]`.
+    Unstacked: one layer, per-layer shapes.
     """
 
     prefix: str
@@ -196,6 +207,10 @@ def validate_rules(rules: Iterable[Rule], dims: Dims) -> None:
             raise AssertionError(f"{r.maxtext}: bad leaf path")
         if r.dtype not in (None, "f32"):
             raise AssertionError(f"{r.maxtext}: unknown stored dtype {r.dtype!r}")
+        if r.collection is not None and (r.experts is not None or not re.fullmatch(r"[A-Za-z0-9_]+", r.collection)
+                                         or r.collection == "params"):
+            raise AssertionError(f"{r.maxtext}: a variable collection ({r.collection!r}) is a name other than "
+                                 "'params', on a leaf with no experts axis")
     for hf, group in by_hf.items():
         _check_shared(hf, group)
 

@@ -3,7 +3,8 @@
 Dense layers (the first `first_k_dense_replace`) and MoE layers live in two groups, `dense_layers` and
 `moe_layers`; the MoE index restarts at 0. Experts are stacked on axis 0 ((X, L, E, M) when scanned).
 No weight scaling, offsets or RoPE permutation: DeepSeek's HF weights are already in MaxText's
-interleaved-pair order. V3/V3.2 add the router bias (`e_score_correction_bias`); V3.2 adds the
+interleaved-pair order. V3/V3.2 add the router bias (`e_score_correction_bias`, a non-parameter
+variable: `(Lm, X)` when scanned); V3.2 adds the
 lightning indexer. The multi-token-prediction layer (V3 `model.layers.{L}`) converts with `--mtp`.
 """
 
@@ -53,14 +54,20 @@ MOE_MLP = (
     row(MOE + "shared_experts/wi_1/kernel", P + "mlp.shared_experts.up_proj.weight", "E,S", "S,E", "transpose"),
     row(MOE + "shared_experts/wo/kernel", P + "mlp.shared_experts.down_proj.weight", "S,E", "E,S", "transpose"),
 )
-ROUTER_BIAS = (row(MOE + "MoeBlock_0/gate/bias", P + "mlp.gate.e_score_correction_bias", "X", "X"),)
+# A non-parameter variable in MaxText 0.2.5 (collection MoEBiasVar, as for every model name starting with
+# deepseek3): scanned, its layer axis is 0, (Lm, X). Stored float32 whatever the output dtype, as the released
+# checkpoints hold it: it decides which experts a token is routed to, and bf16 rounding can change that choice.
+ROUTER_BIAS = (row(MOE + "MoeBlock_0/gate/bias", P + "mlp.gate.e_score_correction_bias", "X", "X", dtype="f32",
+                   collection="MoEBiasVar"),)
 MTP_OWN = (
     row("mtp_1_embedding_norm/scale", P + "enorm.weight", "E", "E"),
     row("mtp_1_hidden_state_norm/scale", P + "hnorm.weight", "E", "E"),
     row("mtp_1_projection/kernel", P + "eh_proj.weight", "2*E,E", "E,2*E", "transpose"),
+    # MaxText 0.2.5's dedicated MTP norm before the shared head (DeepSeek's shared_head.norm != model.norm)
+    row("mtp_1_final_norm/scale", P + "shared_head.norm.weight", "E", "E"),
 )
 # MaxText's MTP block reuses the main embedding and head; these HF copies are not converted.
-MTP_SHARED = ("embed_tokens.weight", "shared_head.norm.weight", "shared_head.head.weight")
+MTP_SHARED = ("embed_tokens.weight", "shared_head.head.weight")
 
 TOP = (
     row("token_embedder/embedding", "model.embed_tokens.weight", "V,E", "V,E"),
@@ -130,6 +137,12 @@ def mtp_layers(cfg: dict) -> int:
     return int(cfg.get("num_nextn_predict_layers") or 0)
 
 
+def v2_group_limited(cfg: dict) -> bool:
+    """A DeepSeek-V2 config whose router keeps only the best `topk_group` of `n_group` expert groups."""
+    return (cfg.get("model_type") == "deepseek_v2" and cfg.get("topk_method") == "group_limited_greedy"
+            and int(cfg.get("n_group") or 1) > 1 and int(cfg.get("topk_group") or 0) < int(cfg["n_group"]))
+
+
 def check_config(cfg: dict, features: frozenset[str] = frozenset()) -> list[str]:
     notes = []
     if "mtp" in features and mtp_layers(cfg) != 1:
@@ -143,6 +156,10 @@ def check_config(cfg: dict, features: frozenset[str] = frozenset()) -> list[str]
     if cfg.get("n_group") and cfg.get("topk_group") and cfg["n_group"] > 1 and is_v3(cfg):
         notes.append(f"config uses group-limited routing (n_group {cfg['n_group']}, topk_group {cfg['topk_group']}): "
                      "set MaxText's n_routing_groups/topk_routing_group to match for identical logits")
+    elif v2_group_limited(cfg):
+        notes.append(f"config uses group-limited greedy routing (n_group {cfg['n_group']}, topk_group "
+                     f"{cfg['topk_group']}), which MaxText 0.2.5 does not apply to DeepSeek-V2 (its deepseek2 "
+                     "routing is a plain top-k): MaxText's logits will differ from Hugging Face's")
     if mtp_layers(cfg) and "mtp" not in features:
         notes.append(f"the multi-token-prediction layer (model.layers.{cfg['num_hidden_layers']}.*) is skipped; "
                      "pass --mtp to convert it")

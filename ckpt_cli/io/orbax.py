@@ -348,12 +348,33 @@ def _write_json(path: Path, obj: dict) -> None:
         raise os_error(exc, f"cannot write {path}") from None
 
 
+# Where MaxText 0.2.5 keeps a non-parameter variable (e.g. DeepSeek-V3's router bias, collection MoEBiasVar)
+# outside `params/params/`, by precedence (MaxText's own restore order): a pure-NNX training run's
+# `nnx_aux/model/<path>` (train_state_nnx.to_checkpoint_dict), then its Flax collection beside `params`,
+# `params/<Collection>/<path>` (its converter to_maxtext and Linen train states).
+NNX_AUX = ("nnx_aux", "model")
+_RNG_KEYS = frozenset({"rngs", "dropout"})   # RNG streams NNX keeps in nnx_aux: state, not weights
+
+
+def _param_path(keys: tuple[str, ...]) -> tuple[int, str] | None:
+    """(precedence, parameter path) of a leaf of the state tree, or None when it is no model weight."""
+    if len(keys) > 2 and keys[:2] == ROOT_KEYS:
+        return 0, "/".join(keys[2:])
+    if len(keys) > 2 and keys[0] == "params":
+        return 1, "/".join(keys[2:])
+    if len(keys) > 2 and keys[:2] == NNX_AUX and not _RNG_KEYS & set(keys):
+        return 2, "/".join(keys[2:])
+    return None
+
+
 class OrbaxCheckpoint:
     """A MaxText/Orbax checkpoint opened for slice reads: run dir, step dir or items dir.
 
-    Only the `params/params` subtree is read; optimizer state and anything else is ignored. Reading
-    metadata opens no array data; `read` fetches exactly one slice (whole chunks of one layer when the
-    checkpoint was written by ckpt).
+    Only model weights are read: `params/params/<path>`, and the non-parameter variables MaxText keeps
+    elsewhere (`nnx_aux/model/<path>`, `params/<Collection>/<path>`), each under its path as if it were in
+    `params/params`; optimizer state, RNG state and anything else is ignored. Reading metadata opens no
+    array data; `read` fetches exactly one slice (whole chunks of one layer when the checkpoint was
+    written by ckpt).
     """
 
     def __init__(self, path: Path):
@@ -371,15 +392,29 @@ class OrbaxCheckpoint:
                 self.step_metadata = json.loads(step_meta.read_text())
             except json.JSONDecodeError:
                 self.step_metadata = {}
-        self.paths: list[str] = []
+        found: dict[str, tuple[int, tuple[str, ...]]] = {}
         for entry in self.metadata.get("tree_metadata", {}).values():
-            keys = tuple(k["key"] for k in entry.get("key_metadata", []))
-            if keys[:2] == ROOT_KEYS and len(keys) > 2:
-                self.paths.append("/".join(str(k) for k in keys[2:]))
-        if not self.paths:
+            keys = tuple(str(k["key"]) for k in entry.get("key_metadata", []))
+            where = _param_path(keys)
+            if where is not None and where[0] >= found.get(where[1], (-1,))[0]:
+                found[where[1]] = (where[0], keys)
+        if not any(rank == 0 for rank, _ in found.values()):
             raise SourceError(f"{self.items}: no params/params arrays in this checkpoint")
+        self.paths: list[str] = list(found)
+        self.keys: dict[str, tuple[str, ...]] = {p: keys for p, (_, keys) in found.items()}   # where each is stored
         self.context = ts.Context({"cache_pool": {"total_bytes_limit": 0}})
         self._arrays: dict[str, ts.TensorStore] = {}
+        self._axes: dict[str, tuple[int, ...]] = {}
+
+    def stored_at(self, path: str) -> str:
+        """Where a parameter is stored in the state tree ('params/params/...', 'nnx_aux/model/...')."""
+        return "/".join(self.keys[path])
+
+    def read_transposed(self, path: str, axes: tuple[int, ...]) -> None:
+        """From now on present `path` with its axes in numpy's `transpose(axes)` order (an older layout read as
+        the current one); describe, array and read all see the transposed view."""
+        self._axes[path] = tuple(axes)
+        self._arrays.pop(path, None)
 
     @property
     def custom_metadata(self) -> dict:
@@ -398,13 +433,21 @@ class OrbaxCheckpoint:
         if path not in self._arrays:
             if path not in self.paths:
                 raise SourceError(f"{self.items}: the checkpoint has no parameter {path}")
-            driver = "zarr3" if self.opts.use_zarr3 else "zarr"
-            spec = {"driver": driver, "kvstore": kvstore_spec(self.items, param_name(path), self.opts), "open": True}
             try:
-                self._arrays[path] = ts.open(spec, context=self.context).result()
+                arr = self.open(path).result()
             except ValueError as exc:
                 raise SourceError(f"{self.items}: cannot open {path}: {str(exc).splitlines()[0]}") from None
+            if path in self._axes:
+                arr = arr[ts.d[self._axes[path]].transpose[tuple(range(arr.rank))]]
+            self._arrays[path] = arr
         return self._arrays[path]
+
+    def open(self, path: str) -> ts.Future:
+        """Start opening the array stored for `path`, as stored (no transposed view)."""
+        driver = "zarr3" if self.opts.use_zarr3 else "zarr"
+        spec = {"driver": driver, "kvstore": kvstore_spec(self.items, ".".join(self.keys[path]), self.opts),
+                "open": True}
+        return ts.open(spec, context=self.context)
 
     def describe(self, name: str) -> tuple[tuple[int, ...], np.dtype]:
         arr = self.array(name)

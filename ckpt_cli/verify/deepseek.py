@@ -542,9 +542,14 @@ def _notes(cfg: DeepseekConfig, seq_len: int) -> list[str]:
             "(the sparse attention equals dense causal attention)"
         )
     if cfg.n_group is not None:
+        maxtext = (
+            "MaxText 0.2.5 routes DeepSeek-V2 by a plain top-k (no groups)"
+            if cfg.version == "v2"
+            else "MaxText's DeepSeek configs default to n_routing_groups=-1 (off)"
+        )
         notes.append(
             f"group-limited routing (n_group {cfg.n_group}, topk_group {cfg.topk_group}) as the HF config asks; "
-            "MaxText's DeepSeek configs default to n_routing_groups=-1 (off)"
+            + maxtext
         )
     if cfg.version == "v2" and cfg.norm_topk_prob:
         notes.append("V2 norm_topk_prob=true renormalises the top-k weights (transformers' DeepseekV2 ignores it)")

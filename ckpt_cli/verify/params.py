@@ -1,7 +1,8 @@
 """A MaxText Orbax checkpoint as a `ParamSource` for the JAX forward: read one decoder layer at a time.
 
 Scanned checkpoints stack every per-layer leaf under `decoder/layers/<leaf>` with the layer on axis 1
-(maxtext-layout.md §1.3): layer i is the slice `[:, i]` of each of them. Unscanned checkpoints keep
+(maxtext-layout.md §1.3): layer i is the slice `[:, i]` of each of them; a non-parameter variable (DeepSeek-V3's
+router bias) has its layers on axis 0. Unscanned checkpoints keep
 `decoder/layers_<i>/<leaf>`. Top-level arrays (embedding, final norm, LM head) are read whole.
 Before any data is read, the checkpoint's tree is checked against the conversion plan for the config
 (every leaf present with its planned shape), so a wrong checkpoint fails with one line naming the leaf.
@@ -31,12 +32,16 @@ def detect_scan(ckpt: OrbaxCheckpoint) -> bool:
     return detect(ckpt)
 
 
-def check_tree(ckpt: OrbaxCheckpoint, family: Family, hf_config: dict, scan: bool) -> None:
+def check_tree(ckpt: OrbaxCheckpoint, family: Family, hf_config: dict, scan: bool) -> list[str]:
     """Every leaf the plan for this config writes exists with the planned shape (metadata only).
 
     The vocabulary axis of the embedding / LM head may be larger (MaxText pads it); extra leaves are allowed.
+    A leaf in an older ckpt layout (a variable stacked on axis 1) is read as planned; returns the note saying so.
     """
+    from ckpt_cli.to_hf import read_legacy_layouts
+
     plan = build_to_maxtext(family, hf_config, scan, np.dtype(np.float32))
+    notes = read_legacy_layouts(plan, ckpt)
     for t in plan.tensors:
         if t.target not in ckpt.paths:
             layout = "scanned" if scan else "unscanned"
@@ -49,13 +54,14 @@ def check_tree(ckpt: OrbaxCheckpoint, family: Family, hf_config: dict, scan: boo
             a == b for i, (a, b) in enumerate(zip(shape, want, strict=True)) if i != axis)
         if shape != want and not padded:
             raise ShapeMismatchError(f"{t.target}: the checkpoint has shape {shape}, the config implies {want}")
+    return notes
 
 
 class OrbaxParams:
     """ParamSource over an OrbaxCheckpoint; counts the bytes it reads and reports progress.
 
     Which arrays hold HF layer i comes from the family's own blocks (the same table the conversion
-    used), so every family and grouping works alike: `decoder/layers` (scanned, slice i on axis 1),
+    used), so every family and grouping works alike: `decoder/layers` (scanned, slice i on the rule's scan axis),
     `decoder/layers_<i>`, DeepSeek's `dense_layers`/`moe_layers` (the MoE index restarting at 0).
     """
 
@@ -75,8 +81,8 @@ class OrbaxParams:
                 leaves = self.layer_sources.setdefault(hf_layer, {})
                 for rule in block.rules:
                     path = f"{block.prefix}/{rule.maxtext}"
-                    leaves[rule.maxtext] = SourceSlice(path, index=(s,), axes=(1,)) if block.stacked else (
-                        SourceSlice(path))
+                    leaves[rule.maxtext] = SourceSlice(path, index=(s,), axes=(rule.scan_axis,)) if (
+                        block.stacked) else SourceSlice(path)
         self.num_layers = len(self.layer_sources)
 
     def _read(self, source: SourceSlice) -> np.ndarray:

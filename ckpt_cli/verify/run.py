@@ -280,7 +280,7 @@ def verify_logits(opts: VerifyOptions, note: Callable[[str], None] | None = None
     cfg = detect_family(cfg, model).model_config(cfg)
     family, fcfg = forward_config(cfg, model)
     scan = detect_scan(ckpt)
-    check_tree(ckpt, family, cfg, scan)
+    layout_notes = check_tree(ckpt, family, cfg, scan)
     prompts = _prompts(opts, hf_folder, golden, fcfg.vocab)
     token_text = TokenText.find(hf_folder)
     timings["setup"] = time.perf_counter() - t0
@@ -308,7 +308,7 @@ def verify_logits(opts: VerifyOptions, note: Callable[[str], None] | None = None
         f"{'scanned' if scan else 'unscanned'}, one layer at a time)")
     params = OrbaxParams(ckpt, family, cfg, scan, progress=progress)
     mt_logits, notes = maxtext_forward(params, fcfg, prompts, opts.dtype)
-    notes = [*family.check_config(cfg), *notes]   # what MaxText computes differently from HF, e.g. no sliding window
+    notes = [*layout_notes, *family.check_config(cfg), *notes]   # layout notes; what MaxText computes differently
     timings["maxtext"] = time.perf_counter() - t
 
     vocab = min(fcfg.vocab, min(r.shape[-1] for r in ref_logits))

@@ -14,6 +14,7 @@ from safetensors.numpy import load_file, save_file
 from ckpt_cli import engine, registry
 from ckpt_cli.convert import ToMaxTextOptions, hf_to_maxtext
 from ckpt_cli.dtypes import output_dtype
+from ckpt_cli.errors import ConfigMismatchError
 from ckpt_cli.families import detect_family
 from ckpt_cli.io.orbax import OrbaxCheckpoint
 from ckpt_cli.plan import build_to_hf, build_to_maxtext
@@ -135,8 +136,10 @@ def expected_tree(hf: dict, cfg: dict, scan: bool, mtp: bool = False) -> dict[st
         per = [expected_layer(hf, cfg, i) for i in layers]
         for leaf in per[0]:
             if scan:
-                # experts keep axis 0 and the layer axis goes to 1; everything else: layer axis at 1
-                tree[f"decoder/{group}/{leaf}"] = np.stack([lay[leaf] for lay in per], axis=1)
+                # experts keep axis 0 and the layer axis goes to 1; everything else: layer axis at 1, except
+                # the router bias, a non-parameter variable in MaxText 0.2.5: layer axis at 0, (Lm, X)
+                axis = 0 if leaf.endswith("gate/bias") else 1
+                tree[f"decoder/{group}/{leaf}"] = np.stack([lay[leaf] for lay in per], axis=axis)
             else:
                 for j, lay in enumerate(per):
                     tree[f"decoder/{group}_{j}/{leaf}"] = lay[leaf]
@@ -145,6 +148,7 @@ def expected_tree(hf: dict, cfg: dict, scan: bool, mtp: bool = False) -> dict[st
         tree["mtp_block/mtp_layer_1/mtp_1_embedding_norm/scale"] = f32(hf[p + "enorm.weight"])
         tree["mtp_block/mtp_layer_1/mtp_1_hidden_state_norm/scale"] = f32(hf[p + "hnorm.weight"])
         tree["mtp_block/mtp_layer_1/mtp_1_projection/kernel"] = f32(hf[p + "eh_proj.weight"]).T
+        tree["mtp_block/mtp_layer_1/mtp_1_final_norm/scale"] = f32(hf[p + "shared_head.norm.weight"])
         for leaf, value in expected_layer(hf, cfg | {"first_k_dense_replace": 0}, L).items():
             tree[f"mtp_block/mtp_layer_1/mtp_1_transformer_layer/{leaf}"] = value
     return tree
@@ -173,7 +177,8 @@ def test_tree_matches_spec(deepseek_models, tmp_path, kind, scan, dtype, sharded
     want = expected_tree(load_hf(src), cfg, scan)
     assert set(got) == set(want)
     for path, value in want.items():
-        assert_bits_equal(got[path], cast(value, dtype), path)
+        # the router bias is stored float32 whatever the output dtype (as the released checkpoints hold it)
+        assert_bits_equal(got[path], cast(value, "f32" if path.endswith("gate/bias") else dtype), path)
     if scan:
         wi0 = got["decoder/moe_layers/DeepSeekMoeBlock_0/MoeBlock_0/wi_0"]
         assert wi0.shape == (4, 2, 64, 32)   # (X, Lm, E, M): experts on 0, layers on 1
@@ -259,15 +264,15 @@ def test_mtp_layer_converts_and_round_trips(deepseek_models, tmp_path, scan):
     want = expected_tree(load_hf(src), cfg, scan, mtp=True)
     assert set(got) == set(want)
     for path, value in want.items():
-        assert_bits_equal(got[path], cast(value, "bf16"), path)
+        assert_bits_equal(got[path], cast(value, "f32" if path.endswith("gate/bias") else "bf16"), path)
     # And back: every converted MTP tensor returns bit-identical.
     ckpt = OrbaxCheckpoint(tmp_path / "mtp")
     plan = build_to_hf(detect_family(cfg), cfg, scan, output_dtype("bf16"), frozenset({"mtp"}))
     writer = DictWriter()
     engine.execute(plan, ckpt, writer)
     original = load_hf(src)
-    shared = {f"model.layers.{cfg['num_hidden_layers']}.{s}" for s in
-              ("embed_tokens.weight", "shared_head.norm.weight", "shared_head.head.weight")}
+    shared = {f"model.layers.{cfg['num_hidden_layers']}.{s}" for s in ("embed_tokens.weight",
+                                                                      "shared_head.head.weight")}
     assert set(writer.arrays) == set(original) - shared
     for name, value in writer.arrays.items():
         assert_bits_equal(value, original[name], name)
@@ -382,7 +387,7 @@ V2_LITE = {
 def v3_golden(v32: bool) -> dict:
     g = {"decoder-decoder_norm-scale": (7168,), "decoder-logits_dense-kernel": (7168, 129280),
          "token_embedder-embedding": (129280, 7168),
-         "decoder-moe_layers-DeepSeekMoeBlock_0-MoeBlock_0-gate-bias": (256, 58),
+         "decoder-moe_layers-DeepSeekMoeBlock_0-MoeBlock_0-gate-bias": (58, 256),
          "decoder-moe_layers-DeepSeekMoeBlock_0-MoeBlock_0-gate-kernel": (7168, 58, 256),
          "decoder-moe_layers-DeepSeekMoeBlock_0-MoeBlock_0-wi_0": (256, 58, 7168, 2048),
          "decoder-moe_layers-DeepSeekMoeBlock_0-MoeBlock_0-wi_1": (256, 58, 7168, 2048),
@@ -423,14 +428,41 @@ def test_plan_equals_appendix_a(model, golden):
         path = key.replace("-", "/")
         for group, count in (("dense_layers", ld), ("moe_layers", cfg["num_hidden_layers"] - ld)):
             if path.startswith(f"decoder/{group}/"):
+                axis = 0 if key.endswith("gate-bias") else 1     # the router bias stacks its layers on axis 0
                 for j in (0, count - 1):
                     unscanned_path = path.replace(f"decoder/{group}/", f"decoder/{group}_{j}/")
-                    assert unscanned[unscanned_path] == shape[:1] + shape[2:]
+                    assert unscanned[unscanned_path] == shape[:axis] + shape[axis + 1:]
                 break
         else:
             assert unscanned[path] == shape
     params = sum(math.prod(s) for s in golden.values())
     assert params == {"deepseek2-16b": 15_706_484_224}.get(model, params)
+
+
+def test_deepseek2_236b_plan():
+    """DeepSeek-V2 (MaxText 0.2.5's deepseek2-236b.yml, the released config): E 5120, 128 heads, q_lora_rank 1536,
+    160 routed + 2 shared experts of 1536, 1 dense layer of 12288 then 59 MoE layers; no router bias (V2);
+    235.7e9 parameters."""
+    spec = registry.lookup("deepseek2-236b")
+    assert spec.repo_id == "deepseek-ai/DeepSeek-V2" and spec.config["model_type"] == "deepseek_v2"
+    cfg = registry.reference_config("deepseek2-236b")
+    shapes = {t.target: t.shape for t in build_to_maxtext(detect_family(cfg), cfg, True, output_dtype("bf16")).tensors}
+    moe = "decoder/moe_layers/"
+    assert shapes[moe + "self_attention/wq_a/kernel"] == (5120, 59, 1536)
+    assert shapes[moe + "self_attention/wq_b/kernel"] == (1536, 59, 128, 192)
+    assert shapes[moe + "DeepSeekMoeBlock_0/MoeBlock_0/wi_0"] == (160, 59, 5120, 1536)
+    assert shapes[moe + "DeepSeekMoeBlock_0/shared_experts/wo/kernel"] == (3072, 59, 5120)
+    assert shapes["decoder/dense_layers/mlp/wi_0/kernel"] == (5120, 1, 12288)
+    assert not any(p.endswith("gate/bias") for p in shapes)
+    assert sum(math.prod(s) for s in shapes.values()) == 235_741_434_880
+    unscanned = build_to_maxtext(detect_family(cfg), cfg, False, output_dtype("bf16"))
+    assert sum(math.prod(t.shape) for t in unscanned.tensors) == 235_741_434_880
+    notes = build_to_maxtext(detect_family(cfg), cfg, True, output_dtype("bf16")).notes
+    assert any("group-limited greedy routing (n_group 8, topk_group 3)" in n for n in notes)   # MaxText: plain top-k
+    lite = registry.reference_config("deepseek2-16b")
+    assert not build_to_maxtext(detect_family(lite), lite, True, output_dtype("bf16")).notes   # greedy: no groups
+    with pytest.raises(ConfigMismatchError, match="hidden_size"):
+        registry.check_against(spec, lite, detect_family(lite).reference_keys)
 
 
 def test_model_name_resolves_to_repo():

@@ -62,10 +62,28 @@ def test_deepseek_layer_swap_is_caught(deepseek_sources, tmp_path):
     for path in ckpt.paths:
         if path.startswith("decoder/moe_layers/"):
             arr = ckpt.array(path)
-            a, b = arr[:, 0].read().result(), arr[:, 1].read().result()
-            arr[:, 0].write(b).result()
-            arr[:, 1].write(a).result()
+            first, second = (arr[0], arr[1]) if path.endswith("gate/bias") else (arr[:, 0], arr[:, 1])  # bias (Lm, X)
+            a, b = first.read().result(), second.read().result()
+            first.write(b).result()
+            second.write(a).result()
             assert not np.array_equal(a, b)
     result = verify_logits(VerifyOptions(maxtext=out, hf=str(src), tokens=[tuple(range(3, 30))], max_kl=1e-6,
                                          dtype="f32", hf_load="full"))
     assert not result.passed and result.kl_max > 1e-4
+
+
+@pytest.mark.parametrize("layout", ["old", "nnx_training", "linen_collection"])
+def test_router_bias_read_in_every_layout(deepseek_sources, tmp_path, layout):
+    """The scanned V3 router bias in the (X, Lm) layout earlier ckpt versions wrote (with a note), or where MaxText
+    0.2.5 itself saves it (nnx_aux/model/..., params/MoEBiasVar/...): the forward reads it and matches."""
+    from tests.families import test_deepseek_router_bias as bias
+
+    src = deepseek_sources("v3")
+    hf_to_maxtext(str(src), tmp_path / "mt", ToMaxTextOptions(scan_layers=True, dtype="f32"))
+    change = {"old": bias.old_layout, "nnx_training": bias.nnx_training,
+              "linen_collection": bias.linen_collection}[layout]
+    saved = bias.resave(tmp_path / "mt", tmp_path / "saved", change)
+    result = verify_logits(VerifyOptions(maxtext=saved, hf=str(src), tokens=[tuple(range(3, 30))], max_kl=1e-6,
+                                         dtype="f32", hf_load="full"))
+    assert result.passed and result.kl_max < 1e-6, result.verdict()
+    assert any("earlier ckpt versions" in n for n in result.notes) is (layout == "old")
