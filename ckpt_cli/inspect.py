@@ -150,13 +150,11 @@ def open_orbax(path: Path) -> Target:
     """An Orbax checkpoint's tree from its metadata: shapes, dtypes and chunk shapes, no array data."""
     import tensorstore as ts
 
-    from ckpt_cli.io.orbax import OrbaxCheckpoint, kvstore_spec, param_name
+    from ckpt_cli.io.orbax import OrbaxCheckpoint
     from ckpt_cli.to_hf import detect_scan
 
     ckpt = OrbaxCheckpoint(path)
-    driver = "zarr3" if ckpt.opts.use_zarr3 else "zarr"
-    futures = {p: ts.open({"driver": driver, "kvstore": kvstore_spec(ckpt.items, param_name(p), ckpt.opts),
-                           "open": True}, context=ckpt.context) for p in ckpt.paths}
+    futures = {p: ts.open(ckpt.array_spec(p), context=ckpt.context) for p in ckpt.paths}
     leaves = []
     for p in sorted(ckpt.paths):
         try:

@@ -17,7 +17,7 @@ from ckpt_cli import registry
 from ckpt_cli.errors import SourceError
 from ckpt_cli.io import mxfp4
 from ckpt_cli.io.remote import RemoteRepo, hub_errors, is_offline
-from ckpt_cli.io.safetensors import SafetensorsFolder
+from ckpt_cli.io.safetensors import SafetensorsFolder, regular_file
 from ckpt_cli.plan import SourceSlice
 
 
@@ -35,14 +35,17 @@ class HFSource:
 
 
 def load_config(folder: Path) -> dict:
+    """A folder's config.json: a regular file holding a JSON object, or a one-line SourceError."""
     path = folder / "config.json"
     if not path.exists():
         raise SourceError(f"{folder}: no config.json")
+    regular_file(path, "config.json")
     try:
         cfg = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise SourceError(f"{path}: not valid JSON ({exc})") from None
-    # Multimodal wrappers nest the text model; plain causal LMs are flat.
+    if not isinstance(cfg, dict):
+        raise SourceError(f"{path}: not a config object (found a JSON {type(cfg).__name__})")
     return cfg
 
 

@@ -24,6 +24,7 @@ import tensorstore as ts
 from ckpt_cli.dtypes import dtype_name
 from ckpt_cli.errors import OutputError, SourceError
 from ckpt_cli.io.durable import fsync_path, fsync_tree
+from ckpt_cli.io.safetensors import regular_file
 from ckpt_cli.io.writeback import NewFiles, Writeback
 from ckpt_cli.plan import write_key
 
@@ -365,24 +366,38 @@ class OrbaxCheckpoint:
 
     def __init__(self, path: Path):
         self.items = find_items_dir(Path(path))
+        regular_file(self.items / "_METADATA", "Orbax _METADATA")
         try:
             self.metadata = json.loads((self.items / "_METADATA").read_text())
-        except (OSError, json.JSONDecodeError) as exc:
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise SourceError(f"{self.items}: unreadable Orbax _METADATA ({exc})") from None
+        if not isinstance(self.metadata, dict):
+            raise SourceError(f"{self.items}: unreadable Orbax _METADATA (not a JSON object)")
         self.opts = StorageOptions(use_ocdbt=bool(self.metadata.get("use_ocdbt", True)),
                                    use_zarr3=bool(self.metadata.get("use_zarr3", False)))
         step_meta = self.items.parent / "_CHECKPOINT_METADATA"
         self.step_metadata: dict = {}
         if step_meta.exists():
+            regular_file(step_meta, "_CHECKPOINT_METADATA")
             try:
                 self.step_metadata = json.loads(step_meta.read_text())
-            except json.JSONDecodeError:
+            except (UnicodeDecodeError, json.JSONDecodeError):
+                self.step_metadata = {}
+            if not isinstance(self.step_metadata, dict):
                 self.step_metadata = {}
         self.paths: list[str] = []
-        for entry in self.metadata.get("tree_metadata", {}).values():
-            keys = tuple(k["key"] for k in entry.get("key_metadata", []))
+        try:
+            entries = list(self.metadata.get("tree_metadata", {}).values())
+            keys_of = [tuple(str(k["key"]) for k in e.get("key_metadata", [])) for e in entries]
+        except (AttributeError, KeyError, TypeError):
+            raise SourceError(f"{self.items}: unreadable Orbax _METADATA (not a tree of key_metadata)") from None
+        for keys in keys_of:
             if keys[:2] == ROOT_KEYS and len(keys) > 2:
-                self.paths.append("/".join(str(k) for k in keys[2:]))
+                bad = [k for k in keys if not k or k in (".", "..") or "/" in k or "\\" in k or "\0" in k]
+                if bad:     # each key names a directory of the items dir: it must stay inside
+                    raise SourceError(f"{self.items}: _METADATA names parameter key {bad[0]!r}, which is not a "
+                                      "plain name: refused")
+                self.paths.append("/".join(keys[2:]))
         if not self.paths:
             raise SourceError(f"{self.items}: no params/params arrays in this checkpoint")
         self.context = ts.Context({"cache_pool": {"total_bytes_limit": 0}})
@@ -390,7 +405,8 @@ class OrbaxCheckpoint:
 
     @property
     def custom_metadata(self) -> dict:
-        return self.step_metadata.get("custom_metadata") or {}
+        value = self.step_metadata.get("custom_metadata")
+        return value if isinstance(value, dict) else {}
 
     @property
     def scan_layers(self) -> bool | None:
@@ -399,16 +415,28 @@ class OrbaxCheckpoint:
 
     @property
     def provenance(self) -> dict:
-        return self.custom_metadata.get("ckpt") or {}
+        value = self.custom_metadata.get("ckpt")
+        return value if isinstance(value, dict) else {}
+
+    @property
+    def strict_reads(self) -> bool:
+        """Whether a missing chunk is an error (else it reads as the fill value). Orbax records in `_METADATA`
+        whether it stored chunks equal to the fill value (ckpt and MaxText always do): then a missing chunk is
+        lost data. Only a writer that says it skipped them (`false`) may leave chunks out."""
+        return self.metadata.get("store_array_data_equal_to_fill_value", True) is not False
+
+    def array_spec(self, path: str) -> dict:
+        """The tensorstore spec opening one parameter for reads (missing chunks fail, see `strict_reads`)."""
+        driver = "zarr3" if self.opts.use_zarr3 else "zarr"
+        return {"driver": driver, "kvstore": kvstore_spec(self.items, param_name(path), self.opts), "open": True,
+                "fill_missing_data_reads": not self.strict_reads}
 
     def array(self, path: str) -> ts.TensorStore:
         if path not in self._arrays:
             if path not in self.paths:
                 raise SourceError(f"{self.items}: the checkpoint has no parameter {path}")
-            driver = "zarr3" if self.opts.use_zarr3 else "zarr"
-            spec = {"driver": driver, "kvstore": kvstore_spec(self.items, param_name(path), self.opts), "open": True}
             try:
-                self._arrays[path] = ts.open(spec, context=self.context).result()
+                self._arrays[path] = ts.open(self.array_spec(path), context=self.context).result()
             except ValueError as exc:
                 raise SourceError(f"{self.items}: cannot open {path}: {str(exc).splitlines()[0]}") from None
         return self._arrays[path]
@@ -428,10 +456,20 @@ class OrbaxCheckpoint:
         try:
             return arr[tuple(idx)].read().result()
         except ValueError as exc:
-            raise SourceError(f"{self.items}: cannot read {source.name}: {str(exc).splitlines()[0]}") from None
+            raise read_error(self.items, source.name, exc) from None
 
     def order_key(self, source) -> tuple:
         return (self.paths.index(source.name) if source.name in self.paths else 0, source.index, source.rows or ())
+
+
+def read_error(items: Path, path: str, exc: Exception) -> SourceError:
+    """The one-line error for a failed read of parameter `path` (a missing chunk named as such)."""
+    msg = str(exc).splitlines()[0]
+    if msg.startswith("NOT_FOUND") and "is missing" in msg:
+        chunk = msg.split("chunk ", 1)[1].split(" stored", 1)[0] if "chunk " in msg else "?"
+        return SourceError(f"{items}: array {path} is missing its chunk {chunk}: the checkpoint is incomplete "
+                           "(a chunk file was deleted or never written)")
+    return SourceError(f"{items}: cannot read {path}: {msg}")
 
 
 def find_items_dir(path: Path) -> Path:

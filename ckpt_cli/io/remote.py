@@ -25,6 +25,7 @@ from ckpt_cli.io.safetensors import (
     INDEX_NAME,
     MAX_HEADER_BYTES,
     TensorInfo,
+    inside,
     parse_header,
     read_header,
 )
@@ -125,7 +126,11 @@ class RemoteRepo:
                     weight_map = _load_json(index_path)["weight_map"]
                 except KeyError:
                     raise SourceError(f"{repo_id}: {INDEX_NAME} has no weight_map") from None
-                repo.shards = sorted(set(weight_map.values()))
+                if not isinstance(weight_map, dict):
+                    raise SourceError(f"{repo_id}: {INDEX_NAME} has no weight_map object")
+                repo.shards = sorted(set(map(str, weight_map.values())))
+                for shard in repo.shards:       # huggingface_hub refuses `..` with a traceback-worthy ValueError
+                    inside(Path(repo_id), shard, f"{repo_id}: {INDEX_NAME}")
                 missing = [s for s in repo.shards if s not in sizes]
                 if missing:
                     raise SourceError(f"{repo_id}: shard {missing[0]} named in {INDEX_NAME} is not in the repo")
@@ -232,6 +237,9 @@ def _rename(info: TensorInfo, shard: str) -> TensorInfo:
 
 def _load_json(path: Path) -> dict:
     try:
-        return json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError) as exc:
+        data = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise SourceError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise SourceError(f"{path}: not a JSON object (found a {type(data).__name__})")
+    return data
