@@ -185,11 +185,11 @@ def hf_to_maxtext(source_arg: str, out: Path, opts: ToMaxTextOptions, progress=N
                      + (" ..." if len(ignored) > 4 else ""))
     out = Path(out)
     key = progress_key(plan, source, opts)
-    done = read_progress(out, key, opts.storage) if opts.resume else None
+    done, why_not = read_progress(out, key, opts.storage) if opts.resume else (None, "")
     if opts.resume:
         notes.append(f"resuming: {len(done)} of {sum(len(t.tasks) for t in plan.tensors)} slice writes were "
                      f"already durable in {partial_dir(out)}" if done is not None else
-                     f"--resume: no interrupted run of this conversion in {partial_dir(out)}; starting afresh")
+                     f"--resume: {why_not}; starting afresh")
     elif partial_dir(out).exists():
         notes.append(f"an interrupted run's {partial_dir(out)} was removed (pass --resume to take it up)")
     stream = (remote_stream.ShardStream(reader.files, plan, reader, opts.max_disk, skip=done or frozenset())

@@ -24,7 +24,7 @@ import tensorstore as ts
 from ckpt_cli.dtypes import dtype_name
 from ckpt_cli.errors import OutputError, SourceError
 from ckpt_cli.io.durable import fsync_path, fsync_tree
-from ckpt_cli.io.safetensors import regular_file
+from ckpt_cli.io.safetensors import inside, regular_file
 from ckpt_cli.io.writeback import NewFiles, Writeback
 from ckpt_cli.plan import write_key
 
@@ -221,16 +221,18 @@ class OrbaxWriter:
         """Queue the manifest and the list of committed writes behind the data files they refer to."""
         self.since_snapshot = 0
         self.snapshots_queued += 1
-        progress = {"key": self.progress_key, "done": [*self.done, *self.committed]}
         files = {}
         if self.opts.use_ocdbt:
             files["manifest.ocdbt"] = self._manifest_bytes()
+        # No commit is in flight here: the files on disk are exactly those the committed writes made.
+        sizes = snapshot_files(self.items, skip=files) | {name: len(data) for name, data in files.items()}
+        progress = {"key": self.progress_key, "done": [*self.done, *self.committed], "files": sizes}
         self.writeback.snapshot(self.items, files)
         self.writeback.snapshot(self.tmp, {PROGRESS: json.dumps(progress).encode()})
 
     def _reopen(self) -> bool:
         """Take up an interrupted run's OUT.partial if its progress snapshot has our key."""
-        done = read_progress(self.out, self.progress_key, self.opts)
+        done, _ = read_progress(self.out, self.progress_key, self.opts)
         if done is None:
             return False
         if self.opts.use_ocdbt:
@@ -318,17 +320,45 @@ class OrbaxWriter:
         return False
 
 
-def read_progress(out: Path, key: str | None, opts: StorageOptions) -> set[tuple] | None:
-    """The writes an interrupted run left durable in OUT.partial, if its snapshot has this key; else None."""
+def read_progress(out: Path, key: str | None, opts: StorageOptions) -> tuple[set[tuple] | None, str]:
+    """The writes an interrupted run left durable in OUT.partial, if its snapshot has this key and every file
+    the snapshot names is still there with the size it recorded; else None and why not."""
     tmp = partial_dir(Path(out))
     try:
         progress = json.loads((tmp / PROGRESS).read_text())
-        has_manifest = (tmp / "0" / "items" / "manifest.ocdbt").stat().st_size > 0 if opts.use_ocdbt else True
-    except (OSError, ValueError):
-        return None
-    if key is None or progress.get("key") != key or not has_manifest:
-        return None
-    return {_as_key(k) for k in progress["done"]}
+        same = isinstance(progress, dict) and key is not None and progress.get("key") == key
+        done = {_as_key(k) for k in progress["done"]} if same else set()
+        files = progress.get("files") if same else None
+    except (OSError, ValueError, TypeError, KeyError, AttributeError, IndexError):
+        return None, f"no readable progress of an interrupted run in {tmp}"
+    if not same:
+        return None, f"{tmp} was left by a different conversion"
+    if not isinstance(files, dict) or (opts.use_ocdbt and "manifest.ocdbt" not in files):
+        return None, f"{tmp / PROGRESS} does not list the files it relies on"
+    items = tmp / "0" / "items"
+    for name, size in files.items():
+        try:
+            found = (items / inside(items, name, PROGRESS)).stat().st_size if isinstance(name, str) else None
+        except (OSError, SourceError):
+            found = None
+        if found != size:
+            return None, (f"{items / str(name)} is {'missing' if found is None else f'{found} bytes'}, the progress "
+                          f"snapshot recorded {size}")
+    return done, ""
+
+
+def snapshot_files(items: Path, skip: Iterable[str] = ()) -> dict[str, int]:
+    """Every file under the items directory, by relative path, with its size (a progress snapshot's record)."""
+    found: dict[str, int] = {}
+    for dirpath, _, names in os.walk(items):
+        for name in names:
+            rel = os.path.relpath(os.path.join(dirpath, name), items)
+            if rel not in skip and not name.endswith(".ckpt-tmp"):
+                try:
+                    found[rel] = os.stat(os.path.join(dirpath, name)).st_size
+                except FileNotFoundError:
+                    pass
+    return found
 
 
 def _as_key(key: list) -> tuple:

@@ -56,7 +56,8 @@ def resolve_tokenizer(source: str, revision: str | None = None) -> tuple[dict[st
     return files, gen if gen.is_file() else None
 
 
-def carried_files(folder: Path, names: tuple[str, ...] = (*KNOWN_TOKENIZER_FILES, GENERATION_CONFIG)) -> dict[str, Path]:
+def carried_files(folder: Path,
+                  names: tuple[str, ...] = (*KNOWN_TOKENIZER_FILES, GENERATION_CONFIG)) -> dict[str, Path]:
     """The files among `names` that `folder` holds as regular files, never through a symbolic link that leads
     out of it. For the folder a checkpoint's metadata names (which a shared checkpoint controls): a link out
     of it could make the copy pick up any local file. A hub-cache snapshot's links into its own repo's blobs
