@@ -168,13 +168,14 @@ def test_a_data_file_missing_or_cut_means_a_fresh_start(hf_models, tmp_path, mon
     out = tmp_path / "mt"
     storage = orbax_io.StorageOptions(use_ocdbt=ocdbt)
     interrupted(src, out, monkeypatch, storage=storage)
-    files = json.loads((partial_dir(out) / PROGRESS).read_text())["files"]
-    name = max((n for n in files if n != "manifest.ocdbt" and not n.endswith("zarr.json")), key=files.get)
-    data = partial_dir(out) / "0" / "items" / name
+    items = partial_dir(out) / "0" / "items"
+    # the oldest data file: written by the first commit, so the snapshot relies on it
+    data = min((p for p in items.rglob("*") if p.is_file() and p.name not in ("manifest.ocdbt", "zarr.json")),
+               key=lambda p: p.stat().st_mtime_ns)
     if damage == "deleted":
         data.unlink()
     else:
-        os.truncate(data, files[name] // 2)
+        os.truncate(data, data.stat().st_size // 2)
     result = hf_to_maxtext(str(src), out, ToMaxTextOptions(storage=storage, resume=True))
     assert "resumed_tasks" not in result.stats.extra
     note = next(n for n in result.notes if n.startswith("--resume: "))
