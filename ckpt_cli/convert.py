@@ -79,8 +79,9 @@ def check_layer_count(source: hf.HFSource, allow_unused: bool = False) -> None:
         raise SourceError(f"config.json declares {declared} layers, but the files hold {held} "
                           f"(model.layers.0-{held - 1}): the config does not describe these files")
     if held > expected and not allow_unused:
-        raise SourceError(f"config.json declares {declared} layers, but the files hold {held}: layers "
-                          f"{expected}-{held - 1} would be dropped; pass --allow-unused if that is meant")
+        dropped = f"layer {expected}" if held - expected == 1 else f"layers {expected}-{held - 1}"
+        raise SourceError(f"config.json declares {declared} layer(s), but the files hold {held}: {dropped} would be "
+                          "dropped; pass --allow-unused if that is meant")
 
 
 def plan_to_maxtext(source: hf.HFSource, opts: ToMaxTextOptions) -> ConversionPlan:

@@ -60,6 +60,8 @@ def resolve_architecture(ckpt: OrbaxCheckpoint, model: str | None, hf_config: Pa
     if hf_config is not None:
         cfg, origin = load_hf_config(hf_config), f"--hf-config {hf_config}"
     elif carried:
+        if not isinstance(carried, dict):
+            raise SourceError(f"{ckpt.items}: the config.json carried in _CHECKPOINT_METADATA is not a config object")
         cfg, origin = dict(carried), "carried"
     elif spec is not None:
         cfg, origin = registry.reference_config(spec.name), f"--model {spec.name}"

@@ -237,7 +237,7 @@ def test_bad_safetensors_header_is_one_line(model, tmp_path, case):
 def test_bad_safetensors_header_on_the_hub_is_one_line(model, tmp_path, fake_hub, case):  # noqa: F811
     hub, _ = fake_hub
     hub.add_repo("org/bad", bad_header_model(model, tmp_path / "repo", case))
-    refused(["inspect", "org/bad"], 2, "model.safetensors", HEADER_CASES[case][1], source=tmp_path / "repo")
+    refused(["inspect", "org/bad"], 2, "org/bad/model.safetensors: ", HEADER_CASES[case][1], source=tmp_path / "repo")
 
 
 # ------------------------------------------------------------------ 9: names in metadata stay inside the folder
@@ -386,7 +386,7 @@ CONFIG_CASES = {
     "dim-string": ({"hidden_size": "64"}, "hidden_size must be an integer, found '64' (str)"),
     "dim-float": ({"intermediate_size": 128.0}, "intermediate_size must be an integer, found 128.0 (float)"),
     "layers-absurd": ({"num_hidden_layers": 10_000_000}, "declares 10000000 layers, but the files hold 2"),
-    "layers-fewer": ({"num_hidden_layers": 1}, "pass --allow-unused"),
+    "layers-fewer": ({"num_hidden_layers": 1}, "layer 1 would be dropped; pass --allow-unused"),
 }
 
 

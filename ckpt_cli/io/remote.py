@@ -250,7 +250,12 @@ class RemoteRepo:
             if n > MAX_HEADER_BYTES or (size is not None and 8 + n > size):
                 raise SourceError(f"{self.repo_id}/{shard} is not safetensors (header length {n})")
             raw = retried(self._range, shard, 8, n)
-        return parse_header(raw_len, raw, Path(shard), size)
+        try:
+            return parse_header(raw_len, raw, Path(shard), size)
+        except SourceError as exc:
+            msg = str(exc)
+            raise SourceError(f"{self.repo_id}/{msg}" if msg.startswith(shard) else
+                              f"{self.repo_id}/{shard}: {msg}") from None
 
     def _range(self, shard: str, offset: int, nbytes: int) -> bytes:
         """Exactly `nbytes` at `offset` of a repo file, streamed: never more, even if Range is ignored."""
