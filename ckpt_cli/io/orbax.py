@@ -338,7 +338,7 @@ def read_progress(out: Path, key: str | None, opts: StorageOptions) -> tuple[set
     items = tmp / "0" / "items"
     for name, size in files.items():
         try:
-            found = (items / inside(items, name, PROGRESS)).stat().st_size if isinstance(name, str) else None
+            found = inside(items, name, PROGRESS).stat().st_size
         except (OSError, SourceError):
             found = None
         if found != size:
