@@ -87,7 +87,7 @@ def check_layer_count(source: hf.HFSource, allow_unused: bool = False) -> None:
 def plan_to_maxtext(source: hf.HFSource, opts: ToMaxTextOptions) -> ConversionPlan:
     """The plan for a resolved HF source, with the config checked against --model when given."""
     family = detect_family(source.config)
-    check_layer_count(source, getattr(opts, "allow_unused", False))
+    check_layer_count(source, opts.allow_unused)
     model_name = opts.model or source.model_name
     if model_name:
         spec = registry.lookup(model_name)
