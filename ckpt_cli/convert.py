@@ -8,6 +8,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import shutil
 from collections.abc import Collection
 from dataclasses import dataclass, field
@@ -19,9 +20,11 @@ from ckpt_cli import __version__, engine, registry
 from ckpt_cli.dtypes import output_dtype
 from ckpt_cli.errors import ConfigMismatchError, DiskFull, Interrupted, OutputError, SourceError
 from ckpt_cli.families import detect_family, family_named
+from ckpt_cli.families.base import config_int
 from ckpt_cli.io import hf, outdir, remote_stream
 from ckpt_cli.io.orbax import OrbaxWriter, StorageOptions, read_progress
 from ckpt_cli.io.outdir import partial_dir
+from ckpt_cli.io.safetensors import SafetensorsFolder
 from ckpt_cli.plan import ConversionPlan, build_to_maxtext, rename_sources
 
 
@@ -40,6 +43,7 @@ class ToMaxTextOptions:
     mtp: bool = False               # DeepSeek-V3: also convert the multi-token-prediction layer
     max_disk: int | None = None     # repo sources: most local bytes the downloaded shards may take at once
     resume: bool = False            # take up an interrupted run's OUT.partial when it was the same conversion
+    allow_unused: bool = False      # a config declaring fewer layers than the files hold is meant (else refused)
 
 
 @dataclass
@@ -51,8 +55,39 @@ class Result:
     notes: list[str]
 
 
+_LAYER_NAME = re.compile(r"(?:^|\.)(?:model|language_model)\.layers\.(\d+)\.")
+
+
+def check_layer_count(source: hf.HFSource, allow_unused: bool = False) -> None:
+    """The config's decoder layer count against the layers the source's files hold (headers only), before
+    anything is built per layer: more layers than the files hold is refused at once (a config saying
+    10,000,000 layers never allocates a plan), fewer is refused unless `allow_unused` says it is meant."""
+    family = detect_family(source.config)
+    cfg = family.model_config(source.config)
+    if source.remote is not None:
+        names: Collection[str] = source.remote.tensors
+    elif any(Path(source.folder).glob("*.safetensors")):
+        names = SafetensorsFolder(source.folder).tensors
+    else:
+        return                  # e.g. .bin weights for --load-method transformers: nothing to count cheaply
+    found = {int(m.group(1)) for n in names if (m := _LAYER_NAME.search(n))}
+    if not found:
+        return
+    declared = config_int(cfg, "num_hidden_layers")
+    held = max(found) + 1
+    expected = declared + family.extra.get("extra_layers", lambda c: 0)(cfg)
+    if held < declared:
+        raise SourceError(f"config.json declares {declared} layers, but the files hold {held} "
+                          f"(model.layers.0-{held - 1}): the config does not describe these files")
+    if held > expected and not allow_unused:
+        dropped = f"layer {expected}" if held - expected == 1 else f"layers {expected}-{held - 1}"
+        raise SourceError(f"config.json declares {declared} layer(s), but the files hold {held}: {dropped} would be "
+                          "dropped; pass --allow-unused if that is meant")
+
+
 def plan_to_maxtext(source: hf.HFSource, opts: ToMaxTextOptions) -> ConversionPlan:
     """The plan for a resolved HF source, with the config checked against --model when given."""
+    check_layer_count(source, opts.allow_unused)
     model_name = opts.model or source.model_name
     family = detect_family(source.config, model_name)
     if model_name:
@@ -179,11 +214,11 @@ def _hf_to_maxtext(source: hf.HFSource, out: Path, opts: ToMaxTextOptions, progr
         notes.append(f"{len(ignored)} source tensor(s) not used: {', '.join(ignored[:4])}"
                      + (" ..." if len(ignored) > 4 else ""))
     key = progress_key(plan, source, opts)
-    done = read_progress(out, key, opts.storage) if opts.resume else None
+    done, why_not = read_progress(out, key, opts.storage) if opts.resume else (None, "")
     if opts.resume:
         notes.append(f"resuming: {len(done)} of {sum(len(t.tasks) for t in plan.tensors)} slice writes were "
                      f"already durable in {partial_dir(out)}" if done is not None else
-                     f"--resume: no interrupted run of this conversion in {partial_dir(out)}; starting afresh")
+                     f"--resume: {why_not}; starting afresh")
     elif partial_dir(out).exists():
         notes.append(f"an interrupted run's {partial_dir(out)} was removed (pass --resume to take it up)")
     stream = (remote_stream.ShardStream(reader.files, plan, reader, opts.max_disk, skip=done or frozenset())
@@ -261,18 +296,21 @@ def plan_to_hf(ckpt, opts: ToHFOptions):
 def hf_side_files(ckpt, arch, opts: ToHFOptions, notes: list[str]) -> tuple[dict[str, Path], dict | Path | None]:
     """Tokenizer files and generation config for the output: from --tokenizer, else the carried source folder."""
     from ckpt_cli import to_hf
-    from ckpt_cli.io.tokenizer import GENERATION_CONFIG, resolve_tokenizer, tokenizer_files
+    from ckpt_cli.io.tokenizer import GENERATION_CONFIG, carried_files, resolve_tokenizer
 
     tokenizer: dict[str, Path] = {}
     generation: dict | Path | None = None
-    folder = to_hf.source_folder(ckpt)
+    folder, why_not = to_hf.source_folder(ckpt)
     if folder is not None:
-        tokenizer = tokenizer_files(folder)
-        if (folder / GENERATION_CONFIG).is_file():
-            generation = folder / GENERATION_CONFIG
+        tokenizer = carried_files(folder)
+        generation = tokenizer.pop(GENERATION_CONFIG, None)
     if opts.tokenizer:
         tokenizer, gen = resolve_tokenizer(opts.tokenizer)
         generation = generation or gen
+    elif why_not:
+        notes.append(why_not)
+    elif tokenizer:
+        notes.append(f"tokenizer files copied from {folder}: {', '.join(sorted(tokenizer))}")
     if not tokenizer:
         notes.append("no tokenizer files written (pass --tokenizer PATH_OR_REPO to copy them)")
     return tokenizer, generation or to_hf.derived_generation_config(arch.config)

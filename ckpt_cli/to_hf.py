@@ -17,7 +17,7 @@ import numpy as np
 
 from ckpt_cli import registry
 from ckpt_cli.dtypes import dtype_name, is_float
-from ckpt_cli.errors import ConfigMismatchError, ShapeMismatchError, SourceError
+from ckpt_cli.errors import CkptError, ConfigMismatchError, ShapeMismatchError, SourceError
 from ckpt_cli.families import Family, detect_family
 from ckpt_cli.io.orbax import OrbaxCheckpoint
 from ckpt_cli.plan import ConversionPlan, TensorPlan
@@ -60,6 +60,8 @@ def resolve_architecture(ckpt: OrbaxCheckpoint, model: str | None, hf_config: Pa
     if hf_config is not None:
         cfg, origin = load_hf_config(hf_config), f"--hf-config {hf_config}"
     elif carried:
+        if not isinstance(carried, dict):
+            raise SourceError(f"{ckpt.items}: the config.json carried in _CHECKPOINT_METADATA is not a config object")
         cfg, origin = dict(carried), "carried"
     elif spec is not None:
         cfg, origin = registry.reference_config(spec.name), f"--model {spec.name}"
@@ -213,11 +215,23 @@ def derived_generation_config(cfg: dict) -> dict | None:
     return {"_from_model_config": True, **ids}
 
 
-def source_folder(ckpt: OrbaxCheckpoint) -> Path | None:
-    """The local folder hf-to-maxtext read from, when it still exists (for tokenizer and generation files)."""
+def source_folder(ckpt: OrbaxCheckpoint) -> tuple[Path | None, str]:
+    """The local folder hf-to-maxtext read from (for tokenizer and generation files), when it still holds the
+    model the checkpoint was converted from: a config.json equal to the carried one. Else None and why not
+    (the metadata naming the folder is only as trustworthy as whoever shared the checkpoint)."""
     prov = ckpt.provenance
-    for key in ("source_folder", "source"):
-        value = prov.get(key)
-        if value and Path(value).is_dir():
-            return Path(value)
-    return None
+    value = prov.get("source_folder") or prov.get("source")
+    if not isinstance(value, str) or not value or not Path(value).is_dir():
+        return None, ""
+    folder = Path(value)
+    carried = prov.get("hf_config")
+    try:
+        size = (folder / "config.json").stat().st_size if (folder / "config.json").is_file() else -1
+        found = json.loads((folder / "config.json").read_text()) if 0 <= size < 1 << 20 else None
+        family = detect_family(found) if isinstance(found, dict) else None
+    except (OSError, UnicodeDecodeError, ValueError, CkptError):
+        found = family = None
+    if not carried or family is None or family.model_config(found) != carried:
+        return None, (f"tokenizer files not copied from {folder}: it no longer holds the config.json this "
+                      "checkpoint was converted from")
+    return folder, ""

@@ -488,7 +488,8 @@ def test_tokenizer_from_carried_source_folder(hf_models, tmp_path):
     mt = to_maxtext(src, tmp_path / "mt", True, "bf16")
     out = tmp_path / "hf"
     result = maxtext_to_hf(str(mt), out, ToHFOptions())
-    assert set(TOKENIZER_FILES) <= set(result.files) and not any("tokenizer" in n for n in result.notes)
+    assert set(TOKENIZER_FILES) <= set(result.files)
+    assert f"tokenizer files copied from {src}: {', '.join(TOKENIZER_FILES)}" in result.notes
     assert json.loads((out / "generation_config.json").read_text())["eos_token_id"] == 2
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import orbax.checkpoint as ocp
@@ -95,7 +96,7 @@ def test_resume_of_a_different_conversion_starts_afresh(hf_models, tmp_path, mon
     interrupted(src, out, monkeypatch, dtype="bf16")
     result = hf_to_maxtext(str(src), out, ToMaxTextOptions(dtype="f32", resume=True))
     assert "resumed_tasks" not in result.stats.extra
-    assert any("no interrupted run of this conversion" in n for n in result.notes)
+    assert any(n.startswith("--resume: ") and "different conversion" in n for n in result.notes)
     clean = tmp_path / "clean"
     hf_to_maxtext(str(src), clean, ToMaxTextOptions(dtype="f32"))
     assert_same_arrays(out, clean)
@@ -155,3 +156,30 @@ def test_a_snapshot_still_queued_at_the_interrupt_is_kept(hf_models, tmp_path, m
     monkeypatch.setattr(writeback, "_persist", real)
     result = hf_to_maxtext(str(src), out, ToMaxTextOptions(resume=True))
     assert result.stats.extra["resumed_tasks"] > 0
+
+
+@pytest.mark.parametrize("damage", ["deleted", "truncated"])
+@pytest.mark.parametrize("ocdbt", [True, False])
+def test_a_data_file_missing_or_cut_means_a_fresh_start(hf_models, tmp_path, monkeypatch, snapshots_often, damage,
+                                                        ocdbt):
+    """Issue 11 item 7: a data file of OUT.partial that the snapshot relies on, deleted or truncated, is noticed
+    before resuming (it was published as an unreadable checkpoint): a fresh start, naming the file."""
+    src = hf_models("qwen3", "bfloat16", sharded=True)
+    out = tmp_path / "mt"
+    storage = orbax_io.StorageOptions(use_ocdbt=ocdbt)
+    interrupted(src, out, monkeypatch, storage=storage)
+    items = partial_dir(out) / "0" / "items"
+    # the oldest data file: written by the first commit, so the snapshot relies on it
+    data = min((p for p in items.rglob("*") if p.is_file() and p.name not in ("manifest.ocdbt", "zarr.json")),
+               key=lambda p: p.stat().st_mtime_ns)
+    if damage == "deleted":
+        data.unlink()
+    else:
+        os.truncate(data, data.stat().st_size // 2)
+    result = hf_to_maxtext(str(src), out, ToMaxTextOptions(storage=storage, resume=True))
+    assert "resumed_tasks" not in result.stats.extra
+    note = next(n for n in result.notes if n.startswith("--resume: "))
+    assert note.endswith("starting afresh") and str(data) in note
+    clean = tmp_path / "clean"
+    hf_to_maxtext(str(src), clean, ToMaxTextOptions(storage=storage))
+    assert_same_arrays(out, clean)

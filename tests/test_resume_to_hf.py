@@ -327,3 +327,24 @@ def test_sigterm_keeps_progress_and_resume_finishes(mt, tmp_path):
     assert result.stats.extra["resumed_tasks"] == len(done)
     clean_run(src, tmp_path / "clean")
     assert hashes(out) == hashes(tmp_path / "clean")
+
+
+@pytest.mark.parametrize("damage", ["deleted", "truncated"])
+def test_a_shard_missing_or_shorter_than_the_snapshot_means_a_fresh_start(mt, tmp_path, monkeypatch,
+                                                                          snapshots_often, damage):
+    """Issue 11 item 7: a shard of OUT.partial deleted or cut below what the snapshot recorded is never
+    published as it is (it was: an unreadable checkpoint); the run starts afresh, naming the file."""
+    src = mt("qwen3")
+    out = tmp_path / "hf"
+    interrupted(src, out, monkeypatch, 10)
+    shard = max(partial_dir(out).glob("*.safetensors"), key=lambda p: p.stat().st_size)
+    if damage == "deleted":
+        shard.unlink()
+    else:
+        os.truncate(shard, shard.stat().st_size - 8)
+    result = maxtext_to_hf(str(src), out, opts(resume=True))
+    assert "resumed_tasks" not in result.stats.extra
+    note = next(n for n in result.notes if n.startswith("--resume: "))
+    assert note.endswith("starting afresh") and str(shard) in note
+    clean_run(src, tmp_path / "clean")
+    assert hashes(out) == hashes(tmp_path / "clean")

@@ -5,10 +5,13 @@ from __future__ import annotations
 import gc
 from typing import Annotated
 
-import typer
+from ckpt_cli.cli.startup import interrupts_exit
 
-from ckpt_cli import __version__
-from ckpt_cli.cli import convert, demo, inspect, plan, verify
+with interrupts_exit():     # Ctrl-C while the CLI's modules load: one line and exit 130
+    import typer
+
+    from ckpt_cli import __version__
+    from ckpt_cli.cli import convert, demo, inspect, plan, verify
 
 app = typer.Typer(
     name="ckpt", no_args_is_help=True, pretty_exceptions_enable=False, add_completion=True,
@@ -38,8 +41,9 @@ def root(
 def main() -> None:
     # Everything imported so far lives until exit: keep the cycle collector off it while converting, and
     # off everything at exit (interpreter teardown would otherwise traverse every object, ~0.2 s).
-    gc.freeze()
-    try:
-        app()
-    finally:
+    with interrupts_exit():
         gc.freeze()
+        try:
+            app()
+        finally:
+            gc.freeze()

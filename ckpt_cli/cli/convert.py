@@ -36,6 +36,7 @@ def hf_to_maxtext(
     workers: O.WorkersOpt = 2,
     mtp: O.MtpOpt = False,
     max_disk: O.MaxDiskOpt = None,
+    allow_unused: O.AllowUnusedOpt = False,
     resume: O.ResumeOpt = False,
     overwrite: O.OverwriteOpt = False,
     show_tensors: O.ShowTensorsOpt = False,
@@ -69,7 +70,7 @@ def hf_to_maxtext(
         model=model, scan_layers=scan, dtype=dtype, load_method=load_method, revision=revision,
         storage=StorageOptions(use_ocdbt=ocdbt, use_zarr3=zarr3, compression=compression),
         overwrite=overwrite, workers=workers, mtp=mtp, max_disk=parse_size(max_disk) if max_disk else None,
-        resume=resume)
+        resume=resume, allow_unused=allow_unused)
 
     with outp.bytes_progress("hf → maxtext") as progress:
         result = convert.hf_to_maxtext(source, Path(out), opts, progress=progress,

@@ -31,3 +31,6 @@ MaxDiskOpt = Annotated[str | None, typer.Option(
     "--max-disk", help="Hub repos: most local disk the downloaded shards may take at once (e.g. 20GB). Shards then "
                        "go to a private directory beside --out and each is deleted once converted; default: the "
                        "hub cache, kept for the next run.")]
+AllowUnusedOpt = Annotated[bool, typer.Option(
+    "--allow-unused", help="Convert although config.json declares fewer decoder layers than the files hold (the "
+                           "extra layers are dropped); without it that is refused as a mismatched config.")]

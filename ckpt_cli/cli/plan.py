@@ -49,6 +49,7 @@ def plan_hf_to_maxtext(
     workers: O.WorkersOpt = 2,
     mtp: O.MtpOpt = False,
     max_disk: O.MaxDiskOpt = None,
+    allow_unused: O.AllowUnusedOpt = False,
     overwrite: O.OverwriteOpt = False,
     read_gbps: ReadGbpsOpt = None,
     write_gbps: WriteGbpsOpt = None,
@@ -77,7 +78,8 @@ def plan_hf_to_maxtext(
     opts = convert.ToMaxTextOptions(
         model=model, scan_layers=scan, dtype=dtype, revision=revision,
         storage=StorageOptions(use_ocdbt=ocdbt, use_zarr3=zarr3, compression=compression),
-        overwrite=overwrite, workers=workers, mtp=mtp, max_disk=parse_size(max_disk) if max_disk else None)
+        overwrite=overwrite, workers=workers, mtp=mtp, max_disk=parse_size(max_disk) if max_disk else None,
+        allow_unused=allow_unused)
     plan, src, notes = pricing.plan_hf_to_maxtext(source, opts)
     if compression == "zstd":
         notes.append("zstd: output bytes are the uncompressed upper bound (bf16 weights shrink ~10%)")

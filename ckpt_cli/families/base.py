@@ -149,18 +149,26 @@ def uniform_blocks(rules: tuple[Rule, ...], num_layers: int, scan: bool, scanned
     return [Block(unscanned_prefix.format(i=i), (hf,), False, rules) for i, hf in enumerate(layers)]
 
 
-def config_int(cfg: dict, key: str, default: int | None = None) -> int:
-    """An integer field of an HF config, or a SourceError naming it."""
+def config_int(cfg: dict, key: str, default: int | None = None, minimum: int = 1) -> int:
+    """An integer field of an HF config (a JSON integer, at least `minimum`), or a SourceError naming it.
+
+    Strings and floats are refused rather than converted: they would be carried as they are into the
+    output config.json, which transformers then rejects.
+    """
     value = cfg.get(key, default)
     if value is None:
         raise SourceError(f"config.json has no {key}")
-    return int(value)
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise SourceError(f"config.json: {key} must be an integer, found {value!r} ({type(value).__name__})")
+    if value < minimum:
+        raise SourceError(f"config.json: {key} must be at least {minimum}, found {value}")
+    return value
 
 
 def head_dim(cfg: dict) -> int:
     """`head_dim` when present, else hidden_size / num_attention_heads."""
-    if cfg.get("head_dim"):
-        return int(cfg["head_dim"])
+    if cfg.get("head_dim") is not None:
+        return config_int(cfg, "head_dim")
     return config_int(cfg, "hidden_size") // config_int(cfg, "num_attention_heads")
 
 

@@ -90,9 +90,9 @@ def dims(cfg: dict) -> Dims:
         "F": config_int(cfg, "intermediate_size"), "M": config_int(cfg, "moe_intermediate_size"),
         "X": config_int(cfg, "n_routed_experts"), "C": config_int(cfg, "kv_lora_rank"), "Q": int(q_lora),
         "Dn": dn, "R": dr, "Dv": dv, "Dq": dn + dr, "Dkv": dn + dv,
-        "Ld": config_int(cfg, "first_k_dense_replace", 0),
+        "Ld": config_int(cfg, "first_k_dense_replace", 0, minimum=0),
     }
-    d["S"] = config_int(cfg, "n_shared_experts", 0) * d["M"]
+    d["S"] = config_int(cfg, "n_shared_experts", 0, minimum=0) * d["M"]
     d["C+R"] = d["C"] + d["R"]
     if cfg.get("model_type") == "deepseek_v32":
         d["H"], d["Hd"] = config_int(cfg, "index_n_heads"), config_int(cfg, "index_head_dim")
@@ -172,5 +172,5 @@ FAMILY = Family(
     reference_keys=("hidden_size", "num_attention_heads", "num_hidden_layers", "vocab_size", "intermediate_size",
                     "moe_intermediate_size", "n_routed_experts", "n_shared_experts", "kv_lora_rank", "q_lora_rank",
                     "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "first_k_dense_replace"),
-    extra={"tied": lambda cfg: False, "mtp_shared": MTP_SHARED},
+    extra={"tied": lambda cfg: False, "mtp_shared": MTP_SHARED, "extra_layers": mtp_layers},
 )

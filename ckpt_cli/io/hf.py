@@ -16,8 +16,8 @@ import numpy as np
 from ckpt_cli import registry
 from ckpt_cli.errors import SourceError
 from ckpt_cli.io import mxfp4
-from ckpt_cli.io.remote import RemoteRepo, hub_errors, is_offline
-from ckpt_cli.io.safetensors import SafetensorsFolder
+from ckpt_cli.io.remote import RemoteRepo, hub_errors, is_offline, retried
+from ckpt_cli.io.safetensors import SafetensorsFolder, regular_file
 from ckpt_cli.plan import SourceSlice
 
 
@@ -35,14 +35,17 @@ class HFSource:
 
 
 def load_config(folder: Path) -> dict:
+    """A folder's config.json: a regular file holding a JSON object, or a one-line SourceError."""
     path = folder / "config.json"
     if not path.exists():
         raise SourceError(f"{folder}: no config.json")
+    regular_file(path, "config.json")
     try:
         cfg = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise SourceError(f"{path}: not valid JSON ({exc})") from None
-    # Multimodal wrappers nest the text model; plain causal LMs are flat.
+    if not isinstance(cfg, dict):
+        raise SourceError(f"{path}: not a config object (found a JSON {type(cfg).__name__})")
     return cfg
 
 
@@ -77,8 +80,8 @@ def download(repo_id: str, revision: str | None, allow_patterns: list[str] | Non
     from huggingface_hub import snapshot_download
 
     with hub_errors(repo_id, revision):
-        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=allow_patterns
-                                      or ["*.json", "*.safetensors", "tokenizer*", "*.model"]))
+        return Path(retried(snapshot_download, repo_id, revision=revision, allow_patterns=allow_patterns
+                            or ["*.json", "*.safetensors", "tokenizer*", "*.model"]))
 
 
 class SafetensorsReader:
@@ -189,11 +192,22 @@ class TransformersReader:
     def __init__(self, folder: Path):
         import torch
         from transformers import AutoModelForCausalLM
+        from transformers.utils import logging as tf_logging
 
+        verbosity, bars = tf_logging.get_verbosity(), tf_logging.is_progress_bar_enabled()
+        tf_logging.set_verbosity_error()        # its load report and progress bar would bury our one line
+        tf_logging.disable_progress_bar()
         try:
             model = AutoModelForCausalLM.from_pretrained(str(folder), dtype="auto")
-        except (OSError, ValueError, ImportError) as exc:   # ImportError: e.g. MXFP4 without accelerate/kernels
-            raise SourceError(f"transformers cannot load {folder}: {str(exc).splitlines()[0]}") from None
+        except Exception as exc:  # noqa: BLE001 - whatever transformers raises on these files is the input's fault
+            first = next((ln.strip() for ln in str(exc).splitlines() if ln.strip()), "")
+            if "ignore_mismatched_sizes" in first:
+                first = "the weights' shapes do not match config.json"
+            raise SourceError(f"transformers cannot load {folder}: {type(exc).__name__}: {first}") from None
+        finally:
+            tf_logging.set_verbosity(verbosity)
+            if bars:
+                tf_logging.enable_progress_bar()
         self.state = saved_state(model)
         self._torch = torch
 

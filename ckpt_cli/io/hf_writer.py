@@ -26,9 +26,10 @@ from pathlib import Path
 
 import numpy as np
 
+from ckpt_cli.errors import SourceError
 from ckpt_cli.io.durable import fsync_path
 from ckpt_cli.io.outdir import PARTIAL_MARKER, check_output, make_partial, os_error, output_path, partial_dir, publish
-from ckpt_cli.io.safetensors import INDEX_NAME, PlannedTensor, StreamingSafetensorsWriter
+from ckpt_cli.io.safetensors import INDEX_NAME, PlannedTensor, StreamingSafetensorsWriter, inside
 from ckpt_cli.io.writeback import Writeback
 from ckpt_cli.plan import write_key
 
@@ -183,7 +184,9 @@ class HFFolderWriter:
         """Queue the progress file behind an fsync of every shard written since the last one."""
         self.since_snapshot = 0
         self.snapshots_queued += 1
-        progress = {"key": self.progress_key, "done": [*self.done, *self.committed]}
+        # Each shard's size now: later writes only grow it, so a resumed run needs at least these bytes.
+        sizes = {name: os.fstat(w.fd).st_size for name, w in self.writers.items()}
+        progress = {"key": self.progress_key, "done": [*self.done, *self.committed], "files": sizes}
         fds = [self.writers[name].fd for name in sorted(self.dirty)]
         self.dirty.clear()
         self.writeback.snapshot(self.tmp, {PROGRESS: json.dumps(progress).encode()}, sync_fds=fds)
@@ -266,6 +269,17 @@ def read_progress(out: Path, key: str, valid: Collection[tuple]) -> tuple[set[tu
         return None, f"{tmp} was left by a different conversion"
     if not done <= set(valid):
         return None, f"{path} names writes this conversion does not make"
+    files = progress.get("files")
+    if not isinstance(files, dict):
+        return None, f"{path} does not list the shards it relies on"
+    for name, size in files.items():
+        try:
+            found = inside(tmp, name, PROGRESS).stat().st_size
+        except (OSError, SourceError):
+            found = None
+        if found is None or not isinstance(size, int) or found < size:
+            return None, (f"{tmp / str(name)} is {'missing' if found is None else f'{found} bytes'}, the progress "
+                          f"snapshot recorded {size}")
     return done, ""
 
 

@@ -25,6 +25,7 @@ from ckpt_cli.dtypes import dtype_name
 from ckpt_cli.errors import DiskFull, OutputError, SourceError
 from ckpt_cli.io.durable import fsync_tree
 from ckpt_cli.io.outdir import check_output, make_partial, os_error, output_path, partial_dir, publish
+from ckpt_cli.io.safetensors import inside, regular_file
 from ckpt_cli.io.writeback import NewFiles, Writeback
 from ckpt_cli.plan import write_key
 
@@ -216,16 +217,21 @@ class OrbaxWriter:
         """Queue the manifest and the list of committed writes behind the data files they refer to."""
         self.since_snapshot = 0
         self.snapshots_queued += 1
-        progress = {"key": self.progress_key, "done": [*self.done, *self.committed]}
         files = {}
-        if self.opts.use_ocdbt:     # one job: a progress file never lands after its manifest failed to
-            files["0/items/manifest.ocdbt"] = self._manifest_bytes()
-        files[PROGRESS] = json.dumps(progress).encode()
-        self.writeback.snapshot(self.tmp, files)
+        if self.opts.use_ocdbt:
+            files["manifest.ocdbt"] = self._manifest_bytes()
+        # No commit is in flight here: the files on disk are exactly those the committed writes made.
+        sizes = snapshot_files(self.items, skip=files) | {name: len(data) for name, data in files.items()}
+        progress = {"key": self.progress_key, "done": [*self.done, *self.committed], "files": sizes}
+        # One job: a progress file never lands after its manifest failed to.
+        rel = self.items.relative_to(self.tmp).as_posix()
+        jobs = {f"{rel}/{name}": data for name, data in files.items()}
+        jobs[PROGRESS] = json.dumps(progress).encode()
+        self.writeback.snapshot(self.tmp, jobs)
 
     def _reopen(self) -> bool:
         """Take up an interrupted run's OUT.partial if its progress snapshot has our key."""
-        done = read_progress(self.out, self.progress_key, self.opts)
+        done, _ = read_progress(self.out, self.progress_key, self.opts)
         if done is None:
             return False
         if self.opts.use_ocdbt:
@@ -310,17 +316,45 @@ class OrbaxWriter:
         return False
 
 
-def read_progress(out: Path, key: str | None, opts: StorageOptions) -> set[tuple] | None:
-    """The writes an interrupted run left durable in OUT.partial, if its snapshot has this key; else None."""
+def read_progress(out: Path, key: str | None, opts: StorageOptions) -> tuple[set[tuple] | None, str]:
+    """The writes an interrupted run left durable in OUT.partial, if its snapshot has this key and every file
+    the snapshot names is still there with the size it recorded; else None and why not."""
     tmp = partial_dir(Path(out))
     try:
         progress = json.loads((tmp / PROGRESS).read_text())
-        has_manifest = (tmp / "0" / "items" / "manifest.ocdbt").stat().st_size > 0 if opts.use_ocdbt else True
-    except (OSError, ValueError):
-        return None
-    if key is None or progress.get("key") != key or not has_manifest:
-        return None
-    return {_as_key(k) for k in progress["done"]}
+        same = isinstance(progress, dict) and key is not None and progress.get("key") == key
+        done = {_as_key(k) for k in progress["done"]} if same else set()
+        files = progress.get("files") if same else None
+    except (OSError, ValueError, TypeError, KeyError, AttributeError, IndexError):
+        return None, f"no readable progress of an interrupted run in {tmp}"
+    if not same:
+        return None, f"{tmp} was left by a different conversion"
+    if not isinstance(files, dict) or (opts.use_ocdbt and "manifest.ocdbt" not in files):
+        return None, f"{tmp / PROGRESS} does not list the files it relies on"
+    items = tmp / "0" / "items"
+    for name, size in files.items():
+        try:
+            found = inside(items, name, PROGRESS).stat().st_size
+        except (OSError, SourceError):
+            found = None
+        if found != size:
+            return None, (f"{items / str(name)} is {'missing' if found is None else f'{found} bytes'}, the progress "
+                          f"snapshot recorded {size}")
+    return done, ""
+
+
+def snapshot_files(items: Path, skip: Iterable[str] = ()) -> dict[str, int]:
+    """Every file under the items directory, by relative path, with its size (a progress snapshot's record)."""
+    found: dict[str, int] = {}
+    for dirpath, _, names in os.walk(items):
+        for name in names:
+            rel = os.path.relpath(os.path.join(dirpath, name), items)
+            if rel not in skip and not name.endswith(".ckpt-tmp"):
+                try:
+                    found[rel] = os.stat(os.path.join(dirpath, name)).st_size
+                except FileNotFoundError:
+                    pass
+    return found
 
 
 def _as_key(key: list) -> tuple:
@@ -379,24 +413,40 @@ class OrbaxCheckpoint:
 
     def __init__(self, path: Path):
         self.items = find_items_dir(Path(path))
+        regular_file(self.items / "_METADATA", "Orbax _METADATA")
         try:
             self.metadata = json.loads((self.items / "_METADATA").read_text())
-        except (OSError, json.JSONDecodeError) as exc:
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise SourceError(f"{self.items}: unreadable Orbax _METADATA ({exc})") from None
+        if not isinstance(self.metadata, dict):
+            raise SourceError(f"{self.items}: unreadable Orbax _METADATA (not a JSON object)")
         self.opts = StorageOptions(use_ocdbt=bool(self.metadata.get("use_ocdbt", True)),
                                    use_zarr3=bool(self.metadata.get("use_zarr3", False)))
         step_meta = self.items.parent / "_CHECKPOINT_METADATA"
         self.step_metadata: dict = {}
         if step_meta.exists():
+            regular_file(step_meta, "_CHECKPOINT_METADATA")
             try:
                 self.step_metadata = json.loads(step_meta.read_text())
-            except json.JSONDecodeError:
+            except (UnicodeDecodeError, json.JSONDecodeError):
+                self.step_metadata = {}
+            if not isinstance(self.step_metadata, dict):
                 self.step_metadata = {}
         found: dict[str, tuple[int, tuple[str, ...]]] = {}
-        for entry in self.metadata.get("tree_metadata", {}).values():
-            keys = tuple(str(k["key"]) for k in entry.get("key_metadata", []))
+        try:
+            entries = list(self.metadata.get("tree_metadata", {}).values())
+            keys_of = [tuple(str(k["key"]) for k in e.get("key_metadata", [])) for e in entries]
+        except (AttributeError, KeyError, TypeError):
+            raise SourceError(f"{self.items}: unreadable Orbax _METADATA (not a tree of key_metadata)") from None
+        for keys in keys_of:
             where = _param_path(keys)
-            if where is not None and where[0] >= found.get(where[1], (-1,))[0]:
+            if where is None:
+                continue
+            bad = [k for k in keys if not k or k in (".", "..") or "/" in k or "\\" in k or "\0" in k]
+            if bad:     # each key names a directory of the items dir: it must stay inside
+                raise SourceError(f"{self.items}: _METADATA names parameter key {bad[0]!r}, which is not a "
+                                  "plain name: refused")
+            if where[0] >= found.get(where[1], (-1,))[0]:
                 found[where[1]] = (where[0], keys)
         if not any(rank == 0 for rank, _ in found.values()):
             raise SourceError(f"{self.items}: no params/params arrays in this checkpoint")
@@ -418,7 +468,8 @@ class OrbaxCheckpoint:
 
     @property
     def custom_metadata(self) -> dict:
-        return self.step_metadata.get("custom_metadata") or {}
+        value = self.step_metadata.get("custom_metadata")
+        return value if isinstance(value, dict) else {}
 
     @property
     def scan_layers(self) -> bool | None:
@@ -427,7 +478,21 @@ class OrbaxCheckpoint:
 
     @property
     def provenance(self) -> dict:
-        return self.custom_metadata.get("ckpt") or {}
+        value = self.custom_metadata.get("ckpt")
+        return value if isinstance(value, dict) else {}
+
+    @property
+    def strict_reads(self) -> bool:
+        """Whether a missing chunk is an error (else it reads as the fill value). Orbax records in `_METADATA`
+        whether it stored chunks equal to the fill value (ckpt and MaxText always do): then a missing chunk is
+        lost data. Only a writer that says it skipped them (`false`) may leave chunks out."""
+        return self.metadata.get("store_array_data_equal_to_fill_value", True) is not False
+
+    def array_spec(self, path: str) -> dict:
+        """The tensorstore spec opening one parameter for reads (missing chunks fail, see `strict_reads`)."""
+        driver = "zarr3" if self.opts.use_zarr3 else "zarr"
+        return {"driver": driver, "kvstore": kvstore_spec(self.items, ".".join(self.keys[path]), self.opts),
+                "open": True, "fill_missing_data_reads": not self.strict_reads}
 
     def array(self, path: str) -> ts.TensorStore:
         if path not in self._arrays:
@@ -444,10 +509,7 @@ class OrbaxCheckpoint:
 
     def open(self, path: str) -> ts.Future:
         """Start opening the array stored for `path`, as stored (no transposed view)."""
-        driver = "zarr3" if self.opts.use_zarr3 else "zarr"
-        spec = {"driver": driver, "kvstore": kvstore_spec(self.items, ".".join(self.keys[path]), self.opts),
-                "open": True}
-        return ts.open(spec, context=self.context)
+        return ts.open(self.array_spec(path), context=self.context)
 
     def describe(self, name: str) -> tuple[tuple[int, ...], np.dtype]:
         arr = self.array(name)
@@ -464,10 +526,20 @@ class OrbaxCheckpoint:
         try:
             return arr[tuple(idx)].read().result()
         except ValueError as exc:
-            raise SourceError(f"{self.items}: cannot read {source.name}: {str(exc).splitlines()[0]}") from None
+            raise read_error(self.items, source.name, exc) from None
 
     def order_key(self, source) -> tuple:
         return (self.paths.index(source.name) if source.name in self.paths else 0, source.index, source.rows or ())
+
+
+def read_error(items: Path, path: str, exc: Exception) -> SourceError:
+    """The one-line error for a failed read of parameter `path` (a missing chunk named as such)."""
+    msg = str(exc).splitlines()[0]
+    if msg.startswith("NOT_FOUND") and "is missing" in msg:
+        chunk = msg.split("chunk ", 1)[1].split(" stored", 1)[0] if "chunk " in msg else "?"
+        return SourceError(f"{items}: array {path} is missing its chunk {chunk}: the checkpoint is incomplete "
+                           "(a chunk file was deleted or never written)")
+    return SourceError(f"{items}: cannot read {path}: {msg}")
 
 
 def find_items_dir(path: Path) -> Path:

@@ -16,7 +16,7 @@ from concurrent.futures import Future
 
 import numpy as np
 
-from ckpt_cli.errors import SourceError
+from ckpt_cli.io.orbax import read_error
 from ckpt_cli.plan import SourceSlice
 
 BLOCK_BYTES = 384 * 1024 * 1024
@@ -97,6 +97,6 @@ class BlockReader:
         try:
             block = arr[tuple(idx)].read().result()
         except ValueError as exc:
-            raise SourceError(f"{self.ckpt.items}: cannot read {source.name}: {str(exc).splitlines()[0]}") from None
+            raise read_error(self.ckpt.items, source.name, exc) from None
         # After integer indexing of the leading stacked axes, the layer axis sits at `axis - len(axes[:-1])`.
         return np.moveaxis(block, axis - (len(source.axes) - 1), 0)

@@ -15,6 +15,7 @@ import importlib
 import json
 import struct
 import threading
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -25,6 +26,7 @@ from ckpt_cli.io.safetensors import (
     INDEX_NAME,
     MAX_HEADER_BYTES,
     TensorInfo,
+    inside,
     parse_header,
     read_header,
 )
@@ -53,6 +55,7 @@ def hub_errors(repo_id: str, revision: str | None = None) -> Iterator[None]:
         RevisionNotFoundError,
     )
 
+    bounded_session()
     try:
         yield
     except GatedRepoError:
@@ -73,7 +76,57 @@ def hub_errors(repo_id: str, revision: str | None = None) -> Iterator[None]:
     except HFValidationError:
         raise SourceError(f"{repo_id}: not a valid repo id (expected org/name)") from None
     except _transport_errors() as exc:
-        raise RemoteError(f"{repo_id}: cannot reach the hub ({type(exc).__name__})") from None
+        etag, download = hub_timeouts()
+        raise RemoteError(f"{repo_id}: the hub did not answer ({type(exc).__name__}) after {RETRIES} tries "
+                          f"(timeouts HF_HUB_ETAG_TIMEOUT={etag:g}s, HF_HUB_DOWNLOAD_TIMEOUT={download:g}s)") from None
+
+
+RETRIES = 3         # tries of one hub call that times out or cannot connect
+BACKOFF_S = 0.5     # wait before the second try; doubled before each later one
+
+
+def hub_timeouts() -> tuple[float, float]:
+    """(metadata, download) timeouts in seconds: HF_HUB_ETAG_TIMEOUT and HF_HUB_DOWNLOAD_TIMEOUT, as
+    huggingface_hub reads them (10 s each by default)."""
+    from huggingface_hub import constants
+
+    return float(constants.HF_HUB_ETAG_TIMEOUT), float(constants.HF_HUB_DOWNLOAD_TIMEOUT)
+
+
+def _bound_timeouts(request) -> None:
+    """Request hook: every hub request waits at most the metadata timeout (HEAD) or the download timeout
+    (anything else) to connect and between two reads. huggingface_hub sends some requests with no timeout at
+    all (`model_info`, `repo_info`: a server that accepts and never answers would hang them forever) and
+    retries some metadata requests with 60 s."""
+    etag, download = hub_timeouts()
+    limit = etag if request.method == "HEAD" else download
+    given = request.extensions.get("timeout") or {}
+    request.extensions["timeout"] = {k: limit if given.get(k) is None else min(float(given[k]), limit)
+                                     for k in ("connect", "read", "write", "pool")}
+
+
+def bounded_session():
+    """huggingface_hub's shared HTTP client, with `_bound_timeouts` among its request hooks."""
+    from huggingface_hub import get_session
+
+    session = get_session()
+    hooks = session.event_hooks
+    if _bound_timeouts not in hooks.get("request", []):
+        session.event_hooks = {**hooks, "request": [*hooks.get("request", []), _bound_timeouts]}
+    return session
+
+
+def retried(call, *args, **kwargs):
+    """`call(*args, **kwargs)`, tried up to RETRIES times while it times out or cannot connect, waiting
+    BACKOFF_S, then twice that, between tries; the last failure is raised (hub_errors makes it one line)."""
+    for attempt in range(RETRIES):
+        try:
+            return call(*args, **kwargs)
+        except _transport_errors():
+            if attempt == RETRIES - 1:
+                raise
+            time.sleep(BACKOFF_S * 2 ** attempt)
+    raise AssertionError("unreachable")
 
 
 @functools.cache
@@ -112,7 +165,8 @@ class RemoteRepo:
         if is_offline():
             raise RemoteError(f"{repo_id}: HF_HUB_OFFLINE is set; only a cached copy can be used")
         with hub_errors(repo_id, revision):
-            info = HfApi().model_info(repo_id, revision=revision, files_metadata=True)
+            info = retried(HfApi().model_info, repo_id, revision=revision, files_metadata=True,
+                           timeout=hub_timeouts()[0])
             sizes = {s.rfilename: int(s.size or 0) for s in info.siblings or []}
             if "config.json" not in sizes:
                 raise SourceError(f"{repo_id}: the repo has no config.json")
@@ -125,7 +179,11 @@ class RemoteRepo:
                     weight_map = _load_json(index_path)["weight_map"]
                 except KeyError:
                     raise SourceError(f"{repo_id}: {INDEX_NAME} has no weight_map") from None
-                repo.shards = sorted(set(weight_map.values()))
+                if not isinstance(weight_map, dict):
+                    raise SourceError(f"{repo_id}: {INDEX_NAME} has no weight_map object")
+                repo.shards = sorted(set(map(str, weight_map.values())))
+                for shard in repo.shards:       # huggingface_hub refuses `..` with a traceback-worthy ValueError
+                    inside(Path(repo_id), shard, f"{repo_id}: {INDEX_NAME}")
                 missing = [s for s in repo.shards if s not in sizes]
                 if missing:
                     raise SourceError(f"{repo_id}: shard {missing[0]} named in {INDEX_NAME} is not in the repo")
@@ -164,7 +222,7 @@ class RemoteRepo:
         from huggingface_hub import hf_hub_download, try_to_load_from_cache
 
         cached = isinstance(try_to_load_from_cache(self.repo_id, name, revision=self.commit), str)
-        path = Path(hf_hub_download(self.repo_id, name, revision=self.revision))
+        path = Path(retried(hf_hub_download, self.repo_id, name, revision=self.revision))
         if not cached:
             self.bytes_fetched += path.stat().st_size
             self.requests += 1
@@ -186,27 +244,33 @@ class RemoteRepo:
             self.cached_shards.add(shard)
             return {n: _rename(i, shard) for n, i in read_header(local).items()}
         with hub_errors(self.repo_id, self.revision):
-            raw_len = self._range(shard, 0, 8)
+            raw_len = retried(self._range, shard, 0, 8)
             (n,) = struct.unpack("<Q", raw_len)
             size = self.sizes.get(shard) or None
             if n > MAX_HEADER_BYTES or (size is not None and 8 + n > size):
                 raise SourceError(f"{self.repo_id}/{shard} is not safetensors (header length {n})")
-            raw = self._range(shard, 8, n)
-        return parse_header(raw_len, raw, Path(shard), size)
+            raw = retried(self._range, shard, 8, n)
+        try:
+            return parse_header(raw_len, raw, Path(shard), size)
+        except SourceError as exc:
+            msg = str(exc)
+            raise SourceError(f"{self.repo_id}/{msg}" if msg.startswith(shard) else
+                              f"{self.repo_id}/{shard}: {msg}") from None
 
     def _range(self, shard: str, offset: int, nbytes: int) -> bytes:
         """Exactly `nbytes` at `offset` of a repo file, streamed: never more, even if Range is ignored."""
-        from huggingface_hub import get_session, hf_hub_url
+        from huggingface_hub import hf_hub_url
         from huggingface_hub.utils import build_hf_headers, hf_raise_for_status
 
         url = hf_hub_url(self.repo_id, shard, revision=self.commit)
         headers = {**build_hf_headers(), "Range": f"bytes={offset}-{offset + nbytes - 1}"}
         data = bytearray()
-        session = get_session()
+        session = bounded_session()
+        timeout = hub_timeouts()[1]
         if hasattr(session, "stream"):     # httpx / httpx2 (huggingface_hub >= 1.0)
-            request = session.stream("GET", url, headers=headers, timeout=30)
+            request = session.stream("GET", url, headers=headers, timeout=timeout)
         else:                              # requests (older huggingface_hub)
-            request = session.get(url, headers=headers, timeout=30, stream=True)
+            request = session.get(url, headers=headers, timeout=timeout, stream=True)
         with request as response:
             hf_raise_for_status(response)
             skip = offset if response.status_code == 200 else 0   # a server ignoring Range sends the whole file
@@ -232,6 +296,9 @@ def _rename(info: TensorInfo, shard: str) -> TensorInfo:
 
 def _load_json(path: Path) -> dict:
     try:
-        return json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError) as exc:
+        data = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise SourceError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise SourceError(f"{path}: not a JSON object (found a {type(data).__name__})")
+    return data

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from ckpt_cli.errors import OutputError, RemoteError
-from ckpt_cli.io.remote import RemoteRepo, hub_errors
+from ckpt_cli.io.remote import RemoteRepo, bounded_session, hub_errors, retried
 from ckpt_cli.io.safetensors import SafetensorsFolder, read_range
 from ckpt_cli.io.tokenizer import TOKENIZER_PATTERNS
 from ckpt_cli.plan import write_key
@@ -143,8 +143,8 @@ class ShardStream:
             raise OutputError(f"not enough free disk at {probe}: the downloads (and output) need up to "
                               f"{_gb(want)}, {_gb(free)} free (bound the downloads with --max-disk)")
         with hub_errors(self.repo.repo_id, self.repo.revision):
-            snapshot_download(self.repo.repo_id, revision=self.repo.commit, allow_patterns=SIDE_FILES,
-                              tqdm_class=_silent_tqdm())
+            retried(snapshot_download, self.repo.repo_id, revision=self.repo.commit, allow_patterns=SIDE_FILES,
+                    tqdm_class=_silent_tqdm())
         if not need.download:
             return [f"every shard of {self.repo.label} is in the hub cache: nothing to download"]
         mode = (f"at most {_gb(self.max_disk)} on disk at once, each shard deleted once written"
@@ -233,8 +233,9 @@ class ShardStream:
     def _download(self, shard: str) -> Path:
         from huggingface_hub import hf_hub_download
 
-        path = Path(hf_hub_download(self.repo.repo_id, shard, revision=self.repo.commit, local_dir=self.tmp,
-                                    tqdm_class=_silent_tqdm()))
+        bounded_session()
+        path = Path(retried(hf_hub_download, self.repo.repo_id, shard, revision=self.repo.commit,
+                            local_dir=self.tmp, tqdm_class=_silent_tqdm()))
         self.downloaded += self.repo.sizes[shard]
         return path
 

@@ -10,8 +10,11 @@ set with `model.safetensors.index.json`, or any `*.safetensors` files.
 from __future__ import annotations
 
 import json
+import math
 import mmap
 import os
+import re
+import stat
 import struct
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -44,33 +47,112 @@ class TensorInfo:
 
 
 def parse_header(raw_len: bytes, raw_header: bytes, file: Path, file_size: int | None) -> dict[str, TensorInfo]:
-    """Parse a safetensors header (the 8-byte length and the JSON) into TensorInfo records."""
+    """Parse a safetensors header (the 8-byte length and the JSON) into TensorInfo records.
+
+    As strict as the safetensors library: a JSON object with no repeated name, each tensor a known dtype,
+    a shape of non-negative integers and `data_offsets` [begin, end] of non-negative integers matching
+    that shape; sorted by offset, the tensors tile the data region from 0 to its end with no gap or
+    overlap (so no tensor can point into the header); with `file_size`, the region ends where the file does.
+    """
     (n,) = struct.unpack("<Q", raw_len)
     try:
-        header = json.loads(raw_header[:n])
+        header = json.loads(raw_header[:n], object_pairs_hook=_unique_keys)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise SourceError(f"{file}: not a safetensors file (bad header: {exc})") from None
+    except _DuplicateKey as exc:
+        raise SourceError(f"{file}: bad safetensors header: {exc.args[0]!r} appears twice") from None
+    if not isinstance(header, dict):
+        raise SourceError(f"{file}: bad safetensors header: not a JSON object")
+    metadata = header.get("__metadata__")
+    if metadata is not None and not (isinstance(metadata, dict)
+                                     and all(isinstance(v, str) for v in metadata.values())):
+        raise SourceError(f"{file}: bad safetensors header: __metadata__ must map names to strings")
     base = 8 + n
     out: dict[str, TensorInfo] = {}
     for name, meta in header.items():
         if name == "__metadata__":
             continue
-        dtype = numpy_dtype_of_safetensors(meta["dtype"], name)
-        shape = tuple(int(s) for s in meta["shape"])
-        begin, end = (int(x) for x in meta["data_offsets"])
-        if end - begin != int(np.prod(shape, dtype=np.int64)) * dtype.itemsize:
+        if not isinstance(meta, dict):
+            raise SourceError(f"{file}: bad safetensors header: tensor {name} is not an object")
+        dtype = numpy_dtype_of_safetensors(meta.get("dtype"), name)
+        shape, offsets = meta.get("shape"), meta.get("data_offsets")
+        if not isinstance(shape, list) or not all(_natural(s) for s in shape):
+            raise SourceError(f"{file}: bad safetensors header: tensor {name} has shape {shape!r}")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(_natural(x) for x in offsets)
+                and offsets[0] <= offsets[1]):
+            raise SourceError(f"{file}: bad safetensors header: tensor {name} has data_offsets {offsets!r} "
+                              "(two non-negative integers, begin <= end)")
+        shape = tuple(shape)
+        begin, end = offsets
+        if end - begin != math.prod(shape) * dtype.itemsize:
             raise SourceError(f"{file}: tensor {name} has {end - begin} bytes for shape {shape} {dtype}")
         if file_size is not None and base + end > file_size:
             raise SourceError(f"{file} is truncated: tensor {name} ends at byte {base + end}, "
                               f"the file has {file_size}")
         out[name] = TensorInfo(name, file, dtype, shape, base + begin, base + end)
+    pos = base
+    for info in sorted(out.values(), key=lambda t: (t.begin, t.end)):
+        if info.begin != pos:
+            what = "overlaps the tensor before it" if info.begin < pos else f"leaves a gap of {info.begin - pos} bytes"
+            raise SourceError(f"{file}: bad safetensors header: tensor {info.name} (data_offsets "
+                              f"{info.begin - base}..{info.end - base}) {what}")
+        pos = info.end
+    if file_size is not None and pos != file_size:
+        raise SourceError(f"{file}: bad safetensors header: its tensors cover {pos - base} bytes of data, the "
+                          f"file holds {file_size - base}")
     return out
+
+
+class _DuplicateKey(Exception):
+    pass
+
+
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
+    """json object hook: a dict, refusing a repeated key (json.loads would keep the last one silently)."""
+    out: dict = {}
+    for key, value in pairs:
+        if key in out:
+            raise _DuplicateKey(key)
+        out[key] = value
+    return out
+
+
+def _natural(x: object) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+
+
+def regular_file(path: Path, what: str = "file") -> int:
+    """The size of `path` (symlinks followed) when it is a regular file; a one-line SourceError otherwise.
+
+    Checked before opening: a FIFO would block the open forever, a device would stream endless bytes.
+    """
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise SourceError(f"missing {what} {path}") from None
+    except OSError as exc:
+        raise SourceError(f"cannot read {path}: {exc.strerror}") from None
+    if stat.S_ISDIR(st.st_mode):
+        raise SourceError(f"{path} is a directory, expected a {what}")
+    if not stat.S_ISREG(st.st_mode):
+        raise SourceError(f"{path} is not a regular file (a FIFO, socket or device): refused as a {what}")
+    return st.st_size
+
+
+def inside(folder: Path, name: str, what: str) -> Path:
+    """`folder / name` when `name` is a plain relative path (no `..` part, not absolute): what a checkpoint's
+    metadata may name; a one-line SourceError naming the entry otherwise. (Links inside the folder are the
+    folder's own business: a hub-cache snapshot links every file into its blobs.)"""
+    if not isinstance(name, str) or not name or name.startswith(("/", "\\")) or "\0" in name \
+            or ".." in re.split(r"[/\\]", name) or Path(name).is_absolute():
+        raise SourceError(f"{what} names {name!r}, which is not a file inside {folder}: refused")
+    return Path(folder) / name
 
 
 def read_header(file: Path) -> dict[str, TensorInfo]:
     """Read the header of one local safetensors file, checking it against the file size."""
+    size = regular_file(file, "safetensors file")
     try:
-        size = file.stat().st_size
         with open(file, "rb") as fh:
             raw_len = fh.read(8)
             if len(raw_len) < 8:
@@ -87,18 +169,26 @@ def read_header(file: Path) -> dict[str, TensorInfo]:
 
 
 def shard_files(folder: Path) -> list[Path]:
-    """The safetensors files of a checkpoint folder, from its index when there is one."""
+    """The safetensors files of a checkpoint folder, from its index when there is one.
+
+    Every shard the index names must be a file inside the folder: a name with `..`, an absolute path or a
+    symbolic link leading out is refused, naming the entry.
+    """
     index = folder / INDEX_NAME
     if index.exists():
+        regular_file(index, "index")
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError) as exc:
+            if not isinstance(weight_map, dict):
+                raise TypeError("weight_map is not an object")
+        except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as exc:
             raise SourceError(f"{index}: unreadable index ({exc})") from None
-        files = sorted(set(weight_map.values()))
-        missing = [f for f in files if not (folder / f).exists()]
+        files = sorted(set(map(str, weight_map.values())))
+        paths = [inside(folder, f, INDEX_NAME) for f in files]
+        missing = [f for f, p in zip(files, paths, strict=True) if not p.exists()]
         if missing:
             raise SourceError(f"{folder}: shard {missing[0]} named in {INDEX_NAME} is missing")
-        return [folder / f for f in files]
+        return paths
     files = sorted(p for p in folder.glob("*.safetensors") if not p.name.startswith("."))
     if not files:
         raise SourceError(f"{folder}: no safetensors files (model.safetensors or an index) found")

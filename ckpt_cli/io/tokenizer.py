@@ -15,6 +15,11 @@ from ckpt_cli.errors import SourceError
 TOKENIZER_PATTERNS = ("tokenizer*", "special_tokens_map.json", "added_tokens.json", "vocab.*", "merges.txt",
                       "*.tiktoken", "spiece.model", "sentencepiece*.model", "chat_template*")
 GENERATION_CONFIG = "generation_config.json"
+# The only names taken from the folder a checkpoint says it was converted from (see `carried_files`).
+KNOWN_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
+                         "added_tokens.json", "vocab.json", "vocab.txt", "merges.txt", "spiece.model",
+                         "sentencepiece.bpe.model", "tokenizer.tiktoken", "tiktoken.model", "chat_template.jinja",
+                         "chat_template.json")
 
 
 def tokenizer_files(folder: Path) -> dict[str, Path]:
@@ -49,3 +54,25 @@ def resolve_tokenizer(source: str, revision: str | None = None) -> tuple[dict[st
         raise SourceError(f"{source}: the repo has no tokenizer files (tokenizer.json, tokenizer.model, ...)")
     gen = folder / GENERATION_CONFIG
     return files, gen if gen.is_file() else None
+
+
+def carried_files(folder: Path,
+                  names: tuple[str, ...] = (*KNOWN_TOKENIZER_FILES, GENERATION_CONFIG)) -> dict[str, Path]:
+    """The files among `names` that `folder` holds as regular files, never through a symbolic link that leads
+    out of it. For the folder a checkpoint's metadata names (which a shared checkpoint controls): a link out
+    of it could make the copy pick up any local file. A hub-cache snapshot's links into its own repo's blobs
+    are the one exception (that is how the cache stores every file)."""
+    root = folder.resolve()
+    roots = [root]
+    if root.parent.name == "snapshots":
+        roots.append((root.parent.parent / "blobs").resolve())
+    found = {}
+    for name in names:
+        path = folder / name
+        try:
+            target = path.resolve(strict=True)
+        except (OSError, RuntimeError):
+            continue
+        if target.is_file() and any(target.is_relative_to(r) for r in roots):
+            found[name] = path
+    return found
