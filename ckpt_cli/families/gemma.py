@@ -54,7 +54,7 @@ def gemma_dims(cfg: dict) -> Dims:
 
 def gemma2_dims(cfg: dict) -> Dims:
     d = gemma_dims(cfg)
-    scalar = float(cfg.get("query_pre_attn_scalar", d["D"]))
+    scalar = float(cfg.get("query_pre_attn_scalar") or d["D"])
     if scalar <= 0 or scalar != int(scalar):
         raise UnsupportedError(f"config.json sets query_pre_attn_scalar {scalar}: expected a positive integer")
     return d | {"Q": int(scalar)}
