@@ -191,3 +191,23 @@ def test_checkpoint_of_another_config_is_refused_in_one_line(hf_models, tmp_path
     r = verify("--maxtext", out, "--hf", other)
     assert r.exit_code == 2, r.output
     assert "num_hidden_layers = 8 in" in error_line(r) and "= 6" in error_line(r)
+
+
+@pytest.mark.parametrize("kind", ["gemma", "gemma2"])
+def test_hf_reference_streams_layer_by_layer(hf_models, tmp_path, monkeypatch, kind):
+    """When the whole HF model does not fit, the reference streams it (Gemma's embedding scale is a buffer rebuilt
+    as from_pretrained does), with the whole model's figures."""
+    from ckpt_cli.verify import reference
+    from ckpt_cli.verify.prompts import Prompt
+    from tests.conftest import read_config
+
+    src = hf_models(kind, "float32")
+    out = convert(src, tmp_path / "mt")
+    full = verify_json("--maxtext", out, "--hf", src, "--hf-load", "full", "--dtype", "f32", "--max-kl", "1e-6")
+    est = reference.estimate_memory(src, read_config(src), [Prompt((1,) * 40)] * 3, "f32")
+    assert est.stream < est.full
+    monkeypatch.setattr(reference, "available_memory",
+                        lambda: int((est.stream + est.full) / 2 / reference.FIT_FRACTION))
+    streamed = verify_json("--maxtext", out, "--hf", src, "--dtype", "f32", "--max-kl", "1e-6")
+    assert full["reference"]["load"] == "full" and streamed["reference"]["load"] == "stream"
+    assert streamed["passed"] and streamed["prompts"] == full["prompts"]
