@@ -205,7 +205,8 @@ def _split_rows(rows: int, row_bytes: int) -> list[tuple[int, int]] | None:
     return [(a, min(a + step, rows)) for a in range(0, rows, step)]
 
 
-_ROW_SAFE_STEPS = frozenset({"rope-interleave", "query-scale"})   # act within one head: safe on whole heads
+# act within one head: safe on whole heads
+_ROW_SAFE_STEPS = frozenset({"rope-interleave", "query-scale", "query-pre-attn-scale"})
 _ROWWISE_STEPS = ELEMENTWISE_STEPS | {"pad-rows"}   # act on each row alone: safe on any rows
 
 

@@ -177,31 +177,45 @@ def test_padded_rows_are_dropped_whatever_they_hold(hf_models, tmp_path):
     assert_bits_equal(load_hf(back)["model.embed_tokens.weight"], load_hf(src)["model.embed_tokens.weight"])
 
 
-def test_padded_table_moves_in_row_pieces(hf_models, tmp_path, monkeypatch):
+@pytest.mark.parametrize("kind", ["gemma", "gemma2"])
+def test_padded_table_moves_in_row_pieces(hf_models, tmp_path, monkeypatch, kind):
     """Row pieces over the 128 HF rows (four equal ones of 32 for a 40-row budget), the last one stretched over the
-    128 padding rows: planned reads stay within the source, both directions, and the result is the whole-table one."""
-    src = hf_models("gemma", "float32")
+    128 padding rows: planned reads stay within the source, both directions. The whole checkpoint (query kernels
+    in pieces of whole heads too, their scale applied piece by piece) equals the one moved whole, and comes back."""
+    src = hf_models(kind, "float32")
+    cfg = read_config(src)
+    E = cfg["hidden_size"]
     whole = tmp_path / "whole"
     hf_to_maxtext(str(src), whole, ToMaxTextOptions(dtype="f32"))
-    monkeypatch.setattr(plan_mod, "PIECE_BYTES", 48 * 4 * 40)     # 40 rows of E = 48 floats
-    cfg = read_config(src)
+    monkeypatch.setattr(plan_mod, "PIECE_BYTES", E * 4 * 40)     # 40 embedding rows
     fam = detect_family(cfg)
-    t = build_to_maxtext(fam, cfg, True, np.dtype(F32)).tensor("token_embedder/embedding")
+    forward = build_to_maxtext(fam, cfg, True, np.dtype(F32))
+    t = forward.tensor("token_embedder/embedding")
     assert [(task.span, task.source.rows) for task in t.tasks] == [
         ((0, 32), (0, 32)), ((32, 64), (32, 64)), ((64, 96), (64, 96)), ((96, 256), (96, 128))]
-    assert [t.read_elements(task) for task in t.tasks] == [32 * 48] * 4
+    assert [t.read_elements(task) for task in t.tasks] == [32 * E] * 4
     r = build_to_hf(fam, cfg, True, np.dtype(F32)).tensor("model.embed_tokens.weight")
-    assert r.shape == (128, 48) and [(task.span, task.source.rows) for task in r.tasks][-1] == ((96, 128), (96, 256))
-    assert r.read_elements(r.tasks[-1]) == 160 * 48
+    assert r.shape == (128, E) and [(task.span, task.source.rows) for task in r.tasks][-1] == ((96, 128), (96, 256))
+    assert r.read_elements(r.tasks[-1]) == 160 * E
+    q = "decoder/layers/self_attention_global/query/kernel" if kind == "gemma2" else (
+        "decoder/layers/self_attention/query/kernel")
+    assert forward.tensor(q).span_axis is not None and len(forward.tensor(q).tasks) > cfg["num_hidden_layers"] // 2
     pieces = tmp_path / "pieces"
     hf_to_maxtext(str(src), pieces, ToMaxTextOptions(dtype="f32"))
-    a, b = (OrbaxCheckpoint(p).read(SourceSlice("token_embedder/embedding")) for p in (whole, pieces))
-    assert_bits_equal(b, a)
-    back = tmp_path / "hf"
+    a, b = (flatten(restore(p)["params"]["params"]) for p in (whole, pieces))
+    assert set(a) == set(b)
+    for path in a:
+        assert_bits_equal(b[path], a[path], path)
+    back, back_whole = tmp_path / "hf", tmp_path / "hf-whole"
     maxtext_to_hf(str(pieces), back, ToHFOptions(dtype="f32"))
-    x = load_hf(src)["model.embed_tokens.weight"]
-    s = F32(math.sqrt(48))
-    assert_bits_equal(load_hf(back)["model.embed_tokens.weight"], ((x * s) / s).astype(F32))
+    monkeypatch.undo()
+    maxtext_to_hf(str(whole), back_whole, ToHFOptions(dtype="f32"))
+    x, y = load_hf(back), load_hf(back_whole)
+    for name in y:
+        assert_bits_equal(x[name], y[name], name)
+    s = F32(math.sqrt(E))
+    emb = load_hf(src)["model.embed_tokens.weight"]
+    assert_bits_equal(x["model.embed_tokens.weight"], ((emb * s) / s).astype(F32))
 
 
 def test_pad_rows_transform_and_table_validation():
