@@ -159,8 +159,10 @@ def gemma2_check(cfg: dict, features: frozenset[str] = frozenset()) -> list[str]
                      f"{MAXTEXT_SLIDING_WINDOW}: set sliding_window_size to match")
     d = gemma2_dims(cfg)
     if d["Q"] != d["D"]:
-        notes.append(f"query kernels scaled by query_pre_attn_scalar {d['Q']} ** -0.5 (what the HF model computes); "
-                     f"MaxText 0.2.5's to_maxtext folds head_dim {d['D']} ** -0.5 instead")
+        notes.append(f"query kernels scaled by query_pre_attn_scalar {d['Q']} ** -0.5, what the HF model computes "
+                     "(MaxText's gemma2 applies no query scale at run time), both ways; MaxText 0.2.5's to_maxtext "
+                     f"folds head_dim {d['D']} ** -0.5 instead, so its checkpoints attend differently from the HF "
+                     "model")
     return notes
 
 
