@@ -46,6 +46,18 @@ def same_arrays(scanned: Path, unscanned: Path, config: dict) -> bool:
 
     family = detect_family(config)
     blocks = family.blocks(family.dims(config), config, True, frozenset())
+    flat = family.blocks(family.dims(config), config, False, frozenset())
+
+    def owner(blocks_, path: str):
+        """(block, leaf) of the block that writes `path` (Gemma 2's local and global blocks share a prefix)."""
+        return next(((b, path.removeprefix(b.prefix + "/")) for b in blocks_ if path.startswith(b.prefix + "/")
+                     and path.removeprefix(b.prefix + "/") in {r.maxtext for r in b.rules}), (None, path))
+
+    def unscanned_path(hf_layer: int, leaf: str) -> str:
+        """Where the unscanned checkpoint holds HF layer `hf_layer`'s `leaf` (Gemma 2: layers_<hf_layer // 2>)."""
+        b = next(b for b in flat if b.hf_layers == (hf_layer,) and leaf in {r.maxtext for r in b.rules})
+        return f"{b.prefix}/{leaf}"
+
     meta = json.loads((scanned / "0" / "items" / "_METADATA").read_text())["tree_metadata"]
     for key in meta:
         parts = eval(key)  # noqa: S307 - our own metadata file, tuple of strings
@@ -53,16 +65,14 @@ def same_arrays(scanned: Path, unscanned: Path, config: dict) -> bool:
             continue
         path = "/".join(parts[2:])
         a = open_leaf(scanned, path)
-        block = next((b for b in blocks if path.startswith(b.prefix + "/")), None)
+        block, leaf = owner(blocks, path)
         if block is not None and block.stacked:
-            leaf = path.removeprefix(block.prefix + "/")
             for s in (0, len(block.hf_layers) - 1):   # scan index s holds HF layer hf_layers[s] (axis 1)
-                b = open_leaf(unscanned, f"decoder/layers_{block.hf_layers[s]}/{leaf}")
+                b = open_leaf(unscanned, unscanned_path(block.hf_layers[s], leaf))
                 if not np.array_equal(a[:, s].read().result().view(np.uint16), b.read().result().view(np.uint16)):
                     return False
         elif block is not None:                       # an unstacked remainder layer (Gemma3)
-            leaf = path.removeprefix(block.prefix + "/")
-            b = open_leaf(unscanned, f"decoder/layers_{block.hf_layers[0]}/{leaf}")
+            b = open_leaf(unscanned, unscanned_path(block.hf_layers[0], leaf))
             if not np.array_equal(a.read().result().view(np.uint16), b.read().result().view(np.uint16)):
                 return False
         else:

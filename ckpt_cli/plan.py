@@ -19,7 +19,7 @@ import numpy as np
 from ckpt_cli import transforms as T
 from ckpt_cli.errors import UnsupportedError
 from ckpt_cli.families import Family
-from ckpt_cli.families.base import Block, Dims, Part, Rule, eval_shape, resolve_steps
+from ckpt_cli.families.base import ELEMENTWISE_STEPS, Block, Dims, Part, Rule, eval_shape, resolve_steps
 
 Shape = tuple[int, ...]
 TO_MAXTEXT = "hf-to-maxtext"
@@ -106,8 +106,13 @@ class TensorPlan:
         return tuple(shape)
 
     def read_elements(self, task: SliceTask) -> int:
-        """Elements a task reads: what it produces, times the step of a source part (the rest is skipped)."""
-        return math.prod(self.task_shape(task)) * (task.source.part.step if task.source.part else 1)
+        """Elements a task reads: what it produces, times the step of a source part (the rest is skipped); for a
+        padded table (rows on axis 0 on both sides), the rows the source side holds."""
+        shape = self.task_shape(task)
+        if self.chain.pads:
+            rows = task.source.rows[1] - task.source.rows[0] if task.source.rows else self.source_shape[0]
+            return math.prod(shape[1:]) * rows
+        return math.prod(shape) * (task.source.part.step if task.source.part else 1)
 
     def apply(self, x: np.ndarray, direction: str, task: SliceTask) -> np.ndarray:
         """Transform one source slice into one target slice of the target dtype.
@@ -201,8 +206,9 @@ def _split_rows(rows: int, row_bytes: int) -> list[tuple[int, int]] | None:
     return [(a, min(a + step, rows)) for a in range(0, rows, step)]
 
 
-_ROW_SAFE_STEPS = frozenset({"rope-interleave", "query-scale"})   # act within one head: safe on whole heads
-_ELEMENTWISE_STEPS = frozenset({"embedding-scale", "offset+1"})   # act on each element alone: safe on any rows
+# act within one head: safe on whole heads
+_ROW_SAFE_STEPS = frozenset({"rope-interleave", "query-scale", "query-pre-attn-scale"})
+_ROWWISE_STEPS = ELEMENTWISE_STEPS | {"pad-rows"}   # act on each row alone: safe on any rows
 
 
 def _span_axis(rule: Rule, shape: Shape, stack_axes: tuple[int, ...], dims: Dims) -> tuple[int, int] | None:
@@ -216,7 +222,7 @@ def _span_axis(rule: Rule, shape: Shape, stack_axes: tuple[int, ...], dims: Dims
     free = [a for a in range(len(shape)) if a not in stack_axes]
     if len(rule.hf_shape) != 2 or len(free) < 2 or rule.part is not None or rule.hf_expert_axis:
         return None
-    if set(rule.steps) <= _ELEMENTWISE_STEPS:     # copies, scaled or offset (Gemma3 embedding)
+    if set(rule.steps) <= _ROWWISE_STEPS:     # copies, scaled, offset or padded (Gemma embeddings)
         return (free[0], 1) if len(free) == 2 else None
     if rule.steps[0] != "transpose" or not set(rule.steps[1:]) <= _ROW_SAFE_STEPS:
         return None
@@ -282,10 +288,12 @@ def build_to_maxtext(family: Family, hf_config: dict, scan_layers: bool, dtype: 
         pieces = None
         if span is not None:
             span_axis, unit = span
-            pieces = _split_rows(shape[span_axis], unit * source_shape[1] * 4)
+            rows = min(shape[span_axis], source_shape[0] // unit)   # fewer than the target's when padded
+            pieces = _split_rows(rows, unit * source_shape[1] * 4)
         if pieces:
-            tasks = tuple(SliceTask(t.index, SourceSlice(t.source.name, rows=(a * unit, b * unit)), span=(a, b))
-                          for t in tasks for a, b in pieces)
+            pieces[-1] = (pieces[-1][0], shape[span_axis])          # padding rows go with the last piece
+            tasks = tuple(SliceTask(t.index, SourceSlice(t.source.name, rows=(a * unit, min(b, rows) * unit)),
+                                    span=(a, b)) for t in tasks for a, b in pieces)
             chunks = tuple(pieces[0][1] if a == span_axis else (1 if a in axes else n) for a, n in enumerate(shape))
         else:
             span_axis = None

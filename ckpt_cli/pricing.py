@@ -262,9 +262,9 @@ def plan_hf_to_maxtext(source_arg: str | None, opts) -> tuple[ConversionPlan, So
         plan = build_to_maxtext(family_named(spec.family), config, opts.scan_layers, output_dtype(opts.dtype),
                                 features)
         size = _config_itemsize(config)
-        total = sum(t.nbytes // np.dtype(t.dtype).itemsize * size for t in plan.tensors)
+        total = sum(_source_elements(t) * size for t in plan.tensors)
         notes = [f"no data read: {spec.name}'s reference config, priced as a download of {spec.repo_id} "
-                 f"(assumed not cached)"]
+                 f"(assumed not cached)", *plan.notes]
         return plan, Source(f"{spec.repo_id} (reference config)", "model", {}, size, total), notes
     src = hf.resolve(source_arg, opts.revision, stream=True)
     plan = convert.plan_to_maxtext(src, opts)
@@ -293,6 +293,14 @@ def plan_hf_to_maxtext(source_arg: str | None, opts) -> tuple[ConversionPlan, So
                         order_key=reader.order_key, fp8=fp8), notes
 
 
+def _source_elements(t) -> int:
+    """Elements of the source behind one target tensor: the target's own count, but for a padded table (more
+    rows on the MaxText side, e.g. Gemma's vocabulary) the rows its tasks read."""
+    if t.chain.pads:
+        return sum(t.read_elements(task) for task in t.tasks)
+    return math.prod(t.shape)
+
+
 def plan_maxtext_to_hf(source_arg: str | None, opts, scan: bool = True) -> tuple[ConversionPlan, Source, list[str]]:
     """The plan `convert maxtext-to-hf` would run, and its Source; with no SOURCE, `opts.model`'s tree
     (as ckpt writes it: `scan`, bf16) is priced."""
@@ -306,9 +314,9 @@ def plan_maxtext_to_hf(source_arg: str | None, opts, scan: bool = True) -> tuple
         spec = registry.lookup(_require_model(opts.model))
         config = registry.reference_config(spec.name)
         plan = build_to_hf(family_named(spec.family), config, scan, output_dtype(opts.dtype or "bf16"))
-        total = sum(math.prod(t.shape) * 2 for t in plan.tensors)
+        total = sum(_source_elements(t) * 2 for t in plan.tensors)
         notes = [f"no data read: {spec.name}'s reference config, as a {'scanned' if scan else 'unscanned'} "
-                 f"bf16 MaxText checkpoint"]
+                 f"bf16 MaxText checkpoint", *plan.notes]
         return plan, Source(f"{spec.name} (reference config)", "model", {}, 2, total, reader_held=READER_FIXED,
                             raw_copy=True), notes
     ckpt = OrbaxCheckpoint(Path(source_arg))

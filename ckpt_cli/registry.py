@@ -70,6 +70,36 @@ def _gemma3(name: str, repo: str, e: int, n: int, k: int, d: int, f: int, layers
     })
 
 
+# --- Gemma and Gemma 2 (issue 12) ---
+def _gemma(name: str, repo: str, e: int, n: int, k: int, f: int, layers: int) -> ModelSpec:
+    """configs/models/gemma-*.yml (head_dim 256, tied, vocab 256128 = HF's 256000 + 128 padded rows) and the
+    released config.json (hidden_act "gelu", which transformers reads as the tanh gelu)."""
+    return ModelSpec(name, "gemma", repo, {
+        "architectures": ["GemmaForCausalLM"], "model_type": "gemma", "hidden_size": e, "num_attention_heads": n,
+        "num_key_value_heads": k, "head_dim": 256, "intermediate_size": f, "num_hidden_layers": layers,
+        "vocab_size": 256000, "tie_word_embeddings": True, "rms_norm_eps": 1e-6, "rope_theta": 10000.0,
+        "hidden_act": "gelu", "attention_bias": False, "max_position_embeddings": 8192, "bos_token_id": 2,
+        "eos_token_id": 1, "pad_token_id": 0, "torch_dtype": "bfloat16",
+    })
+
+
+def _gemma2(name: str, repo: str, e: int, n: int, k: int, d: int, f: int, layers: int, query_scalar: int,
+            dtype: str) -> ModelSpec:
+    """configs/models/gemma2-*.yml (layers: MaxText counts local/global pairs, HF counts both) and
+    hf_model_configs.py, but query_pre_attn_scalar 256 for gemma2-9b as its release says (hf_model_configs.py
+    writes 224 = E/N). dtype: what the released safetensors hold (2b float32, 9b and 27b bfloat16)."""
+    return ModelSpec(name, "gemma2", repo, {
+        "architectures": ["Gemma2ForCausalLM"], "model_type": "gemma2", "hidden_size": e, "num_attention_heads": n,
+        "num_key_value_heads": k, "head_dim": d, "intermediate_size": f, "num_hidden_layers": layers,
+        "vocab_size": 256000, "tie_word_embeddings": True, "rms_norm_eps": 1e-6, "rope_theta": 10000.0,
+        "query_pre_attn_scalar": query_scalar, "sliding_window": 4096, "final_logit_softcapping": 30.0,
+        "attn_logit_softcapping": 50.0, "hidden_activation": "gelu_pytorch_tanh", "hidden_act": "gelu_pytorch_tanh",
+        "attention_bias": False, "max_position_embeddings": 8192, "bos_token_id": 2, "eos_token_id": 1,
+        "pad_token_id": 0, "torch_dtype": dtype,
+    })
+# --- end Gemma and Gemma 2 ---
+
+
 def _gpt_oss(name: str, repo: str, layers: int, experts: int) -> ModelSpec:
     """§10.1; the rest as the released config.json (hidden 2880, 64 heads of 64, 8 kv heads, YaRN x32)."""
     return ModelSpec(name, "gpt_oss", repo, {
@@ -227,6 +257,11 @@ MODELS: dict[str, ModelSpec] = {m.name: m for m in (
     _gemma3("gemma3-4b", "google/gemma-3-4b-it", 2560, 8, 4, 256, 10240, 34, 256),
     _gemma3("gemma3-12b", "google/gemma-3-12b-it", 3840, 16, 8, 256, 15360, 48, 256),
     _gemma3("gemma3-27b", "google/gemma-3-27b-it", 5376, 32, 16, 128, 21504, 62, 168),
+    _gemma("gemma-2b", "google/gemma-2b", 2048, 8, 1, 16384, 18),
+    _gemma("gemma-7b", "google/gemma-7b", 3072, 16, 16, 24576, 28),
+    _gemma2("gemma2-2b", "google/gemma-2-2b", 2304, 8, 4, 256, 9216, 26, 256, "float32"),
+    _gemma2("gemma2-9b", "google/gemma-2-9b", 3584, 16, 8, 256, 14336, 42, 256, "bfloat16"),
+    _gemma2("gemma2-27b", "google/gemma-2-27b", 4608, 32, 16, 128, 36864, 46, 144, "bfloat16"),
     _gpt_oss("gpt-oss-20b", "unsloth/gpt-oss-20b-BF16", 24, 32),
     _gpt_oss("gpt-oss-120b", "unsloth/gpt-oss-120b-BF16", 36, 128),
     _llama2("llama2-7b", "meta-llama/Llama-2-7b-hf", 4096, 32, 32, 11008, 32),

@@ -1,8 +1,8 @@
 """The vocabulary of tensor transforms between Hugging Face and MaxText, each beside its inverse.
 
 A transform maps one per-layer HF array to one per-layer MaxText array (`to_maxtext`) and back
-(`to_hf`). Only `Linear` and `Reshape` change shapes; the others act elementwise or permute the last
-axis. Arithmetic (scale, offset) is computed in float32 and returned as float32: the engine casts
+(`to_hf`). `Linear` and `Reshape` change shapes, `PadRows` adds (and drops) rows; the others act elementwise
+or permute the last axis. Arithmetic (scale, offset) is computed in float32 and returned as float32: the engine casts
 once, to the requested output dtype, at the end. Everything is defined once, here.
 """
 
@@ -129,16 +129,48 @@ class Offset(Transform):
         return f"offset({self.value:+g})"
 
 
+@dataclass(frozen=True)
+class PadRows(Transform):
+    """HF (V, ...) <-> MaxText (V', ...), V' >= V: zero rows appended on import, the first rows kept on export.
+
+    MaxText 0.2.5 pads Gemma/Gemma 2's 256000-row embedding to 256128 rows this way (zeros written, extra rows
+    dropped whatever they hold). `shape` is the slice being produced, so the same step serves a whole table and
+    a row piece of it (a piece past the HF rows gets only zeros).
+    """
+
+    name = "pad-rows"
+
+    def to_maxtext(self, x: np.ndarray, shape: Shape) -> np.ndarray:
+        if x.shape[0] == shape[0]:
+            return x
+        out = np.zeros(shape, dtype=x.dtype)
+        out[: x.shape[0]] = x
+        return out
+
+    def to_hf(self, x: np.ndarray, shape: Shape) -> np.ndarray:
+        return x[: shape[0]]
+
+
 def query_scale(head_dim: int) -> Scale:
     """The 1/sqrt(D) that MaxText expects folded into Llama/Mixtral query kernels."""
     return Scale(1.0 / math.sqrt(head_dim), label=f"1/sqrt({head_dim})")
 
 
-def embedding_scale(width: int) -> Scale:
-    """The bf16(sqrt(E)) MaxText expects folded into Gemma3's embedding table (it does not scale embeddings at
-    run time, and divides tied logits by sqrt(E)); export divides by the same factor."""
-    factor = float(np.float32(math.sqrt(width)).astype(ml_dtypes.bfloat16))
-    return Scale(factor, label=f"bf16(sqrt({width}))={factor:g}")
+def query_pre_attn_scale(scalar: int) -> Scale:
+    """Gemma 2's `query_pre_attn_scalar ** -0.5`, folded into the query kernel (MaxText's gemma2 attention has no
+    run-time query scaling); equal to 1/sqrt(head_dim) except for gemma2-27b (1/sqrt(144), head_dim 128)."""
+    return Scale(1.0 / math.sqrt(scalar), label=f"1/sqrt({scalar})")
+
+
+def embedding_scale(width: int, bf16: bool = True) -> Scale:
+    """The sqrt(E) MaxText expects folded into a Gemma embedding table (it does not scale embeddings at run time,
+    and divides tied logits by sqrt(E)); export divides by the same factor. Gemma3's hook rounds the factor to
+    bf16; Gemma 2's (and ckpt's Gemma) keeps it float32."""
+    factor = float(np.float32(math.sqrt(width)))
+    if bf16:
+        factor = float(np.float32(factor).astype(ml_dtypes.bfloat16))
+        return Scale(factor, label=f"bf16(sqrt({width}))={factor:g}")
+    return Scale(factor, label=f"sqrt({width})")
 
 
 @dataclass(frozen=True)
@@ -162,8 +194,13 @@ class Chain:
 
     @property
     def exact(self) -> bool:
-        """True when the chain is a pure permutation (bit-exact round trip in any dtype)."""
-        return all(isinstance(s, (Identity, Reshape, Linear, RopeInterleave)) for s in self.steps)
+        """True when the chain is a pure permutation, or adds zero rows (bit-exact round trip in any dtype)."""
+        return all(isinstance(s, (Identity, Reshape, Linear, RopeInterleave, PadRows)) for s in self.steps)
+
+    @property
+    def pads(self) -> bool:
+        """True when the MaxText side has more rows than the HF side (`PadRows`)."""
+        return any(isinstance(s, PadRows) for s in self.steps)
 
 
 def chain(*steps: Transform | Sequence[Transform]) -> Chain:

@@ -35,7 +35,9 @@ def make_hf_model(kind: str, dtype: str = "float32", seed: int = 0):
     linearly scaled), gemma3-e48 (hidden 48: bf16(sqrt(48)) = 6.9375 is not a power of two),
     gpt-oss (4 layers, so two scanned blocks of scan length 2; 4 experts of width 32 != hidden 64, top-2;
     sliding window 4), olmo3 (8 layers: two scanned cycles of 3 sliding + 1 global, sliding window 4, YaRN on
-    every layer), olmo3-plain (the same with plain RoPE, as olmo3-7b-pt).
+    every layer), olmo3-plain (the same with plain RoPE, as olmo3-7b-pt),
+    gemma (3 layers, hidden 48, head_dim 24, one kv head), gemma2 (3 local/global pairs,
+    sliding window 4, query_pre_attn_scalar 24, soft caps 1 and 2).
     """
     import torch
     import transformers as tf
@@ -71,6 +73,19 @@ def make_hf_model(kind: str, dtype: str = "float32", seed: int = 0):
                              rope_parameters={"full_attention": dict(rope), "sliding_attention": dict(rope)},
                              attn_implementation="eager")
         model = tf.Olmo3ForCausalLM(cfg)
+    elif kind == "gemma":
+        # hidden 48, head_dim 24: sqrt(E) and 1/sqrt(D) are not powers of two; MQA as gemma-2b
+        dims = TINY | {"num_hidden_layers": 3, "hidden_size": 48, "head_dim": 24, "num_key_value_heads": 1}
+        cfg = tf.GemmaConfig(**dims, hidden_act="gelu_pytorch_tanh", rms_norm_eps=1e-6, tie_word_embeddings=True)
+        model = tf.GemmaForCausalLM(cfg)
+    elif kind == "gemma2":
+        # 6 layers = 3 local/global pairs; sliding window 4; query_pre_attn_scalar 24 != head_dim 16; soft caps
+        # small enough to bite on tiny random weights
+        dims = TINY | {"num_hidden_layers": 6}
+        cfg = tf.Gemma2Config(**dims, sliding_window=4, query_pre_attn_scalar=24, attn_logit_softcapping=1.0,
+                              final_logit_softcapping=2.0, hidden_activation="gelu_pytorch_tanh", rms_norm_eps=1e-6,
+                              tie_word_embeddings=True, attn_implementation="eager")
+        model = tf.Gemma2ForCausalLM(cfg)
     elif kind in ("llama", "llama-d24"):
         dims = TINY | {"head_dim": 24} if kind == "llama-d24" else TINY
         cfg = tf.LlamaConfig(**dims, tie_word_embeddings=False, rope_theta=10000.0, rms_norm_eps=1e-5,

@@ -208,7 +208,13 @@ def validate_rules(rules: Iterable[Rule], dims: Dims) -> None:
         if r.part is not None:
             _check_part(r, hf_shape)
             hf_count //= r.part.step
-        if math.prod(eval_shape(r.maxtext_shape, dims)) != hf_count:
+        if "pad-rows" in r.steps:
+            mt_shape = eval_shape(r.maxtext_shape, dims)
+            if (r.part or r.experts or len(mt_shape) != len(hf_shape) or mt_shape[1:] != hf_shape[1:]
+                    or mt_shape[0] < hf_shape[0] or set(r.steps) - {"pad-rows", *ELEMENTWISE_STEPS}):
+                raise AssertionError(f"{r.maxtext}: pad-rows needs {r.maxtext_shape} to be {r.hf_shape} with at "
+                                     "least as many rows, and only elementwise steps beside it")
+        elif math.prod(eval_shape(r.maxtext_shape, dims)) != hf_count:
             raise AssertionError(f"{r.maxtext}: element counts differ between {r.maxtext_shape} and {r.hf_shape}"
                                  + (f" (part 1/{r.part.step})" if r.part else ""))
         if not re.fullmatch(r"[A-Za-z0-9_/]+", r.maxtext):
@@ -253,7 +259,10 @@ def _check_shared(hf: str, group: list[Rule]) -> None:
         raise AssertionError(f"{names} / {hf}: parts leave a gap (starts {starts} of step {first.part.step})")
 
 
-STEP_NAMES = frozenset({"transpose", "reshape", "rope-interleave", "query-scale", "offset+1", "embedding-scale"})
+# Steps that act on each element alone (safe on any rows of a tensor).
+ELEMENTWISE_STEPS = frozenset({"embedding-scale", "embedding-scale-f32", "offset+1"})
+STEP_NAMES = frozenset({"transpose", "reshape", "rope-interleave", "query-scale", "query-pre-attn-scale",
+                        "pad-rows", *ELEMENTWISE_STEPS})
 
 
 def resolve_steps(names: Sequence[str], dims: Dims) -> T.Chain:
@@ -270,8 +279,14 @@ def resolve_steps(names: Sequence[str], dims: Dims) -> T.Chain:
             steps.append(T.query_scale(dims["D"]))
         elif name == "offset+1":
             steps.append(T.Offset(1.0))
+        elif name == "query-pre-attn-scale":
+            steps.append(T.query_pre_attn_scale(dims["Q"]))
         elif name == "embedding-scale":
             steps.append(T.embedding_scale(dims["E"]))
+        elif name == "embedding-scale-f32":
+            steps.append(T.embedding_scale(dims["E"], bf16=False))
+        elif name == "pad-rows":
+            steps.append(T.PadRows())
         else:
             raise AssertionError(f"unknown transform {name}")
     return T.Chain(tuple(steps))

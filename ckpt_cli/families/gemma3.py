@@ -25,21 +25,40 @@ BLOCK = 6                     # MaxText's attention pattern: five local layers, 
 MAXTEXT_VOCAB = 262144
 MAXTEXT_SLIDING_WINDOW = 1024
 
-LAYER = (
-    row("pre_self_attention_norm/scale", P + "input_layernorm.weight", "E", "E", NORM, dtype="f32"),
-    row("self_attention/query/kernel", P + "self_attn.q_proj.weight", "E,N,D", "N*D,E", "transpose"),
-    row("self_attention/key/kernel", P + "self_attn.k_proj.weight", "E,K,D", "K*D,E", "transpose"),
-    row("self_attention/value/kernel", P + "self_attn.v_proj.weight", "E,K,D", "K*D,E", "transpose"),
-    row("self_attention/query_norm/scale", P + "self_attn.q_norm.weight", "D", "D", NORM, dtype="f32"),
-    row("self_attention/key_norm/scale", P + "self_attn.k_norm.weight", "D", "D", NORM, dtype="f32"),
-    row("self_attention/out/kernel", P + "self_attn.o_proj.weight", "N,D,E", "E,N*D", "transpose"),
-    row("post_self_attention_norm/scale", P + "post_attention_layernorm.weight", "E", "E", NORM, dtype="f32"),
-    row("pre_ffw_norm/scale", P + "pre_feedforward_layernorm.weight", "E", "E", NORM, dtype="f32"),
-    row("mlp/wi_0/kernel", P + "mlp.gate_proj.weight", "E,F", "F,E", "transpose"),
-    row("mlp/wi_1/kernel", P + "mlp.up_proj.weight", "E,F", "F,E", "transpose"),
-    row("mlp/wo/kernel", P + "mlp.down_proj.weight", "F,E", "E,F", "transpose"),
-    row("post_ffw_norm/scale", P + "post_feedforward_layernorm.weight", "E", "E", NORM, dtype="f32"),
-)
+
+
+def layer_rules(suffix: str = "", qk_norm: bool = True, post_norms: bool = True, query_steps: str = "") -> tuple:
+    """One Gemma decoder layer's rows, shared by gemma (no post norms, the HF `post_attention_layernorm` is the
+    pre-FFW norm), gemma2 (`suffix` `_local` / `_global`, query scaled) and gemma3 (q/k norms)."""
+    a = f"self_attention{suffix}/"
+    pre_ffw = P + ("pre_feedforward_layernorm.weight" if post_norms else "post_attention_layernorm.weight")
+    rows = [
+        row(f"pre_self_attention_norm{suffix}/scale", P + "input_layernorm.weight", "E", "E", NORM, dtype="f32"),
+        row(a + "query/kernel", P + "self_attn.q_proj.weight", "E,N,D", "N*D,E", "transpose" + query_steps),
+        row(a + "key/kernel", P + "self_attn.k_proj.weight", "E,K,D", "K*D,E", "transpose"),
+        row(a + "value/kernel", P + "self_attn.v_proj.weight", "E,K,D", "K*D,E", "transpose"),
+    ]
+    if qk_norm:
+        rows += [row(a + "query_norm/scale", P + "self_attn.q_norm.weight", "D", "D", NORM, dtype="f32"),
+                 row(a + "key_norm/scale", P + "self_attn.k_norm.weight", "D", "D", NORM, dtype="f32")]
+    rows.append(row(a + "out/kernel", P + "self_attn.o_proj.weight", "N,D,E", "E,N*D", "transpose"))
+    if post_norms:
+        rows.append(row(f"post_self_attention_norm{suffix}/scale", P + "post_attention_layernorm.weight", "E", "E",
+                        NORM, dtype="f32"))
+    m = f"mlp{suffix}/"
+    rows += [
+        row(f"pre_ffw_norm{suffix}/scale", pre_ffw, "E", "E", NORM, dtype="f32"),
+        row(m + "wi_0/kernel", P + "mlp.gate_proj.weight", "E,F", "F,E", "transpose"),
+        row(m + "wi_1/kernel", P + "mlp.up_proj.weight", "E,F", "F,E", "transpose"),
+        row(m + "wo/kernel", P + "mlp.down_proj.weight", "F,E", "E,F", "transpose"),
+    ]
+    if post_norms:
+        rows.append(row(f"post_ffw_norm{suffix}/scale", P + "post_feedforward_layernorm.weight", "E", "E", NORM,
+                        dtype="f32"))
+    return tuple(rows)
+
+
+LAYER = layer_rules()
 TOP = (
     row("token_embedder/embedding", "model.embed_tokens.weight", "V,E", "V,E", "embedding-scale"),
     row("decoder/decoder_norm/scale", "model.norm.weight", "E", "E", NORM, dtype="f32"),

@@ -230,16 +230,20 @@ def attention_mask(length: int, window: int | None) -> np.ndarray:
     return mask & (q - kv < window) if window is not None else mask
 
 
-def gqa_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, dt: jnp.dtype) -> jax.Array:
+def gqa_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, dt: jnp.dtype,
+                  softcap: float | None = None) -> jax.Array:
     """Softmax attention of q (B,T,N,D) over k, v (B,S,K,D), query head n reading kv head n // (N/K).
 
-    q is already scaled; scores in float32, masked positions (`mask` (T,S) False) get MaxText's large negative
-    value, the probabilities are cast to `dt` before they weight v. Returns (B,T,N,D).
+    q is already scaled; scores in float32, soft-capped (`c · tanh(s / c)`, Gemma 2) when `softcap` is given,
+    masked positions (`mask` (T,S) False) get MaxText's large negative value, the probabilities are cast to `dt`
+    before they weight v. Returns (B,T,N,D).
     """
     b, t, n, d = q.shape
     kv = k.shape[2]
     qg = q.reshape(b, t, kv, n // kv, d)
     scores = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32)
+    if softcap is not None:
+        scores = jnp.tanh(scores / softcap) * softcap
     probs = jax.nn.softmax(jnp.where(mask, scores, _MASK_VALUE), axis=-1).astype(dt)
     return jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, n, d)
 

@@ -184,7 +184,7 @@ def forward_config(cfg: dict, model: str | None = None):
             from ckpt_cli.verify.deepseek import DeepseekConfig
 
             return family, DeepseekConfig.from_hf_config(cfg)
-        if family.name == "gemma3":
+        if family.name in ("gemma", "gemma2", "gemma3"):
             from ckpt_cli.verify.gemma3 import Gemma3Config
 
             return family, Gemma3Config.from_hf_config(cfg)
