@@ -122,7 +122,8 @@ def test_converted_f32_models_match_transformers(olmo3_converted, kind, scan):
     data = verify_json("--maxtext", out, "--hf", src, "--max-kl", "1e-6")
     assert data["passed"] and data["family"] == "olmo3" and data["scan_layers"] is scan
     assert data["summary"]["kl_max"] < 1e-6 and data["summary"]["top1_agreement"] == 1.0
-    assert data["notes"] == []
+    # only the config notes verify-logits now repeats (the tiny window differs from MaxText's configs)
+    assert all("sliding_window 4" in n for n in data["notes"]), data["notes"]
 
 
 def test_hf_model_streams_layer_by_layer(olmo3_converted):
