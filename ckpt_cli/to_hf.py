@@ -125,6 +125,12 @@ def default_dtype(cfg: dict) -> str:
     return _CONFIG_DTYPES.get(str(name).removeprefix("torch."), "bf16")
 
 
+def stored_dtype(forward: ConversionPlan, ckpt: OrbaxCheckpoint) -> str | None:
+    """'bf16' or 'f32': how the checkpoint stores its largest parameter (None for any other dtype)."""
+    biggest = max(forward.tensors, key=lambda t: t.nbytes)
+    return _CONFIG_DTYPES.get(dtype_name(ckpt.describe(biggest.target)[1]))
+
+
 def check_checkpoint(forward: ConversionPlan, ckpt: OrbaxCheckpoint) -> None:
     """Every parameter the plan reads is present with its full shape and a float dtype; nothing is left over.
 

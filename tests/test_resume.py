@@ -107,7 +107,7 @@ def test_without_resume_the_partial_output_is_removed(hf_models, tmp_path, monke
     interrupted(src, out, monkeypatch)
     result = hf_to_maxtext(str(src), out, ToMaxTextOptions())
     assert "resumed_tasks" not in result.stats.extra
-    assert any("--resume to take it up" in n for n in result.notes)
+    assert any("was removed: starting afresh" in n for n in result.notes)
 
 
 def test_interrupt_before_any_snapshot_leaves_nothing(hf_models, tmp_path, monkeypatch):

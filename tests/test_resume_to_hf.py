@@ -223,7 +223,7 @@ def test_without_resume_the_partial_output_is_removed(mt, tmp_path, monkeypatch,
     interrupted(src, out, monkeypatch, 10)
     result = maxtext_to_hf(str(src), out, opts())
     assert "resumed_tasks" not in result.stats.extra
-    assert any("--resume to take it up" in n for n in result.notes)
+    assert any("was removed: starting afresh" in n for n in result.notes)
     assert not partial_dir(out).exists()
 
 

@@ -51,6 +51,9 @@ def check_tree(ckpt: OrbaxCheckpoint, family: Family, hf_config: dict, scan: boo
             raise ShapeMismatchError(f"{t.target}: the checkpoint has shape {shape}, the config implies {want}")
 
 
+TIED_TABLE, UNTIED_HEAD = "token_embedder/embedding", "decoder/logits_dense/kernel"
+
+
 class OrbaxParams:
     """ParamSource over an OrbaxCheckpoint; counts the bytes it reads and reports progress.
 
@@ -68,6 +71,8 @@ class OrbaxParams:
         self.bytes_read = 0
         self._lock = threading.Lock()
         self.total_bytes = sum(_nbytes(*ckpt.describe(p)) for p in ckpt.paths)
+        if TIED_TABLE in ckpt.paths and UNTIED_HEAD not in ckpt.paths:   # read again as the output head
+            self.total_bytes += _nbytes(*ckpt.describe(TIED_TABLE))
         dims = family.dims(hf_config)
         self.layer_sources: dict[int, dict[str, SourceSlice]] = {}
         for block in family.blocks(dims, hf_config, scan, frozenset()):
