@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from ckpt_cli import __version__
-from ckpt_cli.cli import convert, demo, inspect, plan, verify
+from ckpt_cli.cli import convert, demo, inspect, models, plan, verify
 
 app = typer.Typer(
     name="ckpt", no_args_is_help=True, pretty_exceptions_enable=False, add_completion=True,
@@ -19,6 +19,7 @@ app.command("demo")(demo.demo)
 app.command("verify-logits")(verify.verify_logits)
 app.command("inspect")(inspect.inspect)
 app.add_typer(plan.app, name="plan")
+app.command("models")(models.models)
 
 
 def _version(value: bool) -> None:

@@ -175,7 +175,7 @@ def _show_comparison(out: Output, r: dict) -> None:
     c = r["counts"]
     for note in r["notes"]:
         out.note(note)
-    verdict = "identical" if r["identical"] else "DIFFERENT"
+    verdict = "same structure (names and shapes; no tensor data compared)" if r["identical"] else "DIFFERENT"
     out.table(summary_table(f"{r['a']['target']} against {r['b']['target']}: {verdict}", {
         "A": f"{r['a']['target']} ({r['a']['kind']})", "B": f"{r['b']['target']} ({r['b']['kind']})",
         "layout": "scanned" if r["scan_layers"] else "unscanned",

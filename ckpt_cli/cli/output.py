@@ -50,7 +50,7 @@ class BytesColumn(ProgressColumn):
 
     def render(self, task) -> Text:
         total = human_bytes(task.total) if task.total is not None else "?"
-        return Text(f"{human_bytes(task.completed)} / {total}", style="green")
+        return Text(f"{human_bytes(task.completed)}/{total}", style="green")
 
 
 class RateColumn(ProgressColumn):
@@ -137,7 +137,8 @@ class Output:
         if not self.human:
             yield lambda done, total: None
             return
-        progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), TaskProgressColumn(),
+        progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(10 if self.err.width < 120 else 30),
+                            TaskProgressColumn(),
                             BytesColumn(), RateColumn(), RSSColumn(),
                             ETAColumn(), console=self.err, transient=False)
         state: dict = {}

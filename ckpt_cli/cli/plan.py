@@ -73,7 +73,8 @@ def plan_hf_to_maxtext(
 
       ckpt plan hf-to-maxtext --model llama3.1-70b --no-scan --write-gbps 0.4
     """
-    from ckpt_cli import convert, pricing
+    from ckpt_cli import convert, pricing, registry
+    from ckpt_cli.errors import RemoteError
     from ckpt_cli.io.orbax import StorageOptions
     from ckpt_cli.units import parse_size
 
@@ -82,7 +83,13 @@ def plan_hf_to_maxtext(
         model=model, scan_layers=scan, dtype=dtype, revision=revision,
         storage=StorageOptions(use_ocdbt=ocdbt, use_zarr3=zarr3, compression=compression),
         overwrite=overwrite, workers=workers, mtp=mtp, max_disk=parse_size(max_disk) if max_disk else None)
-    plan, src, notes = pricing.plan_hf_to_maxtext(source, opts)
+    try:
+        plan, src, notes = pricing.plan_hf_to_maxtext(source, opts)
+    except RemoteError as exc:
+        if source and model is None and registry.is_model_name(source):
+            raise RemoteError(f"{exc}; to price {source} with no data at all: ckpt plan hf-to-maxtext --model "
+                              f"{source}") from None
+        raise
     if compression == "zstd":
         notes.append("zstd: output bytes are the uncompressed upper bound (bf16 weights shrink ~10%)")
     _price_and_show(plan, src, notes, out, workers, overwrite, read_gbps, write_gbps, net_gbps,

@@ -29,6 +29,13 @@ def human_params(n: int) -> str:
     return f"{n:,} ({n / 1e9:.3f} B)" if n >= 1e9 else f"{n:,} ({n / 1e6:.2f} M)"
 
 
+def human_count(n: int) -> str:
+    """A short parameter count: '751.6 M', '8.19 B', '671 B'."""
+    if n >= 1e11:
+        return f"{n / 1e9:.0f} B"
+    return f"{n / 1e9:.2f} B" if n >= 1e9 else f"{n / 1e6:.1f} M"
+
+
 def chunk_axis(t: TensorPlan) -> str:
     """Which axes the chunk grid splits (the write/sharding unit), e.g. 'axis 1 (layers)'."""
     split = [a for a, (s, c) in enumerate(zip(t.shape, t.chunk_shape, strict=True)) if c < s]

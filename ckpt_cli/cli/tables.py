@@ -39,19 +39,25 @@ class Grid:
         self.rows.append(list(cells))
 
 
-_ATOM = re.compile(r"[^/.]*[/.]|[^/.]+")
+_SLASH = re.compile(r"[^/]*/|[^/]+")
+_DOT = re.compile(r"[^.]*\.|[^.]+")
+
+
+def atoms(word: str, width: int | None = None) -> list[str]:
+    """A word's unbreakable pieces: split after each '/', and a piece still wider than `width` after each '.'."""
+    out = []
+    for piece in _SLASH.findall(word):
+        out += _DOT.findall(piece) if width is None or len(piece) > width else [piece]
+    return out
 
 
 def wrap(text: str, width: int) -> str:
-    """Lines of at most `width`: break at spaces, and inside a longer word only after '/' or '.'."""
+    """Lines of at most `width`: break at spaces, and inside a longer word only after '/' (else after '.')."""
     out: list[str] = []
     for para in text.split("\n"):
         line = ""
         for word in para.split(" "):
-            if not line:
-                candidate = word
-            else:
-                candidate = f"{line} {word}"
+            candidate = f"{line} {word}" if line else word
             if len(candidate) <= width:
                 line = candidate
                 continue
@@ -59,21 +65,28 @@ def wrap(text: str, width: int) -> str:
                 out.append(line)
                 line = word
                 continue
-            if line:                       # the word goes on its own lines, atom by atom
-                line += " "
-            for atom in _ATOM.findall(word):
-                while len(atom) > width:   # one atom wider than the column: nothing else to do but cut it
+            if line:                       # the word goes on its own lines, piece by piece
+                out.append(line)
+                line = ""
+            for atom in atoms(word, width):
+                while len(atom) > width:   # one piece wider than the column: nothing else to do but cut it
                     if line:
                         out.append(line)
                         line = ""
                     out.append(atom[:width])
                     atom = atom[width:]
                 if len(line) + len(atom) > width:
-                    out.append(line.rstrip())
+                    out.append(line)
                     line = ""
                 line += atom
         out.append(line)
     return "\n".join(out)
+
+
+def _min_text(cells: list[str], natural: int) -> int:
+    """The narrowest a wrapping column gets: its longest piece that cannot break, at least MIN_TEXT."""
+    longest = max((len(a) for c in cells for w in c.split() for a in atoms(w)), default=0)
+    return min(natural, max(MIN_TEXT, longest))
 
 
 def _natural(col: Col, cells: list[str]) -> int:
@@ -88,27 +101,26 @@ def _overhead(n: int) -> int:
 def layout(grid: Grid, width: int | None) -> tuple[list[int], list[int]]:
     """(indexes of the columns shown, their widths) for a console `width` (None: unlimited)."""
     shown = list(range(len(grid.cols)))
-    natural = [_natural(c, [r[i] for r in grid.rows]) for i, c in enumerate(grid.cols)]
+    cells = [[r[i] for r in grid.rows] for i in range(len(grid.cols))]
+    natural = [_natural(c, cells[i]) for i, c in enumerate(grid.cols)]
     if width is None:
         return shown, [natural[i] for i in shown]
+    least = [_min_text(cells[i], natural[i]) if c.wrap else natural[i] for i, c in enumerate(grid.cols)]
     while True:
-        fixed = sum(natural[i] for i in shown if not grid.cols[i].wrap)
-        wrapping = [i for i in shown if grid.cols[i].wrap]
-        room = width - _overhead(len(shown)) - fixed
-        need = sum(min(natural[i], MIN_TEXT) for i in wrapping)
+        room = width - _overhead(len(shown))
         droppable = [i for i in shown if grid.cols[i].drop]
-        if room >= need or not droppable:
+        if room >= sum(least[i] for i in shown) or not droppable:
             break
         shown.remove(max(droppable, key=lambda i: (grid.cols[i].drop, i)))
-    widths = {i: natural[i] for i in shown}
-    if wrapping and sum(natural[i] for i in wrapping) > room:
-        # share the room out: narrow columns keep their width, the rest split what is left evenly
-        left, todo = max(room, 0), sorted(wrapping, key=lambda i: natural[i])
-        while todo:
-            share = left // len(todo)
-            i = todo.pop(0)
-            widths[i] = max(min(natural[i], share), min(natural[i], MIN_TEXT))
-            left -= widths[i]
+    widths = {i: least[i] for i in shown}
+    spare = room - sum(widths.values())
+    # what is left goes to the wrapping columns, the least wanting first, each up to its natural width
+    todo = sorted((i for i in shown if grid.cols[i].wrap), key=lambda i: natural[i] - least[i])
+    while todo and spare > 0:
+        i = todo.pop(0)
+        more = min(natural[i] - widths[i], spare // (len(todo) + 1))
+        widths[i] += more
+        spare -= more
     return shown, [widths[i] for i in shown]
 
 

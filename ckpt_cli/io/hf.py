@@ -63,13 +63,28 @@ def resolve(source: str, revision: str | None = None, stream: bool = False) -> H
     if registry.is_model_name(source):
         spec = registry.lookup(source)
         model_name, repo_id = spec.name, spec.repo_id
-    elif "/" not in source or source.count("/") > 1:
-        raise SourceError(f"{source}: no such folder, and not a model name or an org/name repo id")
+    else:
+        check_repo_id(source)
     if stream and not is_offline():
         repo = RemoteRepo.open(repo_id, revision)
         return HFSource(repo.snapshot_dir, repo.config, repo_id, model_name, repo_id, revision, repo)
     folder = download(repo_id, revision)
     return HFSource(folder, load_config(folder), repo_id, model_name, repo_id, revision)
+
+
+def check_repo_id(source: str) -> None:
+    """Refuse a SOURCE that is no folder, no model name and cannot be a hub repo id, with the closest model names;
+    and one that looks like a local path (./x, ~/x, or x/y where the folder x exists), rather than ask the hub."""
+    import difflib
+
+    path = Path(source).expanduser()
+    close = difflib.get_close_matches(source.lower(), [m.lower() for m in registry.MODELS], n=3, cutoff=0.6)
+    hint = f"; did you mean {' or '.join(close)}?" if close else " (`ckpt models` lists the model names)"
+    if "/" not in source or source.count("/") > 1:
+        raise SourceError(f"{source}: no such folder, and not a model name or an org/name repo id{hint}")
+    if source.startswith(("./", "../", "/", "~")) or path.parent.is_dir() and path.parent != Path("."):
+        raise SourceError(f"{source}: no such folder (its parent {path.parent} is a local folder, so this is not "
+                          f"asked of the hub as a repo id)")
 
 
 def download(repo_id: str, revision: str | None, allow_patterns: list[str] | None = None) -> Path:
