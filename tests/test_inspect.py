@@ -132,7 +132,7 @@ def test_against_reports_a_planted_mismatch(converted, tmp_path):
     assert data["extra"] == [] and data["unmapped"] == ["model.layers.9.extra.weight"]
     assert data["counts"] == {"a": 14, "b": 14, "matched": 12, "missing": 1, "extra": 0, "mismatched": 1,
                               "dtype_differs": 0}
-    r = runner.invoke(app, ["inspect", str(bad), "--against", str(scanned)])
+    r = runner.invoke(app, ["inspect", str(bad), "--against", str(scanned)], env={"COLUMNS": "250"})
     assert r.exit_code == 1
     assert "DIFFERENT" in r.stdout and "12/14" in r.stdout and "down_proj.weight is absent" in r.stdout
 

@@ -114,11 +114,9 @@ def layout(grid: Grid, width: int | None) -> tuple[list[int], list[int]]:
         shown.remove(max(droppable, key=lambda i: (grid.cols[i].drop, i)))
     widths = {i: least[i] for i in shown}
     spare = room - sum(widths.values())
-    # what is left goes to the wrapping columns, the least wanting first, each up to its natural width
-    todo = sorted((i for i in shown if grid.cols[i].wrap), key=lambda i: natural[i] - least[i])
-    while todo and spare > 0:
-        i = todo.pop(0)
-        more = min(natural[i] - widths[i], spare // (len(todo) + 1))
+    # what is left goes to the wrapping columns from the left (the first names the row), each up to its natural width
+    for i in (i for i in shown if grid.cols[i].wrap):
+        more = min(natural[i] - widths[i], spare)
         widths[i] += more
         spare -= more
     return shown, [widths[i] for i in shown]
