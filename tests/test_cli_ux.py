@@ -251,8 +251,8 @@ def test_summary_rates_use_the_progress_units():
     assert rows["wall"] == "1.00 s (read 78.80 MB/s)"
 
 
-@pytest.mark.parametrize("size,ok", [("5", False), ("500KB", False), ("2MB", True)])
-def test_shard_size_needs_a_unit_and_a_megabyte(size, ok):
+@pytest.mark.parametrize("size,ok", [("5", False), ("5000000", False), ("2MB", True)])
+def test_shard_size_needs_a_unit(size, ok):
     import typer
 
     from ckpt_cli.cli.convert import shard_bytes

@@ -39,17 +39,13 @@ def take_up(resume: bool, restart: bool, out: Path) -> bool:
 
 
 def shard_bytes(text: str) -> int:
-    """--shard-size: a size with a unit, at least 1 MB (a bare '5' would mean 5 bytes, one shard per tensor)."""
+    """--shard-size: a size with a unit ('5' alone would mean 5 bytes: one shard per tensor)."""
     from ckpt_cli.units import parse_size
 
     if text.strip() and text.strip()[-1].isdigit():
         raise typer.BadParameter(f"{text!r} has no unit: write e.g. {text.strip()}GB or {text.strip()}MB",
                                  param_hint="--shard-size")
-    size = parse_size(text)
-    if size < 10**6:
-        raise typer.BadParameter(f"{text!r} is below 1MB: every tensor would get a shard of its own",
-                                 param_hint="--shard-size")
-    return size
+    return parse_size(text)
 
 
 @app.command("hf-to-maxtext")
@@ -128,7 +124,7 @@ OutDtypeOpt = Annotated[O.DtypeChoice | None, typer.Option(
     "--dtype", help="Stored dtype (cast per slice). Default: the checkpoint's own (else the config's, else bf16).")]
 ShardSizeOpt = Annotated[str, typer.Option(
     "--shard-size", metavar="SIZE", help="Most tensor bytes per safetensors shard, with a unit (5GB, 500MB, "
-                                         "2GiB ...; at least 1MB); one shard -> model.safetensors.")]
+                                         "2GiB ...); one shard -> model.safetensors.")]
 TokenizerOpt = Annotated[str | None, typer.Option(
     "--tokenizer", metavar="SRC",
     help="Copy tokenizer files from this folder or hub repo id (default: from the carried source "
