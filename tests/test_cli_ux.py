@@ -136,6 +136,37 @@ def test_table_cells_never_cut_numbers_at_80_columns():
         assert name in hidden or number in text, (name, number)
 
 
+@pytest.mark.parametrize("columns", [80, 200])
+def test_verify_logits_tables_keep_their_numbers_whole(columns):
+    import numpy as np
+
+    from ckpt_cli.cli.verify import metrics_table, top_k_table
+    from ckpt_cli.verify.metrics import PromptMetrics
+    from ckpt_cli.verify.prompts import Prompt
+
+    ids = list(range(100000, 100010))
+    m = PromptMetrics(kl=np.array([3.0412345e-14, 1.2e-15]), max_abs_dlogit=6.4123e-07, max_abs_dprob=1.1e-08,
+                      top1_agreement=1.0, hf_top_ids=ids, hf_top_logits=[-12.3456789] * 10, mt_top_ids=ids,
+                      mt_top_logits=[-12.3456781] * 10)
+    r = SimpleNamespace(prompt=Prompt(tuple(range(40))), metrics=m)
+    result = SimpleNamespace(results=[r], token_text={}, text=lambda i: f"token{i}")
+    out = Output()
+    out.width = columns
+    from rich.console import Console
+
+    console = Console(width=columns)
+    for grid, numbers in ((metrics_table(result), ("3.04e-14 (0)", "6.41e-07", "1.58e-14")),
+                          (top_k_table(result, 1, r), ("-12.34568", "100000", "100009"))):
+        table, width = render(grid, columns)
+        with console.capture() as cap:
+            console.print(table, width=width)
+        text = cap.get()
+        assert not re.search(r"\d…|…\d", text.replace("1,2,3,4,5,…", ""))   # the prompt's own label ends in …
+        lines_fit("\n".join(ln.rstrip() for ln in text.splitlines()), columns)
+        for number in numbers:
+            assert number in text, number
+
+
 def test_piped_width_is_columns_else_120(monkeypatch):
     from ckpt_cli.cli import output
 

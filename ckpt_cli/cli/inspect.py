@@ -163,7 +163,7 @@ def _config_line(c: dict) -> str:
 def _tensor_table(r: dict) -> Grid:
     hf = r["kind"] in ("hf", "hf-remote")
     table = Grid([Col("HF tensor" if hf else "MaxText path", wrap=True), Col("shape"), Col("dtype", drop=2),
-                  Col("bytes", right=True), Col("shard" if hf else "chunk shape", wrap=hf, drop=1)],
+                  Col("bytes", right=True), Col("shard" if hf else "chunk shape", drop=1)],
                  title=f"{len(r['tensors'])} tensors")
     for t in r["tensors"]:
         table.add_row(t.get("name") or t["path"], str(tuple(t["shape"])), t["dtype"], human_bytes(t["bytes"]),
