@@ -18,7 +18,8 @@ from ckpt_cli.units import human_bytes
 MaxTextOpt = Annotated[Path, typer.Option(
     "--maxtext", metavar="DIR", help="MaxText Orbax checkpoint: run dir (latest step), step dir or items dir.")]
 HFOpt = Annotated[str | None, typer.Option(
-    "--hf", metavar="SRC", help="Hugging Face folder or repo id: the reference model, its tokenizer and config.json.")]
+    "--hf", metavar="SRC", autocompletion=O.complete_source,
+    help="Hugging Face folder, repo id or model name: the reference model, its tokenizer and config.json.")]
 TokensOpt = Annotated[list[str] | None, typer.Option(
     "--tokens", metavar="IDS",
     help="Token ids of one prompt, comma-separated; repeat the option, or separate prompts with ';'.")]
