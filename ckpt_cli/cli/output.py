@@ -137,8 +137,9 @@ class Output:
         if not self.human:
             yield lambda done, total: None
             return
-        progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(10 if self.err.width < 120 else 30),
-                            TaskProgressColumn(),
+        narrow = self.err.width < 100     # 80 columns: a short bar and no percentage, so the line fits
+        progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(10 if narrow else 30),
+                            *([] if narrow else [TaskProgressColumn()]),
                             BytesColumn(), RateColumn(), RSSColumn(),
                             ETAColumn(), console=self.err, transient=False)
         state: dict = {}
