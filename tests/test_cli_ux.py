@@ -234,8 +234,12 @@ def test_unknown_source_gets_did_you_mean_and_local_paths_stay_local(tmp_path, m
     assert r.exit_code == 2 and "did you mean qwen3-8b" in r.stderr
     (tmp_path / "o").mkdir()
     monkeypatch.chdir(tmp_path)
-    r = run("inspect", "o/nope")
-    assert r.exit_code == 2 and "not asked of the hub" in r.stderr and "error: o/nope: no such folder" in r.stderr
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    r = run("inspect", "o/nope")      # could still be a repo: asked, but the error says it is no local folder
+    assert r.exit_code == 4 and "error: o/nope: no such folder here (o/ is one), and as a hub repo id: " in r.stderr
+    r = run("inspect", "./o/nope")    # written as a path: never asked of the hub
+    assert r.exit_code == 2 and r.stderr.strip() == "error: ./o/nope: no such folder"
 
 
 def test_plan_offline_with_a_model_name_suggests_model(monkeypatch, tmp_path):
