@@ -9,6 +9,7 @@ import typer
 
 from ckpt_cli import __version__
 from ckpt_cli.cli import convert, demo, inspect, models, plan, verify
+from ckpt_cli.cli.options import HelpOpt
 
 app = typer.Typer(
     name="ckpt", no_args_is_help=True, pretty_exceptions_enable=False, add_completion=True,
@@ -30,8 +31,9 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def root(
-    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, metavar="",
                                           help="Print the version and exit.")] = False,
+    help_: HelpOpt = False,
 ) -> None:
     """ckpt: HF <-> MaxText checkpoint conversion."""
 

@@ -14,6 +14,11 @@ from ckpt_cli.cli.report import convert_record, dtype_name, plan_announcer, stat
 
 app = typer.Typer(help="Convert checkpoints between Hugging Face and MaxText.", no_args_is_help=True)
 
+
+@app.callback()
+def group(help_: O.HelpOpt = False) -> None:
+    """The commands of this group (its own --help, as every command's)."""
+
 LoadMethodOpt = Annotated[O.LoadMethodChoice, typer.Option(
     "--load-method", help="safetensors: streaming; transformers: from_pretrained, the whole model in memory.")]
 SourceArg = Annotated[str, typer.Argument(
@@ -71,6 +76,7 @@ def hf_to_maxtext(
     wide: O.WideOpt = False,
     json_out: O.JsonOpt = False,
     quiet: O.QuietOpt = False,
+    help_: O.HelpOpt = False,
 ) -> None:
     """Convert a Hugging Face safetensors checkpoint into a MaxText (Orbax) checkpoint, streaming.
 
@@ -150,6 +156,7 @@ def maxtext_to_hf(
     wide: O.WideOpt = False,
     json_out: O.JsonOpt = False,
     quiet: O.QuietOpt = False,
+    help_: O.HelpOpt = False,
 ) -> None:
     """Convert a MaxText (Orbax) checkpoint into a Hugging Face safetensors folder, streaming.
 

@@ -50,6 +50,7 @@ def demo(
     wide: O.WideOpt = False,
     json_out: O.JsonOpt = False,
     quiet: O.QuietOpt = False,
+    help_: O.HelpOpt = False,
 ) -> None:
     """Make a tiny random Qwen3 model (numpy, no network), convert it HF -> MaxText -> HF, check the round trip is
     bit-identical, run verify-logits on the MaxText checkpoint, and print the commands to run on a real model.

@@ -50,6 +50,7 @@ def inspect(
     wide: O.WideOpt = False,
     json_out: O.JsonOpt = False,
     quiet: O.QuietOpt = False,
+    help_: O.HelpOpt = False,
 ) -> None:
     """Show a checkpoint's tensors, shapes, dtypes and totals from metadata only (no tensor data is read).
 

@@ -47,6 +47,7 @@ def models(
     wide: O.WideOpt = False,
     json_out: O.JsonOpt = False,
     quiet: O.QuietOpt = False,
+    help_: O.HelpOpt = False,
 ) -> None:
     """List the MaxText model names ckpt knows: family, default Hugging Face repo, parameters, directions and
     layouts. A name works as SOURCE (its repo) and as --model (its reference config, checked or used alone).

@@ -37,6 +37,15 @@ def flag(*names: str, help: str) -> typer.models.OptionInfo:  # noqa: A002 (type
     return typer.Option(*names, metavar="", help=help)
 
 
+def _show_help(ctx: typer.Context, value: bool) -> None:
+    if value and not ctx.resilient_parsing:
+        typer.echo(ctx.get_help(), nl=False)
+        raise typer.Exit()
+
+
+# Every command declares its own --help (Typer's built-in one shows a `<bool>` type); put it last.
+HelpOpt = Annotated[bool, typer.Option("--help", "-h", metavar="", is_eager=True, expose_value=False,
+                                       callback=_show_help, help="Show this message and exit.")]
 OutOpt = Annotated[Path, typer.Option("--out", "-o", metavar="DIR",
                                       help="Output directory (published atomically when done).")]
 ModelOpt = Annotated[str | None, typer.Option(
@@ -62,8 +71,8 @@ Zarr3Opt = Annotated[bool, flag("--zarr3/--no-zarr3", help="zarr v3 arrays (else
 CompressionOpt = Annotated[CompressionChoice, typer.Option("--compression", help="Chunk compression.")]
 WorkersOpt = Annotated[int | None, typer.Option(
     "--workers", min=1, max=64, metavar="N",
-    help="Reader/transform threads. Default: one per CPU core, at most 16, fewer when available memory is "
-         "short (see `default_workers`).")]
+    help="Reader/transform threads. Default: one per CPU core, at most 16, and one per 512 MiB of available "
+         "memory.")]
 MtpOpt = Annotated[bool, flag(
     "--mtp", help="DeepSeek-V3/V3.2: also convert the multi-token-prediction layer (MaxText mtp_block).")]
 MaxDiskOpt = Annotated[str | None, typer.Option(

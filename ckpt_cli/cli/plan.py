@@ -19,6 +19,11 @@ from ckpt_cli.units import human_bytes
 app = typer.Typer(help="Price a conversion (RAM, disk, bytes, time) from metadata only, with a go / no-go.",
                   no_args_is_help=True)
 
+
+@app.callback()
+def group(help_: O.HelpOpt = False) -> None:
+    """The commands of this group (its own --help, as every command's)."""
+
 PlanOutOpt = Annotated[Path | None, typer.Option(
     "--out", "-o", metavar="DIR",
     help="Where the output would go: its disk is checked and probed (default: the current "
@@ -58,6 +63,7 @@ def plan_hf_to_maxtext(
     wide: O.WideOpt = False,
     json_out: O.JsonOpt = False,
     quiet: O.QuietOpt = False,
+    help_: O.HelpOpt = False,
 ) -> None:
     """Price `convert hf-to-maxtext` with the same flags, from metadata only; exit 1 on no-go.
 
@@ -114,6 +120,7 @@ def plan_maxtext_to_hf(
     wide: O.WideOpt = False,
     json_out: O.JsonOpt = False,
     quiet: O.QuietOpt = False,
+    help_: O.HelpOpt = False,
 ) -> None:
     """Price `convert maxtext-to-hf` with the same flags, from the checkpoint's metadata only; exit 1 on no-go.
 

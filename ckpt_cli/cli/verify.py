@@ -58,6 +58,7 @@ def verify_logits(
     wide: O.WideOpt = False,
     json_out: O.JsonOpt = False,
     quiet: O.QuietOpt = False,
+    help_: O.HelpOpt = False,
 ) -> None:
     """Run the MaxText checkpoint's forward pass (JAX, one layer at a time) and the Hugging Face model
     (transformers) on the same token ids, and compare their logits. Exit 0 when the largest per-position
