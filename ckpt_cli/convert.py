@@ -220,7 +220,7 @@ def _hf_to_maxtext(source: hf.HFSource, out: Path, opts: ToMaxTextOptions, progr
                      f"already durable in {partial_dir(out)}" if done is not None else
                      f"--resume: {why_not}; starting afresh")
     elif partial_dir(out).exists():
-        notes.append(f"an interrupted run's {partial_dir(out)} was removed (pass --resume to take it up)")
+        notes.append(f"an interrupted run's {partial_dir(out)} was removed: starting afresh")
     stream = (remote_stream.ShardStream(reader.files, plan, reader, opts.max_disk, skip=done or frozenset())
               if source.remote else None)
     if stream:
@@ -239,7 +239,7 @@ def _hf_to_maxtext(source: hf.HFSource, out: Path, opts: ToMaxTextOptions, progr
         writer.finalize({"scan_layers": plan.scan_layers, "ckpt": provenance(plan, source, opts)})
     except KeyboardInterrupt as exc:
         if writer.abort(keep=True):
-            raise Interrupted(f"progress kept in {partial_dir(out)}: run the same command with --resume "
+            raise Interrupted(f"progress kept in {partial_dir(out)}: run the same command again "
                               "to finish it") from exc
         raise
     except BaseException as exc:
@@ -286,10 +286,17 @@ def plan_to_hf(ckpt, opts: ToHFOptions):
 
     arch = to_hf.resolve_architecture(ckpt, opts.model, opts.hf_config)
     scan = to_hf.detect_scan(ckpt)
-    dtype = output_dtype(opts.dtype or to_hf.default_dtype(arch.config))
     features = to_hf.detect_features(arch, ckpt, scan)
-    notes = to_hf.check_checkpoint(build_to_maxtext(arch.family, arch.config, scan, dtype, features), ckpt)
-    plan = build_to_hf(arch.family, arch.config, scan, dtype, features)
+    forward = build_to_maxtext(arch.family, arch.config, scan, output_dtype(opts.dtype or "bf16"), features)
+    notes = tuple(to_hf.check_checkpoint(forward, ckpt))
+    name = opts.dtype
+    if name is None:   # the checkpoint's own dtype; the config's only when the checkpoint's is neither bf16 nor f32
+        said, stored = to_hf.default_dtype(arch.config), to_hf.stored_dtype(forward, ckpt)
+        name = stored or said
+        if stored and stored != said:
+            notes += (f"the checkpoint stores {stored}: writing {stored} (the config says {said}; --dtype {said} "
+                      f"casts)",)
+    plan = build_to_hf(arch.family, arch.config, scan, output_dtype(name), features)
     return dataclasses.replace(plan, notes=(*plan.notes, *notes)), arch
 
 
@@ -405,7 +412,7 @@ def _maxtext_to_hf(ckpt, source_arg: str, out: Path, opts: ToHFOptions, progress
     check_free_space(out, plan.output_bytes - sum(task_bytes[k] for k in done or ()))
     planned = [PlannedTensor(t.target, t.dtype, t.shape) for t in plan.tensors]
     if not opts.resume and partial.exists():
-        notes.append(f"an interrupted run's {partial} was removed (pass --resume to take it up)")
+        notes.append(f"an interrupted run's {partial} was removed: starting afresh")
     writer = None
     try:
         try:
@@ -427,7 +434,7 @@ def _maxtext_to_hf(ckpt, source_arg: str, out: Path, opts: ToHFOptions, progress
     except KeyboardInterrupt as exc:
         kept = writer.abort(keep=True) if writer is not None else done is not None and partial.is_dir()
         if kept:
-            raise Interrupted(f"progress kept in {partial}: run the same command with --resume to finish it") from exc
+            raise Interrupted(f"progress kept in {partial}: run the same command again to finish it") from exc
         raise
     except BaseException as exc:
         full = outdir.disk_full(exc)

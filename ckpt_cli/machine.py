@@ -42,6 +42,27 @@ def this_machine(out: Path | None) -> Machine:
     return Machine(available_ram(), shutil.disk_usage(probe).free, str(probe), os.cpu_count() or 1)
 
 
+MAX_DEFAULT_WORKERS = 16
+RAM_PER_WORKER = 512 * 1024 * 1024    # what one more reader thread may hold at its peak, with room to spare
+
+
+def usable_cpus() -> int:
+    """CPU cores this process may run on (its affinity mask, which containers and taskset narrow)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def default_workers(cpus: int | None = None, ram: int | None = None) -> int:
+    """The reader/transform threads of a conversion when --workers is not given: one per core (reads, numpy and
+    tensorstore release the GIL, and the reverse direction is CPU bound at 2), at most 16, and no more than
+    available memory affords at RAM_PER_WORKER each; never fewer than 1."""
+    cpus = usable_cpus() if cpus is None else cpus
+    ram = available_ram() if ram is None else ram
+    return max(1, min(cpus, MAX_DEFAULT_WORKERS, ram // RAM_PER_WORKER))
+
+
 def available_ram() -> int:
     """MemAvailable: what can be allocated without swapping (page cache that can be dropped included)."""
     try:

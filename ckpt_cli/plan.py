@@ -407,3 +407,14 @@ def build_to_hf(family: Family, hf_config: dict, scan_layers: bool, dtype: np.dt
 def write_key(target: str, index: tuple) -> tuple:
     """A hashable, JSON-able name of one target slice write (slices are not hashable before Python 3.12)."""
     return (target, tuple((i.start, i.stop, i.step) if isinstance(i, slice) else i for i in index))
+
+
+def parameter_count(family: Family, hf_config: dict, features: frozenset[str] = frozenset()) -> int:
+    """Elements of the MaxText tree `build_to_maxtext` would plan for this config, without planning its slices."""
+    hf_config = family.model_config(hf_config)
+    dims = family.dims(hf_config)
+    total = sum(math.prod(_stacked(eval_shape(r.maxtext_shape, dims), r, None, dims)[0])
+                for r in family.top_rules(dims, hf_config))
+    for block in family.blocks(dims, hf_config, True, frozenset(features)):
+        total += sum(math.prod(_stacked(eval_shape(r.maxtext_shape, dims), r, block, dims)[0]) for r in block.rules)
+    return total

@@ -165,6 +165,12 @@ def read_legacy_layouts(forward: ConversionPlan, ckpt: OrbaxCheckpoint) -> list[
             f"{t.target} {(t.shape[1], t.shape[0], *t.shape[2:])}) read as MaxText 0.2.5's {tuple(t.shape)}"]
 
 
+def stored_dtype(forward: ConversionPlan, ckpt: OrbaxCheckpoint) -> str | None:
+    """'bf16' or 'f32': how the checkpoint stores its largest parameter (None for any other dtype)."""
+    biggest = max(forward.tensors, key=lambda t: t.nbytes)
+    return _CONFIG_DTYPES.get(dtype_name(ckpt.describe(biggest.target)[1]))
+
+
 def check_checkpoint(forward: ConversionPlan, ckpt: OrbaxCheckpoint) -> list[str]:
     """Every parameter the plan reads is present with its full shape and a float dtype; nothing is left over.
 

@@ -43,7 +43,7 @@ def interrupted(src, out, monkeypatch, writes: int = 12, **options) -> None:
         interrupt_after(m, writes)
         with pytest.raises(KeyboardInterrupt) as info:     # a plain one (nothing kept) must fail, not stop pytest
             hf_to_maxtext(str(src), out, ToMaxTextOptions(**options))
-    assert isinstance(info.value, Interrupted) and "--resume" in str(info.value)
+    assert isinstance(info.value, Interrupted) and "run the same command again" in str(info.value)
     assert (partial_dir(out) / PROGRESS).is_file()
 
 
@@ -108,7 +108,7 @@ def test_without_resume_the_partial_output_is_removed(hf_models, tmp_path, monke
     interrupted(src, out, monkeypatch)
     result = hf_to_maxtext(str(src), out, ToMaxTextOptions())
     assert "resumed_tasks" not in result.stats.extra
-    assert any("--resume to take it up" in n for n in result.notes)
+    assert any("was removed: starting afresh" in n for n in result.notes)
 
 
 def test_interrupt_before_any_snapshot_leaves_nothing(hf_models, tmp_path, monkeypatch):
@@ -129,7 +129,7 @@ def test_cli_reports_the_kept_progress_and_resumes(hf_models, tmp_path, monkeypa
         interrupt_after(m, 12)
         r = runner.invoke(app, ["convert", "hf-to-maxtext", str(src), "--out", str(out), "--quiet"])
     assert r.exit_code == 130
-    assert "progress kept in" in r.output and "--resume" in r.output and "Traceback" not in r.output
+    assert "progress kept in" in r.output and "same command again" in r.output and "Traceback" not in r.output
     r = runner.invoke(app, ["convert", "hf-to-maxtext", str(src), "--out", str(out), "--resume", "--json"])
     assert r.exit_code == 0, r.output
     record = json.loads(r.stdout)
@@ -183,3 +183,24 @@ def test_a_data_file_missing_or_cut_means_a_fresh_start(hf_models, tmp_path, mon
     clean = tmp_path / "clean"
     hf_to_maxtext(str(src), clean, ToMaxTextOptions(storage=storage))
     assert_same_arrays(out, clean)
+
+
+def test_cli_resumes_by_default_and_restart_starts_afresh(hf_models, tmp_path, monkeypatch, snapshots_often):
+    src = hf_models("qwen3", "bfloat16", sharded=True)
+    out = tmp_path / "mt"
+    runner = CliRunner()
+    interrupted(src, out, monkeypatch)
+    r = runner.invoke(app, ["convert", "hf-to-maxtext", str(src), "--out", str(out), "--json"])   # no --resume
+    assert r.exit_code == 0, r.output
+    record = json.loads(r.stdout)
+    assert any(n.startswith("resuming: ") for n in record["notes"]) and record["stats"]["resumed_tasks"] > 0
+    again = tmp_path / "again"
+    interrupted(src, again, monkeypatch)
+    r = runner.invoke(app, ["convert", "hf-to-maxtext", str(src), "--out", str(again), "--restart", "--json"])
+    assert r.exit_code == 0, r.output
+    record = json.loads(r.stdout)
+    assert "resumed_tasks" not in record["stats"]
+    assert any("was removed: starting afresh" in n for n in record["notes"])
+    r = runner.invoke(app, ["convert", "hf-to-maxtext", str(src), "--out", str(tmp_path / "x"), "--resume",
+                            "--restart"])
+    assert r.exit_code == 2 and "contradict" in r.output

@@ -71,7 +71,7 @@ def interrupted(src, out, monkeypatch, writes: int, **kw) -> list[tuple]:
         made = interrupt_after(m, writes)
         with pytest.raises(KeyboardInterrupt) as info:     # a plain one (nothing kept) must fail, not stop pytest
             maxtext_to_hf(str(src), out, opts(**kw))
-    assert isinstance(info.value, Interrupted) and "--resume" in str(info.value)
+    assert isinstance(info.value, Interrupted) and "run the same command again" in str(info.value)
     assert (partial_dir(out) / PROGRESS).is_file()
     assert not out.exists()
     assert not (partial_dir(out) / "config.json").exists()
@@ -223,7 +223,7 @@ def test_without_resume_the_partial_output_is_removed(mt, tmp_path, monkeypatch,
     interrupted(src, out, monkeypatch, 10)
     result = maxtext_to_hf(str(src), out, opts())
     assert "resumed_tasks" not in result.stats.extra
-    assert any("--resume to take it up" in n for n in result.notes)
+    assert any("was removed: starting afresh" in n for n in result.notes)
     assert not partial_dir(out).exists()
 
 
@@ -282,7 +282,7 @@ def test_cli_reports_the_kept_progress_and_resumes(mt, tmp_path, monkeypatch, sn
         interrupt_after(m, 10)
         r = runner.invoke(app, [*args, "--quiet"])
     assert r.exit_code == 130
-    assert "progress kept in" in r.output and "--resume" in r.output and "Traceback" not in r.output
+    assert "progress kept in" in r.output and "same command again" in r.output and "Traceback" not in r.output
     r = runner.invoke(app, [*args, "--resume", "--json"])
     assert r.exit_code == 0, r.output
     record = json.loads(r.stdout)
@@ -318,7 +318,7 @@ def test_sigterm_keeps_progress_and_resume_finishes(mt, tmp_path):
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
-    assert "progress kept in" in err and "--resume" in err and "Traceback" not in err
+    assert "progress kept in" in err and "same command again" in err and "Traceback" not in err
     assert not out.exists() and progress.is_file()
     done = progress_done(out)
     assert done

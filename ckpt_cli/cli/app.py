@@ -11,7 +11,8 @@ with interrupts_exit():     # Ctrl-C while the CLI's modules load: one line and 
     import typer
 
     from ckpt_cli import __version__
-    from ckpt_cli.cli import convert, demo, inspect, plan, verify
+    from ckpt_cli.cli import convert, demo, inspect, models, plan, verify
+    from ckpt_cli.cli.options import HelpOpt
 
 app = typer.Typer(
     name="ckpt", no_args_is_help=True, pretty_exceptions_enable=False, add_completion=True,
@@ -22,6 +23,7 @@ app.command("demo")(demo.demo)
 app.command("verify-logits")(verify.verify_logits)
 app.command("inspect")(inspect.inspect)
 app.add_typer(plan.app, name="plan")
+app.command("models")(models.models)
 
 
 def _version(value: bool) -> None:
@@ -32,8 +34,9 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def root(
-    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, metavar="",
                                           help="Print the version and exit.")] = False,
+    help_: HelpOpt = False,
 ) -> None:
     """ckpt: HF <-> MaxText checkpoint conversion."""
 

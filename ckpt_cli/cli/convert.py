@@ -5,25 +5,58 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated
 
-import numpy as np
 import typer
 
 from ckpt_cli.cli import options as O
 from ckpt_cli.cli.errors import guarded
 from ckpt_cli.cli.output import Output
-from ckpt_cli.cli.report import convert_record, plan_announcer, stats_rows, summary_table
-from ckpt_cli.io.orbax import StorageOptions
+from ckpt_cli.cli.report import convert_record, dtype_name, plan_announcer, stats_rows, summary_table
 
 app = typer.Typer(help="Convert checkpoints between Hugging Face and MaxText.", no_args_is_help=True)
 
-LoadMethodOpt = Annotated[str, typer.Option(
-    "--load-method", help="safetensors (streaming, default) or transformers (from_pretrained, whole model).")]
+
+@app.callback()
+def group(help_: O.HelpOpt = False) -> None:
+    """The commands of this group (its own --help, as every command's)."""
+
+LoadMethodOpt = Annotated[O.LoadMethodChoice, typer.Option(
+    "--load-method", help="safetensors: streaming; transformers: from_pretrained, the whole model in memory.")]
+SourceArg = Annotated[str, typer.Argument(
+    metavar="SOURCE", autocompletion=O.complete_source,
+    help="Local folder, HF repo id (org/name) or MaxText model name (`ckpt models`).")]
+
+
+def resolve_workers(workers: int | None) -> int:
+    """--workers, else the machine's default (cores and memory)."""
+    if workers is not None:
+        return workers
+    from ckpt_cli.machine import default_workers
+
+    return default_workers()
+
+
+def take_up(resume: bool, restart: bool, out: Path) -> bool:
+    """Whether to take up OUT.partial: with --resume, or by default when one exists (not with --restart). The
+    conversion itself resumes only a matching OUT.partial, and says so; a different one is started afresh."""
+    if resume and restart:
+        raise typer.BadParameter("--resume and --restart contradict each other", param_hint="--restart")
+    return resume or (not restart and out.with_name(out.name + ".partial").is_dir())
+
+
+def shard_bytes(text: str) -> int:
+    """--shard-size: a size with a unit ('5' alone would mean 5 bytes: one shard per tensor)."""
+    from ckpt_cli.units import parse_size
+
+    if text.strip() and text.strip()[-1].isdigit():
+        raise typer.BadParameter(f"{text!r} has no unit: write e.g. {text.strip()}GB or {text.strip()}MB",
+                                 param_hint="--shard-size")
+    return parse_size(text)
 
 
 @app.command("hf-to-maxtext")
 @guarded
 def hf_to_maxtext(
-    source: Annotated[str, typer.Argument(help="Local folder, HF repo id (org/name) or MaxText model name.")],
+    source: SourceArg,
     out: O.OutOpt,
     model: O.ModelOpt = None,
     scan: O.ScanOpt = True,
@@ -33,22 +66,25 @@ def hf_to_maxtext(
     ocdbt: O.OcdbtOpt = True,
     zarr3: O.Zarr3Opt = True,
     compression: O.CompressionOpt = "none",
-    workers: O.WorkersOpt = 2,
+    workers: O.WorkersOpt = None,
     mtp: O.MtpOpt = False,
     max_disk: O.MaxDiskOpt = None,
     allow_unused: O.AllowUnusedOpt = False,
     resume: O.ResumeOpt = False,
+    restart: O.RestartOpt = False,
     overwrite: O.OverwriteOpt = False,
     show_tensors: O.ShowTensorsOpt = False,
+    wide: O.WideOpt = False,
     json_out: O.JsonOpt = False,
     quiet: O.QuietOpt = False,
+    help_: O.HelpOpt = False,
 ) -> None:
     """Convert a Hugging Face safetensors checkpoint into a MaxText (Orbax) checkpoint, streaming.
 
     A hub repo is not downloaded first: its shards are fetched while converting, in the order read.
     --max-disk bounds the local space they take (each shard is deleted once converted).
     Interrupted (Ctrl-C, SIGTERM) after its first progress snapshot, a run keeps OUT.partial;
-    the same command with --resume finishes it.
+    the same command run again finishes it (--restart starts afresh).
 
     Examples:
 
@@ -61,16 +97,16 @@ def hf_to_maxtext(
       ckpt convert hf-to-maxtext Qwen/Qwen3-8B --out ./q8 --max-disk 8GB
     """
     from ckpt_cli import convert
+    from ckpt_cli.io.orbax import StorageOptions
     from ckpt_cli.units import parse_size
 
-    if compression not in ("zstd", "none"):
-        raise typer.BadParameter("choose zstd or none", param_hint="--compression")
-    outp = Output(json_out, quiet)
+    outp = Output(json_out, quiet, wide)
     opts = convert.ToMaxTextOptions(
         model=model, scan_layers=scan, dtype=dtype, load_method=load_method, revision=revision,
         storage=StorageOptions(use_ocdbt=ocdbt, use_zarr3=zarr3, compression=compression),
-        overwrite=overwrite, workers=workers, mtp=mtp, max_disk=parse_size(max_disk) if max_disk else None,
-        resume=resume, allow_unused=allow_unused)
+        overwrite=overwrite, workers=resolve_workers(workers), mtp=mtp,
+        max_disk=parse_size(max_disk) if max_disk else None, resume=take_up(resume, restart, Path(out)),
+        allow_unused=allow_unused)
 
     with outp.bytes_progress("hf → maxtext") as progress:
         result = convert.hf_to_maxtext(source, Path(out), opts, progress=progress,
@@ -81,42 +117,48 @@ def hf_to_maxtext(
         return
     rows = {"source": result.source, "output": f"{result.out}/0/items",
             "layout": f"{plan.family}, {'scanned' if plan.scan_layers else 'unscanned'}, "
-                      f"{np.dtype(plan.dtype).name}", **stats_rows(stats)}
+                      f"{dtype_name(plan.dtype)}", **stats_rows(stats)}
     outp.table(summary_table("converted", rows))
 
 
 ArchModelOpt = Annotated[str | None, typer.Option(
-    "--model", "-m", help="MaxText model name (e.g. qwen3-8b): its reference config describes a checkpoint that "
-                          "carries none; a carried or --hf-config config is checked against it.")]
+    "--model", "-m", metavar="NAME", autocompletion=O.complete_model,
+    help="MaxText model name (e.g. qwen3-8b): its reference config describes a checkpoint that "
+         "carries none; a carried or --hf-config config is checked against it.")]
 HFConfigOpt = Annotated[Path | None, typer.Option(
-    "--hf-config", help="config.json (or a folder with one) describing the checkpoint; wins over a carried one.")]
-OutDtypeOpt = Annotated[str | None, typer.Option(
-    "--dtype", help="Stored dtype: bf16 or f32 (cast per slice). Default: the config's dtype, else bf16.")]
+    "--hf-config", metavar="FILE",
+    help="config.json (or a folder with one) describing the checkpoint; wins over a carried one.")]
+OutDtypeOpt = Annotated[O.DtypeChoice | None, typer.Option(
+    "--dtype", help="Stored dtype (cast per slice). Default: the checkpoint's own (else the config's, else bf16).")]
 ShardSizeOpt = Annotated[str, typer.Option(
-    "--shard-size", help="Most tensor bytes per safetensors shard (5GB, 500MB, 2GiB ...); one shard -> "
-                         "model.safetensors.")]
+    "--shard-size", metavar="SIZE", help="Most tensor bytes per safetensors shard, with a unit (5GB, 500MB, "
+                                         "2GiB ...); one shard -> model.safetensors.")]
 TokenizerOpt = Annotated[str | None, typer.Option(
-    "--tokenizer", help="Copy tokenizer files from this folder or hub repo id (default: from the carried source "
-                        "folder, when it still exists).")]
+    "--tokenizer", metavar="SRC",
+    help="Copy tokenizer files from this folder or hub repo id (default: from the carried source "
+         "folder, when it still exists).")]
 
 
 @app.command("maxtext-to-hf")
 @guarded
 def maxtext_to_hf(
-    source: Annotated[str, typer.Argument(help="MaxText checkpoint: run dir, step dir (DIR/0) or items dir "
-                                               "(DIR/0/items).")],
+    source: Annotated[str, typer.Argument(metavar="SOURCE", help="MaxText checkpoint: run dir, step dir (DIR/0) or "
+                                                                 "items dir (DIR/0/items).")],
     out: O.OutOpt,
     model: ArchModelOpt = None,
     hf_config: HFConfigOpt = None,
     dtype: OutDtypeOpt = None,
     shard_size: ShardSizeOpt = "5GB",
     tokenizer: TokenizerOpt = None,
-    workers: O.WorkersOpt = 2,
+    workers: O.WorkersOpt = None,
     resume: O.ResumeOpt = False,
+    restart: O.RestartOpt = False,
     overwrite: O.OverwriteOpt = False,
     show_tensors: O.ShowTensorsOpt = False,
+    wide: O.WideOpt = False,
     json_out: O.JsonOpt = False,
     quiet: O.QuietOpt = False,
+    help_: O.HelpOpt = False,
 ) -> None:
     """Convert a MaxText (Orbax) checkpoint into a Hugging Face safetensors folder, streaming.
 
@@ -125,7 +167,7 @@ def maxtext_to_hf(
     For one written by MaxText, name its architecture with --model or --hf-config.
     The output folder loads with transformers' from_pretrained.
     Interrupted (Ctrl-C, SIGTERM) after its first progress snapshot, a run keeps OUT.partial;
-    the same command with --resume finishes it.
+    the same command run again finishes it (--restart starts afresh).
 
     Examples:
 
@@ -136,11 +178,12 @@ def maxtext_to_hf(
       ckpt convert maxtext-to-hf ./mt/0/items --hf-config ./config.json --dtype f32 --shard-size 2GB --out ./hf
     """
     from ckpt_cli import convert
-    from ckpt_cli.units import human_bytes, parse_size
+    from ckpt_cli.units import human_bytes
 
-    outp = Output(json_out, quiet)
-    opts = convert.ToHFOptions(model=model, hf_config=hf_config, dtype=dtype, shard_size=parse_size(shard_size),
-                               tokenizer=tokenizer, overwrite=overwrite, workers=workers, resume=resume)
+    outp = Output(json_out, quiet, wide)
+    opts = convert.ToHFOptions(model=model, hf_config=hf_config, dtype=dtype, shard_size=shard_bytes(shard_size),
+                               tokenizer=tokenizer, overwrite=overwrite, workers=resolve_workers(workers),
+                               resume=take_up(resume, restart, Path(out)))
 
     with outp.bytes_progress("maxtext → hf") as progress:
         result = convert.maxtext_to_hf(source, Path(out), opts, progress=progress,
@@ -152,7 +195,7 @@ def maxtext_to_hf(
     shards = stats.extra.get("shards", 0)
     rows = {"source": result.source, "output": str(result.out),
             "layout": f"{plan.family}, {'scanned' if plan.scan_layers else 'unscanned'} source, "
-                      f"{np.dtype(plan.dtype).name}",
+                      f"{dtype_name(plan.dtype)}",
             "architecture": "config carried in the checkpoint" if result.config_origin == "carried"
             else result.config_origin,
             "files": f"{shards} shard(s) of at most {human_bytes(opts.shard_size)}, "

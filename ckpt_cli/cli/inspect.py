@@ -5,35 +5,39 @@ from __future__ import annotations
 from typing import Annotated
 
 import typer
-from rich.table import Table
 
 from ckpt_cli.cli import options as O
 from ckpt_cli.cli.errors import guarded
 from ckpt_cli.cli.output import Output
-from ckpt_cli.cli.report import summary_table
+from ckpt_cli.cli.report import human_params, summary_table
+from ckpt_cli.cli.tables import Col, Grid
 from ckpt_cli.units import human_bytes
 
-TensorsOpt = Annotated[bool | None, typer.Option(
+TensorsOpt = Annotated[bool | None, O.flag(
     "--tensors/--summary", help="List every tensor, or only the summary. Default: summary for people, tensors "
                                 "in --json.")]
 FilterOpt = Annotated[str | None, typer.Option(
-    "--filter", help="Only tensors / paths matching this glob (e.g. '*mlp*'); totals and comparisons follow it.")]
+    "--filter", metavar="GLOB",
+    help="Only tensors / paths matching this glob (e.g. '*mlp*'); totals and comparisons follow it.")]
 AgainstOpt = Annotated[str | None, typer.Option(
-    "--against", help="Compare with another target (folder, repo id, Orbax dir) in MaxText path space; "
-                      "exit 1 if they differ.")]
+    "--against", metavar="TARGET",
+    help="Compare with another target (folder, repo id, Orbax dir) in MaxText path space; "
+         "exit 1 if they differ.")]
 InspectModelOpt = Annotated[str | None, typer.Option(
-    "--model", "-m", help="MaxText model name: alone, show the tree MaxText expects for it; with a TARGET, "
-                          "compare the target against that tree.")]
-InspectScanOpt = Annotated[bool | None, typer.Option(
+    "--model", "-m", metavar="NAME", autocompletion=O.complete_model,
+    help="MaxText model name: alone, show the tree MaxText expects for it; with a TARGET, "
+         "compare the target against that tree.")]
+InspectScanOpt = Annotated[bool | None, O.flag(
     "--scan/--no-scan", help="Layout of the MaxText side built from a config (default: the Orbax side's, "
                              "else scanned).")]
-InspectDtypeOpt = Annotated[str | None, typer.Option(
+InspectDtypeOpt = Annotated[O.DtypeChoice | None, typer.Option(
     "--dtype", help="dtype of a MaxText tree built from a config (default bf16, what convert writes).")]
 
 
 @guarded
 def inspect(
     target: Annotated[str | None, typer.Argument(
+        metavar="TARGET", autocompletion=O.complete_source,
         help="HF folder or .safetensors file, hub repo id (org/name) or model name (its repo), or a MaxText/"
              "Orbax checkpoint (run, step or items dir).")] = None,
     model: InspectModelOpt = None,
@@ -43,7 +47,10 @@ def inspect(
     tensors: TensorsOpt = None,
     filter_glob: FilterOpt = None,
     revision: O.RevisionOpt = None,
+    wide: O.WideOpt = False,
     json_out: O.JsonOpt = False,
+    quiet: O.QuietOpt = False,
+    help_: O.HelpOpt = False,
 ) -> None:
     """Show a checkpoint's tensors, shapes, dtypes and totals from metadata only (no tensor data is read).
 
@@ -66,7 +73,7 @@ def inspect(
     """
     from ckpt_cli import inspect as I
 
-    out = Output(json_out, False)
+    out = Output(json_out, quiet, wide)
     if target is not None and (against or model):
         if against and model:
             raise typer.BadParameter("compare with either --against TARGET or --model NAME, not both",
@@ -132,8 +139,7 @@ def _rows(r: dict, pattern: str | None) -> dict[str, str]:
         rows["layout"] = f"{'scanned' if r['scan_layers'] else 'unscanned'}, {r['dtype']}"
     label = f" matching {pattern}" if pattern else ""
     rows["tensors"] = f"{tot['tensors']}{label}"
-    n = tot["parameters"]
-    rows["parameters"] = f"{n:,} ({n / 1e9:.3f} B)" if n >= 1e9 else f"{n:,} ({n / 1e6:.2f} M)"
+    rows["parameters"] = human_params(tot["parameters"])
     rows["bytes"] = f"{human_bytes(tot['bytes'])}  " + ", ".join(
         f"{d}: {v['tensors']} tensors, {human_bytes(v['bytes'])}" for d, v in tot["by_dtype"].items())
     if r.get("fetched"):
@@ -155,14 +161,11 @@ def _config_line(c: dict) -> str:
     return ", ".join(parts)
 
 
-def _tensor_table(r: dict) -> Table:
+def _tensor_table(r: dict) -> Grid:
     hf = r["kind"] in ("hf", "hf-remote")
-    table = Table(title=f"{len(r['tensors'])} tensors", header_style="bold")
-    table.add_column("HF tensor" if hf else "MaxText path", overflow="fold")
-    table.add_column("shape")
-    table.add_column("dtype")
-    table.add_column("bytes", justify="right")
-    table.add_column("shard" if hf else "chunk shape", overflow="fold")
+    table = Grid([Col("HF tensor" if hf else "MaxText path", wrap=True), Col("shape"), Col("dtype", drop=2),
+                  Col("bytes", right=True), Col("shard" if hf else "chunk shape", drop=1)],
+                 title=f"{len(r['tensors'])} tensors")
     for t in r["tensors"]:
         table.add_row(t.get("name") or t["path"], str(tuple(t["shape"])), t["dtype"], human_bytes(t["bytes"]),
                       t["shard"] if hf else str(tuple(t["chunk_shape"])))
@@ -173,7 +176,7 @@ def _show_comparison(out: Output, r: dict) -> None:
     c = r["counts"]
     for note in r["notes"]:
         out.note(note)
-    verdict = "identical" if r["identical"] else "DIFFERENT"
+    verdict = "same structure (names and shapes; no tensor data compared)" if r["identical"] else "DIFFERENT"
     out.table(summary_table(f"{r['a']['target']} against {r['b']['target']}: {verdict}", {
         "A": f"{r['a']['target']} ({r['a']['kind']})", "B": f"{r['b']['target']} ({r['b']['kind']})",
         "layout": "scanned" if r["scan_layers"] else "unscanned",
@@ -182,12 +185,7 @@ def _show_comparison(out: Output, r: dict) -> None:
                        + (f", {c['dtype_differs']} dtype only" if c["dtype_differs"] else ""),
     }))
     if r["missing"] or r["extra"] or r["mismatched"]:
-        table = Table(header_style="bold")
-        table.add_column("")
-        table.add_column("MaxText path", overflow="fold")
-        table.add_column("A")
-        table.add_column("B")
-        table.add_column("why", overflow="fold")
+        table = Grid([Col(""), Col("MaxText path", wrap=True), Col("A"), Col("B"), Col("why", wrap=True, drop=1)])
         for m in r["missing"]:
             table.add_row("missing", m["path"], "-", _shp(m["shape"]), m["reason"] or "")
         for m in r["extra"]:

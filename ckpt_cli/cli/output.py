@@ -6,24 +6,17 @@ Results go to stdout; progress, notes and errors go to stderr. Progress bars exi
 from __future__ import annotations
 
 import json
+import os
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    DownloadColumn,
-    Progress,
-    ProgressColumn,
-    TaskProgressColumn,
-    TextColumn,
-    TimeRemainingColumn,
-    TransferSpeedColumn,
-)
+from rich.progress import BarColumn, Progress, ProgressColumn, TaskProgressColumn, TextColumn
 from rich.table import Table
 from rich.text import Text
 
+from ckpt_cli.cli.tables import Grid, render
 from ckpt_cli.resources import rss_bytes
 from ckpt_cli.units import human_bytes
 
@@ -35,14 +28,63 @@ class RSSColumn(ProgressColumn):
         return Text(f"RSS {human_bytes(rss_bytes())}", style="magenta")
 
 
+PIPED_WIDTH = 120
+
+
+def output_width() -> int:
+    """The width tables are laid out for: $COLUMNS, else the terminal's (stdout's, or when stdout is piped the
+    terminal's that the user sees on stderr or stdin), else 120."""
+    env = os.environ.get("COLUMNS", "")
+    if env.isdigit() and int(env) > 0:
+        return int(env)
+    for stream in (sys.stdout, sys.stderr, sys.stdin):
+        try:
+            return os.get_terminal_size(stream.fileno()).columns
+        except (AttributeError, OSError, ValueError):
+            continue
+    return PIPED_WIDTH
+
+
+class BytesColumn(ProgressColumn):
+    """'1.23 GB / 3.40 GB', in the units every summary uses (units.human_bytes)."""
+
+    def render(self, task) -> Text:
+        total = human_bytes(task.total) if task.total is not None else "?"
+        return Text(f"{human_bytes(task.completed)}/{total}", style="green")
+
+
+class RateColumn(ProgressColumn):
+    """Bytes a second, in the same units."""
+
+    def render(self, task) -> Text:
+        speed = task.finished_speed or task.speed
+        return Text("-" if speed is None else f"{human_bytes(speed)}/s", style="red")
+
+
+class ETAColumn(ProgressColumn):
+    """'ETA 0:01:05' while running, 'took 0:03:12' when done."""
+
+    max_refresh = 0.5
+
+    def render(self, task) -> Text:
+        from datetime import timedelta
+
+        if task.finished:
+            return Text(f"took {timedelta(seconds=int(task.finished_time or task.elapsed or 0))}", style="cyan")
+        left = task.time_remaining
+        return Text("ETA -:--:--" if left is None else f"ETA {timedelta(seconds=int(left))}", style="cyan")
+
+
 class Output:
     """Where everything a command prints goes."""
 
-    def __init__(self, json_mode: bool = False, quiet: bool = False):
+    def __init__(self, json_mode: bool = False, quiet: bool = False, wide: bool = False):
         self.json_mode = json_mode
         self.quiet = quiet
-        # Tables keep whole paths on one line when piped (no terminal width to respect).
-        self.out = Console(highlight=False, width=None if sys.stdout.isatty() else 240)
+        self.wide = wide
+        self.width = output_width()
+        self.tty = sys.stdout.isatty()
+        self.out = Console(highlight=False, width=self.width)
         self.err = Console(stderr=True, highlight=False)
 
     @property
@@ -61,13 +103,29 @@ class Output:
         sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
         sys.stdout.flush()
 
-    def table(self, table: Table) -> None:
-        if self.human:
-            self.out.print(table)
+    def table(self, table: Table | Grid) -> None:
+        """A table laid out for this width (see cli/tables.py); piped, its lines carry no trailing spaces."""
+        if not self.human:
+            return
+        width = self.width
+        if isinstance(table, Grid):
+            table, width = render(table, self.width, self.wide)
+        self._print(table, width)
 
     def line(self, text: str) -> None:
         if self.human:
-            self.out.print(text, markup=True)
+            self._print(Text.from_markup(text), self.width)
+
+    def _print(self, renderable, width: int | None) -> None:
+        self.out.width = width or self.width     # --wide tables may be wider than the terminal
+        if self.tty:
+            self.out.print(renderable, width=width, crop=not self.wide)
+            return
+        with self.out.capture() as captured:
+            self.out.print(renderable, width=width, crop=not self.wide, soft_wrap=isinstance(renderable, Text))
+        text = "\n".join(line.rstrip() for line in captured.get().split("\n"))
+        sys.stdout.write(text)
+        sys.stdout.flush()
 
     @contextmanager
     def bytes_progress(self, label: str) -> Iterator:
@@ -79,9 +137,11 @@ class Output:
         if not self.human:
             yield lambda done, total: None
             return
-        progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), TaskProgressColumn(),
-                            DownloadColumn(binary_units=False), TransferSpeedColumn(), RSSColumn(),
-                            TimeRemainingColumn(), console=self.err, transient=False)
+        narrow = self.err.width < 100     # 80 columns: a short bar and no percentage, so the line fits
+        progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(10 if narrow else 30),
+                            *([] if narrow else [TaskProgressColumn()]),
+                            BytesColumn(), RateColumn(), RSSColumn(),
+                            ETAColumn(), console=self.err, transient=False)
         state: dict = {}
 
         def update(done: int, total: int) -> None:

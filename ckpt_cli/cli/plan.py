@@ -2,35 +2,43 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Annotated
 
-import numpy as np
 import typer
-from rich.table import Table
 
 from ckpt_cli.cli import options as O
-from ckpt_cli.cli.convert import ArchModelOpt, HFConfigOpt, OutDtypeOpt, ShardSizeOpt
+from ckpt_cli.cli.convert import ArchModelOpt, HFConfigOpt, OutDtypeOpt, ShardSizeOpt, resolve_workers, shard_bytes
 from ckpt_cli.cli.errors import guarded
 from ckpt_cli.cli.output import Output
-from ckpt_cli.cli.report import summary_table
-from ckpt_cli.io.orbax import StorageOptions
+from ckpt_cli.cli.report import dtype_name, human_params, summary_table
+from ckpt_cli.cli.tables import Col, Grid
 from ckpt_cli.io.outdir import preflight, read_paths
 from ckpt_cli.units import human_bytes
 
 app = typer.Typer(help="Price a conversion (RAM, disk, bytes, time) from metadata only, with a go / no-go.",
                   no_args_is_help=True)
 
+
+@app.callback()
+def group(help_: O.HelpOpt = False) -> None:
+    """The commands of this group (its own --help, as every command's)."""
+
 PlanOutOpt = Annotated[Path | None, typer.Option(
-    "--out", "-o", help="Where the output would go: its disk is checked and probed (default: the current "
-                        "directory).")]
+    "--out", "-o", metavar="DIR",
+    help="Where the output would go: its disk is checked and probed (default: the current "
+         "directory).")]
 ReadGbpsOpt = Annotated[float | None, typer.Option(
-    "--read-gbps", min=0.001, help="Source read rate in GB/s (default: a short probe of the source).")]
+    "--read-gbps", min=0.001, metavar="GBPS", help="Source read rate in GB/s (default: a short probe of the source).")]
 WriteGbpsOpt = Annotated[float | None, typer.Option(
-    "--write-gbps", min=0.001, help="Durable output write rate in GB/s (default: a 64 MB probe beside --out).")]
+    "--write-gbps", min=0.001, metavar="GBPS",
+    help="Durable output write rate in GB/s (default: a 64 MB probe beside --out).")]
 NetGbpsOpt = Annotated[float | None, typer.Option(
-    "--net-gbps", min=0.001, help="Download rate in GB/s, to include the download in the time estimate.")]
+    "--net-gbps", min=0.001, metavar="GBPS",
+    help="Download rate in GB/s, to include the download in the time estimate.")]
 PlanSourceArg = Annotated[str | None, typer.Argument(
+    metavar="SOURCE", autocompletion=O.complete_source,
     help="What convert would read; leave it out and give --model NAME to price a registered model with no data.")]
 
 
@@ -46,7 +54,7 @@ def plan_hf_to_maxtext(
     ocdbt: O.OcdbtOpt = True,
     zarr3: O.Zarr3Opt = True,
     compression: O.CompressionOpt = "none",
-    workers: O.WorkersOpt = 2,
+    workers: O.WorkersOpt = None,
     mtp: O.MtpOpt = False,
     max_disk: O.MaxDiskOpt = None,
     allow_unused: O.AllowUnusedOpt = False,
@@ -54,7 +62,10 @@ def plan_hf_to_maxtext(
     read_gbps: ReadGbpsOpt = None,
     write_gbps: WriteGbpsOpt = None,
     net_gbps: NetGbpsOpt = None,
+    wide: O.WideOpt = False,
     json_out: O.JsonOpt = False,
+    quiet: O.QuietOpt = False,
+    help_: O.HelpOpt = False,
 ) -> None:
     """Price `convert hf-to-maxtext` with the same flags, from metadata only; exit 1 on no-go.
 
@@ -70,21 +81,29 @@ def plan_hf_to_maxtext(
 
       ckpt plan hf-to-maxtext --model llama3.1-70b --no-scan --write-gbps 0.4
     """
-    from ckpt_cli import convert, pricing
+    from ckpt_cli import convert, pricing, registry
+    from ckpt_cli.errors import RemoteError
+    from ckpt_cli.io.orbax import StorageOptions
     from ckpt_cli.units import parse_size
 
-    if compression not in ("zstd", "none"):
-        raise typer.BadParameter("choose zstd or none", param_hint="--compression")
+    workers = resolve_workers(workers)
     opts = convert.ToMaxTextOptions(
         model=model, scan_layers=scan, dtype=dtype, revision=revision,
         storage=StorageOptions(use_ocdbt=ocdbt, use_zarr3=zarr3, compression=compression),
         overwrite=overwrite, workers=workers, mtp=mtp, max_disk=parse_size(max_disk) if max_disk else None,
         allow_unused=allow_unused)
-    plan, src, notes = pricing.plan_hf_to_maxtext(source, opts)
+    try:
+        plan, src, notes = pricing.plan_hf_to_maxtext(source, opts)
+    except RemoteError as exc:
+        if source and model is None and registry.is_model_name(source):
+            raise RemoteError(f"{exc}; to price {source} with no data at all: ckpt plan hf-to-maxtext --model "
+                              f"{source}") from None
+        raise
     if compression == "zstd":
         notes.append("zstd: output bytes are the uncompressed upper bound (bf16 weights shrink ~10%)")
     reads = read_paths(Path(source)) if source else []
-    _price_and_show(plan, src, notes, out, workers, overwrite, read_gbps, write_gbps, net_gbps, json_out, reads)
+    _price_and_show(plan, src, notes, out, workers, overwrite, read_gbps, write_gbps, net_gbps,
+                    Output(json_out, quiet, wide), reads)
 
 
 @app.command("maxtext-to-hf")
@@ -96,13 +115,16 @@ def plan_maxtext_to_hf(
     hf_config: HFConfigOpt = None,
     dtype: OutDtypeOpt = None,
     shard_size: ShardSizeOpt = "5GB",
-    scan: Annotated[bool, typer.Option("--scan/--no-scan", help="With --model and no SOURCE: price a scanned "
-                                       "or unscanned checkpoint (a SOURCE's own layout is read from it).")] = True,
-    workers: O.WorkersOpt = 2,
+    scan: Annotated[bool, O.flag("--scan/--no-scan", help="With --model and no SOURCE: price a scanned or "
+                                 "unscanned checkpoint (a SOURCE's own layout is read from it).")] = True,
+    workers: O.WorkersOpt = None,
     overwrite: O.OverwriteOpt = False,
     read_gbps: ReadGbpsOpt = None,
     write_gbps: WriteGbpsOpt = None,
+    wide: O.WideOpt = False,
     json_out: O.JsonOpt = False,
+    quiet: O.QuietOpt = False,
+    help_: O.HelpOpt = False,
 ) -> None:
     """Price `convert maxtext-to-hf` with the same flags, from the checkpoint's metadata only; exit 1 on no-go.
 
@@ -113,9 +135,9 @@ def plan_maxtext_to_hf(
       ckpt plan maxtext-to-hf --model qwen3-32b --json
     """
     from ckpt_cli import convert, pricing
-    from ckpt_cli.units import parse_size
 
-    opts = convert.ToHFOptions(model=model, hf_config=hf_config, dtype=dtype, shard_size=parse_size(shard_size),
+    workers = resolve_workers(workers)
+    opts = convert.ToHFOptions(model=model, hf_config=hf_config, dtype=dtype, shard_size=shard_bytes(shard_size),
                                overwrite=overwrite, workers=workers)
     plan, src, notes = pricing.plan_maxtext_to_hf(source, opts, scan)
     reads = []
@@ -123,17 +145,17 @@ def plan_maxtext_to_hf(
         from ckpt_cli.io.orbax import find_items_dir
 
         reads = [Path(source), find_items_dir(Path(source)), *([hf_config] if hf_config else [])]
-    _price_and_show(plan, src, notes, out, workers, overwrite, read_gbps, write_gbps, None, json_out, reads)
+    _price_and_show(plan, src, notes, out, workers, overwrite, read_gbps, write_gbps, None,
+                    Output(json_out, quiet, wide), reads)
 
 
 def _price_and_show(plan, src, notes: list[str], out: Path | None, workers: int, overwrite: bool,
                     read_gbps: float | None, write_gbps: float | None, net_gbps: float | None,
-                    json_out: bool, reads: list[Path]) -> None:
+                    outp: Output, reads: list[Path]) -> None:
     from ckpt_cli import pricing
     from ckpt_cli.io.remote_stream import tree_bytes
     from ckpt_cli.machine import probe_rates, this_machine
 
-    outp = Output(json_out, False)
     writer = "orbax" if plan.direction == "hf-to-maxtext" else "safetensors"
     refusals = preflight(out, overwrite, reads) if out is not None else []     # what convert refuses up front
     replaced = tree_bytes(out) if out is not None and out.is_dir() and overwrite and not refusals else 0
@@ -141,18 +163,18 @@ def _price_and_show(plan, src, notes: list[str], out: Path | None, workers: int,
     figures = pricing.price(plan, src, rates, this_machine(out), writer, replaced, workers, refusals)
     record = {"command": "plan", "direction": plan.direction, "source": src.label, "source_kind": src.kind,
               "out": str(out) if out else None, "family": plan.family, "scan_layers": plan.scan_layers,
-              "dtype": np.dtype(plan.dtype).name, "tensors": len(plan.tensors),
+              "dtype": dtype_name(plan.dtype), "tensors": len(plan.tensors),
               "tasks": sum(len(t.tasks) for t in plan.tensors),
-              "parameters": sum(t.nbytes // np.dtype(t.dtype).itemsize for t in plan.tensors),
+              "parameters": sum(math.prod(t.shape) for t in plan.tensors),
               **figures, "notes": notes}
-    if json_out:
+    if outp.json_mode:
         outp.emit_json(record)
     else:
         for note in notes:
             outp.note(note)
         outp.table(summary_table(f"plan: {plan.direction} {src.label}", _rows(record)))
         outp.table(_largest_table(record["largest_tensors"]))
-        outp.out.print(("[bold green]" if record["go"] else "[bold red]") + record["verdict"], soft_wrap=True)
+        outp.line(("[bold green]" if record["go"] else "[bold red]") + record["verdict"])
     if not record["go"]:
         raise typer.Exit(1)
 
@@ -160,7 +182,7 @@ def _price_and_show(plan, src, notes: list[str], out: Path | None, workers: int,
 def _rows(r: dict) -> dict[str, str]:
     b, m, t = r["bytes"], r["memory"], r["time"]
     rows = {"layout": f"{r['family']}, {'scanned' if r['scan_layers'] else 'unscanned'}, {r['dtype']}: "
-                      f"{r['tensors']} tensors in {r['tasks']} slices, {r['parameters'] / 1e9:.3f} B parameters",
+                      f"{r['tensors']} tensors in {r['tasks']} slices, {human_params(r['parameters'])} parameters",
             "peak RSS": f"{human_bytes(m['peak_rss'])}  (baseline {human_bytes(m['baseline'])} + engine window "
                         f"{human_bytes(m['engine_window'])} of a {human_bytes(m['engine_budget'])} budget + writer "
                         f"{human_bytes(m['writer'])})",
@@ -181,12 +203,9 @@ def _rows(r: dict) -> dict[str, str]:
     return rows
 
 
-def _largest_table(rows: list[dict]) -> Table:
-    table = Table(title="largest slices (what drives memory)", header_style="bold", title_justify="left")
-    table.add_column("tensor", overflow="fold")
-    table.add_column("slice", justify="right")
-    table.add_column("slices", justify="right")
-    table.add_column("tensor bytes", justify="right")
+def _largest_table(rows: list[dict]) -> Grid:
+    table = Grid([Col("tensor", wrap=True), Col("slice", right=True), Col("slices", right=True, drop=1),
+                  Col("tensor bytes", right=True, drop=2)], title="largest slices (what drives memory)")
     for x in rows:
         table.add_row(x["tensor"], f"{tuple(x['slice_shape'])} {human_bytes(x['slice_bytes'])}",
                       str(x["slices"]) + (" (row pieces)" if x["row_pieces"] else ""), human_bytes(x["bytes"]))

@@ -2,12 +2,38 @@
 
 from __future__ import annotations
 
-import numpy as np
-from rich.table import Table
+from typing import TYPE_CHECKING
 
-from ckpt_cli.engine import Stats
-from ckpt_cli.plan import ConversionPlan, TensorPlan
+from ckpt_cli.cli.tables import Col, Grid
 from ckpt_cli.units import human_bytes
+
+if TYPE_CHECKING:
+    from ckpt_cli.engine import Stats
+    from ckpt_cli.plan import ConversionPlan, TensorPlan
+
+
+def dtype_name(dtype) -> str:
+    """'bfloat16' for any dtype-like (numpy is imported here, not at start-up)."""
+    import numpy as np
+
+    return np.dtype(dtype).name
+
+
+def human_rate(bytes_per_s: float) -> str:
+    """A throughput in the units the progress bar shows: '78.80 MB/s'."""
+    return f"{human_bytes(bytes_per_s)}/s"
+
+
+def human_params(n: int) -> str:
+    """A parameter count: '106,880 (0.11 M)', '8,190,735,360 (8.191 B)'."""
+    return f"{n:,} ({n / 1e9:.3f} B)" if n >= 1e9 else f"{n:,} ({n / 1e6:.2f} M)"
+
+
+def human_count(n: int) -> str:
+    """A short parameter count: '751.6 M', '8.19 B', '671 B'."""
+    if n >= 1e11:
+        return f"{n / 1e9:.0f} B"
+    return f"{n / 1e9:.2f} B" if n >= 1e9 else f"{n / 1e6:.1f} M"
 
 
 def chunk_axis(t: TensorPlan) -> str:
@@ -19,28 +45,23 @@ def chunk_axis(t: TensorPlan) -> str:
 def tensor_record(t: TensorPlan) -> dict:
     names = t.source_names
     return {
-        "target": t.target, "shape": list(t.shape), "dtype": np.dtype(t.dtype).name,
+        "target": t.target, "shape": list(t.shape), "dtype": dtype_name(t.dtype),
         "stack_axes": list(t.stack_axes), "chunk_shape": list(t.chunk_shape), "chunk_axes": chunk_axis(t),
         "transform": t.chain.describe(), "sources": len(names), "source_first": names[0],
         "source_last": names[-1], "bytes": t.nbytes,
     }
 
 
-def tensor_table(plan: ConversionPlan) -> Table:
+def tensor_table(plan: ConversionPlan) -> Grid:
     to_mt = plan.direction == "hf-to-maxtext"
-    table = Table(title=f"{len(plan.tensors)} tensors", show_lines=False, header_style="bold")
-    table.add_column("MaxText path" if to_mt else "HF tensor", overflow="fold")
-    table.add_column("shape")
-    table.add_column("dtype")
-    table.add_column("scan axis")
-    table.add_column("chunk axes")
-    table.add_column("transform")
-    table.add_column("sources", overflow="fold")
+    table = Grid([Col("MaxText path" if to_mt else "HF tensor", wrap=True), Col("shape"), Col("dtype"),
+                  Col("scan axis", drop=3), Col("chunk axes", drop=4), Col("transform", wrap=True, drop=2),
+                  Col("sources", wrap=True, drop=5)], title=f"{len(plan.tensors)} tensors")
     for t in plan.tensors:
         names = t.source_names
         src = names[0] if len(names) == 1 else f"{names[0]} … {names[-1]} ({len(names)})"
         scan = ",".join(map(str, t.stack_axes)) or "-"
-        table.add_row(t.target, str(tuple(t.shape)), np.dtype(t.dtype).name, scan, chunk_axis(t),
+        table.add_row(t.target, str(tuple(t.shape)), dtype_name(t.dtype), scan, chunk_axis(t),
                       t.chain.describe(), src)
     return table
 
@@ -52,19 +73,15 @@ def stats_record(stats: Stats) -> dict:
             **stats.extra}
 
 
-def summary_table(title: str, rows: dict[str, str]) -> Table:
-    table = Table(title=title, show_header=False, title_justify="left")
-    table.add_column(style="bold")
-    table.add_column()
-    for k, v in rows.items():
-        table.add_row(k, v)
-    return table
+def summary_table(title: str, rows: dict[str, str]) -> Grid:
+    return Grid([Col("", bold=True), Col("", wrap=True)], [[k, v] for k, v in rows.items()], title=title,
+                show_header=False)
 
 
 def stats_rows(stats: Stats) -> dict[str, str]:
-    rate = stats.bytes_read / stats.wall_s / 1e9 if stats.wall_s else 0.0
+    rate = human_rate(stats.bytes_read / stats.wall_s) if stats.wall_s else "-"
     return {"tensors": f"{stats.tensors} ({stats.tasks} slices)", "read": human_bytes(stats.bytes_read),
-            "written": human_bytes(stats.bytes_written), "wall": f"{stats.wall_s:.2f} s ({rate:.2f} GB/s)",
+            "written": human_bytes(stats.bytes_written), "wall": f"{stats.wall_s:.2f} s (read {rate})",
             "peak RSS": human_bytes(stats.peak_rss)}
 
 
@@ -84,6 +101,6 @@ def convert_record(result, **extra) -> dict:
     """The --json document of a conversion, either direction."""
     plan = result.plan
     return {"command": "convert", "direction": plan.direction, "source": result.source, "out": str(result.out),
-            "family": plan.family, "scan_layers": plan.scan_layers, "dtype": np.dtype(plan.dtype).name, **extra,
+            "family": plan.family, "scan_layers": plan.scan_layers, "dtype": dtype_name(plan.dtype), **extra,
             "notes": result.notes, "stats": stats_record(result.stats),
             "tensors": [tensor_record(t) for t in plan.tensors]}

@@ -6,34 +6,40 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.table import Table
 
 from ckpt_cli.cli import options as O
 from ckpt_cli.cli.errors import guarded
 from ckpt_cli.cli.output import Output
 from ckpt_cli.cli.report import summary_table
+from ckpt_cli.cli.tables import Col, Grid
 from ckpt_cli.errors import VerificationFailed
 from ckpt_cli.units import human_bytes
 
 MaxTextOpt = Annotated[Path, typer.Option(
-    "--maxtext", help="MaxText Orbax checkpoint: run dir (latest step), step dir or items dir.")]
+    "--maxtext", metavar="DIR", help="MaxText Orbax checkpoint: run dir (latest step), step dir or items dir.")]
 HFOpt = Annotated[str | None, typer.Option(
-    "--hf", help="Hugging Face folder or repo id: the reference model, its tokenizer and config.json.")]
+    "--hf", metavar="SRC", autocompletion=O.complete_source,
+    help="Hugging Face folder, repo id or model name: the reference model, its tokenizer and config.json.")]
 TokensOpt = Annotated[list[str] | None, typer.Option(
-    "--tokens", help="Token ids of one prompt, comma-separated; repeat the option, or separate prompts with ';'.")]
+    "--tokens", metavar="IDS",
+    help="Token ids of one prompt, comma-separated; repeat the option, or separate prompts with ';'.")]
 PromptOpt = Annotated[list[str] | None, typer.Option(
-    "--prompt", help="A text prompt, encoded with the --hf tokenizer (repeatable).")]
+    "--prompt", metavar="TEXT", help="A text prompt, encoded with the --hf tokenizer (repeatable).")]
 MaxKLOpt = Annotated[float, typer.Option(
-    "--max-kl", min=0.0, help="Pass when the largest per-position KL(p_hf || p_maxtext) is at most this.")]
-TopKOpt = Annotated[int, typer.Option("--top-k", min=1, help="Tokens shown and compared at the last position.")]
-ComputeDtypeOpt = Annotated[str, typer.Option(
+    "--max-kl", min=0.0, metavar="KL",
+    help="Pass when the largest per-position KL(p_hf || p_maxtext) is at most this.")]
+TopKOpt = Annotated[int, typer.Option("--top-k", min=1, metavar="K",
+help="Tokens shown and compared at the last position.")]
+ComputeDtypeOpt = Annotated[O.DtypeChoice, typer.Option(
     "--dtype", help="Compute dtype of both forwards: f32 (exact check) or bf16 (as MaxText serves).")]
 GoldenOpt = Annotated[Path | None, typer.Option(
-    "--golden", help="Compare against reference logits saved with --save-golden (.npz or .jsonl); no torch needed.")]
+    "--golden", metavar="FILE",
+    help="Compare against reference logits saved with --save-golden (.npz or .jsonl); no torch needed.")]
 SaveGoldenOpt = Annotated[Path | None, typer.Option(
-    "--save-golden", help="Also write the HF logits, tokens and prompts to FILE (.npz exact; .jsonl: MaxText's).")]
-HFLoadOpt = Annotated[str, typer.Option(
-    "--hf-load", help="auto (whole model if it fits in RAM, else layer-streamed), full or stream.")]
+    "--save-golden", metavar="FILE",
+    help="Also write the HF logits, tokens and prompts to FILE (.npz exact; .jsonl: MaxText's).")]
+HFLoadOpt = Annotated[O.HFLoadChoice, typer.Option(
+    "--hf-load", help="auto: the whole HF model if it fits in RAM, else layer-streamed; full; stream.")]
 
 
 @guarded
@@ -49,8 +55,10 @@ def verify_logits(
     save_golden: SaveGoldenOpt = None,
     hf_load: HFLoadOpt = "auto",
     revision: O.RevisionOpt = None,
+    wide: O.WideOpt = False,
     json_out: O.JsonOpt = False,
     quiet: O.QuietOpt = False,
+    help_: O.HelpOpt = False,
 ) -> None:
     """Run the MaxText checkpoint's forward pass (JAX, one layer at a time) and the Hugging Face model
     (transformers) on the same token ids, and compare their logits. Exit 0 when the largest per-position
@@ -72,7 +80,7 @@ def verify_logits(
     from ckpt_cli.verify.run import VerifyOptions
     from ckpt_cli.verify.run import verify_logits as run_verify
 
-    outp = Output(json_out, quiet)
+    outp = Output(json_out, quiet, wide)
     opts = VerifyOptions(maxtext=Path(maxtext), hf=hf, tokens=parse_token_lists(tokens or []),
                          prompts=tuple(prompt or ()), max_kl=max_kl, top_k=top_k, dtype=dtype, golden=golden,
                          save_golden=save_golden, hf_load=hf_load, revision=revision)
@@ -97,21 +105,21 @@ def _token(result, token_id: int) -> str:
     return "" if text is None else repr(text)
 
 
-def top_k_table(result, n: int, r) -> Table:
+def top_k_table(result, n: int, r) -> Grid:
     """Side-by-side top-k of the last position, as MaxText's checker prints it."""
     m = r.metrics
     k = len(m.hf_top_ids)
-    table = Table(title=f"prompt {n}: {r.prompt.label} ({len(r.prompt.ids)} tokens), top-{k} at the last position",
-                  caption=f"overlap {m.top_k_overlap}/{k}, rank agreement {m.rank_agreement:.0%}",
-                  title_justify="left", caption_justify="left", header_style="bold")
     with_text = result.token_text is not None
-    table.add_column("rank", justify="right")
+    cols = [Col("rank", right=True)]
     for side in ("HF", "MaxText"):
-        table.add_column(f"{side} id", justify="right")
+        cols.append(Col(f"{side} id", right=True))
         if with_text:
-            table.add_column(f"{side} token")
-        table.add_column(f"{side} logit", justify="right")
-    table.add_column("same")
+            cols.append(Col(f"{side} token", wrap=True, drop=1))
+        cols.append(Col(f"{side} logit", right=True))
+    cols.append(Col("same"))
+    table = Grid(cols, title=f"prompt {n}: {r.prompt.label} ({len(r.prompt.ids)} tokens), top-{k} at the last "
+                             f"position", caption=f"overlap {m.top_k_overlap}/{k}, rank agreement "
+                                                  f"{m.rank_agreement:.0%}")
     for k, (a, la, b, lb) in enumerate(zip(m.hf_top_ids, m.hf_top_logits, m.mt_top_ids, m.mt_top_logits,
                                            strict=True), 1):
         row = [str(k), str(a)] + ([_token(result, a)] if with_text else []) + [f"{la:.5f}", str(b)]
@@ -120,12 +128,11 @@ def top_k_table(result, n: int, r) -> Table:
     return table
 
 
-def metrics_table(result) -> Table:
-    table = Table(title="per prompt (KL(p_hf || p_maxtext) per position, softmax in float64)",
-                  title_justify="left", header_style="bold")
-    for col in ("prompt", "tokens", "KL mean", "KL max (pos)", "max |Δlogit|", "max |Δprob|", "top-1 agree",
-                "top-k overlap", "rank agree"):
-        table.add_column(col, justify="left" if col == "prompt" else "right")
+def metrics_table(result) -> Grid:
+    drops = {"prompt": 0, "tokens": 4, "KL mean": 0, "KL max (pos)": 0, "max |Δlogit|": 0, "max |Δprob|": 3,
+             "top-1 agree": 0, "top-k overlap": 2, "rank agree": 1}
+    table = Grid([Col(c, right=c != "prompt", wrap=c == "prompt", drop=d) for c, d in drops.items()],
+                 title="per prompt (KL(p_hf || p_maxtext) per position, softmax in float64)")
     for n, r in enumerate(result.results, 1):
         m = r.metrics
         table.add_row(f"{n}: {r.prompt.label}", str(len(r.prompt.ids)), f"{m.kl_mean:.3g}",

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from ckpt_cli import registry
-from ckpt_cli.errors import SourceError
+from ckpt_cli.errors import CkptError, SourceError
 from ckpt_cli.io import mxfp4
 from ckpt_cli.io.remote import RemoteRepo, hub_errors, is_offline, retried
 from ckpt_cli.io.safetensors import SafetensorsFolder, regular_file
@@ -66,13 +66,32 @@ def resolve(source: str, revision: str | None = None, stream: bool = False) -> H
     if registry.is_model_name(source):
         spec = registry.lookup(source)
         model_name, repo_id = spec.name, spec.repo_id
-    elif "/" not in source or source.count("/") > 1:
-        raise SourceError(f"{source}: no such folder, and not a model name or an org/name repo id")
-    if stream and not is_offline():
-        repo = RemoteRepo.open(repo_id, revision)
-        return HFSource(repo.snapshot_dir, repo.config, repo_id, model_name, repo_id, revision, repo)
-    folder = download(repo_id, revision)
+    else:
+        check_repo_id(source)
+    try:
+        if stream and not is_offline():
+            repo = RemoteRepo.open(repo_id, revision)
+            return HFSource(repo.snapshot_dir, repo.config, repo_id, model_name, repo_id, revision, repo)
+        folder = download(repo_id, revision)
+    except CkptError as exc:
+        parent = path.parent
+        if model_name is None and parent != Path(".") and parent.is_dir():   # o/nope where o/ is a local folder
+            raise type(exc)(f"{source}: no such folder here ({parent}/ is one), and as a hub repo id: {exc}") from None
+        raise
     return HFSource(folder, load_config(folder), repo_id, model_name, repo_id, revision)
+
+
+def check_repo_id(source: str) -> None:
+    """Refuse a SOURCE that is no folder, no model name and cannot be a hub repo id (with the closest model names),
+    or that is written as a local path (./x, ../x, /x, ~/x): it is never asked of the hub."""
+    import difflib
+
+    close = difflib.get_close_matches(source.lower(), [m.lower() for m in registry.MODELS], n=3, cutoff=0.6)
+    hint = f"; did you mean {' or '.join(close)}?" if close else " (`ckpt models` lists the model names)"
+    if source.startswith(("./", "../", "/", "~")):
+        raise SourceError(f"{source}: no such folder")
+    if "/" not in source or source.count("/") > 1:
+        raise SourceError(f"{source}: no such folder, and not a model name or an org/name repo id{hint}")
 
 
 def download(repo_id: str, revision: str | None, allow_patterns: list[str] | None = None) -> Path:

@@ -57,6 +57,9 @@ def check_tree(ckpt: OrbaxCheckpoint, family: Family, hf_config: dict, scan: boo
     return notes
 
 
+TIED_TABLE, UNTIED_HEAD = "token_embedder/embedding", "decoder/logits_dense/kernel"
+
+
 class OrbaxParams:
     """ParamSource over an OrbaxCheckpoint; counts the bytes it reads and reports progress.
 
@@ -74,6 +77,8 @@ class OrbaxParams:
         self.bytes_read = 0
         self._lock = threading.Lock()
         self.total_bytes = sum(_nbytes(*ckpt.describe(p)) for p in ckpt.paths)
+        if TIED_TABLE in ckpt.paths and UNTIED_HEAD not in ckpt.paths:   # read again as the output head
+            self.total_bytes += _nbytes(*ckpt.describe(TIED_TABLE))
         dims = family.dims(hf_config)
         self.layer_sources: dict[int, dict[str, SourceSlice]] = {}
         for block in family.blocks(dims, hf_config, scan, frozenset()):

@@ -489,7 +489,6 @@ def test_parse_token_lists():
 @pytest.mark.parametrize("args,message", [
     (["--tokens", "1,x"], "error: --tokens '1,x': token ids are integers"),
     (["--tokens", "1,500"], "error: prompt 1: token id 500 is outside the vocabulary [0, 128)"),
-    (["--dtype", "f16"], "error: unknown dtype 'f16'"),
     (["--save-golden", "golden.pkl"], "golden file ends in .npz"),
 ])
 def test_bad_arguments_exit_2(converted, args, message):
