@@ -75,8 +75,8 @@ class OrbaxParams:
                 leaves = self.layer_sources.setdefault(hf_layer, {})
                 for rule in block.rules:
                     path = f"{block.prefix}/{rule.maxtext}"
-                    leaves[rule.maxtext] = SourceSlice(path, index=(s,), axes=(1,)) if block.stacked else (
-                        SourceSlice(path))
+                    leaves[rule.maxtext] = SourceSlice(path, index=block.stack_index(s), axes=block.stack_axes) if (
+                        block.stacked) else SourceSlice(path)
         self.num_layers = len(self.layer_sources)
 
     def _read(self, source: SourceSlice) -> np.ndarray:

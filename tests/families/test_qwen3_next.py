@@ -1,0 +1,182 @@
+"""Qwen3-Next: the converted tree element by element (expectations from MaxText 0.2.5's QWEN3_NEXT mapping and
+hooks, written here with explicit index math), bit-exact round trips scanned and unscanned, refusals.
+
+Tiny model (tests/conftest.py "qwen3-next"): 8 layers = two cycles of 3 gated DeltaNet layers + 1 full attention.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from ckpt_cli import registry
+from ckpt_cli.convert import ToHFOptions, ToMaxTextOptions, hf_to_maxtext, maxtext_to_hf
+from ckpt_cli.errors import UnsupportedError
+from ckpt_cli.families import detect_family
+from tests.cli_helpers import error_line, run, with_config
+from tests.conftest import read_config
+from tests.expectations import assert_bits_equal, cast, flatten
+from tests.test_convert_to_maxtext import load_hf, restore
+
+
+def _f32(x) -> np.ndarray:
+    return np.asarray(x, dtype=np.float32)
+
+
+def expected_layer(hf: dict, cfg: dict, i: int) -> dict[str, np.ndarray]:
+    """MaxText leaves of HF layer i, float32, with the index math of 0.2.5's hooks spelt out."""
+    E, N, K, D = cfg["hidden_size"], cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["head_dim"]
+    X = cfg["num_experts"]
+    p = f"model.layers.{i}."
+    out = {"input_layernorm/scale": _f32(hf[p + "input_layernorm.weight"]),
+           "post_attention_layernorm/scale": _f32(hf[p + "post_attention_layernorm.weight"]),
+           "mlp/routed_experts/gate/kernel": _f32(hf[p + "mlp.gate.weight"]).T,            # [e, x] = w[x, e]
+           "mlp/shared_expert_gate/kernel": _f32(hf[p + "mlp.shared_expert_gate.weight"]).T}
+    for leaf, name in (("wi_0", "gate_proj"), ("wi_1", "up_proj"), ("wo", "down_proj")):
+        out[f"mlp/routed_experts/{leaf}"] = np.stack([_f32(hf[p + f"mlp.experts.{x}.{name}.weight"]).T
+                                                     for x in range(X)])
+        out[f"mlp/shared_expert/{leaf}/kernel"] = _f32(hf[p + f"mlp.shared_expert.{name}.weight"]).T
+    if cfg["layer_types"][i] == "linear_attention":
+        la = p + "linear_attn."
+        conv = _f32(hf[la + "conv1d.weight"])                                               # (C, 1, CK)
+        C, _, CK = conv.shape
+        kernel = np.empty((CK, 1, C), np.float32)
+        for k in range(CK):
+            for c in range(C):
+                kernel[k, 0, c] = conv[c, 0, k]
+        out |= {"attention/in_proj_qkvz/kernel": _f32(hf[la + "in_proj_qkvz.weight"]).T,
+                "attention/in_proj_ba/kernel": _f32(hf[la + "in_proj_ba.weight"]).T,
+                "attention/conv1d/kernel": kernel,
+                "attention/A_log": _f32(hf[la + "A_log"]), "attention/dt_bias": _f32(hf[la + "dt_bias"]),
+                "attention/norm/rms_norm/scale": _f32(hf[la + "norm.weight"]),
+                "attention/out_proj/kernel": _f32(hf[la + "out_proj.weight"]).T}
+        return out
+    sa, a = p + "self_attn.", "attention/attention/"
+    q = _f32(hf[sa + "q_proj.weight"])                                                      # (N*2D, E)
+    query = np.empty((E, N, 2 * D), np.float32)
+    for h in range(N):
+        for j in range(2 * D):
+            query[:, h, j] = q[h * 2 * D + j, :]     # per head: the query (j < D), then its gate (j >= D)
+    for leaf, name in (("key", "k_proj"), ("value", "v_proj")):
+        w = _f32(hf[sa + f"{name}.weight"])
+        out[a + f"{leaf}/kernel"] = np.stack([np.stack([w[h * D + d] for d in range(D)], axis=1)
+                                              for h in range(K)], axis=1)                   # [e, h, d] = w[hD+d, e]
+    out |= {a + "query/kernel": query, a + "out/kernel": _f32(hf[sa + "o_proj.weight"]).T,   # (N*D, E), flat
+            a + "query_norm/scale": _f32(hf[sa + "q_norm.weight"]),
+            a + "key_norm/scale": _f32(hf[sa + "k_norm.weight"])}
+    return out
+
+
+def expected_tree(hf: dict, cfg: dict, scan: bool) -> dict[str, np.ndarray]:
+    """Scanned: local_layers stacks cycle b's layers 4b, 4b+1, 4b+2 on axes (1, 2) = (b, position);
+    global_layer stacks layer 4b + 3 on axis 1; routed experts keep axis 0."""
+    tree = {"token_embedder/embedding": _f32(hf["model.embed_tokens.weight"]),
+            "decoder/decoder_norm/scale": _f32(hf["model.norm.weight"]),
+            "decoder/logits_dense/kernel": _f32(hf["lm_head.weight"]).T}
+    L, cycle = cfg["num_hidden_layers"], cfg["layer_types"].index("full_attention") + 1
+    layers = [expected_layer(hf, cfg, i) for i in range(L)]
+    if not scan:
+        for i, lay in enumerate(layers):
+            tree |= {f"decoder/layers_{i}/{leaf}": x for leaf, x in lay.items()}
+        return tree
+    blocks = range(L // cycle)
+    for leaf in layers[0]:
+        grid = [[layers[cycle * b + p][leaf] for p in range(cycle - 1)] for b in blocks]
+        tree[f"decoder/layers/local_layers/{leaf}"] = np.stack([np.stack(r, axis=1) for r in grid], axis=1)
+    for leaf in layers[cycle - 1]:
+        tree[f"decoder/layers/global_layer/{leaf}"] = np.stack([layers[cycle * b + cycle - 1][leaf] for b in blocks],
+                                                               axis=1)
+    return tree
+
+
+CASES = [("float32", True, "f32"), ("float32", False, "f32"), ("bfloat16", True, "bf16"), ("bfloat16", False, "bf16")]
+
+
+@pytest.mark.parametrize("src_dtype,scan,dtype", CASES)
+def test_converted_tree_matches_maxtext_0_2_5_mapping(hf_models, tmp_path, src_dtype, scan, dtype):
+    src = hf_models("qwen3-next", src_dtype)
+    hf_to_maxtext(str(src), tmp_path / "mt", ToMaxTextOptions(scan_layers=scan, dtype=dtype))
+    got = flatten(restore(tmp_path / "mt")["params"]["params"])
+    want = expected_tree(load_hf(src), read_config(src), scan)
+    assert set(got) == set(want)
+    for path, x in want.items():
+        assert_bits_equal(got[path], cast(x, dtype), path)
+    if scan:   # 2 cycles of 3 local layers; X=4 experts on axis 0
+        assert got["decoder/layers/local_layers/mlp/routed_experts/wi_0"].shape == (4, 2, 3, 64, 32)
+        assert got["decoder/layers/local_layers/attention/conv1d/kernel"].shape == (4, 2, 3, 1, 80)
+        assert got["decoder/layers/global_layer/attention/attention/query/kernel"].shape == (64, 2, 4, 32)
+
+
+@pytest.mark.parametrize("scan", [True, False], ids=["scan", "noscan"])
+@pytest.mark.parametrize("dtype", ["bf16", "f32"])
+def test_round_trip_is_bit_exact(hf_models, tmp_path, scan, dtype):
+    """Every tensor is a permutation of the original: HF -> MaxText -> HF gives the same names and bits."""
+    src = hf_models("qwen3-next", "bfloat16" if dtype == "bf16" else "float32")
+    hf_to_maxtext(str(src), tmp_path / "mt", ToMaxTextOptions(scan_layers=scan, dtype=dtype))
+    result = maxtext_to_hf(str(tmp_path / "mt"), tmp_path / "hf", ToHFOptions(dtype=dtype))
+    assert result.plan.scan_layers is scan
+    want, got = load_hf(src), load_hf(tmp_path / "hf")
+    assert sorted(got) == sorted(want)
+    for name, x in want.items():
+        assert_bits_equal(got[name], x, name)
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert config["architectures"] == ["Qwen3NextForCausalLM"] and config["model_type"] == "qwen3_next"
+
+
+def test_round_trip_loads_in_transformers_with_the_same_logits(hf_models, tmp_path):
+    import torch
+    import transformers as tf
+
+    src = hf_models("qwen3-next", "float32")
+    hf_to_maxtext(str(src), tmp_path / "mt", ToMaxTextOptions(scan_layers=True, dtype="f32"))
+    maxtext_to_hf(str(tmp_path / "mt"), tmp_path / "hf", ToHFOptions(dtype="f32"))
+    ids = torch.tensor([[3, 17, 5, 99, 42, 7]])
+    with torch.no_grad():
+        a = tf.AutoModelForCausalLM.from_pretrained(src).eval()(ids).logits
+        b = tf.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()(ids).logits
+    assert torch.equal(a, b)
+
+
+REFUSED = [
+    ({"layer_types": ["linear_attention", "full_attention"] * 24}, "layer_types"),
+    ({"full_attention_interval": 1}, "full attention every 1 layer"),
+    ({"mlp_only_layers": [1]}, "mlp_only_layers"),
+    ({"attention_bias": True}, "attention_bias"),
+]
+
+
+@pytest.mark.parametrize("changes,message", REFUSED)
+def test_refused_configs_are_one_line(changes, message):
+    cfg = registry.reference_config("qwen3-next-80b-a3b") | changes
+    family = detect_family(cfg)
+    assert family.name == "qwen3_next"
+    with pytest.raises(UnsupportedError) as exc:
+        family.check_config(cfg)
+    assert message in str(exc.value) and "\n" not in str(exc.value)
+
+
+def test_scanned_needs_whole_cycles_and_says_so_on_the_cli(hf_models, tmp_path):
+    cfg = read_config(hf_models("qwen3-next"))
+    src = with_config(hf_models("qwen3-next"), tmp_path / "src", num_hidden_layers=6,
+                      layer_types=cfg["layer_types"][:6])
+    out = tmp_path / "mt"
+    r = run("convert", "hf-to-maxtext", src, "--out", out)
+    assert r.exit_code == 2, r.output
+    assert error_line(r) == ("error: config.json has 6 layers: scanned, MaxText's qwen3_next stacks whole cycles of "
+                             "4 layers; convert with --no-scan")
+    assert not out.exists() and not out.with_name("mt.partial").exists()
+
+
+def test_reference_model_plan_and_inspect():
+    spec = registry.lookup("qwen3-next-80b-a3b")
+    assert (spec.repo_id, spec.family) == ("Qwen/Qwen3-Next-80B-A3B-Instruct", "qwen3_next")
+    r = run("inspect", "--model", "qwen3-next-80b-a3b", "--filter", "decoder/layers/local_layers/attention/conv*",
+            "--json")
+    assert r.exit_code == 0, r.output
+    tensors = {t["path"]: t["shape"] for t in json.loads(r.stdout)["tensors"]}
+    assert tensors == {"decoder/layers/local_layers/attention/conv1d/kernel": [4, 12, 3, 1, 8192]}
+    r = run("plan", "hf-to-maxtext", "--model", "qwen3-next-80b-a3b", "--no-scan", "--json")
+    assert r.exit_code in (0, 1), r.output
+    assert json.loads(r.stdout)["family"] == "qwen3_next"
