@@ -180,3 +180,52 @@ def test_reference_model_plan_and_inspect():
     r = run("plan", "hf-to-maxtext", "--model", "qwen3-next-80b-a3b", "--no-scan", "--json")
     assert r.exit_code in (0, 1), r.output
     assert json.loads(r.stdout)["family"] == "qwen3_next"
+
+
+FP8_WEIGHTS = ("q_proj", "k_proj", "v_proj", "o_proj", "in_proj_qkvz", "in_proj_ba", "out_proj", "gate_proj",
+               "up_proj", "down_proj")   # the linear layers; router, shared-expert gate, conv, norms stay bf16
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "f32"])
+def test_fp8_source_dequantizes_on_the_fly(hf_models, tmp_path, dtype):
+    """Block-scaled e4m3 weights (a float32 `weight_scale_inv` per 128x128 block, ragged edges, scales in another
+    shard), as the -FP8 releases store them, convert like their dequantization, in one pass; the reverse writes
+    plain weights of the output dtype and drops `quantization_config`."""
+    import ml_dtypes
+    from safetensors.numpy import save_file
+
+    from tests.families.test_deepseek import quantize_fp8
+
+    src = hf_models("qwen3-next", "float32")
+    cfg = read_config(src)
+    fp8, reference, scales = {}, {}, {}
+    for name, w in load_hf(src).items():
+        if w.ndim == 2 and name.split(".")[-2] in FP8_WEIGHTS:
+            q, s = quantize_fp8(w)
+            fp8[name], scales[name + "_scale_inv"] = q, s
+            reference[name] = q.astype(np.float32) * s[np.arange(w.shape[0]) // 128][:, np.arange(w.shape[1]) // 128]
+        else:
+            fp8[name] = reference[name] = w.astype(ml_dtypes.bfloat16)
+    assert sum(v.dtype == ml_dtypes.float8_e4m3fn for v in fp8.values()) > 50
+    (tmp_path / "fp8").mkdir()
+    save_file(fp8, str(tmp_path / "fp8" / "model-00001-of-00002.safetensors"), metadata={"format": "pt"})
+    save_file(scales, str(tmp_path / "fp8" / "model-00002-of-00002.safetensors"), metadata={"format": "pt"})
+    weight_map = {k: "model-00001-of-00002.safetensors" for k in fp8} | {
+        k: "model-00002-of-00002.safetensors" for k in scales}
+    (tmp_path / "fp8" / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    qcfg = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": [128, 128]}
+    (tmp_path / "fp8" / "config.json").write_text(json.dumps(cfg | {"quantization_config": qcfg}))
+
+    r = hf_to_maxtext(str(tmp_path / "fp8"), tmp_path / "mt", ToMaxTextOptions(dtype=dtype))
+    assert not any("not used" in n for n in r.notes), r.notes   # the scales are consumed, not ignored
+    got = flatten(restore(tmp_path / "mt")["params"]["params"])
+    want = expected_tree(reference, cfg, True)
+    assert set(got) == set(want)
+    for path, x in want.items():
+        assert_bits_equal(got[path], cast(x, dtype), path)
+    maxtext_to_hf(str(tmp_path / "mt"), tmp_path / "hf", ToHFOptions(dtype=dtype))
+    back = load_hf(tmp_path / "hf")
+    assert sorted(back) == sorted(reference)
+    for name, x in reference.items():
+        assert_bits_equal(back[name], cast(np.asarray(x, np.float32), dtype), name)
+    assert "quantization_config" not in json.loads((tmp_path / "hf" / "config.json").read_text())
