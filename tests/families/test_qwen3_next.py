@@ -229,3 +229,34 @@ def test_fp8_source_dequantizes_on_the_fly(hf_models, tmp_path, dtype):
     for name, x in reference.items():
         assert_bits_equal(back[name], cast(np.asarray(x, np.float32), dtype), name)
     assert "quantization_config" not in json.loads((tmp_path / "hf" / "config.json").read_text())
+
+
+def test_checkpoint_saved_by_orbax_itself_converts_back(hf_models, tmp_path):
+    """A scanned tree saved by orbax's own PyTree handler (each array one chunk, every layer in it, no ckpt
+    metadata), as MaxText saves it: read a block of layers at a time along the inner (position) axis with the
+    cycle axis fixed, and written back bit-exact with --hf-config."""
+    import orbax.checkpoint as ocp
+
+    src = hf_models("qwen3-next", "float32")
+    tree: dict = {}
+    for path, x in expected_tree(load_hf(src), read_config(src), True).items():
+        node = tree
+        *parents, name = path.split("/")
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[name] = x
+    manager = ocp.CheckpointManager(
+        tmp_path / "run", item_names=("items",),
+        item_handlers={"items": ocp.PyTreeCheckpointHandler(use_ocdbt=True, use_zarr3=True)},
+        options=ocp.CheckpointManagerOptions(create=True, enable_async_checkpointing=False))
+    manager.save(7, args=ocp.args.Composite(items=ocp.args.PyTreeSave(item={"params": {"params": tree}})),
+                 custom_metadata={"scan_layers": True})
+    manager.wait_until_finished()
+    manager.close()
+    result = maxtext_to_hf(str(tmp_path / "run"), tmp_path / "hf",
+                           ToHFOptions(dtype="f32", hf_config=src / "config.json"))
+    assert result.stats.extra["blocks_read"] > 0
+    want, got = load_hf(src), load_hf(tmp_path / "hf")
+    assert sorted(got) == sorted(want)
+    for name, x in want.items():
+        assert_bits_equal(got[name], x, name)
