@@ -87,6 +87,16 @@ def test_converted_f32_models_match_transformers(converted, scan):
     assert data["summary"]["kl_max"] < 1e-6 and data["summary"]["top1_agreement"] == 1.0
 
 
+def test_hf_model_streams_layer_by_layer(converted):
+    """--hf-load stream (transformers' per-expert -> fused conversion at load, one layer at a time) gives the
+    whole model's figures."""
+    src, out = converted()
+    full = verify_json("--maxtext", out, "--hf", src, "--hf-load", "full", "--max-kl", "1e-6")
+    stream = verify_json("--maxtext", out, "--hf", src, "--hf-load", "stream", "--max-kl", "1e-6")
+    assert stream["passed"] and stream["reference"]["load"] == "stream"
+    assert stream["summary"]["kl_max"] == full["summary"]["kl_max"]
+
+
 def test_swapped_local_layers_fail(converted, tmp_path):
     """Positions 0 and 1 of the first cycle's DeltaNet layers (HF layers 0 and 1) swapped in place."""
     src, good = converted()
