@@ -290,6 +290,10 @@ def check_against(spec: ModelSpec, cfg: dict, keys: tuple[str, ...]) -> None:
             got = cfg["hidden_size"] // cfg["num_attention_heads"]
         if key == "num_experts" and got is None:
             got = cfg.get("num_local_experts")   # transformers 5 writes Qwen3-MoE's num_experts under this name
+        if key == "full_attention_interval" and got is None:   # transformers 5 writes layer_types instead
+            from ckpt_cli.families.qwen3_next import interval
+
+            got = interval(cfg)
         if key == "rope_theta" and got is None:   # transformers 5 nests it; absent means transformers' default
             got = float((cfg.get("rope_parameters") or {}).get("rope_theta", 10000.0))
         if key == "rope_scaling":   # compared by kind: Llama 3's unscaled RoPE is not Llama 3.1's llama3 scaling

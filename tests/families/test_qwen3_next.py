@@ -260,3 +260,15 @@ def test_checkpoint_saved_by_orbax_itself_converts_back(hf_models, tmp_path):
     assert sorted(got) == sorted(want)
     for name, x in want.items():
         assert_bits_equal(got[name], x, name)
+
+
+def test_model_check_reads_the_pattern_from_layer_types():
+    """transformers 5 writes `layer_types` instead of `full_attention_interval`: --model compares the pattern."""
+    from ckpt_cli.errors import ConfigMismatchError
+
+    spec = registry.lookup("qwen3-next-80b-a3b")
+    keys = detect_family(spec.config).reference_keys
+    v5 = {k: v for k, v in spec.config.items() if k != "full_attention_interval"}
+    registry.check_against(spec, v5 | {"layer_types": (["linear_attention"] * 3 + ["full_attention"]) * 12}, keys)
+    with pytest.raises(ConfigMismatchError, match="full_attention_interval = 2"):
+        registry.check_against(spec, v5 | {"layer_types": ["linear_attention", "full_attention"] * 24}, keys)
