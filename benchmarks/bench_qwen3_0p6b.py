@@ -67,9 +67,10 @@ def same_arrays(scanned: Path, unscanned: Path, config: dict) -> bool:
         a = open_leaf(scanned, path)
         block, leaf = owner(blocks, path)
         if block is not None and block.stacked:
-            for s in (0, len(block.hf_layers) - 1):   # scan index s holds HF layer hf_layers[s] (axis 1)
+            for s in (0, len(block.hf_layers) - 1):   # HF layer hf_layers[s]: at stack_index(s)
                 b = open_leaf(unscanned, unscanned_path(block.hf_layers[s], leaf))
-                if not np.array_equal(a[:, s].read().result().view(np.uint16), b.read().result().view(np.uint16)):
+                part = a[(slice(None), *block.stack_index(s))]
+                if not np.array_equal(part.read().result().view(np.uint16), b.read().result().view(np.uint16)):
                     return False
         elif block is not None:                       # an unstacked remainder layer (Gemma3)
             b = open_leaf(unscanned, unscanned_path(block.hf_layers[0], leaf))

@@ -193,8 +193,9 @@ def _stacked(shape: Shape, rule: Rule, block: Block | None, dims: Dims) -> tuple
         full.insert(0, dims[rule.experts])
         stack_axes.append(0)
     if block is not None and block.stacked:
-        full.insert(rule.scan_axis, len(block.hf_layers))
-        stack_axes.append(rule.scan_axis)
+        first = rule.scan_axis
+        full[first:first] = block.stack_dims
+        stack_axes += block.axes_for(rule)
     return tuple(full), tuple(stack_axes)
 
 
@@ -237,14 +238,14 @@ def _span_axis(rule: Rule, shape: Shape, stack_axes: tuple[int, ...], dims: Dims
 def _tasks(rule: Rule, block: Block | None, dims: Dims) -> tuple[SliceTask, ...]:
     experts = range(dims[rule.experts]) if rule.experts is not None else [None]
     if block is None:
-        layers: list[tuple[int | None, int | None]] = [(None, None)]
+        layers: list[tuple[tuple[int, ...], int | None]] = [((), None)]
     elif block.stacked:
-        layers = list(enumerate(block.hf_layers))
+        layers = [(block.stack_index(s), hf) for s, hf in enumerate(block.hf_layers)]
     else:
-        layers = [(None, block.hf_layers[0])]
+        layers = [((), block.hf_layers[0])]
     tasks = []
     for e, (s, hf_layer) in itertools.product(experts, layers):
-        index = tuple(i for i in (e, s) if i is not None)
+        index = (*(() if e is None else (e,)), *s)
         name = rule.hf.format(layer=hf_layer, expert=e) if (rule.slots or e is not None) else rule.hf
         if rule.hf_expert_axis:     # expert e is index e on axis 0 of the one HF tensor
             source = SourceSlice(name, index=(e,), axes=(0,), part=rule.part)

@@ -42,6 +42,22 @@ def _qwen3_moe(name: str, repo: str, e: int, n: int, k: int, m: int, layers: int
     })
 
 
+def _qwen3_next(name: str, repo: str) -> ModelSpec:
+    """Qwen/Qwen3-Next-80B-A3B-Instruct's config.json (MaxText's configs/models/qwen3-next-80b-a3b.yml)."""
+    return ModelSpec(name, "qwen3_next", repo, {
+        "architectures": ["Qwen3NextForCausalLM"], "model_type": "qwen3_next", "hidden_size": 2048,
+        "num_attention_heads": 16, "num_key_value_heads": 2, "head_dim": 256, "intermediate_size": 5120,
+        "moe_intermediate_size": 512, "shared_expert_intermediate_size": 512, "num_experts": 512,
+        "num_experts_per_tok": 10, "norm_topk_prob": True, "decoder_sparse_step": 1, "mlp_only_layers": [],
+        "num_hidden_layers": 48, "full_attention_interval": 4, "linear_num_key_heads": 16,
+        "linear_num_value_heads": 32, "linear_key_head_dim": 128, "linear_value_head_dim": 128,
+        "linear_conv_kernel_dim": 4, "partial_rotary_factor": 0.25, "vocab_size": 151936,
+        "tie_word_embeddings": False, "rms_norm_eps": 1e-6, "rope_theta": 1e7, "rope_scaling": None,
+        "hidden_act": "silu", "attention_bias": False, "max_position_embeddings": 262144,
+        "bos_token_id": 151643, "eos_token_id": 151645, "torch_dtype": "bfloat16",
+    })
+
+
 def _mixtral(name: str, repo: str, e: int, n: int, m: int, layers: int, vocab: int, max_positions: int
              ) -> ModelSpec:
     return ModelSpec(name, "mixtral", repo, {
@@ -278,6 +294,7 @@ MODELS: dict[str, ModelSpec] = {m.name: m for m in (
     _deepseek("deepseek3-671b", "deepseek-ai/DeepSeek-V3", "deepseek_v3", True),
     _deepseek("deepseek3.2-671b", "deepseek-ai/DeepSeek-V3.2", "deepseek_v32", True),
     *_OLMO3,
+    _qwen3_next("qwen3-next-80b-a3b", "Qwen/Qwen3-Next-80B-A3B-Instruct"),
 )}
 
 
@@ -332,6 +349,10 @@ def check_against(spec: ModelSpec, cfg: dict, keys: tuple[str, ...]) -> None:
             got = cfg["hidden_size"] // cfg["num_attention_heads"]
         if key == "num_experts" and got is None:
             got = cfg.get("num_local_experts")   # transformers 5 writes Qwen3-MoE's num_experts under this name
+        if key == "full_attention_interval" and got is None:   # transformers 5 writes layer_types instead
+            from ckpt_cli.families.qwen3_next import interval
+
+            got = interval(cfg)
         if key == "rope_theta" and got is None:   # transformers 5 nests it; absent means transformers' default
             got = float((cfg.get("rope_parameters") or {}).get("rope_theta", 10000.0))
         if key == "rope_scaling":   # compared by kind: Llama 3's unscaled RoPE is not Llama 3.1's llama3 scaling

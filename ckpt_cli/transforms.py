@@ -64,15 +64,17 @@ class Linear(Transform):
     """HF Linear weight (out, in) <-> MaxText kernel (in..., out...): transpose, then reshape.
 
     `q_mt[e, h, d] = q_hf[h*D + d, e]`; `out_mt[h, d, e] = o_hf[e, h*D + d]` (head-major flattening).
+    An HF weight of more axes moves its first axis last (`(out, in...)` flattened to `(out, prod(in))`):
+    a depthwise conv kernel `(C, 1, K)` <-> `(K, 1, C)`, which is the full axis reversal as the middle is 1.
     """
 
     name = "transpose"
 
     def to_maxtext(self, x: np.ndarray, shape: Shape) -> np.ndarray:
-        return transpose2d(x).reshape(shape)
+        return transpose2d(x.reshape(x.shape[0], -1)).reshape(shape)
 
     def to_hf(self, x: np.ndarray, shape: Shape) -> np.ndarray:
-        return transpose2d(x.reshape(shape[1], shape[0]))
+        return transpose2d(x.reshape(math.prod(shape[1:]), shape[0])).reshape(shape)
 
 
 @dataclass(frozen=True)

@@ -35,7 +35,9 @@ def make_hf_model(kind: str, dtype: str = "float32", seed: int = 0):
     linearly scaled), gemma3-e48 (hidden 48: bf16(sqrt(48)) = 6.9375 is not a power of two),
     gpt-oss (4 layers, so two scanned blocks of scan length 2; 4 experts of width 32 != hidden 64, top-2;
     sliding window 4), olmo3 (8 layers: two scanned cycles of 3 sliding + 1 global, sliding window 4, YaRN on
-    every layer), olmo3-plain (the same with plain RoPE, as olmo3-7b-pt),
+    every layer), olmo3-plain (the same with plain RoPE, as olmo3-7b-pt), qwen3-next (8 layers: two scanned
+    cycles of 3 gated DeltaNet + 1 full attention; 2 key heads of 8 and 4 value heads of 12 in the DeltaNet, 4
+    experts of width 32 plus a shared expert of width 24, top-2; partial RoPE over a quarter of the head),
     gemma (3 layers, hidden 48, head_dim 24, one kv head), gemma2 (3 local/global pairs,
     sliding window 4, query_pre_attn_scalar 24, soft caps 1 and 2).
     """
@@ -52,6 +54,15 @@ def make_hf_model(kind: str, dtype: str = "float32", seed: int = 0):
         cfg = tf.Qwen3MoeConfig(**TINY, moe_intermediate_size=32, num_experts=4, num_experts_per_tok=2,
                                 norm_topk_prob=True, tie_word_embeddings=False, rope_theta=10000.0, rms_norm_eps=1e-6)
         model = tf.Qwen3MoeForCausalLM(cfg)
+    elif kind == "qwen3-next":
+        dims = TINY | {"num_hidden_layers": 8}
+        cfg = tf.Qwen3NextConfig(**dims, moe_intermediate_size=32, shared_expert_intermediate_size=24, num_experts=4,
+                                 num_experts_per_tok=2, norm_topk_prob=True, linear_num_key_heads=2,
+                                 linear_num_value_heads=4, linear_key_head_dim=8, linear_value_head_dim=12,
+                                 linear_conv_kernel_dim=4, full_attention_interval=4, tie_word_embeddings=False,
+                                 rms_norm_eps=1e-6, rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                                                     "partial_rotary_factor": 0.25})
+        model = tf.Qwen3NextForCausalLM(cfg)
     elif kind == "mixtral":
         dims = TINY | {"intermediate_size": 32}
         cfg = tf.MixtralConfig(**dims, num_local_experts=4, num_experts_per_tok=2, tie_word_embeddings=False,

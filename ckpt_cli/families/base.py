@@ -92,7 +92,9 @@ class Block:
     """A group of decoder layers stored under one prefix.
 
     Stacked (scanned): every leaf gains a layer axis at its rule's `scan_axis` (1 for parameters, experts
-    keeping axis 0; 0 for non-parameter variables), and scan index s holds HF layer `hf_layers[s]`.
+    keeping axis 0; 0 for non-parameter variables), and scan index s holds HF layer `hf_layers[s]`. With `inner`
+    set, the stacked layers form a grid of two axes, 1 and 2 (`len(hf_layers) // inner` rows of `inner`; MaxText's
+    doubly scanned blocks, e.g. Qwen3-Next's `local_layers`): `hf_layers[s]` sits at `(s // inner, s % inner)`.
     Unstacked: one layer, per-layer shapes.
     """
 
@@ -100,6 +102,33 @@ class Block:
     hf_layers: tuple[int, ...]
     stacked: bool
     rules: tuple[Rule, ...]
+    inner: int | None = None
+
+    @property
+    def stack_dims(self) -> tuple[int, ...]:
+        """The sizes of the stacked axes (1, or 1 and 2) of every leaf; () unstacked."""
+        if not self.stacked:
+            return ()
+        n = len(self.hf_layers)
+        return (n,) if self.inner is None else (n // self.inner, self.inner)
+
+    @property
+    def stack_axes(self) -> tuple[int, ...]:
+        """The target axes the layers are stacked on (experts, when present, keep axis 0)."""
+        return tuple(range(1, 1 + len(self.stack_dims)))
+
+    def axes_for(self, rule: Rule) -> tuple[int, ...]:
+        """The target axes a rule's leaf stacks the layers on: from its `scan_axis` (0 for a variable)."""
+        return tuple(range(rule.scan_axis, rule.scan_axis + len(self.stack_dims)))
+
+    def stack_index(self, s: int) -> tuple[int, ...]:
+        """Where `hf_layers[s]` sits on the stacked axes."""
+        return (s,) if self.inner is None else divmod(s, self.inner)
+
+    def __post_init__(self) -> None:
+        if self.inner is not None and (not self.stacked or self.inner < 1 or len(self.hf_layers) % self.inner):
+            raise AssertionError(f"{self.prefix}: {len(self.hf_layers)} stacked layers do not form rows of "
+                                 f"{self.inner}")
 
 
 @dataclass(frozen=True)

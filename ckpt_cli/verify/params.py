@@ -86,7 +86,7 @@ class OrbaxParams:
                 leaves = self.layer_sources.setdefault(hf_layer, {})
                 for rule in block.rules:
                     path = f"{block.prefix}/{rule.maxtext}"
-                    leaves[rule.maxtext] = SourceSlice(path, index=(s,), axes=(rule.scan_axis,)) if (
+                    leaves[rule.maxtext] = SourceSlice(path, index=block.stack_index(s), axes=block.axes_for(rule)) if (
                         block.stacked) else SourceSlice(path)
         self.num_layers = len(self.layer_sources)
 

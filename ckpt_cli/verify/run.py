@@ -196,6 +196,10 @@ def forward_config(cfg: dict, model: str | None = None):
             from ckpt_cli.verify.olmo3 import Olmo3Config
 
             return family, Olmo3Config.from_hf_config(cfg)
+        if family.name == "qwen3_next":
+            from ckpt_cli.verify.qwen3_next import Qwen3NextConfig
+
+            return family, Qwen3NextConfig.from_hf_config(cfg)
         from ckpt_cli.verify.forward import ForwardConfig
 
         return family, ForwardConfig.from_hf_config(family.name, cfg)
@@ -244,6 +248,10 @@ def maxtext_forward(params: OrbaxParams, fcfg, prompts: Sequence[Prompt], dtype:
 
         logits = olmo3_logits(params, fcfg, batch, dtype=COMPUTE_DTYPES[dtype])
         notes = [fcfg.rope_note] if fcfg.rope_note else []
+    elif type(fcfg).__name__ == "Qwen3NextConfig":
+        from ckpt_cli.verify.qwen3_next import qwen3_next_logits
+
+        logits = qwen3_next_logits(params, fcfg, batch, dtype=COMPUTE_DTYPES[dtype])
     else:
         from ckpt_cli.verify.forward import maxtext_logits
 

@@ -64,3 +64,16 @@ def test_registry_lookup_and_mismatch():
     spec = registry.lookup("qwen3-8b")
     with pytest.raises(ConfigMismatchError, match="hidden_size = 64"):
         registry.check_against(spec, {"hidden_size": 64}, ("hidden_size",))
+
+
+def test_doubly_stacked_block_places_layers_on_a_grid():
+    """A block with `inner` stacks its layers on axes 1 and 2 (row, position), and refuses a ragged grid."""
+    from ckpt_cli.families.base import Block
+
+    block = Block("decoder/layers/local_layers", (0, 1, 2, 4, 5, 6), True, (), inner=3)
+    assert block.stack_dims == (2, 3) and block.stack_axes == (1, 2)
+    assert [block.stack_index(s) for s in range(6)] == [(0, 0), (0, 1), (0, 2), (1, 0), (1, 1), (1, 2)]
+    plain = Block("decoder/layers", (0, 1), True, ())
+    assert (plain.stack_dims, plain.stack_axes, plain.stack_index(1)) == ((2,), (1,), (1,))
+    with pytest.raises(AssertionError, match="rows of 3"):
+        Block("decoder/layers/local_layers", (0, 1, 2, 4), True, (), inner=3)
