@@ -24,6 +24,23 @@ ResumeOpt = Annotated[bool, typer.Option(
 OcdbtOpt = Annotated[bool, typer.Option("--ocdbt/--no-ocdbt", help="Store arrays in one OCDBT key-value store.")]
 Zarr3Opt = Annotated[bool, typer.Option("--zarr3/--no-zarr3", help="zarr v3 arrays (else zarr v2).")]
 CompressionOpt = Annotated[str, typer.Option("--compression", help="Chunk compression: zstd or none.")]
+TargetMeshOpt = Annotated[str | None, typer.Option(
+    "--target-mesh", help="MaxText mesh the checkpoint will be restored on, e.g. fsdp=256 or fsdp=64,tensor=4: read "
+                          "chunks are cut so each host reads about its slice (default: up to 16 hosts per axis).")]
+
+
+def target_mesh(text: str | None):
+    """--target-mesh parsed (None: the default read chunks); a bad spec is a usage error."""
+    if text is None:
+        return None
+    from ckpt_cli.plan import TargetMesh
+
+    try:
+        return TargetMesh.parse(text)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--target-mesh") from None
+
+
 WorkersOpt = Annotated[int, typer.Option("--workers", min=1, max=64, help="Reader/transform threads.")]
 MtpOpt = Annotated[bool, typer.Option(
     "--mtp", help="DeepSeek-V3/V3.2: also convert the multi-token-prediction layer (MaxText mtp_block).")]

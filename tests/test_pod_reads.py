@@ -1,0 +1,109 @@
+"""Pod-ready output: hosts restoring ckpt's output each read about their slice (issue 18).
+
+A Qwen3 just large enough for the read chunks to split (hidden 512, bf16) is converted, then hosts of simulated
+CPU devices (tests/pod_reads.py: MaxText's default logical-axis rules, a jax mesh, Orbax restoring onto it)
+read the slices their devices hold through tensorstore, several processes each standing for hosts; tensorstore's
+own metrics count the bytes read. Total bytes read stay within 1.25x the array bytes under FSDP over all devices
+and FSDP x tensor; a checkpoint chunked one layer slice per chunk (the layout before read chunks) does not.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from ckpt_cli.convert import ToMaxTextOptions, hf_to_maxtext
+from ckpt_cli.plan import TargetMesh
+from ckpt_cli.tiny import TINY_QWEN3, write_tiny_model
+from tests.pod_reads import array_bytes, parse_mesh
+
+ROOT = Path(__file__).resolve().parent.parent
+CONFIG = dict(TINY_QWEN3, hidden_size=512, num_attention_heads=8, num_key_value_heads=4, head_dim=64,
+              intermediate_size=1536, vocab_size=4096)
+BOUND = 1.25
+FSDP = [(1, "fsdp=16"), (2, "fsdp=8"), (4, "fsdp=16"), (16, "fsdp=16")]          # hosts x devices: all on fsdp
+FSDP_TENSOR = [(2, "fsdp=2,tensor=4"), (4, "fsdp=4,tensor=4"), (16, "fsdp=16,tensor=4"),
+               (16, "fsdp=4,tensor=4")]                                           # the last: tensor across hosts
+READERS = 4
+
+
+def measure(items: Path, cases: list[tuple[int, str]], tmp: Path) -> dict[str, list[dict]]:
+    """Per case, per host: bytes read and bytes its devices hold."""
+    devices = max(math.prod(parse_mesh(m).values()) for _, m in cases)
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"} | {
+        "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu",
+        "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+    proc = subprocess.run([sys.executable, "-m", "tests.pod_reads", "boxes", str(items), json.dumps(cases)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    held = json.loads(proc.stdout)
+    boxes_file = tmp / "boxes.json"
+    boxes_file.write_text(json.dumps(held))
+    jobs = [f"{case}/{host}" for case in held for host in held[case]]
+    procs = [subprocess.Popen([sys.executable, "-m", "tests.pod_reads", "read", str(items), str(boxes_file),
+                               *jobs[i::READERS]], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for i in range(READERS)]
+    results: dict = {}
+    for p in procs:
+        out, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err[-3000:]
+        results.update(json.loads(out))
+    return {case: [results[f"{case}/{h}"] for h in held[case]] for case in held}
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pod")
+    src = write_tiny_model(root / "hf", CONFIG)
+    outs = {}
+    for name, mesh in (("default", None), ("one-chunk-per-slice", TargetMesh(1, 1))):
+        outs[name] = root / name
+        hf_to_maxtext(str(src), outs[name], ToMaxTextOptions(target_mesh=mesh))
+    return root, {k: v / "0" / "items" for k, v in outs.items()}
+
+
+def test_hosts_read_about_their_slice(checkpoints):
+    root, items = checkpoints
+    cases = FSDP + FSDP_TENSOR
+    total = array_bytes(str(items["default"]))
+    got = measure(items["default"], cases, root)
+    for (hosts, _), (case, per_host) in zip(cases, got.items(), strict=True):
+        assert len(per_host) == hosts
+        read = sum(h["bytes_read"] for h in per_host)
+        assert read <= BOUND * total, f"{case}: read {read / total:.2f}x the array bytes"
+        for h in per_host:     # each host about its slice (plus metadata: manifest, B-tree, shard indices)
+            assert h["bytes_read"] <= BOUND * h["needed"] + 64 * 1024, f"{case}: {h}"
+    # The measure can fail: one chunk per layer slice makes every host read whole slices.
+    before = measure(items["one-chunk-per-slice"], [(2, "fsdp=8"), (16, "fsdp=4,tensor=4")], root)
+    for case, per_host in before.items():
+        assert sum(h["bytes_read"] for h in per_host) > 1.8 * total, case
+
+
+def test_read_chunks_follow_the_target_mesh(checkpoints):
+    """--target-mesh fsdp=64,tensor=4 cuts the fsdp dims 64 ways (as far as the byte floor allows) and tensor 4."""
+    import numpy as np
+
+    from ckpt_cli.families import family_named
+    from ckpt_cli.plan import MIN_READ_CHUNK_BYTES, build_to_maxtext
+
+    cfg = dict(CONFIG, hidden_size=2048, intermediate_size=4096)
+    plan = build_to_maxtext(family_named("qwen3"), cfg, True, np.dtype(np.float32), mesh=TargetMesh.parse(
+        "fsdp=64,tensor=4"))
+    wi = plan.tensor("decoder/layers/mlp/wi_0/kernel")
+    assert wi.chunk_shape == (2048, 1, 4096) and wi.read_chunk == (32, 1, 1024)
+    default = build_to_maxtext(family_named("qwen3"), cfg, True, np.dtype(np.float32))
+    assert default.tensor("decoder/layers/mlp/wi_0/kernel").read_chunk == (128, 1, 256)
+    for t in default.tensors:
+        if t.read_chunk:
+            assert all(c % r == 0 for c, r in zip(t.chunk_shape, t.read_chunk, strict=True)), t.target
+            assert np.prod(t.read_chunk) * t.dtype.itemsize >= MIN_READ_CHUNK_BYTES, t.target
+    small = build_to_maxtext(family_named("qwen3"), CONFIG, True, np.dtype("bfloat16"))
+    assert small.tensor("decoder/layers/pre_self_attention_layer_norm/scale").read_chunk is None   # not shredded
+    with pytest.raises(ValueError, match="pipeline"):
+        TargetMesh.parse("pipeline=4")
