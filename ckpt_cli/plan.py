@@ -80,6 +80,7 @@ class TensorPlan:
     chunk_shape: Shape          # the write unit: one shard (zarr3) or chunk (zarr) per task slice
     span_axis: int | None = None  # target axis split into row pieces (large 2-D tensors only)
     read_chunk: Shape | None = None  # the read unit inside each chunk (zarr3 sharding codec); None: the chunk
+    roles: tuple[str | None, ...] = ()  # per axis, the mesh role MaxText shards it on ("fsdp", "tensor", None)
 
     @property
     def nbytes(self) -> int:
@@ -268,23 +269,28 @@ def _stacked(shape: Shape, rule: Rule, block: Block | None, dims: Dims) -> tuple
 def _split_rows(rows: int, row_bytes: int, align: int = 1) -> list[tuple[int, int]] | None:
     """Row pieces of about PIECE_BYTES, or None when the tensor is small enough to move whole.
 
-    Pieces fall on the `align` grid (the read chunk a host's slice starts on): a multiple of it, or, when
-    that would be much larger than PIECE_BYTES, a near divisor of it, so a host's slice is still whole pieces.
+    Pieces fall on the `align` grid (the read chunks a host's slice starts on): when `align` divides the rows,
+    equal pieces of whole read chunks, or equal parts of one, the fewest at least as many as PIECE_BYTES asks
+    (at most four times as many); so a host's slice is whole pieces and no piece is stored padded.
     """
     if rows * row_bytes <= PIECE_BYTES or rows < 2:
         return None
-    step = equal_step(rows, math.ceil(rows * row_bytes / PIECE_BYTES))
-    if align >= rows:               # the axis is read whole: any pieces do
-        align = 1
-    if 2 * step < align:
-        parts = math.ceil(align / step)
-        divisor = next((k for k in range(parts, 2 * parts + 1) if align % k == 0), None)
-        step = align // divisor if divisor else step
-    else:
-        step = -(-step // align) * align
+    want = math.ceil(rows * row_bytes / PIECE_BYTES)
+    step = equal_step(rows, want)
+    if 1 < align < rows and rows % align == 0:
+        units = rows // align
+        counts = [units // m for m in _divisors(units)] + [units * k for k in _divisors(align)]
+        count = min((c for c in counts if want <= c <= 4 * want), default=None)
+        if count is not None:
+            step = rows // count
     if step >= rows:
         return None
     return [(a, min(a + step, rows)) for a in range(0, rows, step)]
+
+
+def _divisors(n: int) -> list[int]:
+    small = [d for d in range(1, math.isqrt(n) + 1) if n % d == 0]
+    return sorted({*small, *(n // d for d in small)})
 
 
 _ROW_SAFE_STEPS = frozenset({"rope-interleave", "query-scale"})   # act within one head: safe on whole heads
@@ -385,7 +391,7 @@ def build_to_maxtext(family: Family, hf_config: dict, scan_layers: bool, dtype: 
         tensors.append(TensorPlan(
             target=path, shape=shape, dtype=stored, slice_shape=slice_shape, source_shape=source_shape,
             stack_axes=axes, chain=resolve_steps(rule.steps, dims), tasks=tasks, chunk_shape=chunks,
-            span_axis=span_axis, read_chunk=read if read != chunks else None))
+            span_axis=span_axis, read_chunk=read if read != chunks else None, roles=tuple(roles)))
     check_coverage(tensors)
     return ConversionPlan(TO_MAXTEXT, family.name, scan_layers, np.dtype(dtype), tuple(tensors), dict(hf_config),
                           dims, notes, frozenset(features))

@@ -21,6 +21,7 @@ import pytest
 from ckpt_cli.convert import ToMaxTextOptions, hf_to_maxtext
 from ckpt_cli.plan import TargetMesh
 from ckpt_cli.tiny import TINY_QWEN3, write_tiny_model
+from tests.cli_helpers import run
 from tests.pod_reads import array_bytes, parse_mesh
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -79,10 +80,29 @@ def test_hosts_read_about_their_slice(checkpoints):
         assert read <= BOUND * total, f"{case}: read {read / total:.2f}x the array bytes"
         for h in per_host:     # each host about its slice (plus metadata: manifest, B-tree, shard indices)
             assert h["bytes_read"] <= BOUND * h["needed"] + 64 * 1024, f"{case}: {h}"
+        # inspect's estimate from the chunk shapes agrees (it leaves out metadata and shard indices)
+        est = inspect_estimate(items["default"], case)
+        assert est["total"] <= read / total + 0.01 and est["total"] <= 1.01, (case, est["total"], read / total)
     # The measure can fail: one chunk per layer slice makes every host read whole slices.
     before = measure(items["one-chunk-per-slice"], [(2, "fsdp=8"), (16, "fsdp=4,tensor=4")], root)
     for case, per_host in before.items():
-        assert sum(h["bytes_read"] for h in per_host) > 1.8 * total, case
+        read = sum(h["bytes_read"] for h in per_host) / total
+        assert read > 1.8, case
+        assert inspect_estimate(items["one-chunk-per-slice"], case)["total"] == pytest.approx(read, rel=0.05), case
+
+
+def inspect_estimate(items: Path, case: str) -> dict:
+    """`ckpt inspect ITEMS --mesh M --hosts H --json`'s read amplification for a case named "HxM"."""
+    hosts, mesh = case.split("x", 1)
+    r = run("inspect", items, "--mesh", mesh, "--hosts", hosts, "--json")
+    assert r.exit_code == 0, r.output
+    return json.loads(r.stdout)["read_amplification"]
+
+
+def test_bad_target_mesh_is_a_usage_error(tmp_path):
+    src = write_tiny_model(tmp_path / "hf")
+    r = run("convert", "hf-to-maxtext", src, "--out", tmp_path / "mt", "--target-mesh", "fsdp=4,pipeline=2")
+    assert r.exit_code == 2 and "pipeline" in r.output and not (tmp_path / "mt").exists()
 
 
 def test_read_chunks_follow_the_target_mesh(checkpoints):
