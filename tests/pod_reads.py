@@ -18,7 +18,12 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import subprocess
 import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
 
 MESH_OF = {"embed": "fsdp", "embed_attn": "fsdp", "embed_vocab": "fsdp", "embed_moe": "fsdp",
            "vocab": "tensor", "heads": "tensor", "q_heads": "tensor", "kv_heads": "tensor", "mlp": "tensor",
@@ -150,6 +155,31 @@ def read(items: str, held: dict, hosts: list[str]) -> dict:
             needed += sum(math.prod(b - a for a, b in box) for box in path_boxes) * itemsize
         result[host] = {"bytes_read": bytes_read() - before, "needed": needed}
     return result
+
+
+def measure(items: Path, cases: list[tuple[int, str]], tmp: Path, readers: int = 4) -> dict[str, list[dict]]:
+    """Per case ("HOSTSxMESH"), per host: bytes read and bytes its devices hold; `readers` processes read for
+    the hosts, each host with its own tensorstore context."""
+    devices = max(math.prod(parse_mesh(m).values()) for _, m in cases)
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"} | {
+        "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu",
+        "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+    proc = subprocess.run([sys.executable, "-m", "tests.pod_reads", "boxes", str(items), json.dumps(cases)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    held = json.loads(proc.stdout)
+    boxes_file = tmp / "boxes.json"
+    boxes_file.write_text(json.dumps(held))
+    jobs = [f"{case}/{host}" for case in held for host in held[case]]
+    procs = [subprocess.Popen([sys.executable, "-m", "tests.pod_reads", "read", str(items), str(boxes_file),
+                               *jobs[i::readers]], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for i in range(readers)]
+    results: dict = {}
+    for p in procs:
+        out, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err[-3000:]
+        results.update(json.loads(out))
+    return {case: [results[f"{case}/{h}"] for h in held[case]] for case in held}
 
 
 def array_bytes(items: str) -> int:

@@ -10,10 +10,6 @@ and FSDP x tensor; a checkpoint chunked one layer slice per chunk (the layout be
 from __future__ import annotations
 
 import json
-import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -22,40 +18,14 @@ from ckpt_cli.convert import ToMaxTextOptions, hf_to_maxtext
 from ckpt_cli.plan import TargetMesh
 from ckpt_cli.tiny import TINY_QWEN3, write_tiny_model
 from tests.cli_helpers import run
-from tests.pod_reads import array_bytes, parse_mesh
+from tests.pod_reads import array_bytes, measure
 
-ROOT = Path(__file__).resolve().parent.parent
 CONFIG = dict(TINY_QWEN3, hidden_size=512, num_attention_heads=8, num_key_value_heads=4, head_dim=64,
               intermediate_size=1536, vocab_size=4096)
 BOUND = 1.25
 FSDP = [(1, "fsdp=16"), (2, "fsdp=8"), (4, "fsdp=16"), (16, "fsdp=16")]          # hosts x devices: all on fsdp
 FSDP_TENSOR = [(2, "fsdp=2,tensor=4"), (4, "fsdp=4,tensor=4"), (16, "fsdp=16,tensor=4"),
                (16, "fsdp=4,tensor=4")]                                           # the last: tensor across hosts
-READERS = 4
-
-
-def measure(items: Path, cases: list[tuple[int, str]], tmp: Path) -> dict[str, list[dict]]:
-    """Per case, per host: bytes read and bytes its devices hold."""
-    devices = max(math.prod(parse_mesh(m).values()) for _, m in cases)
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"} | {
-        "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu",
-        "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
-    proc = subprocess.run([sys.executable, "-m", "tests.pod_reads", "boxes", str(items), json.dumps(cases)],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    held = json.loads(proc.stdout)
-    boxes_file = tmp / "boxes.json"
-    boxes_file.write_text(json.dumps(held))
-    jobs = [f"{case}/{host}" for case in held for host in held[case]]
-    procs = [subprocess.Popen([sys.executable, "-m", "tests.pod_reads", "read", str(items), str(boxes_file),
-                               *jobs[i::READERS]], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              text=True) for i in range(READERS)]
-    results: dict = {}
-    for p in procs:
-        out, err = p.communicate(timeout=300)
-        assert p.returncode == 0, err[-3000:]
-        results.update(json.loads(out))
-    return {case: [results[f"{case}/{h}"] for h in held[case]] for case in held}
 
 
 @pytest.fixture(scope="module")
