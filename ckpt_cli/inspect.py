@@ -24,7 +24,7 @@ from ckpt_cli.families import detect_family, family_named
 from ckpt_cli.io import mxfp4
 from ckpt_cli.io.remote_stream import tree_bytes
 from ckpt_cli.io.safetensors import SafetensorsFolder, TensorInfo, read_header
-from ckpt_cli.plan import ConversionPlan, build_to_maxtext
+from ckpt_cli.plan import ConversionPlan, TargetMesh, build_to_maxtext
 
 HF_KINDS = ("hf", "hf-remote")
 CONFIG_KEYS = ("model_type", "architectures", "hidden_size", "intermediate_size", "num_hidden_layers",
@@ -83,12 +83,12 @@ class Target:
 
 
 def open_target(target: str | None, model: str | None = None, revision: str | None = None,
-                scan: bool | None = None, dtype: str | None = None) -> Target:
+                scan: bool | None = None, dtype: str | None = None, mesh: TargetMesh | None = None) -> Target:
     """Detect and open TARGET (folder, repo id, model name as its repo, Orbax dir), or `--model NAME`'s tree."""
     if target is None:
         if model is None:
             raise SourceError("give a TARGET (folder, repo id, Orbax checkpoint) or --model NAME")
-        return open_model(model, True if scan is None else scan, dtype)
+        return open_model(model, True if scan is None else scan, dtype, mesh)
     path = Path(target).expanduser()
     if path.exists():
         if path.is_file() and path.suffix == ".safetensors":
@@ -189,11 +189,12 @@ def open_orbax(path: Path) -> Target:
     return t
 
 
-def open_model(name: str, scan: bool, dtype: str | None = None) -> Target:
-    """The tree MaxText expects for a registered model (reference config through the HF -> MaxText plan)."""
+def open_model(name: str, scan: bool, dtype: str | None = None, mesh: TargetMesh | None = None) -> Target:
+    """The tree MaxText expects for a registered model (reference config through the HF -> MaxText plan), chunked
+    as `convert --target-mesh` would write it for `mesh`."""
     spec = registry.lookup(name)
     config = registry.reference_config(spec.name)
-    plan = build_to_maxtext(family_named(spec.family), config, scan, output_dtype(dtype or "bf16"))
+    plan = build_to_maxtext(family_named(spec.family), config, scan, output_dtype(dtype or "bf16"), mesh=mesh)
     leaves = [Leaf(t.target, t.shape, np.dtype(t.dtype).name, t.nbytes, None, t.chunk_shape, t.read_chunk)
               for t in plan.tensors]
     info = {"model": spec.name, "repo_id": spec.repo_id, "scan_layers": scan, "dtype": np.dtype(plan.dtype).name}

@@ -97,3 +97,15 @@ def test_read_chunks_follow_the_target_mesh(checkpoints):
     assert small.tensor("decoder/layers/pre_self_attention_layer_norm/scale").read_chunk is None   # not shredded
     with pytest.raises(ValueError, match="pipeline"):
         TargetMesh.parse("pipeline=4")
+
+
+def test_inspect_prices_a_pod_beyond_the_default():
+    """64 hosts on fsdp=256: the default read chunks (16 ways) make each host read 4x its slice of Qwen3-0.6B;
+    chunked with --target-mesh fsdp=256 it reads about its slice (inspect's estimate, metadata only)."""
+    def total(*extra):
+        r = run("inspect", "--model", "qwen3-0.6b", "--mesh", "fsdp=256", "--hosts", "64", "--json", *extra)
+        assert r.exit_code == 0, r.output
+        return json.loads(r.stdout)["read_amplification"]["total"]
+
+    assert total() == pytest.approx(4.0, rel=0.01)
+    assert total("--target-mesh", "fsdp=256") < 1.01

@@ -51,6 +51,7 @@ def inspect(
     revision: O.RevisionOpt = None,
     mesh: MeshOpt = None,
     hosts: HostsOpt = None,
+    target_mesh: O.TargetMeshOpt = None,
     json_out: O.JsonOpt = False,
 ) -> None:
     """Show a checkpoint's tensors, shapes, dtypes and totals from metadata only (no tensor data is read).
@@ -74,6 +75,8 @@ def inspect(
       ckpt inspect ./Qwen3-0.6B --against ./qwen3-mt/0/items
 
       ckpt inspect ./qwen3-mt --mesh fsdp=64,tensor=4 --hosts 16
+
+      ckpt inspect --model deepseek3-671b --target-mesh fsdp=256 --mesh fsdp=256 --hosts 64
     """
     from ckpt_cli import inspect as I
 
@@ -97,7 +100,9 @@ def inspect(
         return
     if against:
         raise typer.BadParameter("--against needs a TARGET to compare", param_hint="--against")
-    t = I.open_target(target, model=model, revision=revision, scan=scan, dtype=dtype)
+    if target_mesh is not None and (target is not None or model is None):
+        raise typer.BadParameter("--target-mesh applies to --model's tree alone", param_hint="--target-mesh")
+    t = I.open_target(target, model=model, revision=revision, scan=scan, dtype=dtype, mesh=O.target_mesh(target_mesh))
     record = I.report(t, json_out if tensors is None else tensors, filter_glob)
     if mesh is not None:
         from ckpt_cli.plan import TargetMesh
