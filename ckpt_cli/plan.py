@@ -34,7 +34,8 @@ MIN_READ_CHUNK_BYTES = 4096       # smaller read chunks are not cut further (tin
 # vocab, experts' mlp...) on tensor.
 FSDP_DIMS = frozenset({"E", "Q", "C"})
 UNSHARDED_DIMS = frozenset({"D", "Dq", "Dv", "Dkv", "Hd", "R"})
-MESH_AXES = {"fsdp": "fsdp", "fsdp_transpose": "fsdp", "context": "fsdp", "expert": "fsdp",
+MESH_AXES = {"fsdp": "fsdp", "fsdp_transpose": "fsdp", "context": "fsdp", "context_usp_ulysses": "fsdp",
+             "expert": "fsdp",
              "tensor": "tensor", "tensor_sequence": "tensor", "autoregressive": "tensor",
              "data": None, "stage": None}
 
