@@ -25,7 +25,7 @@ from ckpt_cli.io import hf, outdir, remote_stream
 from ckpt_cli.io.orbax import OrbaxWriter, StorageOptions, read_progress
 from ckpt_cli.io.outdir import partial_dir
 from ckpt_cli.io.safetensors import SafetensorsFolder
-from ckpt_cli.plan import ConversionPlan, build_to_maxtext, rename_sources
+from ckpt_cli.plan import ConversionPlan, TargetMesh, build_to_maxtext, rename_sources
 
 
 @dataclass(frozen=True)
@@ -44,6 +44,7 @@ class ToMaxTextOptions:
     max_disk: int | None = None     # repo sources: most local bytes the downloaded shards may take at once
     resume: bool = False            # take up an interrupted run's OUT.partial when it was the same conversion
     allow_unused: bool = False      # a config declaring fewer layers than the files hold is meant (else refused)
+    target_mesh: TargetMesh | None = None  # the mesh read chunks are cut for (None: up to 16 hosts per axis)
 
 
 @dataclass
@@ -97,7 +98,8 @@ def plan_to_maxtext(source: hf.HFSource, opts: ToMaxTextOptions) -> ConversionPl
                                       f"a {family.name} model")
         registry.check_against(spec, family.model_config(source.config), family.reference_keys)
     features = frozenset({"mtp"}) if opts.mtp else frozenset()
-    return build_to_maxtext(family, source.config, opts.scan_layers, output_dtype(opts.dtype), features)
+    return build_to_maxtext(family, source.config, opts.scan_layers, output_dtype(opts.dtype), features,
+                            mesh=opts.target_mesh)
 
 
 def with_source_names(plan: ConversionPlan, source: hf.HFSource, names: Collection[str]) -> ConversionPlan:
@@ -136,6 +138,7 @@ def provenance(plan: ConversionPlan, source: hf.HFSource, opts: ToMaxTextOptions
         "source_folder": str(Path(source.folder).resolve()),
         "revision": source.revision, "dtype": np.dtype(plan.dtype).name, "scan_layers": plan.scan_layers,
         "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"), "hf_config": plan.hf_config,
+        "target_mesh": (opts.target_mesh or TargetMesh()).describe(),
     }
 
 
@@ -152,7 +155,8 @@ def progress_key(plan: ConversionPlan, source: hf.HFSource, opts: ToMaxTextOptio
             files[f.name] = [st.st_size, st.st_mtime_ns]
     ident = {"tool": __version__, "source": source.label, "files": files,
              "storage": dataclasses.asdict(opts.storage), "load_method": opts.load_method,
-             "plan": [[t.target, list(t.shape), np.dtype(t.dtype).name, list(t.chunk_shape), t.chain.describe(),
+             "plan": [[t.target, list(t.shape), np.dtype(t.dtype).name, list(t.chunk_shape), t.read_chunk,
+                       t.chain.describe(),
                        [[k.source.name, repr(k.source.index), repr(k.source.rows)]
                         + ([repr(k.source.part)] if k.source.part else []) for k in t.tasks]]
                       for t in plan.tensors]}

@@ -31,7 +31,8 @@ class Reader(Protocol):
 
 
 class Writer(Protocol):
-    def create(self, target: str, shape: tuple[int, ...], dtype: np.dtype, chunk: tuple[int, ...]) -> None: ...
+    def create(self, target: str, shape: tuple[int, ...], dtype: np.dtype, chunk: tuple[int, ...],
+               read_chunk: tuple[int, ...] | None = None) -> None: ...
     def write(self, target: str, index: tuple, array: np.ndarray) -> int: ...
     def flush(self) -> None: ...
 
@@ -76,7 +77,7 @@ def execute(plan: ConversionPlan, reader: Reader, writer: Writer, progress: Prog
     written by an interrupted run). Returns Stats; raises on the first failure (after cancelling)."""
     start = time.perf_counter()
     for t in plan.tensors:
-        writer.create(t.target, t.shape, t.dtype, t.chunk_shape)
+        writer.create(t.target, t.shape, t.dtype, t.chunk_shape, read_chunk=t.read_chunk)
     jobs = ordered_jobs(plan, reader, skip)
     total = sum(_task_bytes(t, task) for t, task in jobs)
     budget = budget_bytes or default_budget(plan)

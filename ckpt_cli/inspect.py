@@ -19,12 +19,12 @@ import numpy as np
 from ckpt_cli import registry
 from ckpt_cli.dtypes import output_dtype
 from ckpt_cli.engine import source_slice_shape
-from ckpt_cli.errors import ConfigMismatchError, SourceError, UnknownModelError
+from ckpt_cli.errors import CkptError, ConfigMismatchError, SourceError, UnknownModelError, UnsupportedError
 from ckpt_cli.families import detect_family, family_named
 from ckpt_cli.io import mxfp4
 from ckpt_cli.io.remote_stream import tree_bytes
 from ckpt_cli.io.safetensors import SafetensorsFolder, TensorInfo, read_header
-from ckpt_cli.plan import ConversionPlan, build_to_maxtext
+from ckpt_cli.plan import ConversionPlan, TargetMesh, build_to_maxtext
 
 HF_KINDS = ("hf", "hf-remote")
 CONFIG_KEYS = ("model_type", "architectures", "hidden_size", "intermediate_size", "num_hidden_layers",
@@ -42,13 +42,14 @@ class Leaf:
     nbytes: int
     shard: str | None = None
     chunk_shape: tuple[int, ...] | None = None
+    read_chunk: tuple[int, ...] | None = None     # the read unit inside a chunk (zarr3 sharding), else the chunk
 
     def record(self) -> dict:
         if self.chunk_shape is None:
             return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype, "bytes": self.nbytes,
                     "shard": self.shard}
         return {"path": self.name, "shape": list(self.shape), "dtype": self.dtype, "bytes": self.nbytes,
-                "chunk_shape": list(self.chunk_shape)}
+                "chunk_shape": list(self.chunk_shape), "read_chunk": list(self.read_chunk or self.chunk_shape)}
 
 
 @dataclass
@@ -82,12 +83,12 @@ class Target:
 
 
 def open_target(target: str | None, model: str | None = None, revision: str | None = None,
-                scan: bool | None = None, dtype: str | None = None) -> Target:
+                scan: bool | None = None, dtype: str | None = None, mesh: TargetMesh | None = None) -> Target:
     """Detect and open TARGET (folder, repo id, model name as its repo, Orbax dir), or `--model NAME`'s tree."""
     if target is None:
         if model is None:
             raise SourceError("give a TARGET (folder, repo id, Orbax checkpoint) or --model NAME")
-        return open_model(model, True if scan is None else scan, dtype)
+        return open_model(model, True if scan is None else scan, dtype, mesh)
     path = Path(target).expanduser()
     if path.exists():
         if path.is_file() and path.suffix == ".safetensors":
@@ -167,7 +168,8 @@ def open_orbax(path: Path) -> Target:
             raise SourceError(f"{ckpt.items}: cannot open {p}: {str(exc).splitlines()[0]}") from None
         dtype = np.dtype(arr.dtype.numpy_dtype)
         chunk = tuple(int(c) for c in arr.chunk_layout.write_chunk.shape)
-        leaves.append(Leaf(p, tuple(arr.shape), dtype.name, math.prod(arr.shape) * dtype.itemsize, None, chunk))
+        read = tuple(int(c) for c in arr.chunk_layout.read_chunk.shape)
+        leaves.append(Leaf(p, tuple(arr.shape), dtype.name, math.prod(arr.shape) * dtype.itemsize, None, chunk, read))
     try:
         scan = detect_scan(ckpt)
     except SourceError:
@@ -188,12 +190,14 @@ def open_orbax(path: Path) -> Target:
     return t
 
 
-def open_model(name: str, scan: bool, dtype: str | None = None) -> Target:
-    """The tree MaxText expects for a registered model (reference config through the HF -> MaxText plan)."""
+def open_model(name: str, scan: bool, dtype: str | None = None, mesh: TargetMesh | None = None) -> Target:
+    """The tree MaxText expects for a registered model (reference config through the HF -> MaxText plan), chunked
+    as `convert --target-mesh` would write it for `mesh`."""
     spec = registry.lookup(name)
     config = registry.reference_config(spec.name)
-    plan = build_to_maxtext(family_named(spec.family), config, scan, output_dtype(dtype or "bf16"))
-    leaves = [Leaf(t.target, t.shape, np.dtype(t.dtype).name, t.nbytes, None, t.chunk_shape) for t in plan.tensors]
+    plan = build_to_maxtext(family_named(spec.family), config, scan, output_dtype(dtype or "bf16"), mesh=mesh)
+    leaves = [Leaf(t.target, t.shape, np.dtype(t.dtype).name, t.nbytes, None, t.chunk_shape, t.read_chunk)
+              for t in plan.tensors]
     info = {"model": spec.name, "repo_id": spec.repo_id, "scan_layers": scan, "dtype": np.dtype(plan.dtype).name}
     return Target("maxtext-model", spec.name, leaves, config, info, scan_layers=scan, notes=list(plan.notes))
 
@@ -382,3 +386,66 @@ def _hints(paths_a: set[str], paths_b: set[str], a: Target, b: Target) -> list[s
             hints.append("the configs differ: " + ", ".join(diff[:4]) + (" ..." if len(diff) > 4 else ""))
     return hints
 
+
+
+def read_amplification(t: Target, mesh_text: str, hosts: int) -> dict:
+    """Bytes each of `hosts` hosts reads to restore its devices' slices on a MaxText mesh (e.g. "fsdp=16,tensor=4",
+    devices in order, consecutive ones on a host), over the bytes those slices hold: the read chunks each device's
+    slice overlaps, from metadata only. Dims are sharded as MaxText's default logical-axis rules do (the plan's
+    roles, from the target's config); a tensor without a config is taken as replicated (read whole everywhere).
+    """
+    from ckpt_cli.plan import TargetMesh
+
+    mesh = TargetMesh.parse(mesh_text)
+    devices = mesh.fsdp * mesh.tensor
+    if hosts < 1 or devices % hosts:
+        raise UnsupportedError(f"--hosts {hosts}: must divide the mesh's {devices} devices")
+    roles: dict[str, tuple] = {}
+    if t.config:
+        try:
+            plan = build_to_maxtext(detect_family(t.config, t.model_name), t.config, bool(t.scan_layers),
+                                    np.dtype(np.float32))
+            roles = {p.target: p.roles for p in plan.tensors}
+        except CkptError:
+            roles = {}
+    per_host = devices // hosts
+    reads = [0] * hosts
+    needs = [0] * hosts
+    tensors = {}
+    for leaf in t.leaves:
+        if leaf.chunk_shape is None:
+            continue
+        itemsize = np.dtype(leaf.dtype).itemsize
+        axis_roles = roles.get(leaf.name) or (None,) * len(leaf.shape)
+        read_chunk = leaf.read_chunk or leaf.chunk_shape
+        leaf_read = 0
+        for h in range(hosts):
+            boxes = [_device_box(leaf.shape, axis_roles, mesh, d) for d in range(h * per_host, (h + 1) * per_host)]
+            # A host reads each chunk its devices' slices overlap once (Orbax reads a host's shards in one batch).
+            held = [sorted({box[a] for box in boxes}) for a in range(len(leaf.shape))]
+            needs[h] += math.prod(sum(b - a for a, b in axis) for axis in held) * itemsize
+            got = math.prod(_covered(axis, c, n) for axis, c, n in zip(held, read_chunk, leaf.shape, strict=True))
+            reads[h] += got * itemsize
+            leaf_read += got * itemsize
+        tensors[leaf.name] = leaf_read / max(1, leaf.nbytes)
+    total = sum(leaf.nbytes for leaf in t.leaves if leaf.chunk_shape is not None)
+    return {"mesh": mesh_text, "hosts": hosts, "devices_per_host": per_host, "roles_known": bool(roles),
+            "per_host": [r / max(1, n) for r, n in zip(reads, needs, strict=True)],
+            "total": sum(reads) / max(1, total), "tensors": tensors}
+
+
+def _device_box(shape: tuple[int, ...], roles: tuple, mesh, device: int) -> tuple[tuple[int, int], ...]:
+    """The index box device `device` of a (fsdp, tensor) mesh holds: blocks of ceil(n / ways), as JAX cuts."""
+    coord = {"fsdp": (device // mesh.tensor, mesh.fsdp), "tensor": (device % mesh.tensor, mesh.tensor)}
+    box = []
+    for n, role in zip(shape, roles, strict=True):
+        i, ways = coord.get(role, (0, 1))
+        step = -(-n // ways)
+        box.append((min(n, i * step), min(n, (i + 1) * step)))
+    return tuple(box)
+
+
+def _covered(ranges: list[tuple[int, int]], chunk: int, n: int) -> int:
+    """Elements of the read chunks that disjoint (or equal) ranges of an axis of length n overlap."""
+    chunks = {i for a, b in ranges if b > a for i in range(a // chunk, -(-b // chunk))}
+    return sum(min(n, (i + 1) * chunk) - i * chunk for i in chunks)

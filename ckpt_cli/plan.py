@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import math
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -26,6 +27,17 @@ TO_MAXTEXT = "hf-to-maxtext"
 TO_HF = "maxtext-to-hf"
 CHUNK_TARGET_BYTES = 128 * 1024 * 1024
 PIECE_BYTES = 32 * 1024 * 1024   # large 2-D tensors are read and written in row pieces of about this size
+READ_PARTS = 16                  # default read chunks per sharded axis: up to 16 hosts along any axis read ~1x
+MIN_READ_CHUNK_BYTES = 4096       # smaller read chunks are not cut further (tiny tensors stay whole)
+# The dims of MaxText's axes by the mesh axis its default logical_axis_rules (configs/base.yml) shard them on:
+# 'embed' (E), 'q_lora' (Q) and 'kv_lora' (C) on fsdp; 'kv' / head dims on none; every other dim (mlp, heads,
+# vocab, experts' mlp...) on tensor.
+FSDP_DIMS = frozenset({"E", "Q", "C"})
+UNSHARDED_DIMS = frozenset({"D", "Dq", "Dv", "Dkv", "Hd", "R"})
+MESH_AXES = {"fsdp": "fsdp", "fsdp_transpose": "fsdp", "context": "fsdp", "context_usp_ulysses": "fsdp",
+             "expert": "fsdp",
+             "tensor": "tensor", "tensor_sequence": "tensor", "autoregressive": "tensor",
+             "data": None, "stage": None}
 
 
 @dataclass(frozen=True)
@@ -66,9 +78,11 @@ class TensorPlan:
     stack_axes: tuple[int, ...]  # target axes indexed by tasks: (1,) scanned, (0, 1) scanned experts, ...
     chain: T.Chain
     tasks: tuple[SliceTask, ...]
-    chunk_shape: Shape
+    chunk_shape: Shape          # the write unit: one shard (zarr3) or chunk (zarr) per task slice
     span_axis: int | None = None  # target axis split into row pieces (large 2-D tensors only)
     collection: str | None = None  # a MaxText non-parameter variable's Flax collection (its layers on axis 0)
+    read_chunk: Shape | None = None  # the read unit inside each chunk (zarr3 sharding codec); None: the chunk
+    roles: tuple[str | None, ...] = ()  # per axis, the mesh role MaxText shards it on ("fsdp", "tensor", None)
 
     @property
     def nbytes(self) -> int:
@@ -179,6 +193,67 @@ def chunk_shape(shape: Shape, stack_axes: tuple[int, ...], itemsize: int) -> Sha
     return tuple(chunk)
 
 
+@dataclass(frozen=True)
+class TargetMesh:
+    """The ways a MaxText mesh cuts the dims its rules shard on fsdp and on tensor; read chunks follow them.
+
+    The default (16 and 16) serves any mesh of up to 16 hosts along each: a host's slice is then whole read
+    chunks. `parse("fsdp=64,tensor=4")` takes MaxText's mesh axis names; axes that shard like fsdp
+    (fsdp_transpose, context, expert) or like tensor (tensor_sequence, autoregressive) multiply in, data and
+    stage shard no parameter.
+    """
+
+    fsdp: int = READ_PARTS
+    tensor: int = READ_PARTS
+
+    @classmethod
+    def parse(cls, text: str) -> TargetMesh:
+        ways = {"fsdp": 1, "tensor": 1}
+        for item in (p.strip() for p in text.split(",") if p.strip()):
+            name, _, value = item.partition("=")
+            name = name.strip()
+            if name not in MESH_AXES or not value.strip().isdigit() or int(value) < 1:
+                raise ValueError(f"{item!r}: expected AXIS=N with N >= 1, AXIS one of {', '.join(MESH_AXES)}")
+            if MESH_AXES[name]:
+                ways[MESH_AXES[name]] *= int(value)
+        return cls(**ways)
+
+    def describe(self) -> str:
+        return f"fsdp={self.fsdp},tensor={self.tensor}"
+
+
+def axis_roles(dims: Sequence[str]) -> tuple[str | None, ...]:
+    """The mesh role ("fsdp", "tensor" or None) of each per-layer MaxText dim expression ("E", "N", "K*D"...)."""
+    roles: list[str | None] = []
+    for expr in dims:
+        names = set(re.findall(r"[A-Za-z]+", expr))
+        roles.append("fsdp" if names & FSDP_DIMS else None if names <= UNSHARDED_DIMS else "tensor")
+    return tuple(roles)
+
+
+def read_chunk_shape(shape: Shape, chunk: Shape, roles: Sequence[str | None], itemsize: int,
+                     mesh: TargetMesh | None = None) -> Shape:
+    """Read chunks inside each write chunk: every dim MaxText shards cut into as many parts as the mesh
+    cuts it (`ceil(n / parts)`, so JAX's shard edges fall on read-chunk edges), fsdp dims first, then
+    tensor dims, longest first, each halving its parts until the chunk divides the write chunk and holds at
+    least MIN_READ_CHUNK_BYTES. `roles` has one entry per axis (None for stacked and unsharded axes).
+
+    Depends only on fractions of each axis, so a tiny model is cut like a large one until the byte floor.
+    """
+    mesh = mesh or TargetMesh()
+    read = list(chunk)
+    order = sorted((a for a, r in enumerate(roles) if r), key=lambda a: (roles[a] != "fsdp", -shape[a]))
+    for a in order:
+        parts = mesh.fsdp if roles[a] == "fsdp" else mesh.tensor
+        while parts > 1:
+            ext = -(-shape[a] // parts)
+            if chunk[a] % ext == 0 and math.prod(read[:a] + [ext] + read[a + 1:]) * itemsize >= MIN_READ_CHUNK_BYTES:
+                read[a] = ext
+                break
+            parts //= 2
+    return tuple(read)
+
+
 def equal_step(length: int, parts: int) -> int:
     """The step that cuts `length` into `parts` near-equal pieces (the last one at most `parts - 1` shorter)."""
     parts = max(1, min(parts, length))
@@ -199,17 +274,36 @@ def _stacked(shape: Shape, rule: Rule, block: Block | None, dims: Dims) -> tuple
     return tuple(full), tuple(stack_axes)
 
 
-def _split_rows(rows: int, row_bytes: int) -> list[tuple[int, int]] | None:
-    """Row pieces of about PIECE_BYTES, or None when the tensor is small enough to move whole."""
+def _split_rows(rows: int, row_bytes: int, align: int = 1) -> list[tuple[int, int]] | None:
+    """Row pieces of about PIECE_BYTES, or None when the tensor is small enough to move whole.
+
+    Pieces fall on the `align` grid (the read chunks a host's slice starts on): when `align` divides the rows,
+    equal pieces of whole read chunks, or equal parts of one, the fewest at least as many as PIECE_BYTES asks
+    (at most four times as many); so a host's slice is whole pieces and no piece is stored padded.
+    """
     if rows * row_bytes <= PIECE_BYTES or rows < 2:
         return None
-    step = equal_step(rows, math.ceil(rows * row_bytes / PIECE_BYTES))
+    want = math.ceil(rows * row_bytes / PIECE_BYTES)
+    step = equal_step(rows, want)
+    if 1 < align < rows and rows % align == 0:
+        units = rows // align
+        counts = [units // m for m in _divisors(units)] + [units * k for k in _divisors(align)]
+        count = min((c for c in counts if want <= c <= 4 * want), default=None)
+        if count is not None:
+            step = rows // count
+    if step >= rows:
+        return None
     return [(a, min(a + step, rows)) for a in range(0, rows, step)]
 
 
 # act within one head: safe on whole heads
 _ROW_SAFE_STEPS = frozenset({"rope-interleave", "query-scale", "query-pre-attn-scale"})
 _ROWWISE_STEPS = ELEMENTWISE_STEPS | {"pad-rows"}   # act on each row alone: safe on any rows
+
+
+def _divisors(n: int) -> list[int]:
+    small = [d for d in range(1, math.isqrt(n) + 1) if n % d == 0]
+    return sorted({*small, *(n // d for d in small)})
 
 
 def _span_axis(rule: Rule, shape: Shape, stack_axes: tuple[int, ...], dims: Dims) -> tuple[int, int] | None:
@@ -262,10 +356,11 @@ def _source_shape(rule: Rule, dims: Dims) -> Shape:
 
 
 def build_to_maxtext(family: Family, hf_config: dict, scan_layers: bool, dtype: np.dtype,
-                     features: frozenset[str] = frozenset()) -> ConversionPlan:
+                     features: frozenset[str] = frozenset(), mesh: TargetMesh | None = None) -> ConversionPlan:
     """The HF -> MaxText plan for a config: every MaxText leaf with its HF sources (metadata only).
 
-    `features` asks for optional parts the family offers (e.g. {"mtp"} for DeepSeek-V3's MTP layer).
+    `features` asks for optional parts the family offers (e.g. {"mtp"} for DeepSeek-V3's MTP layer);
+    `mesh` the mesh the read chunks are cut for (default: TargetMesh()).
     """
     unknown = set(features) - set(family.features)
     if unknown:
@@ -285,23 +380,30 @@ def build_to_maxtext(family: Family, hf_config: dict, scan_layers: bool, dtype: 
         shape, axes = _stacked(slice_shape, rule, block, dims)
         tasks = _tasks(rule, block, dims)
         chunks = chunk_shape(shape, axes, itemsize)
+        roles = list(axis_roles(rule.maxtext_shape))
+        for a in axes:
+            roles.insert(a, None)
+        whole = tuple(1 if a in axes else n for a, n in enumerate(shape))
         span = _span_axis(rule, shape, axes, dims)
         pieces = None
         if span is not None:
             span_axis, unit = span
             rows = min(shape[span_axis], source_shape[0] // unit)   # fewer than the target's when padded
-            pieces = _split_rows(rows, unit * source_shape[1] * 4)
+            align = read_chunk_shape(shape, whole, roles, itemsize, mesh)[span_axis]
+            pieces = _split_rows(rows, unit * source_shape[1] * 4, align)
         if pieces:
             pieces[-1] = (pieces[-1][0], shape[span_axis])          # padding rows go with the last piece
             tasks = tuple(SliceTask(t.index, SourceSlice(t.source.name, rows=(a * unit, min(b, rows) * unit)),
                                     span=(a, b)) for t in tasks for a, b in pieces)
-            chunks = tuple(pieces[0][1] if a == span_axis else (1 if a in axes else n) for a, n in enumerate(shape))
+            chunks = tuple(pieces[0][1] if a == span_axis else n for a, n in enumerate(whole))
         else:
             span_axis = None
+        read = read_chunk_shape(shape, chunks, roles, itemsize, mesh)
         tensors.append(TensorPlan(
             target=path, shape=shape, dtype=stored, slice_shape=slice_shape, source_shape=source_shape,
             stack_axes=axes, chain=resolve_steps(rule.steps, dims), tasks=tasks, chunk_shape=chunks,
-            span_axis=span_axis, collection=rule.collection))
+            span_axis=span_axis, collection=rule.collection, read_chunk=read if read != chunks else None,
+            roles=tuple(roles)))
     check_coverage(tensors)
     return ConversionPlan(TO_MAXTEXT, family.name, scan_layers, np.dtype(dtype), tuple(tensors), dict(hf_config),
                           dims, notes, frozenset(features))

@@ -27,7 +27,7 @@ COMPARE_KEYS = {"command", "kind", "a", "b", "scan_layers", "identical", "counts
                 "dtype_differs", "unmapped", "notes"}
 TOTALS_KEYS = {"tensors", "parameters", "bytes", "by_dtype"}
 HF_TENSOR_KEYS = {"name", "shape", "dtype", "bytes", "shard"}
-MT_TENSOR_KEYS = {"path", "shape", "dtype", "bytes", "chunk_shape"}
+MT_TENSOR_KEYS = {"path", "shape", "dtype", "bytes", "chunk_shape", "read_chunk"}
 
 
 def run_json(*args: str, code: int = 0) -> dict:

@@ -66,6 +66,7 @@ def hf_to_maxtext(
     ocdbt: O.OcdbtOpt = True,
     zarr3: O.Zarr3Opt = True,
     compression: O.CompressionOpt = "none",
+    target_mesh: O.TargetMeshOpt = None,
     workers: O.WorkersOpt = None,
     mtp: O.MtpOpt = False,
     max_disk: O.MaxDiskOpt = None,
@@ -104,6 +105,7 @@ def hf_to_maxtext(
     opts = convert.ToMaxTextOptions(
         model=model, scan_layers=scan, dtype=dtype, load_method=load_method, revision=revision,
         storage=StorageOptions(use_ocdbt=ocdbt, use_zarr3=zarr3, compression=compression),
+        target_mesh=O.target_mesh(target_mesh),
         overwrite=overwrite, workers=resolve_workers(workers), mtp=mtp,
         max_disk=parse_size(max_disk) if max_disk else None, resume=take_up(resume, restart, Path(out)),
         allow_unused=allow_unused)

@@ -32,6 +32,12 @@ InspectScanOpt = Annotated[bool | None, O.flag(
                              "else scanned).")]
 InspectDtypeOpt = Annotated[O.DtypeChoice | None, typer.Option(
     "--dtype", help="dtype of a MaxText tree built from a config (default bf16, what convert writes).")]
+MeshOpt = Annotated[str | None, typer.Option(
+    "--mesh", help="MaxText mesh to restore on, e.g. fsdp=16 or fsdp=64,tensor=4 (Orbax or model target): show "
+                   "the bytes each host reads over the bytes its devices hold, from the chunk shapes.")]
+HostsOpt = Annotated[int | None, typer.Option(
+    "--hosts", min=1, help="Hosts the --mesh devices are spread over, consecutive devices per host (default: one "
+                           "host per 4 devices).")]
 
 
 @guarded
@@ -47,6 +53,9 @@ def inspect(
     tensors: TensorsOpt = None,
     filter_glob: FilterOpt = None,
     revision: O.RevisionOpt = None,
+    mesh: MeshOpt = None,
+    hosts: HostsOpt = None,
+    target_mesh: O.TargetMeshOpt = None,
     wide: O.WideOpt = False,
     json_out: O.JsonOpt = False,
     quiet: O.QuietOpt = False,
@@ -55,7 +64,8 @@ def inspect(
     """Show a checkpoint's tensors, shapes, dtypes and totals from metadata only (no tensor data is read).
 
     A hub repo is read by range requests on its safetensors headers (a few KB per shard).
-    An Orbax checkpoint shows its tree with chunk shapes, scan_layers and what ckpt recorded in it.
+    An Orbax checkpoint shows its tree with chunk shapes (write chunk, and the read chunk inside it),
+    scan_layers and what ckpt recorded in it; --mesh adds the read amplification per host on that mesh.
     With --against (or --model and a TARGET), both sides are mapped to MaxText paths and compared:
     missing, extra and mis-shaped tensors, as MaxText's restore sees them (exit 1 if any).
 
@@ -70,6 +80,10 @@ def inspect(
       ckpt inspect ./qwen3-mt --model qwen3-0.6b
 
       ckpt inspect ./Qwen3-0.6B --against ./qwen3-mt/0/items
+
+      ckpt inspect ./qwen3-mt --mesh fsdp=64,tensor=4 --hosts 16
+
+      ckpt inspect --model deepseek3-671b --target-mesh fsdp=256 --mesh fsdp=256 --hosts 64
     """
     from ckpt_cli import inspect as I
 
@@ -93,8 +107,20 @@ def inspect(
         return
     if against:
         raise typer.BadParameter("--against needs a TARGET to compare", param_hint="--against")
-    t = I.open_target(target, model=model, revision=revision, scan=scan, dtype=dtype)
+    if target_mesh is not None and (target is not None or model is None):
+        raise typer.BadParameter("--target-mesh applies to --model's tree alone", param_hint="--target-mesh")
+    t = I.open_target(target, model=model, revision=revision, scan=scan, dtype=dtype, mesh=O.target_mesh(target_mesh))
     record = I.report(t, json_out if tensors is None else tensors, filter_glob)
+    if mesh is not None:
+        from ckpt_cli.plan import TargetMesh
+
+        try:
+            ways = TargetMesh.parse(mesh)
+        except ValueError as exc:
+            raise typer.BadParameter(str(exc), param_hint="--mesh") from None
+        if t.kind not in ("orbax", "maxtext-model"):
+            raise typer.BadParameter("--mesh needs an Orbax checkpoint or --model", param_hint="--mesh")
+        record["read_amplification"] = I.read_amplification(t, mesh, hosts or max(1, ways.fsdp * ways.tensor // 4))
     if json_out:
         out.emit_json(record)
         return
@@ -103,6 +129,22 @@ def inspect(
     out.table(summary_table(_title(record), _rows(record, filter_glob)))
     if record["tensors"]:
         out.table(_tensor_table(record))
+    if "read_amplification" in record:
+        out.table(_amplification_table(record["read_amplification"]))
+
+
+def _amplification_table(amp: dict) -> Grid:
+    """Bytes read per host over bytes its devices hold, then the tensors read most over their size."""
+    table = Grid([Col("what", wrap=True), Col("bytes read / bytes held", right=True)],
+                 title=f"restore on {amp['mesh']}: {amp['hosts']} host(s) x {amp['devices_per_host']} device(s)"
+                 + ("" if amp["roles_known"] else " (no config: every tensor taken as replicated)"))
+    hosts = amp["per_host"]
+    table.add_row("total (all hosts / array bytes)", f"{amp['total']:.3f}")
+    table.add_row("per host: min / max", f"{min(hosts):.3f} / {max(hosts):.3f}")
+    worst = sorted(amp["tensors"].items(), key=lambda kv: -kv[1])[:5]
+    for path, ratio in worst:
+        table.add_row(f"  {path} (all hosts / its bytes)", f"{ratio:.3f}")
+    return table
 
 
 def _title(r: dict) -> str:
@@ -168,7 +210,7 @@ def _tensor_table(r: dict) -> Grid:
                  title=f"{len(r['tensors'])} tensors")
     for t in r["tensors"]:
         table.add_row(t.get("name") or t["path"], str(tuple(t["shape"])), t["dtype"], human_bytes(t["bytes"]),
-                      t["shard"] if hf else str(tuple(t["chunk_shape"])))
+                      t["shard"] if hf else _chunks(t))
     return table
 
 
@@ -200,3 +242,8 @@ def _show_comparison(out: Output, r: dict) -> None:
 
 def _shp(shape: list[int] | None) -> str:
     return "?" if shape is None else str(tuple(shape))
+
+
+def _chunks(t: dict) -> str:
+    chunk, read = tuple(t["chunk_shape"]), tuple(t.get("read_chunk") or t["chunk_shape"])
+    return str(chunk) if read == chunk else f"{chunk} read {read}"

@@ -73,6 +73,25 @@ WorkersOpt = Annotated[int | None, typer.Option(
     "--workers", min=1, max=64, metavar="N",
     help="Reader/transform threads. Default: one per CPU core, at most 16, and one per 512 MiB of available "
          "memory.")]
+
+TargetMeshOpt = Annotated[str | None, typer.Option(
+    "--target-mesh", metavar="MESH",
+    help="MaxText mesh the checkpoint will be restored on, e.g. fsdp=256 or fsdp=64,tensor=4: read chunks are cut "
+         "so each host reads about its slice (default: up to 16 hosts per axis).")]
+
+
+def target_mesh(text: str | None):
+    """--target-mesh parsed (None: the default read chunks); a bad spec is a usage error."""
+    if text is None:
+        return None
+    from ckpt_cli.plan import TargetMesh
+
+    try:
+        return TargetMesh.parse(text)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--target-mesh") from None
+
+
 MtpOpt = Annotated[bool, flag(
     "--mtp", help="DeepSeek-V3/V3.2: also convert the multi-token-prediction layer (MaxText mtp_block).")]
 MaxDiskOpt = Annotated[str | None, typer.Option(

@@ -54,6 +54,7 @@ def plan_hf_to_maxtext(
     ocdbt: O.OcdbtOpt = True,
     zarr3: O.Zarr3Opt = True,
     compression: O.CompressionOpt = "none",
+    target_mesh: O.TargetMeshOpt = None,
     workers: O.WorkersOpt = None,
     mtp: O.MtpOpt = False,
     max_disk: O.MaxDiskOpt = None,
@@ -90,6 +91,7 @@ def plan_hf_to_maxtext(
     opts = convert.ToMaxTextOptions(
         model=model, scan_layers=scan, dtype=dtype, revision=revision,
         storage=StorageOptions(use_ocdbt=ocdbt, use_zarr3=zarr3, compression=compression),
+        target_mesh=O.target_mesh(target_mesh),
         overwrite=overwrite, workers=workers, mtp=mtp, max_disk=parse_size(max_disk) if max_disk else None,
         allow_unused=allow_unused)
     try:

@@ -109,7 +109,8 @@ class HFFolderWriter:
         """Bytes of tensor data (what transformers records as the index's total_size)."""
         return sum(t.nbytes for t in self.planned.values())
 
-    def create(self, target: str, shape: tuple[int, ...], dtype: np.dtype, chunk: tuple[int, ...]) -> None:
+    def create(self, target: str, shape: tuple[int, ...], dtype: np.dtype, chunk: tuple[int, ...],
+               read_chunk: tuple[int, ...] | None = None) -> None:
         t = self.planned.get(target)
         if t is None or tuple(t.shape) != tuple(shape) or np.dtype(t.dtype) != np.dtype(dtype):
             raise AssertionError(f"{target}: not planned as {shape} {np.dtype(dtype)}")

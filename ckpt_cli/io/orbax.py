@@ -67,9 +67,15 @@ def kvstore_spec(items_dir: Path, name: str, opts: StorageOptions) -> dict:
 
 
 def array_spec(items_dir: Path, name: str, shape: tuple[int, ...], dtype: np.dtype, chunk: tuple[int, ...],
-               opts: StorageOptions, manifest: dict | None = None, create: bool = True) -> dict:
+               opts: StorageOptions, manifest: dict | None = None, create: bool = True,
+               read_chunk: tuple[int, ...] | None = None) -> dict:
     """A tensorstore spec creating one zarr3/zarr array (`manifest`: where OCDBT keeps its manifest;
-    `create=False` opens an existing one, checking that its metadata is the same)."""
+    `create=False` opens an existing one, checking that its metadata is the same).
+
+    zarr3 with a `read_chunk` other than `chunk`: each chunk is one shard of zarr3's `sharding_indexed` codec
+    (as Orbax itself writes them) holding read chunks that readers fetch alone, so a host restoring its slice
+    reads about its slice. zarr v2 has no such codec: its chunks are the write chunks.
+    """
     kv = kvstore_spec(items_dir, name, opts)
     if manifest is not None and opts.use_ocdbt:
         kv["manifest"] = manifest
@@ -77,6 +83,11 @@ def array_spec(items_dir: Path, name: str, shape: tuple[int, ...], dtype: np.dty
         codecs: list[dict] = [{"name": "bytes", "configuration": {"endian": "little"}}]
         if opts.compression == "zstd":
             codecs.append({"name": "zstd", "configuration": {"level": opts.zstd_level, "checksum": False}})
+        if read_chunk is not None and tuple(read_chunk) != tuple(chunk):
+            codecs = [{"name": "sharding_indexed", "configuration": {
+                "chunk_shape": list(read_chunk), "codecs": codecs,
+                "index_codecs": [{"name": "bytes", "configuration": {"endian": "little"}}, {"name": "crc32c"}],
+                "index_location": "end"}}]
         metadata = {"shape": list(shape), "data_type": dtype_name(dtype), "fill_value": 0,
                     "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": list(chunk)}},
                     "codecs": codecs}
@@ -157,11 +168,13 @@ class OrbaxWriter:
         self.new_files = NewFiles(self.items)
         self.writeback = Writeback()
 
-    def create(self, path: str, shape: tuple[int, ...], dtype: np.dtype, chunk: tuple[int, ...]) -> None:
+    def create(self, path: str, shape: tuple[int, ...], dtype: np.dtype, chunk: tuple[int, ...],
+               read_chunk: tuple[int, ...] | None = None) -> None:
         """Start creating one leaf array (metadata only). Creations run concurrently until the first write,
-        in one transaction, so all their metadata lands in one commit."""
+        in one transaction, so all their metadata lands in one commit. Each write covers whole `chunk`s;
+        readers fetch `read_chunk`s (zarr3)."""
         spec = array_spec(self.items, param_name(path), shape, dtype, chunk, self.opts, self.manifest,
-                          create=not self.resumed)
+                          create=not self.resumed, read_chunk=read_chunk)
         if self.resumed:                # the arrays exist already (created in the interrupted run's first commit)
             self.opening[path] = ts.open(spec, context=self.context)
             return

@@ -254,8 +254,8 @@ class _TrackingWriter:
         self._writer = writer
         self._stream = stream
 
-    def create(self, target, shape, dtype, chunk) -> None:
-        self._writer.create(target, shape, dtype, chunk)
+    def create(self, target, shape, dtype, chunk, read_chunk=None) -> None:
+        self._writer.create(target, shape, dtype, chunk, read_chunk=read_chunk)
 
     def write(self, target: str, index: tuple, array: np.ndarray) -> int:
         result = self._writer.write(target, index, array)

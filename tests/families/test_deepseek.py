@@ -190,7 +190,7 @@ class DictWriter:
     def __init__(self):
         self.arrays: dict[str, np.ndarray] = {}
 
-    def create(self, target, shape, dtype, chunk):
+    def create(self, target, shape, dtype, chunk, read_chunk=None):
         self.arrays[target] = np.zeros(shape, dtype)
 
     def write(self, target, index, array):
