@@ -262,7 +262,23 @@ def _deepseek2_236b() -> ModelSpec:
         "topk_method": "group_limited_greedy", "n_group": 8, "topk_group": 3, "routed_scaling_factor": 16.0})
 
 
+def _kimi_k2() -> ModelSpec:
+    """Kimi K2 (MaxText 0.2.5's kimi-k2-1t.yml; the rest as moonshotai/Kimi-K2-Instruct's config.json): the
+    DeepSeek-V3 architecture at 1T parameters, 64 heads, 384 routed experts, one dense layer, vocab 163840,
+    YaRN x32 over rope_theta 50000 with beta_fast = beta_slow = 1, no MTP layer. Its model_type is `kimi_k2`
+    (the repo's own code, a DeepseekV3ForCausalLM)."""
+    v3 = _deepseek("kimi-k2-1t", "moonshotai/Kimi-K2-Instruct", "deepseek_v3", True)
+    return ModelSpec(v3.name, v3.family, v3.repo_id, v3.config | {
+        "model_type": "kimi_k2", "num_attention_heads": 64, "num_key_value_heads": 64, "vocab_size": 163840,
+        "n_routed_experts": 384, "first_k_dense_replace": 1, "routed_scaling_factor": 2.827, "n_group": 1,
+        "topk_group": 1, "num_nextn_predict_layers": 0, "rope_theta": 50000.0, "max_position_embeddings": 131072,
+        "rope_scaling": {"type": "yarn", "factor": 32.0, "original_max_position_embeddings": 4096, "beta_fast": 1.0,
+                         "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 1.0},
+        "bos_token_id": 163584, "eos_token_id": 163585})
+
+
 MODELS.update({m.name: m for m in (
+    _kimi_k2(),
     _qwen3_base("qwen3-1.7b-base", "Qwen/Qwen3-1.7B-Base", 2048, 16, 6144, 28, True),
     _qwen3_base("qwen3-4b-base", "Qwen/Qwen3-4B-Base", 2560, 32, 9728, 36, True),
     _qwen3_base("qwen3-8b-base", "Qwen/Qwen3-8B-Base", 4096, 32, 12288, 36, False),

@@ -42,11 +42,11 @@ def test_every_registered_model_is_priced_without_data(name):
     params = sum(math.prod(t.shape) for t in plan.tensors)
     b, m = figures["bytes"], figures["memory"]
     assert 2 * params == b["download"] == src.total_bytes   # bf16 in
-    # bf16 out, but Gemma3's (1 + w) norm scales (maxtext-layout.md §3.4) and DeepSeek-V3/V3.2's router bias are
-    # stored float32
+    # bf16 out, but Gemma3's (1 + w) norm scales (maxtext-layout.md §3.4) and DeepSeek-V3/V3.2's and Kimi K2's
+    # router bias are stored float32
     f32 = sum(math.prod(t.shape) for t in plan.tensors if t.dtype.itemsize == 4)
     assert b["written"] == plan.output_bytes == 2 * params + 2 * f32
-    assert (f32 > 0) is (plan.family == "gemma3" or name.startswith("deepseek3"))
+    assert (f32 > 0) is (plan.family == "gemma3" or name.startswith(("deepseek3", "kimi")))
     reread = 0
     if plan.family == "gpt_oss":   # gate/up are two parts of gate_up_proj (+ bias): each part reads all of it
         c = registry.reference_config(name)

@@ -1,4 +1,4 @@
-"""DeepSeek V2 (V2-Lite), V3 and V3.2 (MaxText decoder_block deepseek, MLA attention): maxtext-layout.md §7.
+"""DeepSeek V2 (V2-Lite), V3, V3.2 and Kimi K2 (MaxText decoder_block deepseek, MLA attention): maxtext-layout.md §7.
 
 Dense layers (the first `first_k_dense_replace`) and MoE layers live in two groups, `dense_layers` and
 `moe_layers`; the MoE index restarts at 0. Experts are stacked on axis 0 ((X, L, E, M) when scanned).
@@ -78,7 +78,8 @@ MTP_PREFIX = "mtp_block/mtp_layer_1"
 
 
 def is_v3(cfg: dict) -> bool:
-    return cfg.get("model_type") in ("deepseek_v3", "deepseek_v32")
+    """DeepSeek-V3 or V3.2, or Kimi K2 (`kimi_k2`: the V3 architecture under its own model_type)."""
+    return cfg.get("model_type") in ("deepseek_v3", "deepseek_v32", "kimi_k2")
 
 
 def dims(cfg: dict) -> Dims:
@@ -167,8 +168,8 @@ def check_config(cfg: dict, features: frozenset[str] = frozenset()) -> list[str]
 
 
 FAMILY = Family(
-    name="deepseek", model_types=("deepseek_v2", "deepseek_v3", "deepseek_v32"), dims=dims, top_rules=top_rules,
-    blocks=blocks, check_config=check_config, features=frozenset({"mtp"}),
+    name="deepseek", model_types=("deepseek_v2", "deepseek_v3", "deepseek_v32", "kimi_k2"), dims=dims,
+    top_rules=top_rules, blocks=blocks, check_config=check_config, features=frozenset({"mtp"}),
     reference_keys=("hidden_size", "num_attention_heads", "num_hidden_layers", "vocab_size", "intermediate_size",
                     "moe_intermediate_size", "n_routed_experts", "n_shared_experts", "kv_lora_rank", "q_lora_rank",
                     "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "first_k_dense_replace"),
