@@ -21,7 +21,7 @@ from ckpt_cli.dtypes import output_dtype
 from ckpt_cli.engine import source_slice_shape
 from ckpt_cli.errors import ConfigMismatchError, SourceError, UnknownModelError
 from ckpt_cli.families import detect_family, family_named
-from ckpt_cli.io import mxfp4
+from ckpt_cli.io import int4, mxfp4
 from ckpt_cli.io.remote_stream import tree_bytes
 from ckpt_cli.io.safetensors import SafetensorsFolder, TensorInfo, read_header
 from ckpt_cli.plan import ConversionPlan, build_to_maxtext
@@ -149,6 +149,11 @@ def _hf_target(kind: str, label: str, config: dict | None, headers: dict[str, Te
         t.notes.append(f"{len(packed)} MXFP4 weight(s) stored as *_blocks (uint8, two FP4 values a byte) + *_scales "
                        f"(uint8, one exponent per {mxfp4.GROUP} values), e.g. {min(packed)}: parameter counts of "
                        "these are bytes; hf-to-maxtext dequantizes them")
+    packed4 = int4.logical_names(headers)
+    if packed4:
+        t.notes.append(f"{len(packed4)} int4 weight(s) stored compressed-tensors pack-quantized as *.weight_packed "
+                       f"(int32, eight 4-bit values a word) + *.weight_scale (one per group) + *.weight_shape, e.g. "
+                       f"{min(packed4)}: parameter counts of these are words; hf-to-maxtext dequantizes them")
     return t
 
 
@@ -288,8 +293,9 @@ def maxtext_tree(t: Target, scan: bool, dtype: str | None = None) -> tuple[dict[
         for name, source in sources.items():
             used.add(name)
             used.update(mxfp4.pair(name))
+            used.update(int4.parts(name))
             try:
-                shape = _hf_shape(t.headers, name)
+                shape = _hf_shape(t.headers, name, t.config)
             except SourceError as exc:
                 misshaped.append(str(exc))
                 continue
@@ -309,15 +315,20 @@ def maxtext_tree(t: Target, scan: bool, dtype: str | None = None) -> tuple[dict[
     return tree, sorted(set(t.headers) - used)
 
 
-def _hf_shape(headers: dict[str, TensorInfo], name: str) -> tuple[int, ...] | None:
+def _hf_shape(headers: dict[str, TensorInfo], name: str, config: dict) -> tuple[int, ...] | None:
     """A planned HF source's shape as the plan reads it (per expert for stacked experts): stored under its name,
-    or an MXFP4 pair's dequantized shape; None when absent."""
+    or an MXFP4 pair's or int4-packed weight's dequantized shape; None when absent."""
     info = headers.get(name)
     if info is not None:
         return tuple(info.shape)
     if name + mxfp4.BLOCKS in headers:
         b, s = headers[name + mxfp4.BLOCKS], headers.get(name + mxfp4.SCALES)
         return mxfp4.logical_shape(name, (b.shape, b.dtype), (s.shape, s.dtype) if s else None)
+    packed, scale, _ = int4.parts(name)
+    if packed in headers:
+        p, s = headers[packed], headers.get(scale)
+        return int4.logical_shape(name, (p.shape, p.dtype), (s.shape, s.dtype) if s else None,
+                                  int4.group_size(config.get("quantization_config")))
     return None
 
 

@@ -8,7 +8,7 @@ The memory model follows the engine and the writers rather than guessing:
   (4 + output itemsize)) fits `engine.default_budget(plan)`; the window is simulated over the very
   task list. A finished task waiting for the writer holds its result (its source slice when the
   transform hands the source through); each of the `workers` running tasks also holds its source
-  and temporaries (a float32 copy for arithmetic transforms; fp8 and MXFP4 dequantization: the float32
+  and temporaries (a float32 copy for arithmetic transforms; fp8, MXFP4 and int4 dequantization: the float32
   values of the whole slice read, and a gather temporary, 8 bytes per element read).
 * The Orbax writer keeps references to staged slices until their transaction is committed: one open
   transaction and `MAX_PENDING_COMMITS` committing, each up to `BATCH_BYTES` plus one slice; a
@@ -277,7 +277,10 @@ def plan_hf_to_maxtext(source_arg: str | None, opts) -> tuple[ConversionPlan, So
     for name, (blocks, scales) in reader.mxfp4.items():     # priced by their packed bytes, through float32
         if scales in tensors:
             itemsize[name] = (tensors[blocks].nbytes + tensors[scales].nbytes) / math.prod(reader.mxfp4_shape(name))
-    fp8 |= frozenset(reader.mxfp4)
+    for name, (packed, scale, _) in reader.int4.items():     # int4: the packed words and scales, through float32
+        if scale in tensors:
+            itemsize[name] = (tensors[packed].nbytes + tensors[scale].nbytes) / math.prod(reader.int4_shape(name))
+    fp8 |= frozenset(reader.mxfp4) | frozenset(reader.int4)
     notes = list(plan.notes)
     if src.remote is None:
         files = {i.file for i in tensors.values()}

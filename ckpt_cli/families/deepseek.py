@@ -149,8 +149,9 @@ def check_config(cfg: dict, features: frozenset[str] = frozenset()) -> list[str]
     if "mtp" in features and mtp_layers(cfg) != 1:
         raise UnsupportedError(f"--mtp: config.json has num_nextn_predict_layers = {mtp_layers(cfg)}; "
                                "MaxText's MTP block holds exactly one layer")
-    if cfg.get("quantization_config", {}).get("quant_method") not in (None, "fp8"):
-        raise UnsupportedError(f"quantization {cfg['quantization_config'].get('quant_method')!r} is not supported")
+    if cfg.get("quantization_config", {}).get("quant_method") not in (None, "fp8", "compressed-tensors"):
+        raise UnsupportedError(f"quantization {cfg['quantization_config'].get('quant_method')!r} is not supported "
+                               "(fp8 block-scaled, or compressed-tensors int4 pack-quantized)")
     rope = cfg.get("rope_scaling") or cfg.get("rope_parameters") or {}
     if rope.get("rope_type", rope.get("type")) not in (None, "default", "yarn"):
         raise UnsupportedError(f"DeepSeek rope type {rope.get('rope_type')!r} is not supported (yarn or default)")
