@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from ckpt_cli.errors import UnknownModelError
-from ckpt_cli.families import deepseek, gemma3, gpt_oss, llama3, mixtral, olmo3, qwen3, qwen3_moe
+from ckpt_cli.families import deepseek, gemma3, gpt_oss, llama3, llama4, mixtral, olmo3, qwen3, qwen3_moe
 from ckpt_cli.families.base import Family
 
 FAMILIES: dict[str, Family] = {f.name: f for f in (qwen3.FAMILY, llama3.FAMILY, deepseek.FAMILY, qwen3_moe.FAMILY,
                                                    mixtral.FAMILY, gemma3.FAMILY, gpt_oss.FAMILY,
-                                                   llama3.LLAMA2, llama3.MISTRAL, qwen3.QWEN2, olmo3.FAMILY)}
+                                                   llama3.LLAMA2, llama3.MISTRAL, qwen3.QWEN2, olmo3.FAMILY,
+                                                   llama4.FAMILY)}
 
 
 def family_named(name: str) -> Family:
