@@ -1,4 +1,4 @@
-"""verify-logits on DeepSeek V2 / V3 / V3.2 and Kimi K2: converted f32 tiny models match transformers (max KL < 1e-6)."""
+"""verify-logits on DeepSeek V2 / V3 / V3.2 and Kimi K2: converted f32 tiny models match transformers (KL < 1e-6)."""
 
 from __future__ import annotations
 
