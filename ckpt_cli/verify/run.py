@@ -179,6 +179,9 @@ def forward_config(cfg: dict, model: str | None = None):
     forward does not implement."""
     family = detect_family(cfg, model)
     family.check_config(cfg)
+    if family.name == "llama4":
+        raise UnsupportedError("verify-logits has no Llama 4 forward yet (chunked local attention, the no-RoPE "
+                               "layers, q/k L2 norm and attention temperature tuning are not implemented)")
     try:
         if family.name == "deepseek":
             from ckpt_cli.verify.deepseek import DeepseekConfig
