@@ -179,9 +179,6 @@ def forward_config(cfg: dict, model: str | None = None):
     forward does not implement."""
     family = detect_family(cfg, model)
     family.check_config(cfg)
-    if family.name == "llama4":
-        raise UnsupportedError("verify-logits has no Llama 4 forward yet (chunked local attention, the no-RoPE "
-                               "layers, q/k L2 norm and attention temperature tuning are not implemented)")
     try:
         if family.name == "deepseek":
             from ckpt_cli.verify.deepseek import DeepseekConfig
@@ -199,6 +196,10 @@ def forward_config(cfg: dict, model: str | None = None):
             from ckpt_cli.verify.olmo3 import Olmo3Config
 
             return family, Olmo3Config.from_hf_config(cfg)
+        if family.name == "llama4":
+            from ckpt_cli.verify.llama4 import Llama4Config
+
+            return family, Llama4Config.from_hf_config(cfg)
         from ckpt_cli.verify.forward import ForwardConfig
 
         return family, ForwardConfig.from_hf_config(family.name, cfg)
@@ -247,6 +248,10 @@ def maxtext_forward(params: OrbaxParams, fcfg, prompts: Sequence[Prompt], dtype:
 
         logits = olmo3_logits(params, fcfg, batch, dtype=COMPUTE_DTYPES[dtype])
         notes = [fcfg.rope_note] if fcfg.rope_note else []
+    elif type(fcfg).__name__ == "Llama4Config":
+        from ckpt_cli.verify.llama4 import llama4_logits
+
+        logits = llama4_logits(params, fcfg, batch, dtype=COMPUTE_DTYPES[dtype])
     else:
         from ckpt_cli.verify.forward import maxtext_logits
 

@@ -203,11 +203,3 @@ def test_refusals_are_one_line(llama4_models, tmp_path, changes, message):
     assert error_line(r).startswith(message), error_line(r)
     assert not (tmp_path / "mt").exists()
 
-
-def test_verify_logits_refuses_in_one_line(llama4_models, tmp_path):
-    """No Llama 4 forward yet: verify-logits says so instead of running another family's math."""
-    src = llama4_models("scout")
-    hf_to_maxtext(str(src), tmp_path / "mt", ToMaxTextOptions())
-    r = run("verify-logits", "--maxtext", tmp_path / "mt", "--hf", src)
-    assert r.exit_code == 2, r.output
-    assert error_line(r).startswith("error: verify-logits has no Llama 4 forward yet"), error_line(r)
