@@ -195,6 +195,7 @@ class SafetensorsReader:
         planned = self.int4_shape(source.name)
         if source.name not in self.int4_checked:
             int4.check_shape(source.name, self.files.read(shape), planned)
+            self.int4_checked.add(source.name)
         return int4.dequantize(self.files.read(packed, source.rows), self.files.read(scale, source.rows),
                                self.int4_group, self.dequant_dtype)
 
