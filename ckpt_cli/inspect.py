@@ -24,7 +24,7 @@ from ckpt_cli.families import detect_family, family_named
 from ckpt_cli.io import int4, mxfp4
 from ckpt_cli.io.remote_stream import tree_bytes
 from ckpt_cli.io.safetensors import SafetensorsFolder, TensorInfo, read_header
-from ckpt_cli.plan import ConversionPlan, build_to_maxtext
+from ckpt_cli.plan import ConversionPlan, build_to_maxtext, rename_sources
 
 HF_KINDS = ("hf", "hf-remote")
 CONFIG_KEYS = ("model_type", "architectures", "hidden_size", "intermediate_size", "num_hidden_layers",
@@ -283,8 +283,11 @@ def maxtext_tree(t: Target, scan: bool, dtype: str | None = None) -> tuple[dict[
         return {x.name: Entry(x.shape, x.dtype) for x in t.leaves}, []
     if not t.config:
         raise SourceError(f"{t.label}: no config.json, so its MaxText paths are unknown")
-    plan: ConversionPlan = build_to_maxtext(detect_family(t.config, t.model_name), t.config, scan,
-                                            output_dtype(dtype or "bf16"))
+    family = detect_family(t.config, t.model_name)
+    plan: ConversionPlan = build_to_maxtext(family, t.config, scan, output_dtype(dtype or "bf16"))
+    rename, _ = family.source_names(t.config, t.headers)   # e.g. a multimodal release's text-model prefix
+    if rename is not None:
+        plan = rename_sources(plan, rename)
     tree: dict[str, Entry] = {}
     used: set[str] = set()
     for tensor in plan.tensors:

@@ -170,6 +170,10 @@ def test_multimodal_release_converts_its_text_model(llama4_models, tmp_path):
         assert_bits_equal(a[path], b[path], path)
     maxtext_to_hf(str(tmp_path / "mt-mm"), tmp_path / "hf", ToHFOptions())
     assert json.loads((tmp_path / "hf" / "config.json").read_text())["model_type"] == "llama4_text"
+    # inspect --against reads the text model under its prefix (it reported every path missing before)
+    data = json.loads(run("inspect", mm, "--against", tmp_path / "mt-mm", "--json").stdout)
+    assert data["identical"] is True and data["counts"]["matched"] == data["counts"]["b"] == 47, data["counts"]
+    assert data["unmapped"] == ["multi_modal_projector.linear_1.weight", "vision_model.patch_embedding.linear.weight"]
 
 
 def test_registered_plans():
