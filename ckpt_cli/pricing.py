@@ -262,10 +262,14 @@ def plan_hf_to_maxtext(source_arg: str | None, opts) -> tuple[ConversionPlan, So
         plan = build_to_maxtext(family_named(spec.family), config, opts.scan_layers, output_dtype(opts.dtype),
                                 features)
         size = _config_itemsize(config)
-        total = sum(t.nbytes // np.dtype(t.dtype).itemsize * size for t in plan.tensors)
+        itemsize, fp8 = _released_fp8(plan, family_named(spec.family), config)
+        total = sum(t.nbytes // np.dtype(t.dtype).itemsize * size for t in plan.tensors) + round(sum(
+            t.read_elements(task) * (itemsize[task.source.name] - size)
+            for t in plan.tensors for task in t.tasks if task.source.name in itemsize))
         notes = [f"no data read: {spec.name}'s reference config, priced as a download of {spec.repo_id} "
-                 f"(assumed not cached)"]
-        return plan, Source(f"{spec.repo_id} (reference config)", "model", {}, size, total), notes
+                 f"(assumed not cached)" + (f"; {len(fp8)} weights as the release stores them, fp8 with block "
+                                            "scales, dequantized on the fly" if fp8 else "")]
+        return plan, Source(f"{spec.repo_id} (reference config)", "model", itemsize, size, total, fp8=fp8), notes
     src = hf.resolve(source_arg, opts.revision, stream=True)
     plan = convert.plan_to_maxtext(src, opts)
     reader = convert.open_reader(src, "safetensors", plan.dtype)
@@ -351,6 +355,25 @@ def _require_model(model: str | None) -> str:
 
         raise SourceError("give a SOURCE, or --model NAME to price a registered model without any data")
     return model
+
+
+def _released_fp8(plan: ConversionPlan, family, config: dict) -> tuple[dict[str, float], frozenset[str]]:
+    """For a reference config whose release is fp8 (the family says which weights): bytes per element of those
+    weights as stored (one e4m3 byte plus a float32 scale per block, ragged edge blocks included), and their
+    names (dequantized through float32). Empty for other models."""
+    released = family.extra.get("fp8_released")
+    if released is None:
+        return {}, frozenset()
+    bh, bw = (config.get("quantization_config") or {}).get("weight_block_size") or (128, 128)
+    itemsize: dict[str, float] = {}
+    for t in plan.tensors:
+        for task in t.tasks:
+            name = task.source.name
+            if name not in itemsize and released(config, name) and len(t.source_shape) == 2:
+                rows, cols = t.source_shape
+                blocks = -(-rows // bh) * -(-cols // bw)
+                itemsize[name] = (rows * cols + 4 * blocks) / (rows * cols)
+    return itemsize, frozenset(itemsize)
 
 
 def _config_itemsize(config: dict) -> int:

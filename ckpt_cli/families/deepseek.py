@@ -10,6 +10,8 @@ lightning indexer. The multi-token-prediction layer (V3 `model.layers.{L}`) conv
 
 from __future__ import annotations
 
+import re
+
 from ckpt_cli.errors import UnsupportedError
 from ckpt_cli.families.base import Block, Dims, Family, Rule, config_int, row
 
@@ -75,6 +77,18 @@ TOP = (
     row("decoder/logits_dense/kernel", "lm_head.weight", "E,V", "V,E", "transpose"),
 )
 MTP_PREFIX = "mtp_block/mtp_layer_1"
+
+
+FP8_RELEASED = re.compile(r"model\.layers\.\d+\.(self_attn|mlp)\..*_proj(_with_mqa)?\.weight|"
+                          r"model\.layers\.\d+\.eh_proj\.weight")
+
+
+def fp8_released(cfg: dict, name: str) -> bool:
+    """Whether the fp8 releases (DeepSeek-V3/V3.2, Kimi K2: `quant_method` fp8) store HF weight `name` as e4m3 with
+    a float32 `weight_scale_inv` per block: every attention and MLP projection (experts, shared experts, dense
+    MLPs, the MTP projection), not the embeddings, norms, router, router bias or head."""
+    quant = cfg.get("quantization_config") or {}
+    return quant.get("quant_method") == "fp8" and FP8_RELEASED.fullmatch(name) is not None
 
 
 def is_v3(cfg: dict) -> bool:
@@ -174,5 +188,5 @@ FAMILY = Family(
     reference_keys=("hidden_size", "num_attention_heads", "num_hidden_layers", "vocab_size", "intermediate_size",
                     "moe_intermediate_size", "n_routed_experts", "n_shared_experts", "kv_lora_rank", "q_lora_rank",
                     "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "first_k_dense_replace"),
-    extra={"tied": lambda cfg: False, "mtp_shared": MTP_SHARED},
+    extra={"tied": lambda cfg: False, "mtp_shared": MTP_SHARED, "fp8_released": fp8_released},
 )
