@@ -21,7 +21,7 @@ from ckpt_cli.dtypes import output_dtype
 from ckpt_cli.errors import ConfigMismatchError, DiskFull, Interrupted, OutputError, SourceError
 from ckpt_cli.families import detect_family, family_named
 from ckpt_cli.families.base import config_int
-from ckpt_cli.io import hf, outdir, remote_stream
+from ckpt_cli.io import hf, int4, outdir, remote_stream
 from ckpt_cli.io.orbax import OrbaxWriter, StorageOptions, read_progress
 from ckpt_cli.io.outdir import partial_dir
 from ckpt_cli.io.safetensors import SafetensorsFolder
@@ -113,21 +113,24 @@ def open_reader(source: hf.HFSource, load_method: str, dtype: np.dtype | None = 
     if load_method == "safetensors":
         qcfg = source.config.get("quantization_config") or {}
         block = tuple(qcfg.get("weight_block_size") or (128, 128))
+        group = int4.group_size(qcfg)
         files = remote_stream.RemoteFolder(source.remote) if source.remote else source.folder
-        return hf.SafetensorsReader(files, dequant_dtype=dtype, block=block)
+        return hf.SafetensorsReader(files, dequant_dtype=dtype, block=block, int4_group=group)
     if load_method == "transformers":
         return hf.TransformersReader(source.folder)
     raise SourceError(f"unknown load method {load_method!r}: choose safetensors or transformers")
 
 
 def mxfp4_notes(plan: ConversionPlan, reader) -> list[str]:
-    """A note naming how many MXFP4 weights the plan dequantizes (none for other sources)."""
-    packed = getattr(reader, "mxfp4", {})
-    names = {task.source.name for t in plan.tensors for task in t.tasks if task.source.name in packed}
-    if not names:
-        return []
-    return [f"{len(names)} MXFP4 weight(s) (*_blocks + *_scales, e.g. {min(names)}) dequantized one expert at a "
-            f"time into {np.dtype(plan.dtype).name}"]
+    """A note naming how many MXFP4 (and int4-packed) weights the plan dequantizes (none for other sources)."""
+    notes = []
+    for kind, stored in (("MXFP4", "*_blocks + *_scales"), ("int4", "*.weight_packed + _scale + _shape")):
+        packed = getattr(reader, kind.lower(), {})
+        names = {task.source.name for t in plan.tensors for task in t.tasks if task.source.name in packed}
+        if names:
+            notes.append(f"{len(names)} {kind} weight(s) ({stored}, e.g. {min(names)}) dequantized one expert at a "
+                         f"time into {np.dtype(plan.dtype).name}")
+    return notes
 
 
 def provenance(plan: ConversionPlan, source: hf.HFSource, opts: ToMaxTextOptions) -> dict:

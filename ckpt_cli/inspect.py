@@ -21,10 +21,10 @@ from ckpt_cli.dtypes import output_dtype
 from ckpt_cli.engine import source_slice_shape
 from ckpt_cli.errors import CkptError, ConfigMismatchError, SourceError, UnknownModelError, UnsupportedError
 from ckpt_cli.families import detect_family, family_named
-from ckpt_cli.io import mxfp4
+from ckpt_cli.io import int4, mxfp4
 from ckpt_cli.io.remote_stream import tree_bytes
 from ckpt_cli.io.safetensors import SafetensorsFolder, TensorInfo, read_header
-from ckpt_cli.plan import ConversionPlan, TargetMesh, build_to_maxtext
+from ckpt_cli.plan import ConversionPlan, TargetMesh, build_to_maxtext, rename_sources
 
 HF_KINDS = ("hf", "hf-remote")
 CONFIG_KEYS = ("model_type", "architectures", "hidden_size", "intermediate_size", "num_hidden_layers",
@@ -150,6 +150,11 @@ def _hf_target(kind: str, label: str, config: dict | None, headers: dict[str, Te
         t.notes.append(f"{len(packed)} MXFP4 weight(s) stored as *_blocks (uint8, two FP4 values a byte) + *_scales "
                        f"(uint8, one exponent per {mxfp4.GROUP} values), e.g. {min(packed)}: parameter counts of "
                        "these are bytes; hf-to-maxtext dequantizes them")
+    packed4 = int4.logical_names(headers)
+    if packed4:
+        t.notes.append(f"{len(packed4)} int4 weight(s) stored compressed-tensors pack-quantized as *.weight_packed "
+                       f"(int32, eight 4-bit values a word) + *.weight_scale (one per group) + *.weight_shape, e.g. "
+                       f"{min(packed4)}: parameter counts of these are words; hf-to-maxtext dequantizes them")
     return t
 
 
@@ -282,8 +287,11 @@ def maxtext_tree(t: Target, scan: bool, dtype: str | None = None) -> tuple[dict[
         return {x.name: Entry(x.shape, x.dtype) for x in t.leaves}, []
     if not t.config:
         raise SourceError(f"{t.label}: no config.json, so its MaxText paths are unknown")
-    plan: ConversionPlan = build_to_maxtext(detect_family(t.config, t.model_name), t.config, scan,
-                                            output_dtype(dtype or "bf16"))
+    family = detect_family(t.config, t.model_name)
+    plan: ConversionPlan = build_to_maxtext(family, t.config, scan, output_dtype(dtype or "bf16"))
+    rename, _ = family.source_names(t.config, t.headers)   # e.g. a multimodal release's text-model prefix
+    if rename is not None:
+        plan = rename_sources(plan, rename)
     tree: dict[str, Entry] = {}
     used: set[str] = set()
     for tensor in plan.tensors:
@@ -292,8 +300,9 @@ def maxtext_tree(t: Target, scan: bool, dtype: str | None = None) -> tuple[dict[
         for name, source in sources.items():
             used.add(name)
             used.update(mxfp4.pair(name))
+            used.update(int4.parts(name))
             try:
-                shape = _hf_shape(t.headers, name)
+                shape = _hf_shape(t.headers, name, t.config)
             except SourceError as exc:
                 misshaped.append(str(exc))
                 continue
@@ -313,15 +322,20 @@ def maxtext_tree(t: Target, scan: bool, dtype: str | None = None) -> tuple[dict[
     return tree, sorted(set(t.headers) - used)
 
 
-def _hf_shape(headers: dict[str, TensorInfo], name: str) -> tuple[int, ...] | None:
+def _hf_shape(headers: dict[str, TensorInfo], name: str, config: dict) -> tuple[int, ...] | None:
     """A planned HF source's shape as the plan reads it (per expert for stacked experts): stored under its name,
-    or an MXFP4 pair's dequantized shape; None when absent."""
+    or an MXFP4 pair's or int4-packed weight's dequantized shape; None when absent."""
     info = headers.get(name)
     if info is not None:
         return tuple(info.shape)
     if name + mxfp4.BLOCKS in headers:
         b, s = headers[name + mxfp4.BLOCKS], headers.get(name + mxfp4.SCALES)
         return mxfp4.logical_shape(name, (b.shape, b.dtype), (s.shape, s.dtype) if s else None)
+    packed, scale, _ = int4.parts(name)
+    if packed in headers:
+        p, s = headers[packed], headers.get(scale)
+        return int4.logical_shape(name, (p.shape, p.dtype), (s.shape, s.dtype) if s else None,
+                                  int4.group_size(config.get("quantization_config")))
     return None
 
 

@@ -49,11 +49,11 @@ class SourceSlice:
     axes: tuple[int, ...] = ()
     rows: tuple[int, int] | None = None   # a range on axis `rows_axis` of the source (full coordinates)
     rows_axis: int = 0
-    part: Part | None = None              # then only this strided part of the slice is used
+    part: Part | None = None              # then only this part (strided or a block) of the slice is used
 
     def select(self, x: np.ndarray) -> np.ndarray:
         """The part of a read slice this source stands for (a view; the whole slice without a part)."""
-        return x if self.part is None else x[self.part.index(x.ndim)]
+        return x if self.part is None else x[self.part.index(x.shape)]
 
 
 @dataclass(frozen=True)
@@ -63,7 +63,7 @@ class SliceTask:
     index: tuple[int, ...]
     source: SourceSlice
     span: tuple[int, int] | None = None   # range on the tensor's span_axis, for row-piece tasks
-    part: Part | None = None              # the strided part of the target slice this task writes
+    part: Part | None = None              # the part (strided or a block) of the target slice this task writes
 
 
 @dataclass(frozen=True)
@@ -104,7 +104,7 @@ class TensorPlan:
         if task.span is not None:
             idx[self.span_axis] = slice(*task.span)
         if task.part is not None:
-            idx[task.part.axis] = slice(task.part.start, None, task.part.step)
+            idx[task.part.axis] = task.part.slice(self.shape[task.part.axis])
         return tuple(idx)
 
     def task_shape(self, task: SliceTask) -> Shape:
@@ -456,13 +456,13 @@ def check_coverage(tensors: list[TensorPlan]) -> None:
 
 
 def _parts_tile(parts: set) -> bool:
-    """{None} (whole), or parts of one axis and step whose starts are exactly 0..step-1."""
+    """{None} (whole), or parts of one axis, step and kind whose starts are exactly 0..step-1."""
     if parts == {None}:
         return True
     if None in parts:
         return False
     first = next(iter(parts))
-    same = all((p.axis, p.step) == (first.axis, first.step) for p in parts)
+    same = all((p.axis, p.step, p.blocked) == (first.axis, first.step, first.blocked) for p in parts)
     return same and sorted(p.start for p in parts) == list(range(first.step))
 
 

@@ -8,7 +8,7 @@ The memory model follows the engine and the writers rather than guessing:
   (4 + output itemsize)) fits `engine.default_budget(plan)`; the window is simulated over the very
   task list. A finished task waiting for the writer holds its result (its source slice when the
   transform hands the source through); each of the `workers` running tasks also holds its source
-  and temporaries (a float32 copy for arithmetic transforms; fp8 and MXFP4 dequantization: the float32
+  and temporaries (a float32 copy for arithmetic transforms; fp8, MXFP4 and int4 dequantization: the float32
   values of the whole slice read, and a gather temporary, 8 bytes per element read).
 * The Orbax writer keeps references to staged slices until their transaction is committed: one open
   transaction and `MAX_PENDING_COMMITS` committing, each up to `BATCH_BYTES` plus one slice; a
@@ -262,10 +262,14 @@ def plan_hf_to_maxtext(source_arg: str | None, opts) -> tuple[ConversionPlan, So
         plan = build_to_maxtext(family_named(spec.family), config, opts.scan_layers, output_dtype(opts.dtype),
                                 features)
         size = _config_itemsize(config)
-        total = sum(_source_elements(t) * size for t in plan.tensors)
+        itemsize, fp8 = _released_fp8(plan, family_named(spec.family), config)
+        total = sum(_source_elements(t) * size for t in plan.tensors) + round(sum(
+            t.read_elements(task) * (itemsize[task.source.name] - size)
+            for t in plan.tensors for task in t.tasks if task.source.name in itemsize))
         notes = [f"no data read: {spec.name}'s reference config, priced as a download of {spec.repo_id} "
-                 f"(assumed not cached)", *plan.notes]
-        return plan, Source(f"{spec.repo_id} (reference config)", "model", {}, size, total), notes
+                 f"(assumed not cached)" + (f"; {len(fp8)} weights as the release stores them, fp8 with block "
+                                            "scales, dequantized on the fly" if fp8 else ""), *plan.notes]
+        return plan, Source(f"{spec.repo_id} (reference config)", "model", itemsize, size, total, fp8=fp8), notes
     src = hf.resolve(source_arg, opts.revision, stream=True)
     plan = convert.plan_to_maxtext(src, opts)
     reader = convert.open_reader(src, "safetensors", plan.dtype)
@@ -277,7 +281,10 @@ def plan_hf_to_maxtext(source_arg: str | None, opts) -> tuple[ConversionPlan, So
     for name, (blocks, scales) in reader.mxfp4.items():     # priced by their packed bytes, through float32
         if scales in tensors:
             itemsize[name] = (tensors[blocks].nbytes + tensors[scales].nbytes) / math.prod(reader.mxfp4_shape(name))
-    fp8 |= frozenset(reader.mxfp4)
+    for name, (packed, scale, _) in reader.int4.items():     # int4: the packed words and scales, through float32
+        if scale in tensors:
+            itemsize[name] = (tensors[packed].nbytes + tensors[scale].nbytes) / math.prod(reader.int4_shape(name))
+    fp8 |= frozenset(reader.mxfp4) | frozenset(reader.int4)
     notes = list(plan.notes)
     if src.remote is None:
         files = {i.file for i in tensors.values()}
@@ -356,6 +363,25 @@ def _require_model(model: str | None) -> str:
 
         raise SourceError("give a SOURCE, or --model NAME to price a registered model without any data")
     return model
+
+
+def _released_fp8(plan: ConversionPlan, family, config: dict) -> tuple[dict[str, float], frozenset[str]]:
+    """For a reference config whose release is fp8 (the family says which weights): bytes per element of those
+    weights as stored (one e4m3 byte plus a float32 scale per block, ragged edge blocks included), and their
+    names (dequantized through float32). Empty for other models."""
+    released = family.extra.get("fp8_released")
+    if released is None:
+        return {}, frozenset()
+    bh, bw = (config.get("quantization_config") or {}).get("weight_block_size") or (128, 128)
+    itemsize: dict[str, float] = {}
+    for t in plan.tensors:
+        for task in t.tasks:
+            name = task.source.name
+            if name not in itemsize and released(config, name) and len(t.source_shape) == 2:
+                rows, cols = t.source_shape
+                blocks = -(-rows // bh) * -(-cols // bw)
+                itemsize[name] = (rows * cols + 4 * blocks) / (rows * cols)
+    return itemsize, frozenset(itemsize)
 
 
 def _config_itemsize(config: dict) -> int:

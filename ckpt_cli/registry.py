@@ -314,7 +314,48 @@ def _deepseek2_236b() -> ModelSpec:
         "topk_method": "group_limited_greedy", "n_group": 8, "topk_group": 3, "routed_scaling_factor": 16.0})
 
 
+def _kimi_k2() -> ModelSpec:
+    """Kimi K2 (MaxText 0.2.5's kimi-k2-1t.yml; the rest as moonshotai/Kimi-K2-Instruct's config.json): the
+    DeepSeek-V3 architecture at 1T parameters, 64 heads, 384 routed experts, one dense layer, vocab 163840,
+    YaRN x32 over rope_theta 50000 with beta_fast = beta_slow = 1, no MTP layer. Its model_type is `kimi_k2`
+    (the repo's own code, a DeepseekV3ForCausalLM)."""
+    v3 = _deepseek("kimi-k2-1t", "moonshotai/Kimi-K2-Instruct", "deepseek_v3", True)
+    return ModelSpec(v3.name, v3.family, v3.repo_id, v3.config | {
+        "model_type": "kimi_k2", "num_attention_heads": 64, "num_key_value_heads": 64, "vocab_size": 163840,
+        "n_routed_experts": 384, "first_k_dense_replace": 1, "routed_scaling_factor": 2.827, "n_group": 1,
+        "topk_group": 1, "num_nextn_predict_layers": 0, "rope_theta": 50000.0, "max_position_embeddings": 131072,
+        "rope_scaling": {"type": "yarn", "factor": 32.0, "original_max_position_embeddings": 4096, "beta_fast": 1.0,
+                         "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 1.0},
+        "bos_token_id": 163584, "eos_token_id": 163585})
+
+
+def _llama4(name: str, repo: str, experts: int, step: int, qk_norm: bool, scaled: bool) -> ModelSpec:
+    """Llama 4 text model (MaxText 0.2.5's configs/models/NAME.yml; the rest as the released text_config): E 5120,
+    40 heads of 128 (8 KV), 48 layers, vocab 202048, experts of 8192 and dense layers of 16384, one routed expert a
+    token plus the shared one; MoE every `step`-th layer, no RoPE every fourth, 8192-token attention chunks.
+    Scout (16 experts, every layer MoE) L2-normalizes q/k and scales RoPE llama3-style x16; Maverick (128, every
+    other layer) does neither. The repos hold the multimodal model; its text part is converted."""
+    layers = 48
+    rope = ({"rope_type": "llama3", "factor": 16.0, "low_freq_factor": 1.0, "high_freq_factor": 1.0,
+             "original_max_position_embeddings": 8192} if scaled else None)
+    return ModelSpec(name, "llama4", repo, {
+        "architectures": ["Llama4ForCausalLM"], "model_type": "llama4_text", "hidden_size": 5120,
+        "num_attention_heads": 40, "num_key_value_heads": 8, "head_dim": 128, "num_hidden_layers": layers,
+        "vocab_size": 202048, "intermediate_size": 8192, "intermediate_size_mlp": 16384, "num_local_experts": experts,
+        "num_experts_per_tok": 1, "interleave_moe_layer_step": step, "moe_layers": list(range(step - 1, layers, step)),
+        "no_rope_layers": [int((i + 1) % 4 != 0) for i in range(layers)], "use_qk_norm": qk_norm,
+        "attention_chunk_size": 8192, "attn_temperature_tuning": True, "floor_scale": 8192, "attn_scale": 0.1,
+        "rope_theta": 500000.0, "rope_scaling": rope, "max_position_embeddings": 10485760 if scaled else 1048576,
+        "rms_norm_eps": 1e-5, "hidden_act": "silu", "tie_word_embeddings": False, "attention_bias": False,
+        "bos_token_id": 200000, "eos_token_id": [200001, 200007, 200008], "pad_token_id": 200018,
+        "torch_dtype": "bfloat16",
+    })
+
+
 MODELS.update({m.name: m for m in (
+    _kimi_k2(),
+    _llama4("llama4-17b-16e", "meta-llama/Llama-4-Scout-17B-16E", 16, 1, True, True),
+    _llama4("llama4-17b-128e", "meta-llama/Llama-4-Maverick-17B-128E", 128, 2, False, False),
     _qwen3_base("qwen3-1.7b-base", "Qwen/Qwen3-1.7B-Base", 2048, 16, 6144, 28, True),
     _qwen3_base("qwen3-4b-base", "Qwen/Qwen3-4B-Base", 2560, 32, 9728, 36, True),
     _qwen3_base("qwen3-8b-base", "Qwen/Qwen3-8B-Base", 4096, 32, 12288, 36, False),

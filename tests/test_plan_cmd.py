@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import pytest
 from typer.testing import CliRunner
@@ -45,18 +46,33 @@ def test_every_registered_model_is_priced_without_data(name):
     hf_params = params - (128 * registry.reference_config(name)["hidden_size"]
                           if plan.family in ("gemma", "gemma2") else 0)
     size = 4 if registry.reference_config(name)["torch_dtype"] == "float32" else 2   # gemma2-2b's files are f32
-    assert size * hf_params == b["download"] == src.total_bytes
-    # bf16 out, but Gemma's (1 + w) norm scales (maxtext-layout.md §3.4) and DeepSeek-V3/V3.2's router bias are
-    # stored float32
+    # the fp8 releases (DeepSeek-V3/V3.2, Kimi K2) store every attention and MLP projection as one e4m3 byte plus
+    # a float32 scale per 128x128 block
+    fp8, seen = 0, set()
+    if registry.reference_config(name).get("quantization_config", {}).get("quant_method") == "fp8":
+        for t in plan.tensors:
+            for task in t.tasks:      # row pieces of one HF tensor: its (full) source_shape counted once
+                hf = task.source.name
+                if re.search(r"\.(self_attn|mlp)\..*_proj(_with_mqa)?\.weight$", hf) and hf not in seen:
+                    seen.add(hf)
+                    rows, cols = t.source_shape
+                    fp8 += rows * cols * 2 - (rows * cols + 4 * math.ceil(rows / 128) * math.ceil(cols / 128))
+        assert fp8 > params / 3 and seen == src.fp8
+    assert size * hf_params - fp8 == b["download"] == src.total_bytes
+    # bf16 out, but Gemma's (1 + w) norm scales (maxtext-layout.md §3.4) and DeepSeek-V3/V3.2's and Kimi K2's
+    # router bias are stored float32
     f32 = sum(math.prod(t.shape) for t in plan.tensors if t.dtype.itemsize == 4)
     assert b["written"] == plan.output_bytes == 2 * params + 2 * f32
-    assert (f32 > 0) is (plan.family in ("gemma", "gemma2", "gemma3") or name.startswith("deepseek3"))
+    assert (f32 > 0) is (plan.family in ("gemma", "gemma2", "gemma3") or name.startswith(("deepseek3", "kimi")))
     reread = 0
     if plan.family == "gpt_oss":   # gate/up are two parts of gate_up_proj (+ bias): each part reads all of it
         c = registry.reference_config(name)
         reread = 2 * c["num_hidden_layers"] * c["num_local_experts"] * 2 * c["intermediate_size"] * (
             c["hidden_size"] + 1)
-    assert b["read"] == size * hf_params + reread
+    if plan.family == "llama4":    # so are Llama 4's gate and up halves of gate_up_proj, in its MoE layers
+        c = registry.reference_config(name)
+        reread = 2 * len(c["moe_layers"]) * c["num_local_experts"] * c["hidden_size"] * 2 * c["intermediate_size"]
+    assert b["read"] == size * hf_params - fp8 + reread
     assert b["written"] <= b["output_on_disk"] <= 1.25 * b["written"]     # chunk grid: edge chunks stored whole
     assert BIG_BOX.available_ram > m["peak_rss"] > pricing.BASELINE_RSS
     if params > 10**10:                                        # flat in the model size, far below it

@@ -23,27 +23,36 @@ SLOTS = frozenset({"layer", "expert"})
 
 @dataclass(frozen=True)
 class Part:
-    """A strided part of one axis of a tensor: indices `start, start + step, ...` of axis `axis`.
+    """A part of one axis of a tensor: indices `start, start + step, ...` of axis `axis` (strided), or with
+    `blocked`, the `start`-th of `step` equal contiguous blocks of it.
 
     `axis` counts from the end (-1 is the last axis), so it means the same axis in a whole tensor and in
     a slice of it with leading axes indexed away. Rules whose parts share one HF tensor, with the same
     axis and step and every start in [0, step), together map all of it (e.g. GPT-OSS's interleaved
-    gate/up projection: `Part(-1, 0, 2)` is the gate, `Part(-1, 1, 2)` the up projection).
+    gate/up projection: `Part(-1, 0, 2)` is the gate, `Part(-1, 1, 2)` the up projection; Llama 4's
+    concatenated one: `Part(-1, 0, 2, blocked=True)` the first half, the gate).
     """
 
     axis: int
     start: int
     step: int
+    blocked: bool = False
 
-    def index(self, ndim: int) -> tuple:
-        """The numpy index selecting this part of an array of `ndim` axes."""
-        idx: list = [slice(None)] * ndim
-        idx[self.axis] = slice(self.start, None, self.step)
+    def slice(self, size: int) -> slice:
+        """The slice of an axis of `size` that belongs to this part."""
+        if self.blocked:
+            return slice(self.start * size // self.step, (self.start + 1) * size // self.step)
+        return slice(self.start, None, self.step)
+
+    def index(self, shape: tuple[int, ...]) -> tuple:
+        """The numpy index selecting this part of an array of `shape`."""
+        idx: list = [slice(None)] * len(shape)
+        idx[self.axis] = self.slice(shape[self.axis])
         return tuple(idx)
 
     def length(self, size: int) -> int:
         """Elements of an axis of `size` that belong to this part."""
-        return len(range(self.start, size, self.step))
+        return size // self.step if self.blocked else len(range(self.start, size, self.step))
 
 
 @dataclass(frozen=True)
@@ -277,9 +286,10 @@ def _check_shared(hf: str, group: list[Rule]) -> None:
         raise AssertionError(f"{names} / {hf}: mapping is not one-to-one")
     first = group[0]
     for r in group[1:]:
-        if (r.part.axis, r.part.step, r.hf_shape, r.maxtext_shape, r.steps, r.experts) != (
-                first.part.axis, first.part.step, first.hf_shape, first.maxtext_shape, first.steps, first.experts):
-            raise AssertionError(f"{names} / {hf}: parts of one tensor must agree on axis, step, shapes, "
+        if (r.part.axis, r.part.step, r.part.blocked, r.hf_shape, r.maxtext_shape, r.steps, r.experts) != (
+                first.part.axis, first.part.step, first.part.blocked, first.hf_shape, first.maxtext_shape,
+                first.steps, first.experts):
+            raise AssertionError(f"{names} / {hf}: parts of one tensor must agree on axis, step, kind, shapes, "
                                  "transforms and experts")
     starts = sorted(r.part.start for r in group)
     if len(set(starts)) != len(starts):

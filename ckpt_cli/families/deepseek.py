@@ -1,4 +1,4 @@
-"""DeepSeek V2 (V2-Lite), V3 and V3.2 (MaxText decoder_block deepseek, MLA attention): maxtext-layout.md §7.
+"""DeepSeek V2 (V2-Lite), V3, V3.2 and Kimi K2 (MaxText decoder_block deepseek, MLA attention): maxtext-layout.md §7.
 
 Dense layers (the first `first_k_dense_replace`) and MoE layers live in two groups, `dense_layers` and
 `moe_layers`; the MoE index restarts at 0. Experts are stacked on axis 0 ((X, L, E, M) when scanned).
@@ -9,6 +9,8 @@ lightning indexer. The multi-token-prediction layer (V3 `model.layers.{L}`) conv
 """
 
 from __future__ import annotations
+
+import re
 
 from ckpt_cli.errors import UnsupportedError
 from ckpt_cli.families.base import Block, Dims, Family, Rule, config_int, row
@@ -77,8 +79,21 @@ TOP = (
 MTP_PREFIX = "mtp_block/mtp_layer_1"
 
 
+FP8_RELEASED = re.compile(r"model\.layers\.\d+\.(self_attn|mlp)\..*_proj(_with_mqa)?\.weight|"
+                          r"model\.layers\.\d+\.eh_proj\.weight")
+
+
+def fp8_released(cfg: dict, name: str) -> bool:
+    """Whether the fp8 releases (DeepSeek-V3/V3.2, Kimi K2: `quant_method` fp8) store HF weight `name` as e4m3 with
+    a float32 `weight_scale_inv` per block: every attention and MLP projection (experts, shared experts, dense
+    MLPs, the MTP projection), not the embeddings, norms, router, router bias or head."""
+    quant = cfg.get("quantization_config") or {}
+    return quant.get("quant_method") == "fp8" and FP8_RELEASED.fullmatch(name) is not None
+
+
 def is_v3(cfg: dict) -> bool:
-    return cfg.get("model_type") in ("deepseek_v3", "deepseek_v32")
+    """DeepSeek-V3 or V3.2, or Kimi K2 (`kimi_k2`: the V3 architecture under its own model_type)."""
+    return cfg.get("model_type") in ("deepseek_v3", "deepseek_v32", "kimi_k2")
 
 
 def dims(cfg: dict) -> Dims:
@@ -148,8 +163,9 @@ def check_config(cfg: dict, features: frozenset[str] = frozenset()) -> list[str]
     if "mtp" in features and mtp_layers(cfg) != 1:
         raise UnsupportedError(f"--mtp: config.json has num_nextn_predict_layers = {mtp_layers(cfg)}; "
                                "MaxText's MTP block holds exactly one layer")
-    if cfg.get("quantization_config", {}).get("quant_method") not in (None, "fp8"):
-        raise UnsupportedError(f"quantization {cfg['quantization_config'].get('quant_method')!r} is not supported")
+    if cfg.get("quantization_config", {}).get("quant_method") not in (None, "fp8", "compressed-tensors"):
+        raise UnsupportedError(f"quantization {cfg['quantization_config'].get('quant_method')!r} is not supported "
+                               "(fp8 block-scaled, or compressed-tensors int4 pack-quantized)")
     rope = cfg.get("rope_scaling") or cfg.get("rope_parameters") or {}
     if rope.get("rope_type", rope.get("type")) not in (None, "default", "yarn"):
         raise UnsupportedError(f"DeepSeek rope type {rope.get('rope_type')!r} is not supported (yarn or default)")
@@ -167,10 +183,11 @@ def check_config(cfg: dict, features: frozenset[str] = frozenset()) -> list[str]
 
 
 FAMILY = Family(
-    name="deepseek", model_types=("deepseek_v2", "deepseek_v3", "deepseek_v32"), dims=dims, top_rules=top_rules,
-    blocks=blocks, check_config=check_config, features=frozenset({"mtp"}),
+    name="deepseek", model_types=("deepseek_v2", "deepseek_v3", "deepseek_v32", "kimi_k2"), dims=dims,
+    top_rules=top_rules, blocks=blocks, check_config=check_config, features=frozenset({"mtp"}),
     reference_keys=("hidden_size", "num_attention_heads", "num_hidden_layers", "vocab_size", "intermediate_size",
                     "moe_intermediate_size", "n_routed_experts", "n_shared_experts", "kv_lora_rank", "q_lora_rank",
                     "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "first_k_dense_replace"),
-    extra={"tied": lambda cfg: False, "mtp_shared": MTP_SHARED, "extra_layers": mtp_layers},
+    extra={"tied": lambda cfg: False, "mtp_shared": MTP_SHARED, "extra_layers": mtp_layers,
+           "fp8_released": fp8_released},
 )

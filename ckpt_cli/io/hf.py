@@ -15,7 +15,7 @@ import numpy as np
 
 from ckpt_cli import registry
 from ckpt_cli.errors import CkptError, SourceError
-from ckpt_cli.io import mxfp4
+from ckpt_cli.io import int4, mxfp4
 from ckpt_cli.io.remote import RemoteRepo, hub_errors, is_offline, retried
 from ckpt_cli.io.safetensors import SafetensorsFolder, regular_file
 from ckpt_cli.plan import SourceSlice
@@ -110,19 +110,26 @@ class SafetensorsReader:
     block, possibly in another shard) are dequantized slice by slice on the fly into `dequant_dtype`.
     So are MXFP4 weights (GPT-OSS experts, see `io/mxfp4.py`): a weight absent under its own name but
     stored as `<name>_blocks` + `<name>_scales` is served under its own name, in its dequantized (X, in,
-    out) layout, one expert (index of axis 0) at a time; `mxfp4` maps such names to their pair.
+    out) layout, one expert (index of axis 0) at a time; `mxfp4` maps such names to their pair. And so are int4
+    weights packed by compressed-tensors (Kimi K2's int4 experts, see `io/int4.py`: `<name>_packed` + `_scale` +
+    `_shape`, groups of `int4_group` values), one weight (one expert) at a time; `int4` maps such names to them.
     """
 
     def __init__(self, folder: Path | SafetensorsFolder, dequant_dtype: np.dtype | None = None,
-                 block: tuple[int, int] = (128, 128)):
+                 block: tuple[int, int] = (128, 128), int4_group: int | None = None):
         self.files = folder if isinstance(folder, SafetensorsFolder) else SafetensorsFolder(folder)
         self.dequant_dtype = np.dtype(dequant_dtype) if dequant_dtype is not None else np.dtype(np.float32)
         self.block = block
         self.mxfp4 = mxfp4.logical_names(self.files.tensors)
+        self.int4 = int4.logical_names(self.files.tensors)
+        self.int4_group = int4_group
+        self.int4_checked: set[str] = set()    # weights whose weight_shape has been checked
 
     def describe(self, name: str) -> tuple[tuple[int, ...], np.dtype]:
         if name in self.mxfp4:
             return self.mxfp4_shape(name), np.dtype(np.float32)
+        if name in self.int4:
+            return self.int4_shape(name), np.dtype(np.float32)
         if name not in self.files and name + mxfp4.SCALES in self.files:
             raise SourceError(f"tensor {name + mxfp4.SCALES} (MXFP4) has no {name + mxfp4.BLOCKS}: "
                               "the packed weights are missing")
@@ -135,6 +142,21 @@ class SafetensorsReader:
         b = self.files.info(blocks)
         s = self.files.info(scales) if scales in self.files else None
         return mxfp4.logical_shape(name, (b.shape, b.dtype), (s.shape, s.dtype) if s else None)
+
+    def int4_shape(self, name: str) -> tuple[int, int]:
+        """The dequantized (out, in) of an int4-packed weight, from its headers (packed and scales checked). In a
+        local folder its `weight_shape` (two integers) is checked here too, so a mismatch stops the conversion
+        before anything is written; a streamed repo's is checked when the weight is read."""
+        packed, scale, shape = self.int4[name]
+        p = self.files.info(packed)
+        s = self.files.info(scale) if scale in self.files else None
+        planned = int4.logical_shape(name, (p.shape, p.dtype), (s.shape, s.dtype) if s else None, self.int4_group)
+        if shape not in self.files:
+            raise SourceError(f"tensor {packed} (int4) has no {shape}")
+        if self.files.local and name not in self.int4_checked:
+            int4.check_shape(name, self.files.read(shape), planned)
+            self.int4_checked.add(name)
+        return planned
 
     def scale_name(self, name: str) -> str | None:
         """The companion block-scale tensor of an fp8 weight, when it has one."""
@@ -150,6 +172,8 @@ class SafetensorsReader:
         """The tensor, a range of its rows, or (experts stored in one tensor) one index of its axis 0."""
         if source.name in self.mxfp4:
             return self.read_mxfp4(source)
+        if source.name in self.int4:
+            return self.read_int4(source)
         if source.axes:
             if source.axes != (0,) or source.rows is not None:
                 raise AssertionError("HF sources are read whole, by rows, or by one index of axis 0")
@@ -184,16 +208,32 @@ class SafetensorsReader:
         x = mxfp4.dequantize(self.files.read(blocks, rows), self.files.read(scales, rows), self.dequant_dtype)
         return x[0] if source.axes else x
 
+    def read_int4(self, source: SourceSlice) -> np.ndarray:
+        """An int4-packed weight (or a range of its rows), unpacked and dequantized into `dequant_dtype`; its
+        `weight_shape` is checked against the headers' shape. Only this weight's words and scales are read."""
+        if source.axes or (source.rows is not None and source.rows_axis != 0):
+            raise AssertionError("int4-packed weights are read whole or by rows")
+        packed, scale, shape = self.int4[source.name]
+        planned = self.int4_shape(source.name)
+        if source.name not in self.int4_checked:
+            int4.check_shape(source.name, self.files.read(shape), planned)
+            self.int4_checked.add(source.name)
+        return int4.dequantize(self.files.read(packed, source.rows), self.files.read(scale, source.rows),
+                               self.int4_group, self.dequant_dtype)
+
     def consumed_with(self, name: str) -> list[str]:
-        """Extra tensors read along with `name` (its fp8 scale, its MXFP4 pair), for the unused-tensor report
-        and the shards a task needs."""
+        """Extra tensors read along with `name` (its fp8 scale, its MXFP4 pair, its int4 parts), for the
+        unused-tensor report and the shards a task needs."""
         if name in self.mxfp4:
             return [n for n in self.mxfp4[name] if n in self.files]
+        if name in self.int4:
+            return [n for n in self.int4[name] if n in self.files]
         scale = self.scale_name(name) if name in self.files else None
         return [scale] if scale else []
 
     def order_key(self, source: SourceSlice) -> tuple:
-        info = self.files.info(self.mxfp4[source.name][0] if source.name in self.mxfp4 else source.name)
+        stored = self.mxfp4.get(source.name) or self.int4.get(source.name)
+        info = self.files.info(stored[0] if stored else source.name)
         return (str(info.file), info.begin)
 
     @property

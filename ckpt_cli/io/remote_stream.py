@@ -36,6 +36,8 @@ class RemoteFolder(SafetensorsFolder):
     """The tensors of a remote repo; a read waits for its shard, then preads it (no mapping, so a
     finished shard can be deleted and its space comes back at once)."""
 
+    local = False
+
     def __init__(self, repo: RemoteRepo):
         self.folder = Path(repo.repo_id)
         self.repo = repo

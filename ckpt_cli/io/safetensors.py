@@ -198,6 +198,8 @@ def shard_files(folder: Path) -> list[Path]:
 class SafetensorsFolder:
     """All tensors of a local folder of safetensors shards, read one tensor at a time."""
 
+    local = True    # data can be read at any time (a streamed repo's only while its shard is there)
+
     def __init__(self, folder: Path, files: Iterable[Path] | None = None):
         self.folder = Path(folder)
         self.tensors: dict[str, TensorInfo] = {}

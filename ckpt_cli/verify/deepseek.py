@@ -30,7 +30,7 @@ import numpy as np
 from ckpt_cli.verify.forward import ParamSource, _rms_norm, _rope, embed_tokens, select_leaves
 
 VERSIONS = ("v2", "v3", "v3.2")
-_MODEL_TYPES = {"deepseek_v2": "v2", "deepseek_v3": "v3", "deepseek_v32": "v3.2"}
+_MODEL_TYPES = {"deepseek_v2": "v2", "deepseek_v3": "v3", "deepseek_v32": "v3.2", "kimi_k2": "v3"}   # Kimi K2: V3
 _DTYPES = ("float32", "bfloat16")
 # Same convention as MaxText: a large finite negative value instead of -inf.
 _MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)

@@ -168,13 +168,36 @@ def hf_logits(folder: Path, cfg: dict, prompts: Sequence[Prompt], dtype: str, lo
     return logits, info
 
 
+# Model types transformers builds under another name: Kimi K2's config.json says `kimi_k2` (the repo's own code,
+# a DeepseekV3ForCausalLM), which is transformers' deepseek_v3.
+MODEL_TYPE_ALIASES = {"kimi_k2": "deepseek_v3"}
+
+
+def hf_config(folder: Path):
+    """The transformers config of an HF folder (AutoConfig), an aliased model type read as its transformers one."""
+    import json
+
+    from transformers import CONFIG_MAPPING, AutoConfig
+
+    try:
+        raw = json.loads((folder / "config.json").read_text())
+        alias = MODEL_TYPE_ALIASES.get(raw.get("model_type"))
+        if alias is None:
+            return AutoConfig.from_pretrained(str(folder))
+        fields = {k: v for k, v in raw.items() if k not in ("model_type", "auto_map")}
+        return CONFIG_MAPPING[alias].from_dict(fields)
+    except (OSError, ValueError) as exc:
+        raise SourceError(f"transformers cannot read {folder}/config.json: {str(exc).splitlines()[0]}") from None
+
+
 def _load_full(folder: Path, dtype: str):
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
+    config = hf_config(folder)
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=_torch_dtype(dtype),
+        model = AutoModelForCausalLM.from_pretrained(str(folder), config=config, dtype=_torch_dtype(dtype),
                                                      attn_implementation="eager")
     except (OSError, ValueError) as exc:
         raise SourceError(f"transformers cannot load {folder}: {str(exc).splitlines()[0]}") from None
@@ -269,11 +292,11 @@ class StreamedModel:
 
     def __init__(self, folder: Path, dtype: str):
         import torch
-        from transformers import AutoConfig, AutoModelForCausalLM
+        from transformers import AutoModelForCausalLM
 
         self.files = SafetensorsFolder(folder)
         self.dtype = _torch_dtype(dtype)
-        config = AutoConfig.from_pretrained(str(folder))
+        config = hf_config(folder)
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(config, dtype=self.dtype, attn_implementation="eager")
         layers = dict(model.named_modules()).get(LAYERS_PREFIX.rstrip("."))

@@ -200,6 +200,10 @@ def forward_config(cfg: dict, model: str | None = None):
             from ckpt_cli.verify.qwen3_next import Qwen3NextConfig
 
             return family, Qwen3NextConfig.from_hf_config(cfg)
+        if family.name == "llama4":
+            from ckpt_cli.verify.llama4 import Llama4Config
+
+            return family, Llama4Config.from_hf_config(cfg)
         from ckpt_cli.verify.forward import ForwardConfig
 
         return family, ForwardConfig.from_hf_config(family.name, cfg)
@@ -252,6 +256,10 @@ def maxtext_forward(params: OrbaxParams, fcfg, prompts: Sequence[Prompt], dtype:
         from ckpt_cli.verify.qwen3_next import qwen3_next_logits
 
         logits = qwen3_next_logits(params, fcfg, batch, dtype=COMPUTE_DTYPES[dtype])
+    elif type(fcfg).__name__ == "Llama4Config":
+        from ckpt_cli.verify.llama4 import llama4_logits
+
+        logits = llama4_logits(params, fcfg, batch, dtype=COMPUTE_DTYPES[dtype])
     else:
         from ckpt_cli.verify.forward import maxtext_logits
 

@@ -60,11 +60,22 @@ def deepseek_models(tmp_path_factory):
         key = (kind, dtype, sharded)
         if key not in cache:
             folder = tmp_path_factory.mktemp(f"ds-{kind}-{dtype}")
-            make_model(kind, dtype).save_pretrained(folder, max_shard_size="60KB" if sharded else "10GB")
+            make_model("v3" if kind == "kimi" else kind, dtype).save_pretrained(
+                folder, max_shard_size="60KB" if sharded else "10GB")
+            if kind == "kimi":
+                as_kimi(folder)
             cache[key] = folder
         return cache[key]
 
     return get
+
+
+def as_kimi(folder: Path) -> None:
+    """A DeepSeek-V3 checkpoint relabelled as Kimi K2 releases are: model_type `kimi_k2` (the repo's own code),
+    architectures DeepseekV3ForCausalLM, the same tensor names."""
+    cfg = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps(cfg | {"model_type": "kimi_k2",
+                                                          "architectures": ["DeepseekV3ForCausalLM"]}))
 
 
 def load_hf(folder: Path) -> dict:
@@ -168,6 +179,7 @@ def cast(x, dtype):
     ("v2", True, "f32", False), ("v2", False, "bf16", True),
     ("v3", True, "bf16", True), ("v3", False, "f32", False),
     ("v32", True, "f32", False), ("v32", False, "bf16", False),
+    ("kimi", True, "bf16", True), ("kimi", False, "f32", False),
 ])
 def test_tree_matches_spec(deepseek_models, tmp_path, kind, scan, dtype, sharded):
     src = deepseek_models(kind, "float32", sharded)
@@ -201,7 +213,8 @@ class DictWriter:
         pass
 
 
-@pytest.mark.parametrize("kind,scan,dtype", [("v2", True, "bf16"), ("v3", False, "bf16"), ("v32", True, "f32")])
+@pytest.mark.parametrize("kind,scan,dtype", [("v2", True, "bf16"), ("v3", False, "bf16"), ("v32", True, "f32"),
+                                             ("kimi", True, "bf16")])
 def test_round_trip_exact(deepseek_models, tmp_path, kind, scan, dtype):
     src_dtype = "bfloat16" if dtype == "bf16" else "float32"
     src = deepseek_models(kind, src_dtype)
@@ -299,14 +312,16 @@ def quantize_fp8(w: np.ndarray, block: int = 128) -> tuple[np.ndarray, np.ndarra
     return q, scale
 
 
-def test_fp8_source_equals_dequantized_reference(tmp_path):
-    """fp8 e4m3 + 128x128 scale_inv (ragged edges, a scale in another shard) converts like its bf16 dequantization."""
+@pytest.mark.parametrize("model_type", ["deepseek_v3", "kimi_k2"])
+def test_fp8_source_equals_dequantized_reference(tmp_path, model_type):
+    """fp8 e4m3 + 128x128 scale_inv (ragged edges, a scale in another shard) converts like its bf16 dequantization;
+    Kimi K2's fp8 release (model_type kimi_k2) stores it the same way."""
     big = dict(hidden_size=160, intermediate_size=300, moe_intermediate_size=136, kv_lora_rank=144,
                q_lora_rank=130, vocab_size=200)
     model = make_model("v3", "float32", **big)
     model.save_pretrained(tmp_path / "orig")
     hf = load_hf(tmp_path / "orig")
-    cfg = json.loads((tmp_path / "orig" / "config.json").read_text())
+    cfg = json.loads((tmp_path / "orig" / "config.json").read_text()) | {"model_type": model_type}
     fp8, reference, scales = {}, {}, {}
     for name, w in hf.items():
         if w.ndim == 2 and any(f".{q}." in name for q in QUANTIZED):
@@ -468,3 +483,38 @@ def test_deepseek2_236b_plan():
 def test_model_name_resolves_to_repo():
     assert registry.lookup("deepseek2-16b").repo_id == "deepseek-ai/DeepSeek-V2-Lite"
     assert detect_family(registry.reference_config("deepseek3.2-671b")).name == "deepseek"
+
+
+def test_kimi_k2_1t_plan():
+    """Kimi K2 (MaxText 0.2.5's kimi-k2-1t.yml): E 7168, 64 heads, 1 dense layer of 18432 then 60 MoE layers of 384
+    routed + 1 shared expert of 2048, vocab 163840, the V3 router bias; 1,026,408,232,448 parameters."""
+    spec = registry.lookup("kimi-k2-1t")
+    assert spec.repo_id == "moonshotai/Kimi-K2-Instruct" and spec.config["model_type"] == "kimi_k2"
+    cfg = registry.reference_config("kimi-k2-1t")
+    plan = build_to_maxtext(detect_family(cfg), cfg, True, output_dtype("bf16"))
+    shapes = {t.target: t.shape for t in plan.tensors}
+    moe = "decoder/moe_layers/DeepSeekMoeBlock_0/"
+    assert shapes[moe + "MoeBlock_0/wi_0"] == (384, 60, 7168, 2048)
+    assert shapes[moe + "MoeBlock_0/gate/bias"] == (60, 384)
+    assert shapes["decoder/dense_layers/self_attention/wq_b/kernel"] == (1536, 1, 64, 192)
+    assert shapes["token_embedder/embedding"] == (163840, 7168)
+    assert sum(math.prod(s) for s in shapes.values()) == 1_026_408_232_448
+    assert not plan.notes                        # n_group 1: no group-limited routing; no MTP layer to skip
+    v3 = registry.reference_config("deepseek3-671b")
+    with pytest.raises(ConfigMismatchError, match="num_attention_heads"):
+        registry.check_against(spec, v3, detect_family(v3).reference_keys)
+
+
+def test_kimi_round_trip_keeps_model_type(deepseek_models, tmp_path):
+    """maxtext-to-hf of a converted Kimi K2 writes its config back as kimi_k2 and every tensor bit-identical."""
+    from ckpt_cli.convert import ToHFOptions, maxtext_to_hf
+
+    src = deepseek_models("kimi", "bfloat16")
+    hf_to_maxtext(str(src), tmp_path / "mt", ToMaxTextOptions())
+    maxtext_to_hf(str(tmp_path / "mt"), tmp_path / "hf", ToHFOptions())
+    back = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert back["model_type"] == "kimi_k2" and back["architectures"] == ["DeepseekV3ForCausalLM"]
+    original, got = load_hf(src), load_hf(tmp_path / "hf")
+    assert set(got) == set(original)
+    for name, value in original.items():
+        assert_bits_equal(got[name], value, name)

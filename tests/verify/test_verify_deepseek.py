@@ -1,4 +1,4 @@
-"""verify-logits on DeepSeek V2 / V3 / V3.2: converted float32 tiny models match transformers (max KL < 1e-6)."""
+"""verify-logits on DeepSeek V2 / V3 / V3.2 and Kimi K2: converted f32 tiny models match transformers (KL < 1e-6)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 
 from ckpt_cli.convert import ToMaxTextOptions, hf_to_maxtext
 from ckpt_cli.verify.run import VerifyOptions, verify_logits
-from tests.families.test_deepseek import make_model
+from tests.families.test_deepseek import as_kimi, make_model
 
 
 @pytest.fixture(scope="module")
@@ -17,7 +17,9 @@ def deepseek_sources(tmp_path_factory):
         key = (kind, repr(sorted(overrides.items())))
         if key not in cache:
             folder = tmp_path_factory.mktemp(f"vds-{kind}")
-            make_model(kind, "float32", **overrides).save_pretrained(folder)
+            make_model("v3" if kind == "kimi" else kind, "float32", **overrides).save_pretrained(folder)
+            if kind == "kimi":
+                as_kimi(folder)
             cache[key] = folder
         return cache[key]
 
@@ -31,6 +33,10 @@ CASES = [
     ("v3", True, {}),
     ("v3", False, {"n_routed_experts": 8, "n_group": 2, "topk_group": 1}),
     ("v32", True, {"index_n_heads": 8, "index_topk": 16}),
+    # Kimi K2 (model_type kimi_k2): the V3 forward; transformers builds the reference as deepseek_v3
+    ("kimi", True, {"rope_scaling": {"type": "yarn", "factor": 32.0, "original_max_position_embeddings": 16,
+                                     "beta_fast": 1.0, "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 1.0},
+                    "rope_theta": 50000.0, "routed_scaling_factor": 2.827}),
 ]
 
 
