@@ -1,6 +1,6 @@
 """MaxText's Gemma3 forward (maxtext-layout.md §1.5, §9.4) in JAX over a MaxText parameter tree.
 
-What differs from Qwen3's forward (`verify/forward.py`, whose RMSNorm, RoPE and embedding lookup it reuses):
+Composed from `verify/blocks.py`. What differs from Qwen3's forward (`verify/forward.py`):
 sandwich norms (`x + PostAttnNorm(Attn(PreAttnNorm(x)))`, the same around the MLP), the stored norm scales
 already hold `1 + w`, GeGLU with tanh gelu, the query multiplied by `query_pre_attn_scalar ** -0.5` after
 q/k RMSNorm and RoPE, local layers (five of every six) with a causal sliding window and their own RoPE
@@ -18,14 +18,30 @@ import jax.numpy as jnp
 import numpy as np
 
 from ckpt_cli.families import gemma3 as family
-from ckpt_cli.verify.forward import _MASK_VALUE, ParamSource, _rms_norm, _rope, embed_tokens, select_leaves
+from ckpt_cli.verify.blocks import (
+    EMBEDDING,
+    FINAL_NORM,
+    ParamSource,
+    attention_mask,
+    attention_shapes,
+    embed_tokens,
+    final_logits,
+    gated_mlp,
+    gqa_attention,
+    mlp_shapes,
+    release,
+    rms_norm,
+    rope_inv_freq,
+    rope_tables,
+    select_leaves,
+    subtree,
+    to_device,
+)
 
+__all__ = ["Gemma3Config", "attention_mask", "gemma3_logits"]
 _PRE_ATTN, _POST_ATTN = "pre_self_attention_norm/scale", "post_self_attention_norm/scale"
 _PRE_FFW, _POST_FFW = "pre_ffw_norm/scale", "post_ffw_norm/scale"
-_Q, _K, _V, _O = (f"self_attention/{n}/kernel" for n in ("query", "key", "value", "out"))
-_Q_NORM, _K_NORM = "self_attention/query_norm/scale", "self_attention/key_norm/scale"
 _WI0, _WI1, _WO = "mlp/wi_0/kernel", "mlp/wi_1/kernel", "mlp/wo/kernel"
-_EMBEDDING, _FINAL_NORM = "token_embedder/embedding", "decoder/decoder_norm/scale"
 
 
 @dataclass(frozen=True)
@@ -64,78 +80,44 @@ class Gemma3Config:
         )
 
 
-def _cos_sin(length: int, head_dim: int, theta: float, factor: float) -> tuple[jax.Array, jax.Array]:
-    inv_freq = 1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.float32) / np.float32(head_dim)))
-    angles = np.arange(length, dtype=np.float32)[:, None] * (inv_freq / np.float32(factor))[None, :]
-    return jnp.asarray(np.cos(angles)), jnp.asarray(np.sin(angles))
-
-
-def attention_mask(length: int, window: int | None) -> np.ndarray:
-    """(T, T) bool: causal, and for a local layer only the last `window` positions (q - kv < window)."""
-    q, kv = np.arange(length)[:, None], np.arange(length)[None, :]
-    mask = kv <= q
-    return mask & (q - kv < window) if window is not None else mask
-
-
 @partial(jax.jit, static_argnames=("eps", "query_scale", "dtype"))
 def _layer(x: jax.Array, w: dict[str, jax.Array], cos: jax.Array, sin: jax.Array, mask: jax.Array, *,
            eps: float, query_scale: float, dtype: str) -> jax.Array:
-    """One Gemma3 decoder layer on x (B, T, E)."""
+    """One Gemma3 decoder layer on x (B, T, E): sandwich norms around attention and around the GeGLU MLP."""
     dt = jnp.dtype(dtype)
     w = {k: v.astype(dt) for k, v in w.items()}
-    h = _rms_norm(x, w[_PRE_ATTN], eps, dt)
-    q = jnp.einsum("bte,end->btnd", h, w[_Q])
-    k = jnp.einsum("bte,ekd->btkd", h, w[_K])
-    v = jnp.einsum("bte,ekd->btkd", h, w[_V])
-    q, k = _rms_norm(q, w[_Q_NORM], eps, dt), _rms_norm(k, w[_K_NORM], eps, dt)
-    q, k = _rope(q, cos, sin, False), _rope(k, cos, sin, False)
-    q = q * jnp.asarray(query_scale, dt)
-    b, t, n, d = q.shape
-    kv = k.shape[2]
-    qg = q.reshape(b, t, kv, n // kv, d)
-    scores = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32)
-    probs = jax.nn.softmax(jnp.where(mask, scores, _MASK_VALUE), axis=-1).astype(dt)
-    attn = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, n, d)
-    x = x + _rms_norm(jnp.einsum("btnd,nde->bte", attn, w[_O]), w[_POST_ATTN], eps, dt)
-    h = _rms_norm(x, w[_PRE_FFW], eps, dt)
-    mlp = (jax.nn.gelu(h @ w[_WI0], approximate=True) * (h @ w[_WI1])) @ w[_WO]
-    return x + _rms_norm(mlp, w[_POST_FFW], eps, dt)
-
-
-@partial(jax.jit, static_argnames=("eps", "dtype"))
-def _logits(x: jax.Array, scale: jax.Array, table: jax.Array, *, eps: float, dtype: str) -> jax.Array:
-    """Final norm, tied head through the stored (√E-scaled) table, divided by √E (normalize_embedding_logits)."""
-    dt = jnp.dtype(dtype)
-    h = _rms_norm(x, scale, eps, dt)
-    logits = jnp.einsum("bte,ve->btv", h, table.astype(dt))
-    return (logits / jnp.sqrt(jnp.asarray(x.shape[-1], dt))).astype(jnp.float32)
+    h = rms_norm(x, w[_PRE_ATTN], eps, dt)
+    attn = gqa_attention(h, subtree(w, "self_attention/"), cos, sin, mask, eps=eps, dtype=dt, query_scale=query_scale)
+    x = x + rms_norm(attn, w[_POST_ATTN], eps, dt)
+    h = rms_norm(x, w[_PRE_FFW], eps, dt)
+    return x + rms_norm(gated_mlp(h, w[_WI0], w[_WI1], w[_WO], "gelu_tanh"), w[_POST_FFW], eps, dt)
 
 
 def _layer_weights(layer: dict[str, np.ndarray], cfg: Gemma3Config, i: int) -> dict[str, np.ndarray]:
     e, n, k, d, f = cfg.hidden, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.mlp_dim
-    shapes = {_PRE_ATTN: (e,), _POST_ATTN: (e,), _PRE_FFW: (e,), _POST_FFW: (e,), _Q: (e, n, d), _K: (e, k, d),
-              _V: (e, k, d), _O: (n, d, e), _Q_NORM: (d,), _K_NORM: (d,), _WI0: (e, f), _WI1: (e, f), _WO: (f, e)}
+    shapes = ({_PRE_ATTN: (e,), _POST_ATTN: (e,), _PRE_FFW: (e,), _POST_FFW: (e,)}
+              | attention_shapes(e, n, k, d, qk_norm="head") | mlp_shapes(e, f))
     return select_leaves(layer, shapes, i)
 
 
 def gemma3_logits(params: ParamSource, cfg: Gemma3Config, tokens: np.ndarray, dtype: str = "float32") -> np.ndarray:
-    """tokens int (B, T) -> logits float32 (B, T, V) with MaxText's Gemma3 math, one layer read at a time."""
+    """tokens int (B, T) -> logits float32 (B, T, V) with MaxText's Gemma3 math, one layer read at a time.
+
+    The tied logits go through the stored (√E-scaled) table and are divided by √E (normalize_embedding_logits).
+    """
     tokens = np.asarray(tokens)
     x = embed_tokens(params, cfg, tokens, dtype)
     length = tokens.shape[1]
-    rope = {False: _cos_sin(length, cfg.head_dim, *cfg.local_rope), True: _cos_sin(length, cfg.head_dim,
-                                                                                    *cfg.global_rope)}
+    rope = {glob: rope_tables(rope_inv_freq(cfg.head_dim, *(cfg.global_rope if glob else cfg.local_rope)), length)
+            for glob in (False, True)}
     masks = {False: jnp.asarray(attention_mask(length, cfg.sliding_window)),
              True: jnp.asarray(attention_mask(length, None))}
     for i in range(cfg.num_layers):
-        layer = _layer_weights(params.layer(i), cfg, i)
-        weights = {k: jnp.asarray(v) for k, v in layer.items()}
+        weights = to_device(_layer_weights(params.layer(i), cfg, i))
         glob = cfg.global_layers[i]
         x = _layer(x, weights, *rope[glob], masks[glob], eps=float(cfg.rms_eps), query_scale=cfg.query_scale,
                    dtype=dtype).block_until_ready()
-        for k, w in weights.items():
-            if w is not layer[k]:
-                w.delete()
-        del layer, weights
-    logits = _logits(x, params.top(_FINAL_NORM), params.top(_EMBEDDING), eps=float(cfg.rms_eps), dtype=dtype)
+        release(weights)
+    logits = final_logits(x, params.top(FINAL_NORM), params.top(EMBEDDING), eps=float(cfg.rms_eps), transposed=True,
+                          dtype=dtype, normalize=True)
     return np.asarray(logits)[..., : cfg.vocab]
