@@ -439,9 +439,13 @@ def subtree(w: Mapping[str, jax.Array], prefix: str) -> dict[str, jax.Array]:
 
 
 def to_device(layer: Mapping[str, np.ndarray], skip: tuple[str, ...] = ()) -> dict[str, jax.Array]:
-    """A layer's leaves (but ``skip``) on the device, transfers awaited (so jaxlib's hold on the numpy sources can
-    end before the layer is computed)."""
-    return jax.block_until_ready({k: jax.device_put(v) for k, v in layer.items() if k not in skip})
+    """A layer's leaves (but ``skip``) on the device, transfers awaited.
+
+    Each leaf goes through a host copy: jaxlib on CPU may hold the numpy source of a transfer until some later
+    execution (longer under CPU contention), and would otherwise keep the fetched layer alive past the next fetch;
+    the copy it holds instead is freed on its own.
+    """
+    return jax.block_until_ready({k: jax.device_put(np.array(v)) for k, v in layer.items() if k not in skip})
 
 
 @jax.jit
