@@ -2,9 +2,11 @@
 
 Covers DeepSeek V2 (V2-Lite: plain query projection, softmax routing), V3 (low-rank query, sigmoid
 routing with a correction bias) and V3.2 (V3 plus the sparse-attention "lightning indexer"). Weights
-are read one decoder layer at a time through the :class:`~ckpt_cli.verify.forward.ParamSource`
+are read one decoder layer at a time through the :class:`~ckpt_cli.verify.blocks.ParamSource`
 protocol (per-layer MaxText leaves, maxtext-layout.md §7.2/§7.3), so peak memory is about one layer
-of weights plus activations. Math: maxtext-layout.md §7.4; where MaxText and transformers differ in a
+of weights plus activations. MLA and the indexer are written here from ``verify/blocks.py``'s pieces (RMSNorm,
+LayerNorm, RoPE, ``attend``); the MLPs, routing, experts and logits are its blocks. Math: maxtext-layout.md
+§7.4; where MaxText and transformers differ in a
 configurable detail, the values of the HF ``config.json`` decide, as transformers applies them:
 
 * YaRN frequencies and the cos/sin factor ``attention_factor`` (1.0 for every released DeepSeek

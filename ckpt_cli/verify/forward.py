@@ -5,7 +5,8 @@ Supports Qwen3 dense, Qwen3 MoE, Llama 3.1 and Mixtral. Weights are read one dec
 embedding / LM head). See ``maxtext-layout.md`` §1.2, §1.5, §5.4, §6.4, §8.3 and §11 for the conventions.
 Qwen3 MoE and Mixtral route as transformers does (softmax over all experts in float32, top-k, renormalised when
 ``norm_topk_prob``: with it, the same as MaxText's top-k of the logits then softmax over the k); only the
-experts a token is routed to are computed for it (the expert code is DeepSeek's, ``verify/deepseek.py``).
+experts a token is routed to are computed for it (``routed_experts``). Every piece of math is a block of
+``verify/blocks.py``; this module picks the blocks and options per family.
 Mixtral always renormalises (transformers' Mixtral does; MaxText takes the top-k logits then a softmax over
 them), has no qk-norm, rotate-half RoPE and its 1/sqrt(D) folded into the query kernel.
 """
