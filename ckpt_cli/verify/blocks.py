@@ -13,14 +13,14 @@ Blocks (all pure functions of arrays; ``dtype`` is the compute dtype, norm stati
   ``2 * cos.shape[-1]`` dims of each head (the rest pass: partial rotary), as halves (i, D/2+i: "rotate-half")
   or ``interleaved`` pairs (2i, 2i+1).
 * Masks: :func:`attention_mask` (causal, optionally a sliding window: ``q - kv < window``).
-* Attention: :func:`attend` (softmax attention of already-projected q/k/v, GQA by grouping query heads, optional
-  logit soft-cap and per-head sink logits, a (T,S) or (B,T,S) keep-mask), :func:`gqa_attention` (a MaxText
+* Attention: :func:`gqa_attention` (softmax attention of already-projected q/k/v, GQA by grouping query heads,
+  optional logit soft-cap and per-head sink logits, a (T,S) or (B,T,S) keep-mask), :func:`self_attention` (a MaxText
   ``Attention`` module from its subtree: q/k/v projections with biases when ``query/bias``... are present,
   q/k RMSNorm when ``query_norm/scale`` is present (per head, or over the whole projection when the scale is N·D
-  wide, as OLMo), RoPE, the query scale, :func:`attend`, the output projection with ``out/bias`` if present);
+  wide, as OLMo), RoPE, the query scale, :func:`gqa_attention`, the output projection with ``out/bias`` if present);
   :func:`attention_shapes` lists the leaves such a subtree must have.
 * MLP: :func:`gated_mlp` (``act(h·wi_0) * (h·wi_1) · wo``, ``act`` "silu" for SwiGLU or "gelu_tanh" for GeGLU),
-  :func:`mlp_shapes`.
+  :func:`swiglu` (the "silu" one), :func:`mlp_shapes`.
 * MoE routing (float32): :func:`route_softmax_topk` (softmax over all experts, then top-k, optionally
   renormalised, optionally group-limited: Qwen3 MoE, Mixtral, DeepSeek V2), :func:`route_topk_softmax` (top-k
   logits, softmax over those: GPT-OSS), :func:`route_sigmoid` (select on sigmoid + correction bias, weigh by
@@ -39,9 +39,9 @@ Composing a new family (e.g. a dense model with biases and sandwich norms)::
         dt = jnp.dtype(dtype)
         w = {k: v.astype(dt) for k, v in w.items()}
         h = rms_norm(x, w["pre_self_attention_norm/scale"], eps, dt)
-        x = x + gqa_attention(h, subtree(w, "self_attention/"), cos, sin, mask, eps=eps, dtype=dt)
+        x = x + self_attention(h, subtree(w, "self_attention/"), cos, sin, mask, eps=eps, dtype=dt)
         h = rms_norm(x, w["post_self_attention_norm/scale"], eps, dt)
-        return x + gated_mlp(h, w["mlp/wi_0/kernel"], w["mlp/wi_1/kernel"], w["mlp/wo/kernel"])
+        return x + swiglu(h, w["mlp/wi_0/kernel"], w["mlp/wi_1/kernel"], w["mlp/wo/kernel"])
 
 then, per layer: ``layer = select_leaves(params.layer(i), attention_shapes(...) | mlp_shapes(...) | norms, i)``,
 ``w = to_device(layer)``, ``x = _layer(x, w, ...).block_until_ready()``, ``release(w)``; and at the end
@@ -52,7 +52,7 @@ window and RoPE θ) are picked outside the jit: a mask and a cos/sin pair per ki
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from functools import partial
 from typing import Protocol
 
@@ -181,7 +181,7 @@ def attention_mask(length: int, window: int | None = None) -> np.ndarray:
     return mask & (q - kv < window) if window is not None else mask
 
 
-def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, dtype: jnp.dtype, *,
+def gqa_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, dtype: jnp.dtype, *,
            soft_cap: float | None = None, sinks: jax.Array | None = None) -> jax.Array:
     """Softmax attention: q (B,T,N,D), k (B,S,K,D), v (B,S,K,Dv) with K | N (query head n reads kv head
     n // (N/K)), ``mask`` (T,S) or (B,T,S) bool keep -> (B,T,N,Dv). Scores in f32; ``soft_cap`` is
@@ -217,7 +217,7 @@ def _qk_norm(x: jax.Array, scale: jax.Array, eps: float, dtype: jnp.dtype) -> ja
     return rms_norm(x.reshape(*x.shape[:-2], -1), scale, eps, dtype).reshape(x.shape)
 
 
-def gqa_attention(h: jax.Array, w: Mapping[str, jax.Array], cos: jax.Array, sin: jax.Array, mask: jax.Array, *,
+def self_attention(h: jax.Array, w: Mapping[str, jax.Array], cos: jax.Array, sin: jax.Array, mask: jax.Array, *,
                   eps: float, dtype: jnp.dtype, interleaved: bool = False, query_scale: float = 1.0,
                   soft_cap: float | None = None) -> jax.Array:
     """A MaxText ``Attention`` module on the normed input h (B,T,E) -> (B,T,E), no residual.
@@ -233,20 +233,20 @@ def gqa_attention(h: jax.Array, w: Mapping[str, jax.Array], cos: jax.Array, sin:
     q, k = apply_rope(q, cos, sin, interleaved), apply_rope(k, cos, sin, interleaved)
     if query_scale != 1.0:
         q = q * jnp.asarray(query_scale, dtype)
-    attn = attend(q, k, v, mask, dtype, soft_cap=soft_cap, sinks=w.get("sinks"))
+    attn = gqa_attention(q, k, v, mask, dtype, soft_cap=soft_cap, sinks=w.get("sinks"))
     out = jnp.einsum("btnd,nde->bte", attn, w["out/kernel"])
     return out + w["out/bias"] if "out/bias" in w else out
 
 
-def attention_shapes(e: int, n: int, k: int, d: int, *, prefix: str = "self_attention/", bias: bool = False,
+def attention_shapes(e: int, n: int, k: int, d: int, *, prefix: str = "self_attention/", bias: Sequence[str] = (),
                      qk_norm: str | None = None, sinks: bool = False) -> dict[str, tuple[int, ...]]:
-    """The leaves of a GQA ``Attention`` subtree and their shapes; ``qk_norm`` "head" (q/k RMSNorm scales (D,)),
+    """The leaves of a GQA ``Attention`` subtree and their shapes; ``bias`` names the projections with one
+    (``("query", "key", "value")`` for Qwen2, all four for GPT-OSS); ``qk_norm`` "head" (q/k RMSNorm scales (D,)),
     "full" (over the whole projection: (N·D,) and (K·D,)) or None."""
+    heads = {"query": (n, d), "key": (k, d), "value": (k, d), "out": (e,)}
     shapes: dict[str, tuple[int, ...]] = {prefix + "query/kernel": (e, n, d), prefix + "key/kernel": (e, k, d),
                                           prefix + "value/kernel": (e, k, d), prefix + "out/kernel": (n, d, e)}
-    if bias:
-        shapes |= {prefix + "query/bias": (n, d), prefix + "key/bias": (k, d), prefix + "value/bias": (k, d),
-                   prefix + "out/bias": (e,)}
+    shapes |= {f"{prefix}{name}/bias": heads[name] for name in bias}
     if qk_norm is not None:
         widths = {"head": (d, d), "full": (n * d, k * d)}[qk_norm]
         shapes |= {prefix + "query_norm/scale": widths[:1], prefix + "key_norm/scale": widths[1:]}
@@ -266,6 +266,11 @@ ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
 def gated_mlp(h: jax.Array, wi0: jax.Array, wi1: jax.Array, wo: jax.Array, activation: str = "silu") -> jax.Array:
     """Gated MLP ``(act(h·wi_0) * (h·wi_1))·wo``: SwiGLU with "silu", GeGLU with "gelu_tanh"."""
     return (ACTIVATIONS[activation](h @ wi0) * (h @ wi1)) @ wo
+
+
+def swiglu(h: jax.Array, wi_0: jax.Array, wi_1: jax.Array, wo: jax.Array) -> jax.Array:
+    """MaxText's MLP with activations ["silu", "linear"]: ``(silu(h·wi_0) * (h·wi_1))·wo``."""
+    return gated_mlp(h, wi_0, wi_1, wo, "silu")
 
 
 def mlp_shapes(e: int, f: int, prefix: str = "mlp/") -> dict[str, tuple[int, ...]]:
@@ -321,7 +326,7 @@ def route_sigmoid(logits: jax.Array, bias: jax.Array | None, top_k: int, *, norm
 
 def swiglu_expert(h: jax.Array, w: Mapping[str, jax.Array]) -> jax.Array:
     """One routed expert as a SwiGLU MLP over its ``wi_0``, ``wi_1``, ``wo``."""
-    return gated_mlp(h, w["wi_0"], w["wi_1"], w["wo"])
+    return swiglu(h, w["wi_0"], w["wi_1"], w["wo"])
 
 
 @partial(jax.jit, static_argnames=("ffn", "dtype"))

@@ -5,7 +5,7 @@ routing with a correction bias) and V3.2 (V3 plus the sparse-attention "lightnin
 are read one decoder layer at a time through the :class:`~ckpt_cli.verify.blocks.ParamSource`
 protocol (per-layer MaxText leaves, maxtext-layout.md §7.2/§7.3), so peak memory is about one layer
 of weights plus activations. MLA and the indexer are written here from ``verify/blocks.py``'s pieces (RMSNorm,
-LayerNorm, RoPE, ``attend``); the MLPs, routing, experts and logits are its blocks. Math: maxtext-layout.md
+LayerNorm, RoPE, ``gqa_attention``); the MLPs, routing, experts and logits are its blocks. Math: maxtext-layout.md
 §7.4; where MaxText and transformers differ in a
 configurable detail, the values of the HF ``config.json`` decide, as transformers applies them:
 
@@ -32,10 +32,10 @@ from ckpt_cli.verify.blocks import (
     FINAL_NORM,
     ParamSource,
     apply_rope,
-    attend,
     embed_tokens,
     final_logits,
     gated_mlp,
+    gqa_attention,
     layer_norm,
     lm_head,
     mlp_shapes,
@@ -341,7 +341,7 @@ def _attention(
     keep = jnp.tril(jnp.ones((t, t), dtype=bool))
     if index_topk:
         keep = keep & _indexer_keep(h, q_latent, w, cos, sin, index_topk)
-    attn = attend(q, k, v, keep, dt)
+    attn = gqa_attention(q, k, v, keep, dt)
     return x + jnp.einsum("btnd,nde->bte", attn, w[_O])
 
 

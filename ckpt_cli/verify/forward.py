@@ -30,7 +30,6 @@ from ckpt_cli.verify.blocks import (
     attention_shapes,
     embed_tokens,
     final_logits,
-    gated_mlp,
     gqa_attention,
     llama3_inv_freq,
     lm_head,
@@ -42,7 +41,9 @@ from ckpt_cli.verify.blocks import (
     route_softmax_topk,
     routed_experts,
     select_leaves,
+    self_attention,
     subtree,
+    swiglu,
     to_device,
 )
 from ckpt_cli.verify.blocks import rope_inv_freq as plain_inv_freq
@@ -51,8 +52,8 @@ FAMILIES = ("qwen3", "llama3.1", "qwen3_moe", "mixtral")
 MOE_FAMILIES = ("qwen3_moe", "mixtral")
 # The names forwards written before verify/blocks.py import from here; new code imports verify/blocks.py.
 _MASK_VALUE, _rms_norm, _rope, _final_logits = MASK_VALUE, rms_norm, apply_rope, final_logits
-__all__ = ["FAMILIES", "MOE_FAMILIES", "ForwardConfig", "ParamSource", "embed_tokens", "maxtext_logits",
-           "rope_inv_freq", "select_leaves"]
+__all__ = ["FAMILIES", "MOE_FAMILIES", "ForwardConfig", "ParamSource", "attention_mask", "embed_tokens",
+           "gqa_attention", "maxtext_logits", "rope_inv_freq", "select_leaves", "swiglu"]
 _LLAMA3_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
 
 _PRE_NORM = "pre_self_attention_layer_norm/scale"
@@ -171,7 +172,7 @@ def _attention(x: jax.Array, w: dict[str, jax.Array], cos: jax.Array, sin: jax.A
                interleaved: bool, query_scale: float, dt: jnp.dtype) -> jax.Array:
     """x + pre-norm GQA self-attention of x (B,T,E); ``w`` already in ``dt`` (traced inside a jit)."""
     h = rms_norm(x, w[_PRE_NORM], eps, dt)
-    return x + gqa_attention(h, subtree(w, _ATTN), cos, sin, mask, eps=eps, dtype=dt, interleaved=interleaved,
+    return x + self_attention(h, subtree(w, _ATTN), cos, sin, mask, eps=eps, dtype=dt, interleaved=interleaved,
                              query_scale=query_scale)
 
 
@@ -182,7 +183,7 @@ def _decoder_layer(x: jax.Array, w: dict[str, jax.Array], cos: jax.Array, sin: j
     dt = jnp.dtype(dtype)
     w = {k: v.astype(dt) for k, v in w.items()}
     x = _attention(x, w, cos, sin, mask, eps, interleaved, query_scale, dt)
-    return x + gated_mlp(rms_norm(x, w[_POST_NORM], eps, dt), w[_WI0], w[_WI1], w[_WO])
+    return x + swiglu(rms_norm(x, w[_POST_NORM], eps, dt), w[_WI0], w[_WI1], w[_WO])
 
 
 @partial(jax.jit, static_argnames=("gate", "eps", "interleaved", "query_scale", "top_k", "norm_topk_prob", "dtype"))

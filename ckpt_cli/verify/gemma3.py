@@ -27,13 +27,13 @@ from ckpt_cli.verify.blocks import (
     embed_tokens,
     final_logits,
     gated_mlp,
-    gqa_attention,
     mlp_shapes,
     release,
     rms_norm,
     rope_inv_freq,
     rope_tables,
     select_leaves,
+    self_attention,
     subtree,
     to_device,
 )
@@ -87,7 +87,7 @@ def _layer(x: jax.Array, w: dict[str, jax.Array], cos: jax.Array, sin: jax.Array
     dt = jnp.dtype(dtype)
     w = {k: v.astype(dt) for k, v in w.items()}
     h = rms_norm(x, w[_PRE_ATTN], eps, dt)
-    attn = gqa_attention(h, subtree(w, "self_attention/"), cos, sin, mask, eps=eps, dtype=dt, query_scale=query_scale)
+    attn = self_attention(h, subtree(w, "self_attention/"), cos, sin, mask, eps=eps, dtype=dt, query_scale=query_scale)
     x = x + rms_norm(attn, w[_POST_ATTN], eps, dt)
     h = rms_norm(x, w[_PRE_FFW], eps, dt)
     return x + rms_norm(gated_mlp(h, w[_WI0], w[_WI1], w[_WO], "gelu_tanh"), w[_POST_FFW], eps, dt)

@@ -30,13 +30,13 @@ from ckpt_cli.verify.blocks import (
     attention_shapes,
     embed_tokens,
     final_logits,
-    gqa_attention,
     moe_shapes,
     release,
     rms_norm,
     route_topk_softmax,
     routed_experts,
     select_leaves,
+    self_attention,
     subtree,
     to_device,
     yarn_inv_freq,
@@ -47,6 +47,7 @@ from ckpt_cli.verify.blocks import rope_tables as cos_sin_tables
 A, MLP = "GptOssAttention/", "GptOssMlp/"
 _PRE_NORM, _POST_NORM = "pre_self_attention_layer_norm/scale", "post_self_attention_layer_norm/scale"
 _EXPERTS = ("wi_0", "wi_0_bias", "wi_1", "wi_1_bias", "wo", "wo_bias")
+_BIASED = ("query", "key", "value", "out")
 SWIGLU_ALPHA = 1.702
 
 
@@ -133,7 +134,7 @@ def _attention_route(x: jax.Array, w: dict[str, jax.Array], cos: jax.Array, sin:
     dt = jnp.dtype(dtype)
     w = {k: v.astype(dt) for k, v in w.items()}
     h = rms_norm(x, w[_PRE_NORM], eps, dt)
-    x = x + gqa_attention(h, subtree(w, A), cos, sin, mask, eps=eps, dtype=dt, query_scale=query_scale)
+    x = x + self_attention(h, subtree(w, A), cos, sin, mask, eps=eps, dtype=dt, query_scale=query_scale)
     h = rms_norm(x, w[_POST_NORM], eps, dt).reshape(-1, x.shape[-1])
     weights, ids = route_topk_softmax(h @ w[MLP + "gate/kernel"] + w[MLP + "gate/bias"], top_k)
     return x, h, ids, weights
@@ -155,7 +156,7 @@ class ClampedSwiGLU:
 
 def _layer_weights(layer: dict[str, np.ndarray], cfg: GptOssConfig, i: int) -> dict[str, np.ndarray]:
     e, n, kv, d = cfg.hidden, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-    shapes = ({_PRE_NORM: (e,), _POST_NORM: (e,)} | attention_shapes(e, n, kv, d, prefix=A, bias=True, sinks=True)
+    shapes = ({_PRE_NORM: (e,), _POST_NORM: (e,)} | attention_shapes(e, n, kv, d, prefix=A, bias=_BIASED, sinks=True)
               | moe_shapes(e, cfg.num_experts, cfg.moe_dim, prefix=MLP, router_bias=True, expert_bias=True))
     return select_leaves(layer, shapes, i)
 

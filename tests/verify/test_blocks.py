@@ -20,10 +20,10 @@ from ckpt_cli.verify.blocks import (
     apply_rope,
     attention_mask,
     final_logits,
-    gqa_attention,
     rms_norm,
     rope_inv_freq,
     rope_tables,
+    self_attention,
 )
 
 E, N, K, D, T, WINDOW = 32, 4, 2, 8, 12, 5
@@ -72,7 +72,7 @@ def _ours(module: torch.nn.Module, x: np.ndarray, window: int | None, theta: flo
           **options) -> np.ndarray:
     cos, sin = rope_tables(rope_inv_freq(D, theta), T)
     mask = jnp.asarray(attention_mask(T, window))
-    return np.asarray(gqa_attention(jnp.asarray(x), _attention_tree(module), cos, sin, mask, eps=1e-6,
+    return np.asarray(self_attention(jnp.asarray(x), _attention_tree(module), cos, sin, mask, eps=1e-6,
                                     dtype=jnp.float32, **options))
 
 
@@ -108,7 +108,7 @@ def test_qk_norm_over_the_whole_projection_matches_olmo3() -> None:
     per_head["query_norm/scale"] = per_head["query_norm/scale"][:D]    # a per-head norm is not the same math
     per_head["key_norm/scale"] = per_head["key_norm/scale"][:D]
     cos, sin = rope_tables(rope_inv_freq(D, theta), T)
-    wrong = gqa_attention(jnp.asarray(x), per_head, cos, sin, jnp.asarray(attention_mask(T, WINDOW)), eps=1e-6,
+    wrong = self_attention(jnp.asarray(x), per_head, cos, sin, jnp.asarray(attention_mask(T, WINDOW)), eps=1e-6,
                           dtype=jnp.float32, query_scale=D**-0.5)
     assert np.abs(np.asarray(wrong) - ref).max() > 1e-3
 
@@ -123,7 +123,7 @@ def test_qkv_biases_match_qwen2() -> None:
     np.testing.assert_allclose(_ours(module, x, None, query_scale=D**-0.5), ref, rtol=0, atol=2e-5)
     unbiased = {k: v for k, v in _attention_tree(module).items() if not k.endswith("/bias")}
     cos, sin = rope_tables(rope_inv_freq(D, DIMS["rope_theta"]), T)
-    wrong = gqa_attention(jnp.asarray(x), unbiased, cos, sin, jnp.asarray(attention_mask(T)), eps=1e-6,
+    wrong = self_attention(jnp.asarray(x), unbiased, cos, sin, jnp.asarray(attention_mask(T)), eps=1e-6,
                           dtype=jnp.float32, query_scale=D**-0.5)
     assert np.abs(np.asarray(wrong) - ref).max() > 1e-3
 
