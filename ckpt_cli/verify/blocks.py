@@ -32,7 +32,7 @@ Blocks (all pure functions of arrays; ``dtype`` is the compute dtype, norm stati
 * Streaming: :func:`select_leaves` (shape-checked selection of a layer's leaves), :func:`to_device` and
   :func:`release` (one layer's weights on the device, then freed before the next fetch), :func:`subtree`.
 
-Composing a new family (e.g. a dense model with biases and sandwich norms)::
+Composing a new family (a pre-norm dense model; its options come with the leaves it selects)::
 
     @partial(jax.jit, static_argnames=("eps", "dtype"))
     def _layer(x, w, cos, sin, mask, *, eps, dtype):
@@ -45,8 +45,16 @@ Composing a new family (e.g. a dense model with biases and sandwich norms)::
 
 then, per layer: ``layer = select_leaves(params.layer(i), attention_shapes(...) | mlp_shapes(...) | norms, i)``,
 ``w = to_device(layer)``, ``x = _layer(x, w, ...).block_until_ready()``, ``release(w)``; and at the end
-``final_logits(x, params.top(FINAL_NORM), *lm_head(params, cfg.tied), ...)``. Per-layer choices (a local layer's
-window and RoPE θ) are picked outside the jit: a mask and a cos/sin pair per kind of layer, built once.
+``head, transposed = lm_head(params, cfg.tied)``, ``final_logits(x, params.top(FINAL_NORM), head,
+transposed=transposed, ...)``. Per-layer choices (a local layer's window and RoPE θ) are picked outside the jit: a
+mask and a cos/sin pair per kind of layer, built once.
+
+Options by family: Llama 2 / Mistral: plain rotate-half RoPE, ``query_scale=1`` (folded in the kernel); Llama 3.1:
+``llama3_inv_freq``, ``interleaved=True``; Qwen2.5: ``attention_shapes(bias=("query", "key", "value"))``,
+``query_scale=D**-0.5``; Gemma 2: ``self_attention(soft_cap=...)``, ``final_logits(normalize=True, soft_cap=...)``,
+``gated_mlp(..., "gelu_tanh")``, post-norms as Gemma3 (the tree stores ``1 + w``, so no ``offset``); OLMo 3:
+``attention_shapes(qk_norm="full")``, norms after attention and MLP (``x + rms_norm(attn, post)``), a window mask
+on the layers ``layer_types`` makes local.
 """
 
 from __future__ import annotations
