@@ -18,7 +18,9 @@ Blocks (all pure functions of arrays; ``dtype`` is the compute dtype, norm stati
   ``Attention`` module from its subtree: q/k/v projections with biases when ``query/bias``... are present,
   q/k RMSNorm when ``query_norm/scale`` is present (per head, or over the whole projection when the scale is N·D
   wide, as OLMo), RoPE, the query scale, :func:`gqa_attention`, the output projection with ``out/bias`` if present);
-  :func:`attention_shapes` lists the leaves such a subtree must have.
+  :func:`attention_shapes` lists the leaves such a subtree must have; :func:`mla_attention` (DeepSeek's multi-head
+  latent attention from its subtree, low-rank or plain query, shared RoPE key part) with :func:`mla_query_latent`
+  and :func:`mla_shapes`.
 * MLP: :func:`gated_mlp` (``act(h·wi_0) * (h·wi_1) · wo``, ``act`` "silu" for SwiGLU or "gelu_tanh" for GeGLU),
   :func:`swiglu` (the "silu" one), :func:`mlp_shapes`.
 * MoE routing (float32): :func:`route_softmax_topk` (softmax over all experts, then top-k, optionally
@@ -261,6 +263,51 @@ def attention_shapes(e: int, n: int, k: int, d: int, *, prefix: str = "self_atte
     if sinks:
         shapes[prefix + "sinks"] = (n,)
     return shapes
+
+
+def mla_query_latent(h: jax.Array, w: Mapping[str, jax.Array], eps: float, dtype: jnp.dtype) -> jax.Array:
+    """MLA's low-rank query latent ``RMSNorm(h·wq_a)`` (B,T,Q) (DeepSeek V3; its V3.2 indexer reads it too)."""
+    return rms_norm(h @ w["wq_a/kernel"], w["q_norm/scale"], eps, dtype)
+
+
+def mla_attention(h: jax.Array, w: Mapping[str, jax.Array], cos: jax.Array, sin: jax.Array, mask: jax.Array,
+                  query_scale: jax.Array, *, latent_eps: float, dtype: jnp.dtype, interleaved: bool = True
+                  ) -> jax.Array:
+    """Multi-head latent attention (MaxText's MLA) on the normed h (B,T,E) -> (B,T,E), no residual.
+
+    ``w`` is the subtree: the query from ``query/kernel`` (E,N,Dq) or, low-rank, ``wq_a``, ``q_norm``, ``wq_b``
+    (Q,N,Dq); ``wkv_a`` (E, C+Dr) gives the kv latent (RMSNorm ``kv_norm``) and one RoPE key part shared by all
+    heads; ``wkv_b`` (C,N,Dn+Dv) gives per head the non-RoPE key and the value; ``out/kernel`` (N,Dv,E). RoPE on the
+    last Dr dims of q and k; the query times ``query_scale`` (MaxText scales the query, not the scores).
+    """
+    if "query/kernel" in w:
+        q = jnp.einsum("bte,enq->btnq", h, w["query/kernel"])
+    else:
+        q = jnp.einsum("btc,cnq->btnq", mla_query_latent(h, w, latent_eps, dtype), w["wq_b/kernel"])
+    c = w["kv_norm/scale"].shape[0]
+    kv_a = h @ w["wkv_a/kernel"]  # [latent C | shared k_rope Dr]
+    latent = rms_norm(kv_a[..., :c], w["kv_norm/scale"], latent_eps, dtype)
+    k_rope = apply_rope(kv_a[..., None, c:], cos, sin, interleaved)  # (B,T,1,Dr)
+    dr = k_rope.shape[-1]
+    dn = q.shape[-1] - dr
+    kv = jnp.einsum("btc,cnj->btnj", latent, w["wkv_b/kernel"])  # per head [k_nope Dn | v Dv]
+    k_nope, v = kv[..., :dn], kv[..., dn:]
+    q = jnp.concatenate([q[..., :dn], apply_rope(q[..., dn:], cos, sin, interleaved)], axis=-1)
+    q = q * query_scale.astype(dtype)
+    k = jnp.concatenate([k_nope, jnp.broadcast_to(k_rope, (*k_nope.shape[:-1], dr))], axis=-1)
+    return jnp.einsum("btnd,nde->bte", gqa_attention(q, k, v, mask, dtype), w["out/kernel"])
+
+
+def mla_shapes(e: int, n: int, *, kv_lora_rank: int, q_lora_rank: int, qk_nope: int, qk_rope: int, v_head: int,
+               prefix: str = "self_attention/") -> dict[str, tuple[int, ...]]:
+    """The leaves of an MLA subtree and their shapes (``q_lora_rank`` 0: the plain query projection)."""
+    c, dq = kv_lora_rank, qk_nope + qk_rope
+    shapes = {prefix + "wkv_a/kernel": (e, c + qk_rope), prefix + "kv_norm/scale": (c,),
+              prefix + "wkv_b/kernel": (c, n, qk_nope + v_head), prefix + "out/kernel": (n, v_head, e)}
+    if q_lora_rank:
+        return shapes | {prefix + "wq_a/kernel": (e, q_lora_rank), prefix + "q_norm/scale": (q_lora_rank,),
+                         prefix + "wq_b/kernel": (q_lora_rank, n, dq)}
+    return shapes | {prefix + "query/kernel": (e, n, dq)}
 
 
 # ------------------------------------------------------------------------------------------------------------ MLP

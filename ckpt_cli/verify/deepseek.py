@@ -4,10 +4,10 @@ Covers DeepSeek V2 (V2-Lite: plain query projection, softmax routing), V3 (low-r
 routing with a correction bias) and V3.2 (V3 plus the sparse-attention "lightning indexer"). Weights
 are read one decoder layer at a time through the :class:`~ckpt_cli.verify.blocks.ParamSource`
 protocol (per-layer MaxText leaves, maxtext-layout.md §7.2/§7.3), so peak memory is about one layer
-of weights plus activations. MLA and the indexer are written here from ``verify/blocks.py``'s pieces (RMSNorm,
-LayerNorm, RoPE, ``gqa_attention``); the MLPs, routing, experts and logits are its blocks. Math: maxtext-layout.md
-§7.4; where MaxText and transformers differ in a
-configurable detail, the values of the HF ``config.json`` decide, as transformers applies them:
+of weights plus activations. The layers are ``verify/blocks.py``'s blocks (``mla_attention``, SwiGLU MLPs,
+softmax / sigmoid routing, streamed experts, logits); the V3.2 indexer is written here from its pieces.
+Math: maxtext-layout.md §7.4; where MaxText and transformers differ in a configurable detail, the values of the
+HF ``config.json`` decide, as transformers applies them:
 
 * YaRN frequencies and the cos/sin factor ``attention_factor`` (1.0 for every released DeepSeek
   config, where ``mscale == mscale_all_dim``); softmax scale ``Dq^-0.5 · m²`` with
@@ -35,9 +35,11 @@ from ckpt_cli.verify.blocks import (
     embed_tokens,
     final_logits,
     gated_mlp,
-    gqa_attention,
     layer_norm,
     lm_head,
+    mla_attention,
+    mla_query_latent,
+    mla_shapes,
     mlp_shapes,
     moe_shapes,
     release,
@@ -47,6 +49,7 @@ from ckpt_cli.verify.blocks import (
     route_softmax_topk,
     routed_experts,
     select_leaves,
+    subtree,
     to_device,
     yarn_inv_freq,
     yarn_mscale,
@@ -74,10 +77,6 @@ _DEFAULTS: dict[str, dict[str, Any]] = {
 _SA = "self_attention/"
 _PRE_NORM = "pre_self_attention_layer_norm/scale"
 _POST_NORM = "post_self_attention_layer_norm/scale"
-_Q = _SA + "query/kernel"
-_WQ_A, _Q_NORM, _WQ_B = _SA + "wq_a/kernel", _SA + "q_norm/scale", _SA + "wq_b/kernel"
-_WKV_A, _KV_NORM, _WKV_B = _SA + "wkv_a/kernel", _SA + "kv_norm/scale", _SA + "wkv_b/kernel"
-_O = _SA + "out/kernel"
 _IDX = _SA + "indexer/"
 _IDX_WQ_B, _IDX_WK = _IDX + "wq_b/kernel", _IDX + "wk/kernel"
 _IDX_K_SCALE, _IDX_K_BIAS = _IDX + "k_norm/scale", _IDX + "k_norm/bias"
@@ -319,30 +318,13 @@ def _attention(
     dt = jnp.dtype(dtype)
     w = _cast(w, dt)
     h = rms_norm(x, w[_PRE_NORM], eps, dt)
-    q_latent = None
-    if _Q in w:  # V2: plain query projection
-        q = jnp.einsum("bte,enq->btnq", h, w[_Q])
-    else:
-        q_latent = rms_norm(h @ w[_WQ_A], w[_Q_NORM], _LATENT_EPS, dt)
-        q = jnp.einsum("btc,cnq->btnq", q_latent, w[_WQ_B])
-    c = w[_KV_NORM].shape[0]
-    kv_a = h @ w[_WKV_A]  # [latent C | shared k_rope Dr]
-    latent = rms_norm(kv_a[..., :c], w[_KV_NORM], _LATENT_EPS, dt)
-    k_rope = apply_rope(kv_a[..., None, c:], cos, sin, interleave)  # (B,T,1,Dr), shared by all heads
-    dr = k_rope.shape[-1]
-    dn = q.shape[-1] - dr
-    kv = jnp.einsum("btc,cnj->btnj", latent, w[_WKV_B])  # per head [k_nope Dn | v Dv]
-    k_nope, v = kv[..., :dn], kv[..., dn:]
-    q = jnp.concatenate([q[..., :dn], apply_rope(q[..., dn:], cos, sin, interleave)], axis=-1)
-    q = q * scale.astype(dt)  # MaxText scales the query (not the scores)
-    k = jnp.concatenate([k_nope, jnp.broadcast_to(k_rope, (*k_nope.shape[:-1], dr))], axis=-1)
-
     t = x.shape[1]
     keep = jnp.tril(jnp.ones((t, t), dtype=bool))
     if index_topk:
+        q_latent = mla_query_latent(h, subtree(w, _SA), _LATENT_EPS, dt)   # computed once: XLA merges the two
         keep = keep & _indexer_keep(h, q_latent, w, cos, sin, index_topk)
-    attn = gqa_attention(q, k, v, keep, dt)
-    return x + jnp.einsum("btnd,nde->bte", attn, w[_O])
+    return x + mla_attention(h, subtree(w, _SA), cos, sin, keep, scale, latent_eps=_LATENT_EPS, dtype=dt,
+                             interleaved=interleave)
 
 
 @partial(jax.jit, static_argnames=("eps", "dtype"))
@@ -384,20 +366,10 @@ def _moe_route(
 
 
 def _expected_shapes(cfg: DeepseekConfig, moe: bool) -> dict[str, tuple[int, ...]]:
-    e, n, c = cfg.hidden, cfg.num_heads, cfg.kv_lora_rank
-    dq, dr, dn, dv = cfg.qk_head_dim, cfg.qk_rope, cfg.qk_nope, cfg.v_head
-    shapes: dict[str, tuple[int, ...]] = {
-        _PRE_NORM: (e,),
-        _POST_NORM: (e,),
-        _WKV_A: (e, c + dr),
-        _KV_NORM: (c,),
-        _WKV_B: (c, n, dn + dv),
-        _O: (n, dv, e),
-    }
-    if cfg.q_lora_rank:
-        shapes |= {_WQ_A: (e, cfg.q_lora_rank), _Q_NORM: (cfg.q_lora_rank,), _WQ_B: (cfg.q_lora_rank, n, dq)}
-    else:
-        shapes[_Q] = (e, n, dq)
+    e = cfg.hidden
+    shapes = {_PRE_NORM: (e,), _POST_NORM: (e,)} | mla_shapes(
+        e, cfg.num_heads, kv_lora_rank=cfg.kv_lora_rank, q_lora_rank=cfg.q_lora_rank, qk_nope=cfg.qk_nope,
+        qk_rope=cfg.qk_rope, v_head=cfg.v_head, prefix=_SA)
     if cfg.index_topk:
         h, hd = cfg.index_n_heads, cfg.index_head_dim
         shapes |= {
