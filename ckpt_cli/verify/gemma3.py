@@ -132,7 +132,7 @@ def _layer(x: jax.Array, w: dict[str, jax.Array], cos: jax.Array, sin: jax.Array
     q, k = _rope(q, cos, sin, False), _rope(k, cos, sin, False)
     if query_scale != 1.0:
         q = q * jnp.asarray(query_scale, dt)
-    attn = gqa_attention(q, k, v, mask, dt, softcap)
+    attn = gqa_attention(q, k, v, mask, dt, soft_cap=softcap)
     x = x + post(jnp.einsum("btnd,nde->bte", attn, w[_O]), _POST_ATTN)
     h = _rms_norm(x, w[_PRE_FFW], eps, dt)
     mlp = (jax.nn.gelu(h @ w[_WI0], approximate=True) * (h @ w[_WI1])) @ w[_WO]
