@@ -1,7 +1,7 @@
 """The blocks of MaxText's decoder math, in pure JAX, from which every verify forward is composed.
 
-A family's forward (``forward.py``, ``gemma3.py``, ``gpt_oss.py``, ``deepseek.py``) is a short composition of
-these blocks, as MaxText composes its decoder layers; the math of each block is written once, here.
+A family's forward (``forward.py``, ``gemma3.py``, ``olmo3.py``, ``gpt_oss.py``, ``deepseek.py``) is a short
+composition of these blocks, as MaxText composes its decoder layers; the math of each block is written once, here.
 
 Blocks (all pure functions of arrays; ``dtype`` is the compute dtype, norm statistics and softmax are float32):
 
@@ -51,12 +51,13 @@ then, per layer: ``layer = select_leaves(params.layer(i), attention_shapes(...) 
 transposed=transposed, ...)``. Per-layer choices (a local layer's window and RoPE θ) are picked outside the jit: a
 mask and a cos/sin pair per kind of layer, built once.
 
-Options by family: Llama 2 / Mistral: plain rotate-half RoPE, ``query_scale=1`` (folded in the kernel); Llama 3.1:
-``llama3_inv_freq``, ``interleaved=True``; Qwen2.5: ``attention_shapes(bias=("query", "key", "value"))``,
-``query_scale=D**-0.5``; Gemma 2: ``self_attention(soft_cap=...)``, ``final_logits(normalize=True, soft_cap=...)``,
-``gated_mlp(..., "gelu_tanh")``, post-norms as Gemma3 (the tree stores ``1 + w``, so no ``offset``); OLMo 3:
-``attention_shapes(qk_norm="full")``, norms after attention and MLP (``x + rms_norm(attn, post)``), a window mask
-on the layers ``layer_types`` makes local.
+Options by family (as ``forward.py``, ``gemma3.py`` and ``olmo3.py`` pick them): Llama 2 / Mistral: plain
+rotate-half RoPE, ``query_scale=1`` (folded in the kernel); Llama 3.1: ``llama3_inv_freq``, ``interleaved=True``;
+Qwen2.5: ``attention_shapes(bias=("query", "key", "value"))``, ``query_scale=D**-0.5``; Gemma 2:
+``self_attention(soft_cap=...)``, ``final_logits(normalize=True, soft_cap=...)``, ``gated_mlp(..., "gelu_tanh")``,
+post-norms as Gemma3 (the tree stores ``1 + w``, so no ``offset``); Gemma: pre-norms only; OLMo 3:
+``attention_shapes(prefix="attention/", qk_norm="full")``, norms after attention and MLP
+(``x + rms_norm(attn, post)``), a window mask on the layers ``layer_types`` makes local.
 """
 
 from __future__ import annotations

@@ -56,7 +56,7 @@ from ckpt_cli.verify.blocks import (
 )
 
 __all__ = ["VERSIONS", "DeepseekConfig", "deepseek_logits", "rope_attention_factor", "rope_inv_freq",
-           "softmax_scale", "yarn_inv_freq"]
+           "softmax_scale"]
 
 VERSIONS = ("v2", "v3", "v3.2")
 _MODEL_TYPES = {"deepseek_v2": "v2", "deepseek_v3": "v3", "deepseek_v32": "v3.2"}

@@ -28,14 +28,11 @@ import numpy as np
 
 from ckpt_cli.verify.blocks import (
     FINAL_NORM,
-    MASK_VALUE,
     ParamSource,
-    apply_rope,
     attention_mask,
     attention_shapes,
     embed_tokens,
     final_logits,
-    gqa_attention,
     llama3_inv_freq,
     lm_head,
     mlp_shapes,
@@ -55,10 +52,6 @@ from ckpt_cli.verify.blocks import rope_inv_freq as plain_inv_freq
 
 FAMILIES = ("qwen3", "llama3.1", "qwen3_moe", "mixtral", "llama2", "mistral", "qwen2")
 MOE_FAMILIES = ("qwen3_moe", "mixtral")
-# The names forwards written before verify/blocks.py import from here; new code imports verify/blocks.py.
-_MASK_VALUE, _rms_norm, _rope, _final_logits = MASK_VALUE, rms_norm, apply_rope, final_logits
-__all__ = ["FAMILIES", "MOE_FAMILIES", "ForwardConfig", "ParamSource", "attention_mask", "embed_tokens",
-           "gqa_attention", "maxtext_logits", "rope_inv_freq", "select_leaves", "swiglu"]
 _LLAMA3_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
 
 _PRE_NORM = "pre_self_attention_layer_norm/scale"

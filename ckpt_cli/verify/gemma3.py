@@ -47,7 +47,6 @@ from ckpt_cli.verify.blocks import (
     to_device,
 )
 
-__all__ = ["Gemma3Config", "attention_mask", "gemma3_logits"]
 _PRE_ATTN, _POST_ATTN = "pre_self_attention_norm/scale", "post_self_attention_norm/scale"
 _PRE_FFW, _POST_FFW = "pre_ffw_norm/scale", "post_ffw_norm/scale"
 _WI0, _WI1, _WO = "mlp/wi_0/kernel", "mlp/wi_1/kernel", "mlp/wo/kernel"
