@@ -2,10 +2,12 @@
 
 Covers DeepSeek V2 (V2-Lite: plain query projection, softmax routing), V3 (low-rank query, sigmoid
 routing with a correction bias) and V3.2 (V3 plus the sparse-attention "lightning indexer"). Weights
-are read one decoder layer at a time through the :class:`~ckpt_cli.verify.forward.ParamSource`
+are read one decoder layer at a time through the :class:`~ckpt_cli.verify.blocks.ParamSource`
 protocol (per-layer MaxText leaves, maxtext-layout.md §7.2/§7.3), so peak memory is about one layer
-of weights plus activations. Math: maxtext-layout.md §7.4; where MaxText and transformers differ in a
-configurable detail, the values of the HF ``config.json`` decide, as transformers applies them:
+of weights plus activations. The layers are ``verify/blocks.py``'s blocks (``mla_attention``, SwiGLU MLPs,
+softmax / sigmoid routing, streamed experts, logits); the V3.2 indexer is written here from its pieces.
+Math: maxtext-layout.md §7.4; where MaxText and transformers differ in a configurable detail, the values of the
+HF ``config.json`` decide, as transformers applies them:
 
 * YaRN frequencies and the cos/sin factor ``attention_factor`` (1.0 for every released DeepSeek
   config, where ``mscale == mscale_all_dim``); softmax scale ``Dq^-0.5 · m²`` with
@@ -18,7 +20,6 @@ configurable detail, the values of the HF ``config.json`` decide, as transformer
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -27,13 +28,38 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ckpt_cli.verify.forward import ParamSource, _rms_norm, _rope, embed_tokens, select_leaves
+from ckpt_cli.verify.blocks import (
+    FINAL_NORM,
+    ParamSource,
+    apply_rope,
+    embed_tokens,
+    final_logits,
+    gated_mlp,
+    layer_norm,
+    lm_head,
+    mla_attention,
+    mla_query_latent,
+    mla_shapes,
+    mlp_shapes,
+    moe_shapes,
+    release,
+    rms_norm,
+    rope_tables,
+    route_sigmoid,
+    route_softmax_topk,
+    routed_experts,
+    select_leaves,
+    subtree,
+    to_device,
+    yarn_inv_freq,
+    yarn_mscale,
+)
+
+__all__ = ["VERSIONS", "DeepseekConfig", "deepseek_logits", "rope_attention_factor", "rope_inv_freq",
+           "softmax_scale"]
 
 VERSIONS = ("v2", "v3", "v3.2")
 _MODEL_TYPES = {"deepseek_v2": "v2", "deepseek_v3": "v3", "deepseek_v32": "v3.2", "kimi_k2": "v3"}   # Kimi K2: V3
-_DTYPES = ("float32", "bfloat16")
-# Same convention as MaxText: a large finite negative value instead of -inf.
-_MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
 _LATENT_EPS = 1e-6  # q_a_layernorm / kv_a_layernorm (transformers builds them with the default eps)
 _INDEXER_LN_EPS = 1e-6  # indexer k_norm (a LayerNorm with bias)
 
@@ -51,24 +77,16 @@ _DEFAULTS: dict[str, dict[str, Any]] = {
 _SA = "self_attention/"
 _PRE_NORM = "pre_self_attention_layer_norm/scale"
 _POST_NORM = "post_self_attention_layer_norm/scale"
-_Q = _SA + "query/kernel"
-_WQ_A, _Q_NORM, _WQ_B = _SA + "wq_a/kernel", _SA + "q_norm/scale", _SA + "wq_b/kernel"
-_WKV_A, _KV_NORM, _WKV_B = _SA + "wkv_a/kernel", _SA + "kv_norm/scale", _SA + "wkv_b/kernel"
-_O = _SA + "out/kernel"
 _IDX = _SA + "indexer/"
 _IDX_WQ_B, _IDX_WK = _IDX + "wq_b/kernel", _IDX + "wk/kernel"
 _IDX_K_SCALE, _IDX_K_BIAS = _IDX + "k_norm/scale", _IDX + "k_norm/bias"
 _IDX_WPROJ = _IDX + "weights_proj/kernel"
 _WI0, _WI1, _WO = "mlp/wi_0/kernel", "mlp/wi_1/kernel", "mlp/wo/kernel"
 _MOE = "DeepSeekMoeBlock_0/"
-_GATE, _GATE_BIAS = _MOE + "MoeBlock_0/gate/kernel", _MOE + "MoeBlock_0/gate/bias"
-_EXP_WI0, _EXP_WI1, _EXP_WO = (_MOE + f"MoeBlock_0/{n}" for n in ("wi_0", "wi_1", "wo"))
-_SH_WI0, _SH_WI1, _SH_WO = (_MOE + f"shared_experts/{n}/kernel" for n in ("wi_0", "wi_1", "wo"))
-_EMBEDDING, _FINAL_NORM, _LM_HEAD = (
-    "token_embedder/embedding",
-    "decoder/decoder_norm/scale",
-    "decoder/logits_dense/kernel",
-)
+_ROUTED, _SHARED = _MOE + "MoeBlock_0/", _MOE + "shared_experts/"
+_GATE, _GATE_BIAS = _ROUTED + "gate/kernel", _ROUTED + "gate/bias"
+_EXPERTS = ("wi_0", "wi_1", "wo")
+_SH_WI0, _SH_WI1, _SH_WO = (_SHARED + f"{n}/kernel" for n in _EXPERTS)
 _KEEP_F32 = (_IDX_WPROJ, _GATE, _GATE_BIAS)  # float32 in the model (and in transformers) whatever the dtype
 
 
@@ -229,15 +247,11 @@ class DeepseekConfig:
         )
 
 
-def _yarn_mscale(factor: float, mscale: float = 1.0) -> float:
-    return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
-
-
 def softmax_scale(cfg: DeepseekConfig) -> float:
     """MLA softmax scale: ``Dq^-0.5``, times ``m²`` (``m`` from ``mscale_all_dim``) under YaRN."""
     scale = cfg.qk_head_dim**-0.5
     if cfg.rope_factor is not None and cfg.mscale_all_dim:
-        m = _yarn_mscale(cfg.rope_factor, cfg.mscale_all_dim)
+        m = yarn_mscale(cfg.rope_factor, cfg.mscale_all_dim)
         scale *= m * m
     return scale
 
@@ -249,51 +263,14 @@ def rope_attention_factor(cfg: DeepseekConfig) -> float:
     if cfg.attention_factor is not None:
         return cfg.attention_factor
     if cfg.mscale and cfg.mscale_all_dim:
-        return _yarn_mscale(cfg.rope_factor, cfg.mscale) / _yarn_mscale(cfg.rope_factor, cfg.mscale_all_dim)
-    return _yarn_mscale(cfg.rope_factor)
+        return yarn_mscale(cfg.rope_factor, cfg.mscale) / yarn_mscale(cfg.rope_factor, cfg.mscale_all_dim)
+    return yarn_mscale(cfg.rope_factor)
 
 
 def rope_inv_freq(cfg: DeepseekConfig) -> np.ndarray:
     """Inverse RoPE frequencies (Dr/2,) in float32 for the rope dims, YaRN-blended when configured."""
     return yarn_inv_freq(cfg.qk_rope, cfg.rope_theta, cfg.rope_factor, cfg.rope_original_max, cfg.beta_fast,
                          cfg.beta_slow, cfg.rope_truncate)
-
-
-def yarn_inv_freq(d: int, theta: float, factor: float | None, original_max: int | None, beta_fast: float,
-                  beta_slow: float, truncate: bool) -> np.ndarray:
-    """Inverse RoPE frequencies (d/2,) in float32: plain (`factor` None) or YaRN-blended (as transformers)."""
-    pos_freqs = np.float32(theta) ** (np.arange(0, d, 2, dtype=np.float32) / np.float32(d))
-    extrapolation = (np.float32(1.0) / pos_freqs).astype(np.float32)
-    if factor is None:
-        return extrapolation
-    interpolation = (np.float32(1.0) / (np.float32(factor) * pos_freqs)).astype(np.float32)
-
-    def correction_dim(rotations: float) -> float:
-        return d * math.log(original_max / (rotations * 2 * math.pi)) / (2 * math.log(theta))
-
-    low, high = correction_dim(beta_fast), correction_dim(beta_slow)
-    if truncate:
-        low, high = math.floor(low), math.ceil(high)
-    low, high = max(low, 0), min(high, d - 1)
-    if low == high:
-        high += 0.001  # as transformers: avoid a zero-width ramp
-    ramp = np.clip((np.arange(d // 2, dtype=np.float32) - np.float32(low)) / np.float32(high - low), 0, 1)
-    extrapolation_factor = (np.float32(1) - ramp).astype(np.float32)
-    inv = interpolation * (1 - extrapolation_factor) + extrapolation * extrapolation_factor
-    return inv.astype(np.float32)
-
-
-def _layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, eps: float, dtype: jnp.dtype) -> jax.Array:
-    """LayerNorm with bias (the indexer's k_norm): statistics in f32, then cast, scale and shift."""
-    xf = x.astype(jnp.float32)
-    mean = jnp.mean(xf, axis=-1, keepdims=True)
-    var = jnp.mean(jnp.square(xf - mean), axis=-1, keepdims=True)
-    y = (xf - mean) * jax.lax.rsqrt(var + eps)
-    return y.astype(dtype) * scale.astype(dtype) + bias.astype(dtype)
-
-
-def _swiglu(h: jax.Array, wi0: jax.Array, wi1: jax.Array, wo: jax.Array) -> jax.Array:
-    return (jax.nn.silu(h @ wi0) * (h @ wi1)) @ wo
 
 
 def _cast(w: dict[str, jax.Array], dt: jnp.dtype) -> dict[str, jax.Array]:
@@ -308,13 +285,11 @@ def _indexer_keep(
     ``index[b,t,s] = Σ_h w[b,t,h]·H^-0.5 · relu(q[b,t,h]·k[b,s] · Hd^-0.5)`` with ``w = x·weights_proj`` (float32).
     Keys tied at the k-th place are taken lowest index first (``jax.lax.top_k``); torch's order is unspecified.
     """
-    dr = 2 * cos.shape[-1]
     n_heads, head_dim = w[_IDX_WQ_B].shape[1:]
     q = jnp.einsum("btc,chd->bthd", q_latent, w[_IDX_WQ_B])
-    k = _layer_norm(h @ w[_IDX_WK], w[_IDX_K_SCALE], w[_IDX_K_BIAS], _INDEXER_LN_EPS, h.dtype)[:, :, None, :]
-    # RoPE on the first Dr dims, in halves (not interleaved pairs) — unlike the MLA rope dims
-    q = jnp.concatenate([_rope(q[..., :dr], cos, sin, False), q[..., dr:]], axis=-1)
-    k = jnp.concatenate([_rope(k[..., :dr], cos, sin, False), k[..., dr:]], axis=-1)[:, :, 0, :]
+    k = layer_norm(h @ w[_IDX_WK], w[_IDX_K_SCALE], w[_IDX_K_BIAS], _INDEXER_LN_EPS, h.dtype)[:, :, None, :]
+    # partial RoPE on the first Dr dims, in halves (not interleaved pairs) — unlike the MLA rope dims
+    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)[:, :, 0, :]
     qk = jnp.einsum("bthd,bsd->bths", q.astype(jnp.float32), k.astype(jnp.float32))
     scores = jax.nn.relu(qk * head_dim**-0.5)
     weights = (h.astype(jnp.float32) @ w[_IDX_WPROJ]) * n_heads**-0.5  # (B,T,H)
@@ -342,33 +317,14 @@ def _attention(
     """Pre-norm MLA causal self-attention with residual on x (B,T,E); ``index_topk`` 0 = no indexer."""
     dt = jnp.dtype(dtype)
     w = _cast(w, dt)
-    h = _rms_norm(x, w[_PRE_NORM], eps, dt)
-    q_latent = None
-    if _Q in w:  # V2: plain query projection
-        q = jnp.einsum("bte,enq->btnq", h, w[_Q])
-    else:
-        q_latent = _rms_norm(h @ w[_WQ_A], w[_Q_NORM], _LATENT_EPS, dt)
-        q = jnp.einsum("btc,cnq->btnq", q_latent, w[_WQ_B])
-    c = w[_KV_NORM].shape[0]
-    kv_a = h @ w[_WKV_A]  # [latent C | shared k_rope Dr]
-    latent = _rms_norm(kv_a[..., :c], w[_KV_NORM], _LATENT_EPS, dt)
-    k_rope = _rope(kv_a[..., None, c:], cos, sin, interleave)  # (B,T,1,Dr), shared by all heads
-    dr = k_rope.shape[-1]
-    dn = q.shape[-1] - dr
-    kv = jnp.einsum("btc,cnj->btnj", latent, w[_WKV_B])  # per head [k_nope Dn | v Dv]
-    k_nope, v = kv[..., :dn], kv[..., dn:]
-    q = jnp.concatenate([q[..., :dn], _rope(q[..., dn:], cos, sin, interleave)], axis=-1)
-    q = q * scale.astype(dt)  # MaxText scales the query (not the scores)
-    k = jnp.concatenate([k_nope, jnp.broadcast_to(k_rope, (*k_nope.shape[:-1], dr))], axis=-1)
-
+    h = rms_norm(x, w[_PRE_NORM], eps, dt)
     t = x.shape[1]
-    scores = jnp.einsum("btnd,bsnd->bnts", q, k, preferred_element_type=jnp.float32)
-    keep = jnp.tril(jnp.ones((t, t), dtype=bool))[None, None]
+    keep = jnp.tril(jnp.ones((t, t), dtype=bool))
     if index_topk:
-        keep = keep & _indexer_keep(h, q_latent, w, cos, sin, index_topk)[:, None]
-    probs = jax.nn.softmax(jnp.where(keep, scores, _MASK_VALUE), axis=-1).astype(dt)
-    attn = jnp.einsum("bnts,bsnd->btnd", probs, v)
-    return x + jnp.einsum("btnd,nde->bte", attn, w[_O])
+        q_latent = mla_query_latent(h, subtree(w, _SA), _LATENT_EPS, dt)   # computed once: XLA merges the two
+        keep = keep & _indexer_keep(h, q_latent, w, cos, sin, index_topk)
+    return x + mla_attention(h, subtree(w, _SA), cos, sin, keep, scale, latent_eps=_LATENT_EPS, dtype=dt,
+                             interleaved=interleave)
 
 
 @partial(jax.jit, static_argnames=("eps", "dtype"))
@@ -376,7 +332,7 @@ def _dense_mlp(x: jax.Array, w: dict[str, jax.Array], *, eps: float, dtype: str)
     """Pre-norm SwiGLU MLP with residual (dense layers)."""
     dt = jnp.dtype(dtype)
     w = _cast(w, dt)
-    return x + _swiglu(_rms_norm(x, w[_POST_NORM], eps, dt), w[_WI0], w[_WI1], w[_WO])
+    return x + gated_mlp(rms_norm(x, w[_POST_NORM], eps, dt), w[_WI0], w[_WI1], w[_WO])
 
 
 @partial(jax.jit, static_argnames=("eps", "scoring", "top_k", "n_group", "topk_group", "norm_topk_prob", "dtype"))
@@ -397,79 +353,23 @@ def _moe_route(
     expert weights (BT,k)). Routing in float32."""
     dt = jnp.dtype(dtype)
     w = _cast(w, dt)
-    h = _rms_norm(x, w[_POST_NORM], eps, dt)
-    base = x + _swiglu(h, w[_SH_WI0], w[_SH_WI1], w[_SH_WO]) if _SH_WI0 in w else x
+    h = rms_norm(x, w[_POST_NORM], eps, dt)
+    base = x + gated_mlp(h, w[_SH_WI0], w[_SH_WI1], w[_SH_WO]) if _SH_WI0 in w else x
     h, base = h.reshape(-1, h.shape[-1]), base.reshape(-1, h.shape[-1])
     logits = h.astype(jnp.float32) @ w[_GATE]
-    n_exp = logits.shape[-1]
-    if scoring == "softmax":  # V2: top-k of softmax scores; groups ranked by their best expert
-        scores = jax.nn.softmax(logits, axis=-1)
-        if n_group is not None:
-            grouped = scores.reshape(-1, n_group, n_exp // n_group)
-            _, best = jax.lax.top_k(grouped.max(axis=-1), topk_group)
-            in_group = jnp.zeros(grouped.shape[:2], bool).at[jnp.arange(grouped.shape[0])[:, None], best].set(True)
-            scores = jnp.where(jnp.repeat(in_group, n_exp // n_group, axis=-1), scores, 0.0)
-        weights, ids = jax.lax.top_k(scores, top_k)
-    else:  # V3/V3.2: select on sigmoid + bias (groups ranked by their two best), weigh by the pre-bias scores
-        scores = jax.nn.sigmoid(logits)
-        choice = scores + w[_GATE_BIAS] if _GATE_BIAS in w else scores
-        if n_group is not None:
-            grouped = choice.reshape(-1, n_group, n_exp // n_group)
-            group_scores = jax.lax.top_k(grouped, min(2, grouped.shape[-1]))[0].sum(axis=-1)
-            _, best = jax.lax.top_k(group_scores, topk_group)
-            in_group = jnp.zeros(grouped.shape[:2], bool).at[jnp.arange(grouped.shape[0])[:, None], best].set(True)
-            choice = jnp.where(jnp.repeat(in_group, n_exp // n_group, axis=-1), choice, -jnp.inf)
-        _, ids = jax.lax.top_k(choice, top_k)
-        weights = jnp.take_along_axis(scores, ids, axis=-1)
-    if norm_topk_prob:
-        weights = weights / (weights.sum(axis=-1, keepdims=True) + 1e-20)
+    groups = dict(normalize=norm_topk_prob, n_group=n_group, topk_group=topk_group)
+    if scoring == "softmax":  # V2
+        weights, ids = route_softmax_topk(logits, top_k, **groups)
+    else:  # V3/V3.2
+        weights, ids = route_sigmoid(logits, w.get(_GATE_BIAS), top_k, **groups)
     return base, h, ids, weights * scaling
 
 
-@partial(jax.jit, static_argnames=("dtype",))
-def _expert_add(
-    out: jax.Array,
-    h: jax.Array,
-    rows: jax.Array,
-    coef: jax.Array,
-    wi0: jax.Array,
-    wi1: jax.Array,
-    wo: jax.Array,
-    *,
-    dtype: str,
-) -> jax.Array:
-    """out[rows] += coef · expert(h[rows]); padding rows point past the end and are dropped."""
-    dt = jnp.dtype(dtype)
-    hr = jnp.take(h, rows, axis=0, mode="fill", fill_value=0)
-    y = _swiglu(hr, wi0.astype(dt), wi1.astype(dt), wo.astype(dt)) * coef[:, None].astype(dt)
-    return out.at[rows].add(y.astype(out.dtype), mode="drop")
-
-
-@partial(jax.jit, static_argnames=("eps", "transposed", "dtype"))
-def _final_logits(
-    x: jax.Array, scale: jax.Array, head: jax.Array, *, eps: float, transposed: bool, dtype: str
-) -> jax.Array:
-    dt = jnp.dtype(dtype)
-    h = _rms_norm(x, scale, eps, dt)
-    spec = "bte,ve->btv" if transposed else "bte,ev->btv"
-    return jnp.einsum(spec, h, head.astype(dt)).astype(jnp.float32)
-
-
 def _expected_shapes(cfg: DeepseekConfig, moe: bool) -> dict[str, tuple[int, ...]]:
-    e, n, c = cfg.hidden, cfg.num_heads, cfg.kv_lora_rank
-    dq, dr, dn, dv = cfg.qk_head_dim, cfg.qk_rope, cfg.qk_nope, cfg.v_head
-    shapes: dict[str, tuple[int, ...]] = {
-        _PRE_NORM: (e,),
-        _POST_NORM: (e,),
-        _WKV_A: (e, c + dr),
-        _KV_NORM: (c,),
-        _WKV_B: (c, n, dn + dv),
-        _O: (n, dv, e),
-    }
-    if cfg.q_lora_rank:
-        shapes |= {_WQ_A: (e, cfg.q_lora_rank), _Q_NORM: (cfg.q_lora_rank,), _WQ_B: (cfg.q_lora_rank, n, dq)}
-    else:
-        shapes[_Q] = (e, n, dq)
+    e = cfg.hidden
+    shapes = {_PRE_NORM: (e,), _POST_NORM: (e,)} | mla_shapes(
+        e, cfg.num_heads, kv_lora_rank=cfg.kv_lora_rank, q_lora_rank=cfg.q_lora_rank, qk_nope=cfg.qk_nope,
+        qk_rope=cfg.qk_rope, v_head=cfg.v_head, prefix=_SA)
     if cfg.index_topk:
         h, hd = cfg.index_n_heads, cfg.index_head_dim
         shapes |= {
@@ -480,14 +380,10 @@ def _expected_shapes(cfg: DeepseekConfig, moe: bool) -> dict[str, tuple[int, ...
             _IDX_WPROJ: (e, h),
         }
     if not moe:
-        f = cfg.intermediate
-        return shapes | {_WI0: (e, f), _WI1: (e, f), _WO: (f, e)}
-    x, m, s = cfg.n_routed_experts, cfg.moe_intermediate, cfg.n_shared * cfg.moe_intermediate
-    shapes |= {_GATE: (e, x), _EXP_WI0: (x, e, m), _EXP_WI1: (x, e, m), _EXP_WO: (x, m, e)}
-    if cfg.router_bias:
-        shapes[_GATE_BIAS] = (x,)
-    if s:
-        shapes |= {_SH_WI0: (e, s), _SH_WI1: (e, s), _SH_WO: (s, e)}
+        return shapes | mlp_shapes(e, cfg.intermediate)
+    shapes |= moe_shapes(e, cfg.n_routed_experts, cfg.moe_intermediate, prefix=_ROUTED, router_bias=cfg.router_bias)
+    if cfg.n_shared:
+        shapes |= mlp_shapes(e, cfg.n_shared * cfg.moe_intermediate, prefix=_SHARED)
     return shapes
 
 
@@ -495,43 +391,6 @@ def _layer_weights(layer: dict[str, np.ndarray], cfg: DeepseekConfig, i: int) ->
     """Select and shape-check the leaves of HF layer ``i`` used by the forward."""
     shapes = _expected_shapes(cfg, moe=i >= cfg.first_k_dense)
     return select_leaves(layer, shapes, i)
-
-
-def _bucket(n: int, cap: int) -> int:
-    """Padded row count for ``n`` routed rows (a power of two >= 256, at most ``cap``): bounds recompilation."""
-    return min(max(1 << max(n - 1, 0).bit_length(), 256), cap)
-
-
-def _routed_experts(
-    out: jax.Array, h: jax.Array, ids: np.ndarray, weights: np.ndarray, layer: dict[str, np.ndarray], dtype: str
-) -> jax.Array:
-    """Add every hit expert's weighted SwiGLU output to ``out`` (BT,E); only the tokens routed to it are computed."""
-    rows_total = h.shape[0]
-    for x in np.unique(ids):
-        rows, slots = np.nonzero(ids == x)
-        size = _bucket(len(rows), rows_total)
-        padded = np.full(size, rows_total, dtype=np.int32)
-        padded[: len(rows)] = rows
-        coef = np.zeros(size, dtype=np.float32)
-        coef[: len(rows)] = weights[rows, slots]
-        experts = jax.block_until_ready([jax.device_put(layer[k][x]) for k in (_EXP_WI0, _EXP_WI1, _EXP_WO)])
-        out = _expert_add(out, h, padded, coef, *experts, dtype=dtype)
-        for a in experts:
-            a.delete()
-    return out
-
-
-@jax.jit
-def _tick() -> jax.Array:
-    return jnp.zeros((), jnp.float32)
-
-
-def _flush_host_refs() -> None:
-    """jaxlib keeps a reference to the numpy source of a host-to-device transfer until its next execution
-    after the transfer (and the deletion of the device copy) has settled; two trivial executions let the
-    previous layer's arrays go before the next ``params.layer`` fetch rather than during the next layer."""
-    for _ in range(2):
-        _tick().block_until_ready()
 
 
 def _notes(cfg: DeepseekConfig, seq_len: int) -> list[str]:
@@ -574,10 +433,7 @@ def deepseek_logits(
     x = embed_tokens(params, cfg, tokens, dtype)
 
     seq_len = tokens.shape[1]
-    angles = np.arange(seq_len, dtype=np.float32)[:, None] * rope_inv_freq(cfg)[None, :]
-    attention_factor = np.float32(rope_attention_factor(cfg))
-    cos = jnp.asarray((np.cos(angles) * attention_factor).astype(np.float32))
-    sin = jnp.asarray((np.sin(angles) * attention_factor).astype(np.float32))
+    cos, sin = rope_tables(rope_inv_freq(cfg), seq_len, rope_attention_factor(cfg))
     eps = float(cfg.rms_eps)
     scale, scaling = np.float32(softmax_scale(cfg)), np.float32(cfg.routed_scaling_factor)
     attn_static = {
@@ -595,12 +451,9 @@ def deepseek_logits(
         "norm_topk_prob": cfg.norm_topk_prob,
         "dtype": dtype,
     }
-    experts = (_EXP_WI0, _EXP_WI1, _EXP_WO)
     for i in range(cfg.num_layers):
         layer = _layer_weights(params.layer(i), cfg, i)
-        # Transfers are awaited so that jaxlib's hold on the numpy sources ends before the layer is computed
-        # (it releases them lazily, at its next execution: see _flush_host_refs).
-        weights = jax.block_until_ready({k: jax.device_put(v) for k, v in layer.items() if k not in experts})
+        weights = to_device(layer, skip=tuple(_ROUTED + name for name in _EXPERTS))
         attn_w = {k: v for k, v in weights.items() if k.startswith(_SA) or k == _PRE_NORM}
         if not attn_static["index_topk"]:  # unused indexer leaves would only add a compiled variant
             attn_w = {k: v for k, v in attn_w.items() if not k.startswith(_IDX)}
@@ -610,18 +463,12 @@ def deepseek_logits(
             x = _dense_mlp(x, mlp_w, eps=eps, dtype=dtype)
         else:
             out, h, ids, gate_w = _moe_route(x, mlp_w, scaling, **moe_static)
-            x = _routed_experts(out, h, np.asarray(ids), np.asarray(gate_w), layer, dtype).reshape(x.shape)
+            x = routed_experts(out, h, np.asarray(ids), np.asarray(gate_w),
+                               {name: layer[_ROUTED + name] for name in _EXPERTS}, dtype).reshape(x.shape)
         x = x.block_until_ready()
-        for w in weights.values():
-            w.delete()
-        _flush_host_refs()
+        release(weights)
         del layer, weights, attn_w, mlp_w
 
-    if cfg.tied:
-        head, transposed = params.top(_EMBEDDING), True
-    elif params.has_top(_LM_HEAD):
-        head, transposed = params.top(_LM_HEAD), False
-    else:
-        raise KeyError(f"untied config but {_LM_HEAD} is absent")
-    logits = _final_logits(x, params.top(_FINAL_NORM), head, eps=eps, transposed=transposed, dtype=dtype)
+    head, transposed = lm_head(params, cfg.tied)
+    logits = final_logits(x, params.top(FINAL_NORM), head, eps=eps, transposed=transposed, dtype=dtype)
     return np.asarray(logits)[..., : cfg.vocab], _notes(cfg, seq_len)

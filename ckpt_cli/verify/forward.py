@@ -6,7 +6,8 @@ Mixtral. Weights are read one decoder layer at a time through a
 embedding / LM head). See ``maxtext-layout.md`` §1.2, §1.5, §5.4, §6.4, §8.3 and §11 for the conventions.
 Qwen3 MoE and Mixtral route as transformers does (softmax over all experts in float32, top-k, renormalised when
 ``norm_topk_prob``: with it, the same as MaxText's top-k of the logits then softmax over the k); only the
-experts a token is routed to are computed for it (the expert code is DeepSeek's, ``verify/deepseek.py``).
+experts a token is routed to are computed for it (``routed_experts``). Every piece of math is a block of
+``verify/blocks.py``; this module picks the blocks and options per family.
 Mixtral always renormalises (transformers' Mixtral does; MaxText takes the top-k logits then a softmax over
 them), has no qk-norm, rotate-half RoPE and its 1/sqrt(D) folded into the query kernel. ``llama2`` and
 ``mistral`` are Llama 3.1 with MaxText's default rotate-half RoPE, unscaled whatever the config asks (MaxText
@@ -17,49 +18,53 @@ qk-norm.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, Protocol
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ckpt_cli.verify.blocks import (
+    FINAL_NORM,
+    ParamSource,
+    attention_mask,
+    attention_shapes,
+    embed_tokens,
+    final_logits,
+    llama3_inv_freq,
+    lm_head,
+    mlp_shapes,
+    moe_shapes,
+    release,
+    rms_norm,
+    rope_tables,
+    route_softmax_topk,
+    routed_experts,
+    select_leaves,
+    self_attention,
+    subtree,
+    swiglu,
+    to_device,
+)
+from ckpt_cli.verify.blocks import rope_inv_freq as plain_inv_freq
+
 FAMILIES = ("qwen3", "llama3.1", "qwen3_moe", "mixtral", "llama2", "mistral", "qwen2")
 MOE_FAMILIES = ("qwen3_moe", "mixtral")
-_DTYPES = ("float32", "bfloat16")
-# Same convention as MaxText: a large finite negative value instead of -inf.
-_MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
 _LLAMA3_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
 
 _PRE_NORM = "pre_self_attention_layer_norm/scale"
 _POST_NORM = "post_self_attention_layer_norm/scale"
-_Q, _K, _V, _O = (f"self_attention/{n}/kernel" for n in ("query", "key", "value", "out"))
-_Q_NORM, _K_NORM = "self_attention/query_norm/scale", "self_attention/key_norm/scale"
-_QB, _KB, _VB = (f"self_attention/{n}/bias" for n in ("query", "key", "value"))
+_ATTN = "self_attention/"
 QK_NORM_FAMILIES = ("qwen3", "qwen3_moe")
+QKV_BIAS_FAMILIES = ("qwen2",)
 FOLDED_QUERY_SCALE = ("llama3.1", "mixtral", "llama2", "mistral")   # 1/sqrt(D) is in their query kernels
 PLAIN_ROPE = ("llama2", "mistral", "qwen2")   # MaxText's default RoPE: no scaling whatever the HF config asks
 _WI0, _WI1, _WO = "mlp/wi_0/kernel", "mlp/wi_1/kernel", "mlp/wo/kernel"
-# The MoE block's leaves (router, then the stacked experts wi_0, wi_1, wo) under each family's name for it.
-_MOE_LEAVES = {family: (f"{block}/gate/kernel", f"{block}/wi_0", f"{block}/wi_1", f"{block}/wo")
-               for family, block in (("qwen3_moe", "moe_block"), ("mixtral", "MoeBlock_0"))}
-_EMBEDDING, _FINAL_NORM, _LM_HEAD = (
-    "token_embedder/embedding",
-    "decoder/decoder_norm/scale",
-    "decoder/logits_dense/kernel",
-)
-
-
-class ParamSource(Protocol):
-    """Read access to a MaxText parameter tree, one (unstacked) decoder layer at a time."""
-
-    def top(self, path: str) -> np.ndarray: ...
-
-    def has_top(self, path: str) -> bool: ...
-
-    def layer(self, i: int) -> dict[str, np.ndarray]: ...
+# The MoE block under each family's name for it (router gate/kernel, stacked experts wi_0, wi_1, wo).
+_MOE_BLOCK = {"qwen3_moe": "moe_block/", "mixtral": "MoeBlock_0/"}
+_EXPERTS = ("wi_0", "wi_1", "wo")
 
 
 @dataclass(frozen=True)
@@ -157,259 +162,75 @@ class ForwardConfig:
 
 def rope_inv_freq(cfg: ForwardConfig) -> np.ndarray:
     """Inverse RoPE frequencies (D/2,) in float32, with Llama-3 scaling when configured."""
-    d = cfg.head_dim
-    inv_freq = 1.0 / (cfg.rope_theta ** (np.arange(0, d, 2, dtype=np.float32) / np.float32(d)))
+    inv_freq = plain_inv_freq(cfg.head_dim, cfg.rope_theta)
     if cfg.rope_scaling is None:
-        return inv_freq.astype(np.float32)
+        return inv_freq
     s = cfg.rope_scaling
-    factor, low, high = float(s["factor"]), float(s["low_freq_factor"]), float(s["high_freq_factor"])
-    old_ctx = float(s["original_max_position_embeddings"])
-    wavelen = 2 * math.pi / inv_freq
-    scaled = np.where(wavelen > old_ctx / low, inv_freq / factor, inv_freq)
-    smooth = (old_ctx / wavelen - low) / (high - low)
-    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
-    medium = (wavelen >= old_ctx / high) & (wavelen <= old_ctx / low)
-    return np.where(medium, smoothed, scaled).astype(np.float32)
+    return llama3_inv_freq(inv_freq, float(s["factor"]), float(s["low_freq_factor"]), float(s["high_freq_factor"]),
+                           float(s["original_max_position_embeddings"]))
 
 
-def _rms_norm(x: jax.Array, scale: jax.Array, eps: float, dtype: jnp.dtype) -> jax.Array:
-    """MaxText RMSNorm: normalize in f32, cast to ``dtype``, multiply by ``scale`` (no offset)."""
-    xf = x.astype(jnp.float32)
-    y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
-    return y.astype(dtype) * scale.astype(dtype)
+def _attention(x: jax.Array, w: dict[str, jax.Array], cos: jax.Array, sin: jax.Array, mask: jax.Array, eps: float,
+               interleaved: bool, query_scale: float, dt: jnp.dtype) -> jax.Array:
+    """x + pre-norm GQA self-attention of x (B,T,E); ``w`` already in ``dt`` (traced inside a jit)."""
+    h = rms_norm(x, w[_PRE_NORM], eps, dt)
+    return x + self_attention(h, subtree(w, _ATTN), cos, sin, mask, eps=eps, dtype=dt, interleaved=interleaved,
+                             query_scale=query_scale)
 
 
-def _rope(x: jax.Array, cos: jax.Array, sin: jax.Array, interleaved: bool) -> jax.Array:
-    """Rotate (B,T,H,D) by per-position angles; pairs are (i, D/2+i) or, interleaved, (2i, 2i+1)."""
-    cos, sin = cos[None, :, None, :], sin[None, :, None, :]
-    xf = x.astype(jnp.float32)
-    if interleaved:
-        x1, x2 = xf[..., 0::2], xf[..., 1::2]
-        out = jnp.stack([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).reshape(x.shape)
-    else:
-        x1, x2 = jnp.split(xf, 2, axis=-1)
-        out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
-    return out.astype(x.dtype)
-
-
-def _project(h: jax.Array, w: dict[str, jax.Array], kernel: str, bias: str) -> jax.Array:
-    """h (B,T,E) through an (E, H, D) projection kernel, plus its (H, D) bias when the layer has one (Qwen2.5)."""
-    out = jnp.einsum("bte,ehd->bthd", h, w[kernel])
-    return out + w[bias] if bias in w else out
-
-
-def _self_attention(
-    x: jax.Array,
-    w: dict[str, jax.Array],
-    cos: jax.Array,
-    sin: jax.Array,
-    eps: float,
-    qk_norm: bool,
-    interleaved: bool,
-    query_scale: float,
-    dt: jnp.dtype,
-) -> jax.Array:
-    """x + pre-norm GQA causal self-attention of x (B,T,E); ``w`` already in ``dt`` (traced inside a jit)."""
-    h = _rms_norm(x, w[_PRE_NORM], eps, dt)
-    q = _project(h, w, _Q, _QB)
-    k = _project(h, w, _K, _KB)
-    v = _project(h, w, _V, _VB)
-    if qk_norm:
-        q, k = _rms_norm(q, w[_Q_NORM], eps, dt), _rms_norm(k, w[_K_NORM], eps, dt)
-    q, k = _rope(q, cos, sin, interleaved), _rope(k, cos, sin, interleaved)
-    if query_scale != 1.0:
-        q = q * jnp.asarray(query_scale, dt)
-    attn = gqa_attention(q, k, v, jnp.tril(jnp.ones((q.shape[1], q.shape[1]), dtype=bool)), dt)
-    return x + jnp.einsum("btnd,nde->bte", attn, w[_O])
-
-
-def attention_mask(length: int, window: int | None) -> np.ndarray:
-    """(T, T) bool: causal, and for a sliding-window (local) layer only the last `window` positions (q - kv < W)."""
-    q, kv = np.arange(length)[:, None], np.arange(length)[None, :]
-    mask = kv <= q
-    return mask & (q - kv < window) if window is not None else mask
-
-
-def gqa_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, dt: jnp.dtype,
-                  softcap: float | None = None) -> jax.Array:
-    """Softmax attention of q (B,T,N,D) over k, v (B,S,K,D), query head n reading kv head n // (N/K).
-
-    q is already scaled; scores in float32, soft-capped (`c · tanh(s / c)`, Gemma 2) when `softcap` is given,
-    masked positions (`mask` (T,S) False) get MaxText's large negative value, the probabilities are cast to `dt`
-    before they weight v. Returns (B,T,N,D).
-    """
-    b, t, n, d = q.shape
-    kv = k.shape[2]
-    qg = q.reshape(b, t, kv, n // kv, d)
-    scores = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32)
-    if softcap is not None:
-        scores = jnp.tanh(scores / softcap) * softcap
-    probs = jax.nn.softmax(jnp.where(mask, scores, _MASK_VALUE), axis=-1).astype(dt)
-    return jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, n, d)
-
-
-def swiglu(h: jax.Array, wi_0: jax.Array, wi_1: jax.Array, wo: jax.Array) -> jax.Array:
-    """MaxText's gated MLP with activations ["silu", "linear"]: (silu(h·wi_0) * (h·wi_1))·wo."""
-    return (jax.nn.silu(h @ wi_0) * (h @ wi_1)) @ wo
-
-
-@partial(jax.jit, static_argnames=("eps", "qk_norm", "interleaved", "query_scale", "dtype"))
-def _decoder_layer(
-    x: jax.Array,
-    w: dict[str, jax.Array],
-    cos: jax.Array,
-    sin: jax.Array,
-    *,
-    eps: float,
-    qk_norm: bool,
-    interleaved: bool,
-    query_scale: float,
-    dtype: str,
-) -> jax.Array:
+@partial(jax.jit, static_argnames=("eps", "interleaved", "query_scale", "dtype"))
+def _decoder_layer(x: jax.Array, w: dict[str, jax.Array], cos: jax.Array, sin: jax.Array, mask: jax.Array, *,
+                   eps: float, interleaved: bool, query_scale: float, dtype: str) -> jax.Array:
     """One pre-norm decoder layer (GQA causal self-attention + SwiGLU MLP) on x (B,T,E)."""
     dt = jnp.dtype(dtype)
     w = {k: v.astype(dt) for k, v in w.items()}
-    x = _self_attention(x, w, cos, sin, eps, qk_norm, interleaved, query_scale, dt)
+    x = _attention(x, w, cos, sin, mask, eps, interleaved, query_scale, dt)
+    return x + swiglu(rms_norm(x, w[_POST_NORM], eps, dt), w[_WI0], w[_WI1], w[_WO])
 
-    return x + swiglu(_rms_norm(x, w[_POST_NORM], eps, dt), w[_WI0], w[_WI1], w[_WO])
 
-
-@partial(jax.jit, static_argnames=("eps", "qk_norm", "interleaved", "query_scale", "top_k", "norm_topk_prob",
-                                   "dtype"))
-def _moe_attention_route(
-    x: jax.Array,
-    w: dict[str, jax.Array],
-    gate: jax.Array,
-    cos: jax.Array,
-    sin: jax.Array,
-    *,
-    eps: float,
-    qk_norm: bool,
-    interleaved: bool,
-    query_scale: float,
-    top_k: int,
-    norm_topk_prob: bool,
-    dtype: str,
-) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+@partial(jax.jit, static_argnames=("gate", "eps", "interleaved", "query_scale", "top_k", "norm_topk_prob", "dtype"))
+def _moe_attention_route(x: jax.Array, w: dict[str, jax.Array], cos: jax.Array, sin: jax.Array, mask: jax.Array, *,
+                         gate: str, eps: float, interleaved: bool, query_scale: float, top_k: int,
+                         norm_topk_prob: bool, dtype: str) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
     """A Qwen3 MoE / Mixtral layer up to its experts: (x after attention (B,T,E), normed h (BT,E), expert ids
-    (BT,k), expert weights (BT,k) float32). ``gate`` is the router kernel (E, X).
+    (BT,k), expert weights (BT,k) float32). ``w[gate]`` is the router kernel (E, X).
 
     Router logits in the compute dtype (as transformers computes them), softmax over all experts in float32,
     the top k, renormalised to sum 1 when ``norm_topk_prob``.
     """
     dt = jnp.dtype(dtype)
     w = {k: v.astype(dt) for k, v in w.items()}
-    x = _self_attention(x, w, cos, sin, eps, qk_norm, interleaved, query_scale, dt)
-    h = _rms_norm(x, w[_POST_NORM], eps, dt).reshape(-1, x.shape[-1])
-    probs = jax.nn.softmax((h @ gate.astype(dt)).astype(jnp.float32), axis=-1)
-    weights, ids = jax.lax.top_k(probs, top_k)
-    if norm_topk_prob:
-        weights = weights / weights.sum(axis=-1, keepdims=True)
+    x = _attention(x, w, cos, sin, mask, eps, interleaved, query_scale, dt)
+    h = rms_norm(x, w[_POST_NORM], eps, dt).reshape(-1, x.shape[-1])
+    weights, ids = route_softmax_topk(h @ w[gate], top_k, normalize=norm_topk_prob)
     return x, h, ids, weights
-
-
-@partial(jax.jit, static_argnames=("eps", "transposed", "dtype"))
-def _final_logits(
-    x: jax.Array, scale: jax.Array, head: jax.Array, *, eps: float, transposed: bool, dtype: str
-) -> jax.Array:
-    """Final RMSNorm then LM head; ``head`` is (E,V) or, when ``transposed``, the (V,E) embedding."""
-    dt = jnp.dtype(dtype)
-    h = _rms_norm(x, scale, eps, dt)
-    spec = "bte,ve->btv" if transposed else "bte,ev->btv"
-    return jnp.einsum(spec, h, head.astype(dt)).astype(jnp.float32)
 
 
 def _layer_weights(layer: dict[str, np.ndarray], cfg: ForwardConfig, i: int) -> dict[str, np.ndarray]:
     """Select and shape-check the leaves of layer ``i`` used by the forward."""
     e, n, k, d = cfg.hidden, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-    shapes: dict[str, tuple[int, ...]] = {
-        _PRE_NORM: (e,),
-        _POST_NORM: (e,),
-        _Q: (e, n, d),
-        _K: (e, k, d),
-        _V: (e, k, d),
-        _O: (n, d, e),
-    }
-    if cfg.family in QK_NORM_FAMILIES:
-        shapes |= {_Q_NORM: (d,), _K_NORM: (d,)}
-    if cfg.family == "qwen2":
-        shapes |= {_QB: (n, d), _KB: (k, d), _VB: (k, d)}
+    qk_norm = "head" if cfg.family in QK_NORM_FAMILIES else None
+    bias = ("query", "key", "value") if cfg.family in QKV_BIAS_FAMILIES else ()
+    shapes = {_PRE_NORM: (e,), _POST_NORM: (e,)} | attention_shapes(e, n, k, d, bias=bias, qk_norm=qk_norm)
     if cfg.family in MOE_FAMILIES:
-        x, m = cfg.num_experts, cfg.moe_dim
-        gate, wi0, wi1, wo = _MOE_LEAVES[cfg.family]
-        shapes |= {gate: (e, x), wi0: (x, e, m), wi1: (x, e, m), wo: (x, m, e)}
+        shapes |= moe_shapes(e, cfg.num_experts, cfg.moe_dim, prefix=_MOE_BLOCK[cfg.family])
     else:
-        f = layer[_WI0].shape[-1] if _WI0 in layer else -1
-        shapes |= {_WI0: (e, f), _WI1: (e, f), _WO: (f, e)}
+        shapes |= mlp_shapes(e, layer[_WI0].shape[-1] if _WI0 in layer else -1)
     return select_leaves(layer, shapes, i)
 
 
-def select_leaves(layer: dict[str, np.ndarray], shapes: dict[str, tuple[int, ...]], i: int
-                  ) -> dict[str, np.ndarray]:
-    """The leaves of layer ``i`` named in ``shapes``, each checked for presence and shape (KeyError, ValueError)."""
-    missing = [p for p in shapes if p not in layer]
-    if missing:
-        raise KeyError(f"layer {i}: missing leaves {missing}")
-    for path, shape in shapes.items():
-        if tuple(layer[path].shape) != shape:
-            raise ValueError(f"layer {i}: {path} has shape {tuple(layer[path].shape)}, expected {shape}")
-    return {p: layer[p] for p in shapes}
-
-
-def embed_tokens(params: ParamSource, cfg, tokens: np.ndarray, dtype: str):
-    """Check dtype and token ids, then look the tokens up in the embedding table (dropped right after).
-
-    Shared by every family's forward; `cfg` needs `vocab` and `hidden`. The table is re-fetched for a
-    tied head, so it is not held while the layers run.
-    """
-    if dtype not in _DTYPES:
-        raise ValueError(f"dtype must be one of {_DTYPES}, got {dtype!r}")
-    if tokens.ndim != 2 or not np.issubdtype(tokens.dtype, np.integer):
-        raise ValueError(f"tokens must be an integer (B,T) array, got {tokens.dtype} {tokens.shape}")
-    if tokens.size and (tokens.min() < 0 or tokens.max() >= cfg.vocab):
-        raise ValueError(f"token ids must lie in [0, {cfg.vocab})")
-    embedding = params.top(_EMBEDDING)
-    if embedding.ndim != 2 or embedding.shape[0] < cfg.vocab or embedding.shape[1] != cfg.hidden:
-        raise ValueError(f"{_EMBEDDING} has shape {embedding.shape}, expected ({cfg.vocab}, {cfg.hidden})")
-    return jnp.asarray(embedding[tokens]).astype(dtype)
-
-
-class _ExpertCopies:
-    """One expert of a stacked (X, ...) array at a time, as a fresh copy.
-
-    jaxlib on CPU may keep the numpy source of a host-to-device transfer referenced until some time after the
-    device copy is deleted; a view of one expert would then keep the layer's whole stacked array alive past the
-    next layer's fetch (seen under CPU contention, where `_flush_host_refs` is not always enough). A copy pins
-    only itself, and costs one expert's bytes.
-    """
-
-    def __init__(self, stacked: np.ndarray) -> None:
-        self.stacked = stacked
-
-    def __getitem__(self, x: int) -> np.ndarray:
-        return np.array(self.stacked[x])
-
-
-def _moe_layer(x: jax.Array, layer: dict[str, np.ndarray], cos: jax.Array, sin: jax.Array, cfg: ForwardConfig,
-               static: dict) -> jax.Array:
+def _moe_layer(x: jax.Array, layer: dict[str, np.ndarray], cos: jax.Array, sin: jax.Array, mask: jax.Array,
+               cfg: ForwardConfig, static: dict) -> jax.Array:
     """One Qwen3 MoE / Mixtral layer: attention and routing in one jit, then each hit expert on the tokens routed
     to it (one expert's weights on the device at a time), summed, then the residual (as transformers adds it)."""
-    from ckpt_cli.verify import deepseek as ds  # it imports this module: imported here, not at the top
-
-    gate_path, wi0, wi1, wo = _MOE_LEAVES[cfg.family]
-    weights = jax.block_until_ready({k: jax.device_put(np.array(v)) for k, v in layer.items()
-                                     if k not in (wi0, wi1, wo)})   # copies: see _ExpertCopies
-    gate = weights.pop(gate_path)
-    x, h, ids, gate_w = _moe_attention_route(x, weights, gate, cos, sin, top_k=cfg.experts_per_tok,
-                                             norm_topk_prob=cfg.norm_topk_prob, **static)
-    gate.delete()
-    experts = {ds._EXP_WI0: _ExpertCopies(layer[wi0]), ds._EXP_WI1: _ExpertCopies(layer[wi1]),
-               ds._EXP_WO: _ExpertCopies(layer[wo])}
-    routed = ds._routed_experts(jnp.zeros_like(h), h, np.asarray(ids), np.asarray(gate_w), experts, static["dtype"])
+    block = _MOE_BLOCK[cfg.family]
+    experts = {name: layer[block + name] for name in _EXPERTS}
+    weights = to_device(layer, skip=tuple(block + name for name in _EXPERTS))
+    x, h, ids, gate_w = _moe_attention_route(x, weights, cos, sin, mask, gate=block + "gate/kernel",
+                                             top_k=cfg.experts_per_tok, norm_topk_prob=cfg.norm_topk_prob, **static)
+    routed = routed_experts(jnp.zeros_like(h), h, np.asarray(ids), np.asarray(gate_w), experts, static["dtype"])
     x = (x + routed.reshape(x.shape)).block_until_ready()
-    for w in weights.values():
-        w.delete()
-    ds._flush_host_refs()
+    release(weights)
     return x
 
 
@@ -423,12 +244,10 @@ def maxtext_logits(params: ParamSource, cfg: ForwardConfig, tokens: np.ndarray, 
     """
     tokens = np.asarray(tokens)
     x = embed_tokens(params, cfg, tokens, dtype)
-
-    angles = np.arange(tokens.shape[1], dtype=np.float32)[:, None] * rope_inv_freq(cfg)[None, :]
-    cos, sin = jnp.asarray(np.cos(angles)), jnp.asarray(np.sin(angles))
+    cos, sin = rope_tables(rope_inv_freq(cfg), tokens.shape[1])
+    mask = jnp.asarray(attention_mask(tokens.shape[1]))
     static = {
         "eps": float(cfg.rms_eps),
-        "qk_norm": cfg.family in QK_NORM_FAMILIES,
         "interleaved": cfg.family == "llama3.1",
         "query_scale": 1.0 if cfg.family in FOLDED_QUERY_SCALE else cfg.head_dim**-0.5,
         "dtype": dtype,
@@ -436,21 +255,13 @@ def maxtext_logits(params: ParamSource, cfg: ForwardConfig, tokens: np.ndarray, 
     for i in range(cfg.num_layers):
         layer = _layer_weights(params.layer(i), cfg, i)
         if cfg.family in MOE_FAMILIES:
-            x = _moe_layer(x, layer, cos, sin, cfg, static)
-            del layer
-            continue
-        weights = {k: jnp.asarray(v) for k, v in layer.items()}
-        x = _decoder_layer(x, weights, cos, sin, **static).block_until_ready()
-        for k, w in weights.items():
-            if w is not layer[k]:  # free now: jax on CPU may alias numpy buffers until a later gc
-                w.delete()
-        del layer, weights
+            x = _moe_layer(x, layer, cos, sin, mask, cfg, static)
+        else:
+            weights = to_device(layer)
+            x = _decoder_layer(x, weights, cos, sin, mask, **static).block_until_ready()
+            release(weights)
+        del layer
 
-    if cfg.tied:
-        head, transposed = params.top(_EMBEDDING), True
-    elif params.has_top(_LM_HEAD):
-        head, transposed = params.top(_LM_HEAD), False
-    else:
-        raise KeyError(f"untied config but {_LM_HEAD} is absent")
-    logits = _final_logits(x, params.top(_FINAL_NORM), head, eps=float(cfg.rms_eps), transposed=transposed, dtype=dtype)
+    head, transposed = lm_head(params, cfg.tied)
+    logits = final_logits(x, params.top(FINAL_NORM), head, eps=float(cfg.rms_eps), transposed=transposed, dtype=dtype)
     return np.asarray(logits)[..., : cfg.vocab]

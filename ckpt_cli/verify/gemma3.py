@@ -1,7 +1,7 @@
 """MaxText's Gemma, Gemma 2 and Gemma3 forwards (maxtext-layout.md §1.5, §9.4) in JAX over a MaxText tree.
 
-What differs from Qwen3's forward (`verify/forward.py`, whose RMSNorm, RoPE and embedding lookup it reuses): the
-stored norm scales already hold `1 + w`, GeGLU with tanh gelu, the embedding table already carries the √E factor
+Composed from `verify/blocks.py`. What differs from Qwen3's forward (`verify/forward.py`): the stored norm scales
+already hold `1 + w` (so no norm offset), GeGLU with tanh gelu, the embedding table already carries the √E factor
 (so the lookup is not scaled) and the tied logits are `(h · E_mtᵀ) / √E`. Per family:
 
 - gemma3: sandwich norms (`x + PostAttnNorm(Attn(PreAttnNorm(x)))`, the same around the MLP), q/k RMSNorm, the
@@ -11,6 +11,8 @@ stored norm scales already hold `1 + w`, GeGLU with tanh gelu, the embedding tab
   soft-capped (`c · tanh(s / c)`) before the mask, even layers local (sliding window), odd layers global (one RoPE
   θ), final logits soft-capped; the MaxText layer i holds both (leaves `*_local`, `*_global`).
 - gemma: pre-norms only (`x + Attn(Norm(x))`, `x + MLP(Norm(x))`), the query scale folded, every layer global.
+
+The options come with the leaves a layer selects: post norms and q/k norms are applied where present.
 """
 
 from __future__ import annotations
@@ -25,22 +27,29 @@ import numpy as np
 
 from ckpt_cli.families import gemma as gemma_family
 from ckpt_cli.families import gemma3 as family
-from ckpt_cli.verify.forward import (
+from ckpt_cli.verify.blocks import (
+    EMBEDDING,
+    FINAL_NORM,
     ParamSource,
-    _rms_norm,
-    _rope,
     attention_mask,
+    attention_shapes,
     embed_tokens,
-    gqa_attention,
+    final_logits,
+    gated_mlp,
+    mlp_shapes,
+    release,
+    rms_norm,
+    rope_inv_freq,
+    rope_tables,
     select_leaves,
+    self_attention,
+    subtree,
+    to_device,
 )
 
 _PRE_ATTN, _POST_ATTN = "pre_self_attention_norm/scale", "post_self_attention_norm/scale"
 _PRE_FFW, _POST_FFW = "pre_ffw_norm/scale", "post_ffw_norm/scale"
-_Q, _K, _V, _O = (f"self_attention/{n}/kernel" for n in ("query", "key", "value", "out"))
-_Q_NORM, _K_NORM = "self_attention/query_norm/scale", "self_attention/key_norm/scale"
 _WI0, _WI1, _WO = "mlp/wi_0/kernel", "mlp/wi_1/kernel", "mlp/wo/kernel"
-_EMBEDDING, _FINAL_NORM = "token_embedder/embedding", "decoder/decoder_norm/scale"
 
 
 @dataclass(frozen=True)
@@ -109,48 +118,22 @@ def _check_heads(d: dict) -> None:
         raise ValueError(f"need num_key_value_heads | num_attention_heads and an even head_dim, got {d}")
 
 
-def _cos_sin(length: int, head_dim: int, theta: float, factor: float) -> tuple[jax.Array, jax.Array]:
-    inv_freq = 1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.float32) / np.float32(head_dim)))
-    angles = np.arange(length, dtype=np.float32)[:, None] * (inv_freq / np.float32(factor))[None, :]
-    return jnp.asarray(np.cos(angles)), jnp.asarray(np.sin(angles))
-
-
-@partial(jax.jit, static_argnames=("eps", "query_scale", "dtype", "qk_norm", "post_norms", "softcap"))
+@partial(jax.jit, static_argnames=("eps", "query_scale", "dtype", "soft_cap"))
 def _layer(x: jax.Array, w: dict[str, jax.Array], cos: jax.Array, sin: jax.Array, mask: jax.Array, *,
-           eps: float, query_scale: float, dtype: str, qk_norm: bool = True, post_norms: bool = True,
-           softcap: float | None = None) -> jax.Array:
-    """One Gemma decoder layer on x (B, T, E)."""
+           eps: float, query_scale: float, dtype: str, soft_cap: float | None = None) -> jax.Array:
+    """One Gemma decoder layer on x (B, T, E): pre-norms, and post-norms (sandwich) where the layer has them."""
     dt = jnp.dtype(dtype)
     w = {k: v.astype(dt) for k, v in w.items()}
-    post = (lambda y, leaf: _rms_norm(y, w[leaf], eps, dt)) if post_norms else (lambda y, leaf: y)
-    h = _rms_norm(x, w[_PRE_ATTN], eps, dt)
-    q = jnp.einsum("bte,end->btnd", h, w[_Q])
-    k = jnp.einsum("bte,ekd->btkd", h, w[_K])
-    v = jnp.einsum("bte,ekd->btkd", h, w[_V])
-    if qk_norm:
-        q, k = _rms_norm(q, w[_Q_NORM], eps, dt), _rms_norm(k, w[_K_NORM], eps, dt)
-    q, k = _rope(q, cos, sin, False), _rope(k, cos, sin, False)
-    if query_scale != 1.0:
-        q = q * jnp.asarray(query_scale, dt)
-    attn = gqa_attention(q, k, v, mask, dt, softcap)
-    x = x + post(jnp.einsum("btnd,nde->bte", attn, w[_O]), _POST_ATTN)
-    h = _rms_norm(x, w[_PRE_FFW], eps, dt)
-    mlp = (jax.nn.gelu(h @ w[_WI0], approximate=True) * (h @ w[_WI1])) @ w[_WO]
-    return x + post(mlp, _POST_FFW)
 
+    def post(y: jax.Array, leaf: str) -> jax.Array:
+        return rms_norm(y, w[leaf], eps, dt) if leaf in w else y
 
-@partial(jax.jit, static_argnames=("eps", "dtype", "softcap"))
-def _logits(x: jax.Array, scale: jax.Array, table: jax.Array, *, eps: float, dtype: str,
-            softcap: float | None = None) -> jax.Array:
-    """Final norm, tied head through the stored (√E-scaled) table, divided by √E (normalize_embedding_logits),
-    then soft-capped (`c · tanh(z / c)`, Gemma 2)."""
-    dt = jnp.dtype(dtype)
-    h = _rms_norm(x, scale, eps, dt)
-    logits = jnp.einsum("bte,ve->btv", h, table.astype(dt))
-    logits = logits / jnp.sqrt(jnp.asarray(x.shape[-1], dt))
-    if softcap is not None:
-        logits = jnp.tanh(logits / softcap) * softcap
-    return logits.astype(jnp.float32)
+    h = rms_norm(x, w[_PRE_ATTN], eps, dt)
+    attn = self_attention(h, subtree(w, "self_attention/"), cos, sin, mask, eps=eps, dtype=dt,
+                          query_scale=query_scale, soft_cap=soft_cap)
+    x = x + post(attn, _POST_ATTN)
+    h = rms_norm(x, w[_PRE_FFW], eps, dt)
+    return x + post(gated_mlp(h, w[_WI0], w[_WI1], w[_WO], "gelu_tanh"), _POST_FFW)
 
 
 _SIDE = re.compile(r"^([a-z_]+?)_(local|global)/")   # Gemma 2's leaves: one MaxText layer holds both kinds
@@ -159,36 +142,31 @@ _SIDE = re.compile(r"^([a-z_]+?)_(local|global)/")   # Gemma 2's leaves: one Max
 def _layer_weights(layer: dict[str, np.ndarray], cfg: Gemma3Config, i: int) -> dict[str, np.ndarray]:
     e, n, k, d, f = cfg.hidden, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.mlp_dim
     layer = {_SIDE.sub(r"\1/", path): arr for path, arr in layer.items()}
-    shapes = {_PRE_ATTN: (e,), _PRE_FFW: (e,), _Q: (e, n, d), _K: (e, k, d), _V: (e, k, d), _O: (n, d, e),
-              _WI0: (e, f), _WI1: (e, f), _WO: (f, e)}
-    if cfg.post_norms:
-        shapes |= {_POST_ATTN: (e,), _POST_FFW: (e,)}
-    if cfg.qk_norm:
-        shapes |= {_Q_NORM: (d,), _K_NORM: (d,)}
+    shapes = ({_PRE_ATTN: (e,), _PRE_FFW: (e,)} | ({_POST_ATTN: (e,), _POST_FFW: (e,)} if cfg.post_norms else {})
+              | attention_shapes(e, n, k, d, qk_norm="head" if cfg.qk_norm else None) | mlp_shapes(e, f))
     return select_leaves(layer, shapes, i)
 
 
 def gemma3_logits(params: ParamSource, cfg: Gemma3Config, tokens: np.ndarray, dtype: str = "float32") -> np.ndarray:
     """tokens int (B, T) -> logits float32 (B, T, V) with MaxText's Gemma-family math, one layer read at a time
-    (the padded vocabulary rows, if any, cut off)."""
+    (the padded vocabulary rows, if any, cut off).
+
+    The tied logits go through the stored (√E-scaled) table and are divided by √E (normalize_embedding_logits),
+    then soft-capped (Gemma 2).
+    """
     tokens = np.asarray(tokens)
     x = embed_tokens(params, cfg, tokens, dtype)
     length = tokens.shape[1]
-    rope = {False: _cos_sin(length, cfg.head_dim, *cfg.local_rope), True: _cos_sin(length, cfg.head_dim,
-                                                                                    *cfg.global_rope)}
+    rope = {glob: rope_tables(rope_inv_freq(cfg.head_dim, *(cfg.global_rope if glob else cfg.local_rope)), length)
+            for glob in (False, True)}
     masks = {False: jnp.asarray(attention_mask(length, cfg.sliding_window)),
              True: jnp.asarray(attention_mask(length, None))}
     for i in range(cfg.num_layers):
-        layer = _layer_weights(params.layer(i), cfg, i)
-        weights = {k: jnp.asarray(v) for k, v in layer.items()}
+        weights = to_device(_layer_weights(params.layer(i), cfg, i))
         glob = cfg.global_layers[i]
         x = _layer(x, weights, *rope[glob], masks[glob], eps=float(cfg.rms_eps), query_scale=cfg.query_scale,
-                   dtype=dtype, qk_norm=cfg.qk_norm, post_norms=cfg.post_norms,
-                   softcap=cfg.attn_softcap).block_until_ready()
-        for k, w in weights.items():
-            if w is not layer[k]:
-                w.delete()
-        del layer, weights
-    logits = _logits(x, params.top(_FINAL_NORM), params.top(_EMBEDDING), eps=float(cfg.rms_eps), dtype=dtype,
-                     softcap=cfg.final_softcap)
+                   dtype=dtype, soft_cap=cfg.attn_softcap).block_until_ready()
+        release(weights)
+    logits = final_logits(x, params.top(FINAL_NORM), params.top(EMBEDDING), eps=float(cfg.rms_eps), transposed=True,
+                          dtype=dtype, normalize=True, soft_cap=cfg.final_softcap)
     return np.asarray(logits)[..., : cfg.vocab]

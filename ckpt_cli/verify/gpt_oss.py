@@ -1,6 +1,6 @@
 """GPT-OSS forward with MaxText's math (maxtext-layout.md §10.4) over a MaxText tree, one layer at a time.
 
-Per layer: `x + Attn(RMSNorm(x))` then `+ MoE(RMSNorm(·))`.
+Per layer: `x + Attn(RMSNorm(x))` then `+ MoE(RMSNorm(·))`, composed from `verify/blocks.py`.
 
 * Attention: q/k/v with biases, YaRN rotate-half RoPE whose cos/sin carry the attention factor
   (`0.1·ln(factor) + 1`), query × `D^-0.5` at run time, GQA, a causal mask that on the local layers
@@ -14,7 +14,6 @@ Per layer: `x + Attn(RMSNorm(x))` then `+ MoE(RMSNorm(·))`.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -23,20 +22,32 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ckpt_cli.verify.deepseek import yarn_inv_freq
-from ckpt_cli.verify.forward import (
-    _MASK_VALUE,
+from ckpt_cli.verify.blocks import (
+    FINAL_NORM,
+    LM_HEAD,
     ParamSource,
-    _final_logits,
-    _rms_norm,
-    _rope,
+    attention_mask,
+    attention_shapes,
     embed_tokens,
+    final_logits,
+    moe_shapes,
+    release,
+    rms_norm,
+    route_topk_softmax,
+    routed_experts,
     select_leaves,
+    self_attention,
+    subtree,
+    to_device,
+    yarn_inv_freq,
+    yarn_mscale,
 )
+from ckpt_cli.verify.blocks import rope_tables as cos_sin_tables
 
 A, MLP = "GptOssAttention/", "GptOssMlp/"
 _PRE_NORM, _POST_NORM = "pre_self_attention_layer_norm/scale", "post_self_attention_layer_norm/scale"
-_EXPERT_LEAVES = tuple(MLP + n for n in ("wi_0", "wi_0_bias", "wi_1", "wi_1_bias", "wo", "wo_bias"))
+_EXPERTS = ("wi_0", "wi_0_bias", "wi_1", "wi_1_bias", "wo", "wo_bias")
+_BIASED = ("query", "key", "value", "out")
 SWIGLU_ALPHA = 1.702
 
 
@@ -108,73 +119,45 @@ class GptOssConfig:
         )
 
 
-def rope_tables(cfg: GptOssConfig, length: int) -> tuple[np.ndarray, np.ndarray]:
+def rope_tables(cfg: GptOssConfig, length: int) -> tuple[jax.Array, jax.Array]:
     """cos, sin (T, D/2) float32 with YaRN frequencies, both times the attention factor (0.1·ln(factor) + 1)."""
     inv = yarn_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_factor, cfg.rope_original_max, cfg.beta_fast,
                         cfg.beta_slow, cfg.rope_truncate)
-    scale = cfg.attention_factor
-    if scale is None:
-        scale = 1.0 if cfg.rope_factor <= 1 else 0.1 * math.log(cfg.rope_factor) + 1.0
-    angles = np.arange(length, dtype=np.float32)[:, None] * inv[None, :]
-    return (np.cos(angles) * np.float32(scale)).astype(np.float32), (np.sin(angles) * np.float32(scale)).astype(
-        np.float32)
+    scale = cfg.attention_factor if cfg.attention_factor is not None else yarn_mscale(cfg.rope_factor)
+    return cos_sin_tables(inv, length, scale)
 
 
-@partial(jax.jit, static_argnames=("eps", "window", "top_k", "dtype"))
-def _attention_route(x: jax.Array, w: dict[str, jax.Array], cos: jax.Array, sin: jax.Array, *, eps: float,
-                     window: int | None, top_k: int, dtype: str):
+@partial(jax.jit, static_argnames=("eps", "query_scale", "top_k", "dtype"))
+def _attention_route(x: jax.Array, w: dict[str, jax.Array], cos: jax.Array, sin: jax.Array, mask: jax.Array, *,
+                     eps: float, query_scale: float, top_k: int, dtype: str):
     """x after attention (B,T,E), the MoE input h (BT,E), expert ids (BT,k) and their weights (BT,k) float32."""
     dt = jnp.dtype(dtype)
     w = {k: v.astype(dt) for k, v in w.items()}
-    h = _rms_norm(x, w[_PRE_NORM], eps, dt)
-    q = jnp.einsum("bte,end->btnd", h, w[A + "query/kernel"]) + w[A + "query/bias"]
-    k = jnp.einsum("bte,ekd->btkd", h, w[A + "key/kernel"]) + w[A + "key/bias"]
-    v = jnp.einsum("bte,ekd->btkd", h, w[A + "value/kernel"]) + w[A + "value/bias"]
-    q, k = _rope(q, cos, sin, False), _rope(k, cos, sin, False)
-    b, t, n, d = q.shape
-    kv = k.shape[2]
-    q = (q * jnp.asarray(d**-0.5, dt)).reshape(b, t, kv, n // kv, d)
-    scores = jnp.einsum("btkgd,bskd->bkgts", q, k).astype(jnp.float32)
-    pos = jnp.arange(t)
-    keep = pos[:, None] >= pos[None, :]
-    if window is not None:
-        keep &= (pos[:, None] - pos[None, :]) < window
-    scores = jnp.where(keep, scores, _MASK_VALUE)
-    sink = w[A + "sinks"].astype(jnp.float32).reshape(kv, n // kv)[None, :, :, None, None]
-    sink = jnp.broadcast_to(sink, (*scores.shape[:-1], 1))
-    probs = jax.nn.softmax(jnp.concatenate([scores, sink], axis=-1), axis=-1)[..., :-1].astype(dt)
-    attn = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, n, d)
-    x = x + jnp.einsum("btnd,nde->bte", attn, w[A + "out/kernel"]) + w[A + "out/bias"]
-
-    h = _rms_norm(x, w[_POST_NORM], eps, dt).reshape(-1, x.shape[-1])
-    logits = h @ w[MLP + "gate/kernel"] + w[MLP + "gate/bias"]
-    top, ids = jax.lax.top_k(logits.astype(jnp.float32), top_k)
-    return x, h, ids, jax.nn.softmax(top, axis=-1)
+    h = rms_norm(x, w[_PRE_NORM], eps, dt)
+    x = x + self_attention(h, subtree(w, A), cos, sin, mask, eps=eps, dtype=dt, query_scale=query_scale)
+    h = rms_norm(x, w[_POST_NORM], eps, dt).reshape(-1, x.shape[-1])
+    weights, ids = route_topk_softmax(h @ w[MLP + "gate/kernel"] + w[MLP + "gate/bias"], top_k)
+    return x, h, ids, weights
 
 
-@partial(jax.jit, static_argnames=("limit", "alpha", "dtype"))
-def _expert(acc: jax.Array, h: jax.Array, weight: jax.Array, w: dict[str, jax.Array], *, limit: float, alpha: float,
-            dtype: str) -> jax.Array:
-    """acc + weight[:, None] · expert(h) for one expert over every token (weight 0 where not routed)."""
-    dt = jnp.dtype(dtype)
-    w = {k: v.astype(dt) for k, v in w.items()}
-    g = jnp.minimum(h @ w["wi_0"] + w["wi_0_bias"], limit)
-    u = jnp.clip(h @ w["wi_1"] + w["wi_1_bias"], -limit, limit)
-    y = (g * jax.nn.sigmoid(alpha * g)) * (u + 1)
-    out = y @ w["wo"] + w["wo_bias"]
-    return acc + (out * weight[:, None].astype(dt)).astype(acc.dtype)
+@dataclass(frozen=True)
+class ClampedSwiGLU:
+    """GPT-OSS's expert: ``g = min(h·wi_0 + b0, limit)``, ``u = clip(h·wi_1 + b1, ±limit)``,
+    ``(g·σ(alpha·g))·(u + 1)·wo + bo`` (hashable: the expert FFN of :func:`~ckpt_cli.verify.blocks.routed_experts`)."""
+
+    limit: float
+    alpha: float
+
+    def __call__(self, h: jax.Array, w: dict[str, jax.Array]) -> jax.Array:
+        g = jnp.minimum(h @ w["wi_0"] + w["wi_0_bias"], self.limit)
+        u = jnp.clip(h @ w["wi_1"] + w["wi_1_bias"], -self.limit, self.limit)
+        return ((g * jax.nn.sigmoid(self.alpha * g)) * (u + 1)) @ w["wo"] + w["wo_bias"]
 
 
 def _layer_weights(layer: dict[str, np.ndarray], cfg: GptOssConfig, i: int) -> dict[str, np.ndarray]:
-    e, n, kv, d, x, m = cfg.hidden, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.num_experts, cfg.moe_dim
-    shapes = {
-        _PRE_NORM: (e,), _POST_NORM: (e,),
-        A + "query/kernel": (e, n, d), A + "query/bias": (n, d), A + "key/kernel": (e, kv, d), A + "key/bias": (kv, d),
-        A + "value/kernel": (e, kv, d), A + "value/bias": (kv, d), A + "out/kernel": (n, d, e), A + "out/bias": (e,),
-        A + "sinks": (n,), MLP + "gate/kernel": (e, x), MLP + "gate/bias": (x,),
-        MLP + "wi_0": (x, e, m), MLP + "wi_1": (x, e, m), MLP + "wi_0_bias": (x, m), MLP + "wi_1_bias": (x, m),
-        MLP + "wo": (x, m, e), MLP + "wo_bias": (x, e),
-    }
+    e, n, kv, d = cfg.hidden, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    shapes = ({_PRE_NORM: (e,), _POST_NORM: (e,)} | attention_shapes(e, n, kv, d, prefix=A, bias=_BIASED, sinks=True)
+              | moe_shapes(e, cfg.num_experts, cfg.moe_dim, prefix=MLP, router_bias=True, expert_bias=True))
     return select_leaves(layer, shapes, i)
 
 
@@ -183,26 +166,21 @@ def gpt_oss_logits(params: ParamSource, cfg: GptOssConfig, tokens: np.ndarray, d
     """tokens int (B,T) -> logits float32 (B,T,V) with MaxText's GPT-OSS math, one layer read at a time."""
     tokens = np.asarray(tokens)
     x = embed_tokens(params, cfg, tokens, dtype)
-    cos, sin = (jnp.asarray(a) for a in rope_tables(cfg, tokens.shape[1]))
+    cos, sin = rope_tables(cfg, tokens.shape[1])
+    masks = {False: jnp.asarray(attention_mask(tokens.shape[1])),
+             True: jnp.asarray(attention_mask(tokens.shape[1], cfg.sliding_window))}
+    ffn = ClampedSwiGLU(cfg.swiglu_limit, cfg.swiglu_alpha)
     for i in range(cfg.num_layers):
         layer = _layer_weights(params.layer(i), cfg, i)
-        dense = {k: jax.device_put(v) for k, v in layer.items() if k not in _EXPERT_LEAVES}
-        x, h, ids, weights = _attention_route(x, dense, cos, sin, eps=float(cfg.rms_eps),
-                                              window=cfg.sliding_window if cfg.sliding[i] else None,
-                                              top_k=cfg.experts_per_tok, dtype=dtype)
-        ids, weights = np.asarray(ids), np.asarray(weights)
-        acc = jnp.zeros(h.shape, jnp.dtype(dtype))
-        for expert in range(cfg.num_experts):
-            routed = ids == expert
-            if not routed.any():
-                continue
-            w = {leaf.removeprefix(MLP): layer[leaf][expert] for leaf in _EXPERT_LEAVES}
-            acc = _expert(acc, h, jnp.asarray((weights * routed).sum(axis=-1)), w, limit=cfg.swiglu_limit,
-                          alpha=cfg.swiglu_alpha, dtype=dtype)
+        experts = {name: layer[MLP + name] for name in _EXPERTS}
+        dense = to_device(layer, skip=tuple(MLP + name for name in _EXPERTS))
+        x, h, ids, weights = _attention_route(x, dense, cos, sin, masks[cfg.sliding[i]], eps=float(cfg.rms_eps),
+                                              query_scale=cfg.head_dim**-0.5, top_k=cfg.experts_per_tok, dtype=dtype)
+        acc = routed_experts(jnp.zeros(h.shape, jnp.dtype(dtype)), h, np.asarray(ids), np.asarray(weights), experts,
+                             dtype, ffn)
         x = (x + acc.reshape(x.shape)).block_until_ready()
-        for arr in dense.values():
-            arr.delete()
-        del layer, dense
-    logits = _final_logits(x, params.top("decoder/decoder_norm/scale"), params.top("decoder/logits_dense/kernel"),
-                           eps=float(cfg.rms_eps), transposed=False, dtype=dtype)
+        release(dense)
+        del layer, experts
+    logits = final_logits(x, params.top(FINAL_NORM), params.top(LM_HEAD), eps=float(cfg.rms_eps), transposed=False,
+                          dtype=dtype)
     return np.asarray(logits)[..., : cfg.vocab]

@@ -1,6 +1,6 @@
 """MaxText's OLMo 3 forward (models/olmo3.py) in JAX over a MaxText tree, one layer at a time.
 
-Assembled from the shared blocks of `verify/forward.py`; what is OLMo 3's own:
+Composed from `verify/blocks.py`; what is OLMo 3's own:
 
 * post-norm layers: `x + RMSNorm(Attn(x))`, then `+ RMSNorm(SwiGLU(·))`, no norm before either block;
 * q and k RMSNorm over the whole projection (N·D and K·D values, MaxText's GlobalRMSNorm), before RoPE;
@@ -22,22 +22,28 @@ import jax.numpy as jnp
 import numpy as np
 
 from ckpt_cli.families import olmo3 as family
-from ckpt_cli.verify.deepseek import yarn_inv_freq
-from ckpt_cli.verify.forward import (
+from ckpt_cli.verify.blocks import (
+    FINAL_NORM,
     ParamSource,
-    _final_logits,
-    _rms_norm,
-    _rope,
     attention_mask,
+    attention_shapes,
     embed_tokens,
-    gqa_attention,
+    final_logits,
+    lm_head,
+    mlp_shapes,
+    release,
+    rms_norm,
     select_leaves,
+    self_attention,
+    subtree,
     swiglu,
+    to_device,
+    yarn_inv_freq,
+    yarn_mscale,
 )
+from ckpt_cli.verify.blocks import rope_tables as cos_sin_tables
 
-A = "attention/"
-_Q, _K, _V, _O = (A + f"{n}/kernel" for n in ("query", "key", "value", "out"))
-_Q_NORM, _K_NORM = A + "query_norm/scale", A + "key_norm/scale"
+_ATTN = "attention/"
 _POST_ATTN, _POST_MLP = "post_self_attention_layer_norm/scale", "post_mlp_layer_norm/scale"
 _WI0, _WI1, _WO = "mlp/wi_0/kernel", "mlp/wi_1/kernel", "mlp/wo/kernel"
 
@@ -97,41 +103,28 @@ class Olmo3Config:
         )
 
 
-def rope_tables(cfg: Olmo3Config, length: int) -> tuple[np.ndarray, np.ndarray]:
+def rope_tables(cfg: Olmo3Config, length: int) -> tuple[jax.Array, jax.Array]:
     """cos, sin (T, D/2) float32: plain or YaRN frequencies, YaRN's times MaxText's 0.1·ln(factor) + 1."""
     inv = yarn_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_factor, cfg.rope_original_max, cfg.beta_fast,
                         cfg.beta_slow, cfg.rope_truncate)
-    scale = np.float32(1.0 if cfg.rope_factor is None else family.yarn_attention_factor(cfg.rope_factor))
-    angles = np.arange(length, dtype=np.float32)[:, None] * inv[None, :]
-    return (np.cos(angles) * scale).astype(np.float32), (np.sin(angles) * scale).astype(np.float32)
+    return cos_sin_tables(inv, length, 1.0 if cfg.rope_factor is None else yarn_mscale(cfg.rope_factor))
 
 
-def _global_rms_norm(x: jax.Array, scale: jax.Array, eps: float, dt: jnp.dtype) -> jax.Array:
-    """RMSNorm of (B,T,H,D) over all H·D values at once (MaxText's GlobalRMSNorm)."""
-    b, t, h, d = x.shape
-    return _rms_norm(x.reshape(b, t, h * d), scale, eps, dt).reshape(b, t, h, d)
-
-
-@partial(jax.jit, static_argnames=("eps", "dtype"))
+@partial(jax.jit, static_argnames=("eps", "query_scale", "dtype"))
 def _layer(x: jax.Array, w: dict[str, jax.Array], cos: jax.Array, sin: jax.Array, mask: jax.Array, *,
-           eps: float, dtype: str) -> jax.Array:
-    """One OLMo 3 decoder layer on x (B, T, E)."""
+           eps: float, query_scale: float, dtype: str) -> jax.Array:
+    """One OLMo 3 decoder layer on x (B, T, E): post-norms only, the q/k norms over the whole projection."""
     dt = jnp.dtype(dtype)
     w = {k: v.astype(dt) for k, v in w.items()}
-    q = _global_rms_norm(jnp.einsum("bte,end->btnd", x, w[_Q]), w[_Q_NORM], eps, dt)
-    k = _global_rms_norm(jnp.einsum("bte,ekd->btkd", x, w[_K]), w[_K_NORM], eps, dt)
-    v = jnp.einsum("bte,ekd->btkd", x, w[_V])
-    q, k = _rope(q, cos, sin, False), _rope(k, cos, sin, False)
-    q = q * jnp.asarray(q.shape[-1] ** -0.5, dt)
-    attn = jnp.einsum("btnd,nde->bte", gqa_attention(q, k, v, mask, dt), w[_O])
-    x = x + _rms_norm(attn, w[_POST_ATTN], eps, dt)
-    return x + _rms_norm(swiglu(x, w[_WI0], w[_WI1], w[_WO]), w[_POST_MLP], eps, dt)
+    attn = self_attention(x, subtree(w, _ATTN), cos, sin, mask, eps=eps, dtype=dt, query_scale=query_scale)
+    x = x + rms_norm(attn, w[_POST_ATTN], eps, dt)
+    return x + rms_norm(swiglu(x, w[_WI0], w[_WI1], w[_WO]), w[_POST_MLP], eps, dt)
 
 
 def _layer_weights(layer: dict[str, np.ndarray], cfg: Olmo3Config, i: int) -> dict[str, np.ndarray]:
     e, n, k, d, f = cfg.hidden, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.mlp_dim
-    shapes = {_Q: (e, n, d), _K: (e, k, d), _V: (e, k, d), _O: (n, d, e), _Q_NORM: (n * d,), _K_NORM: (k * d,),
-              _POST_ATTN: (e,), _WI0: (e, f), _WI1: (e, f), _WO: (f, e), _POST_MLP: (e,)}
+    shapes = ({_POST_ATTN: (e,), _POST_MLP: (e,)} | attention_shapes(e, n, k, d, prefix=_ATTN, qk_norm="full")
+              | mlp_shapes(e, f))
     return select_leaves(layer, shapes, i)
 
 
@@ -140,18 +133,14 @@ def olmo3_logits(params: ParamSource, cfg: Olmo3Config, tokens: np.ndarray, dtyp
     tokens = np.asarray(tokens)
     x = embed_tokens(params, cfg, tokens, dtype)
     length = tokens.shape[1]
-    cos, sin = (jnp.asarray(a) for a in rope_tables(cfg, length))
+    cos, sin = rope_tables(cfg, length)
     masks = {True: jnp.asarray(attention_mask(length, cfg.sliding_window)), False: jnp.asarray(
         attention_mask(length, None))}
     for i in range(cfg.num_layers):
-        layer = _layer_weights(params.layer(i), cfg, i)
-        weights = {k: jnp.asarray(v) for k, v in layer.items()}
-        x = _layer(x, weights, cos, sin, masks[cfg.sliding[i]], eps=float(cfg.rms_eps), dtype=dtype
-                   ).block_until_ready()
-        for k, w in weights.items():
-            if w is not layer[k]:   # free now: jax on CPU may alias numpy buffers until a later gc
-                w.delete()
-        del layer, weights
-    logits = _final_logits(x, params.top("decoder/decoder_norm/scale"), params.top("decoder/logits_dense/kernel"),
-                           eps=float(cfg.rms_eps), transposed=False, dtype=dtype)
+        weights = to_device(_layer_weights(params.layer(i), cfg, i))
+        x = _layer(x, weights, cos, sin, masks[cfg.sliding[i]], eps=float(cfg.rms_eps),
+                   query_scale=cfg.head_dim**-0.5, dtype=dtype).block_until_ready()
+        release(weights)
+    head, transposed = lm_head(params, tied=False)
+    logits = final_logits(x, params.top(FINAL_NORM), head, eps=float(cfg.rms_eps), transposed=transposed, dtype=dtype)
     return np.asarray(logits)[..., : cfg.vocab]

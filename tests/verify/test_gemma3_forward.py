@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from ckpt_cli.verify.gemma3 import Gemma3Config, attention_mask, gemma3_logits
+from ckpt_cli.verify.blocks import attention_mask
+from ckpt_cli.verify.gemma3 import Gemma3Config, gemma3_logits
 from tests.conftest import make_hf_model
 from tests.expectations import expected_layer, gemma3_embedding_factor
 from tests.verify.test_forward import DictSource, hf_logits, max_kl, tokens_for

@@ -63,6 +63,7 @@ def test_yarn_tables_are_transformers_and_maxtext_scaled() -> None:
 def test_each_olmo3_feature_matters(monkeypatch) -> None:
     """No sliding window, plain instead of YaRN RoPE, or the q/k norm per head instead of over the whole
     projection: each moves the logits far beyond 1e-6."""
+    import ckpt_cli.verify.blocks as blocks
     import ckpt_cli.verify.olmo3 as fwd
 
     model = make_hf_model("olmo3")
@@ -73,9 +74,9 @@ def test_each_olmo3_feature_matters(monkeypatch) -> None:
         assert max_kl(ref, olmo3_logits(maxtext_source(model), wrong, tokens)) > 1e-4
 
     def per_head_norm(x, scale, eps, dt):   # the same scales, each head normalized on its own
-        return fwd._rms_norm(x, scale.reshape(x.shape[-2:]), eps, dt)
+        return blocks.rms_norm(x, scale.reshape(x.shape[-2:]), eps, dt)
 
-    monkeypatch.setattr(fwd, "_global_rms_norm", per_head_norm)
+    monkeypatch.setattr(blocks, "_qk_norm", per_head_norm)
     fwd._layer.clear_cache()
     try:
         assert max_kl(ref, olmo3_logits(maxtext_source(model), cfg, tokens)) > 1e-4
