@@ -1,18 +1,22 @@
 """The blocks of MaxText's decoder math, in pure JAX, from which every verify forward is composed.
 
-A family's forward (``forward.py``, ``gemma3.py``, ``olmo3.py``, ``gpt_oss.py``, ``deepseek.py``) is a short
-composition of these blocks, as MaxText composes its decoder layers; the math of each block is written once, here.
+A family's forward (``forward.py``, ``gemma3.py``, ``olmo3.py``, ``gpt_oss.py``, ``deepseek.py``, ``qwen3_next.py``,
+``llama4.py``) is a short composition of these blocks, as MaxText composes its decoder layers; the math of each
+block is written once, here.
 
 Blocks (all pure functions of arrays; ``dtype`` is the compute dtype, norm statistics and softmax are float32):
 
 * Norms: :func:`rms_norm` (MaxText's RMSNorm: statistics in f32, cast, times the scale; ``offset`` is MaxText's
-  ``scale_offset``, the Gemma ``+1`` when a tree stores ``w`` rather than ``1 + w``), :func:`layer_norm` (with bias).
+  ``scale_offset``, the Gemma ``+1`` when a tree stores ``w`` rather than ``1 + w``), :func:`layer_norm` (with bias),
+  :func:`unscaled_rms_norm` (no scale: Llama 4's q/k norm, MaxText's attention ``L2Norm``), :func:`l2_norm`
+  (``x / sqrt(sum(x²) + eps)``: MaxText's ``l2norm``, Qwen3-Next's DeltaNet q/k).
 * RoPE: frequencies :func:`rope_inv_freq` (plain; ``linear_factor`` divides them), :func:`llama3_inv_freq`
   (Llama 3.1 smoothing), :func:`yarn_inv_freq` (YaRN blend) with :func:`yarn_mscale`; :func:`rope_tables`
   (cos/sin per position, optionally times an attention factor); :func:`apply_rope` rotates the first
   ``2 * cos.shape[-1]`` dims of each head (the rest pass: partial rotary), as halves (i, D/2+i: "rotate-half")
   or ``interleaved`` pairs (2i, 2i+1).
-* Masks: :func:`attention_mask` (causal, optionally a sliding window: ``q - kv < window``).
+* Masks: :func:`attention_mask` (causal, optionally a sliding window: ``q - kv < window``, and/or chunked local
+  attention: ``q // chunk == kv // chunk``).
 * Attention: :func:`gqa_attention` (softmax attention of already-projected q/k/v, GQA by grouping query heads,
   optional logit soft-cap and per-head sink logits, a (T,S) or (B,T,S) keep-mask), :func:`self_attention` (a MaxText
   ``Attention`` module from its subtree: q/k/v projections with biases when ``query/bias``... are present,
@@ -25,10 +29,12 @@ Blocks (all pure functions of arrays; ``dtype`` is the compute dtype, norm stati
   :func:`swiglu` (the "silu" one), :func:`mlp_shapes`.
 * MoE routing (float32): :func:`route_softmax_topk` (softmax over all experts, then top-k, optionally
   renormalised, optionally group-limited: Qwen3 MoE, Mixtral, DeepSeek V2), :func:`route_topk_softmax` (top-k
-  logits, softmax over those: GPT-OSS), :func:`route_sigmoid` (select on sigmoid + correction bias, weigh by
+  logits, softmax over those: GPT-OSS), :func:`route_topk_sigmoid` (top-k logits, sigmoid of each: Llama 4),
+  :func:`route_sigmoid` (select on sigmoid + correction bias, weigh by
   the pre-bias scores, optionally group-limited and renormalised: DeepSeek V3). Experts: :func:`routed_experts`
   streams a layer's experts one at a time to the device and computes each only on the tokens routed to it, with
-  any expert FFN (:func:`swiglu_expert` or a family's own, a hashable callable ``ffn(h, w)``); :func:`moe_shapes`.
+  any expert FFN (:func:`swiglu_expert` or a family's own, a hashable callable ``ffn(h, w)``), the routing weight
+  scaling its output or (``scale_input``, Llama 4) its input; :func:`moe_shapes`.
 * Embedding and logits: :func:`embed_tokens` (checked lookup), :func:`lm_head` (tied or untied head),
   :func:`final_logits` (final RMSNorm, head, optional ``/√E`` and final soft-cap, float32 out).
 * Streaming: :func:`select_leaves` (shape-checked selection of a layer's leaves), :func:`to_device` and
@@ -57,7 +63,12 @@ Qwen2.5: ``attention_shapes(bias=("query", "key", "value"))``, ``query_scale=D**
 ``self_attention(soft_cap=...)``, ``final_logits(normalize=True, soft_cap=...)``, ``gated_mlp(..., "gelu_tanh")``,
 post-norms as Gemma3 (the tree stores ``1 + w``, so no ``offset``); Gemma: pre-norms only; OLMo 3:
 ``attention_shapes(prefix="attention/", qk_norm="full")``, norms after attention and MLP
-(``x + rms_norm(attn, post)``), a window mask on the layers ``layer_types`` makes local.
+(``x + rms_norm(attn, post)``), a window mask on the layers ``layer_types`` makes local. Qwen3-Next
+(``qwen3_next.py``): ``rms_norm(offset=1.0)`` for every norm but the DeltaNet output's (also
+``final_logits(norm_offset=1.0)``), partial rotary from ``rope_tables(rope_inv_freq(rotary_dim, θ), T)``,
+``route_softmax_topk`` and ``routed_experts`` plus a gated shared expert. Llama 4 (``llama4.py``):
+``llama3_inv_freq``, ``apply_rope(interleaved=True)`` then ``unscaled_rms_norm`` of q/k on RoPE layers, which use
+``attention_mask(chunk=...)``, ``route_topk_sigmoid`` and ``routed_experts(scale_input=True)`` plus a shared expert.
 """
 
 from __future__ import annotations
