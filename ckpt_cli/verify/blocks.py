@@ -1,18 +1,22 @@
 """The blocks of MaxText's decoder math, in pure JAX, from which every verify forward is composed.
 
-A family's forward (``forward.py``, ``gemma3.py``, ``olmo3.py``, ``gpt_oss.py``, ``deepseek.py``) is a short
-composition of these blocks, as MaxText composes its decoder layers; the math of each block is written once, here.
+A family's forward (``forward.py``, ``gemma3.py``, ``olmo3.py``, ``gpt_oss.py``, ``deepseek.py``, ``qwen3_next.py``,
+``llama4.py``) is a short composition of these blocks, as MaxText composes its decoder layers; the math of each
+block is written once, here.
 
 Blocks (all pure functions of arrays; ``dtype`` is the compute dtype, norm statistics and softmax are float32):
 
 * Norms: :func:`rms_norm` (MaxText's RMSNorm: statistics in f32, cast, times the scale; ``offset`` is MaxText's
-  ``scale_offset``, the Gemma ``+1`` when a tree stores ``w`` rather than ``1 + w``), :func:`layer_norm` (with bias).
+  ``scale_offset``, the Gemma ``+1`` when a tree stores ``w`` rather than ``1 + w``), :func:`layer_norm` (with bias),
+  :func:`unscaled_rms_norm` (no scale: Llama 4's q/k norm, MaxText's attention ``L2Norm``), :func:`l2_norm`
+  (``x / sqrt(sum(x²) + eps)``: MaxText's ``l2norm``, Qwen3-Next's DeltaNet q/k).
 * RoPE: frequencies :func:`rope_inv_freq` (plain; ``linear_factor`` divides them), :func:`llama3_inv_freq`
   (Llama 3.1 smoothing), :func:`yarn_inv_freq` (YaRN blend) with :func:`yarn_mscale`; :func:`rope_tables`
   (cos/sin per position, optionally times an attention factor); :func:`apply_rope` rotates the first
   ``2 * cos.shape[-1]`` dims of each head (the rest pass: partial rotary), as halves (i, D/2+i: "rotate-half")
   or ``interleaved`` pairs (2i, 2i+1).
-* Masks: :func:`attention_mask` (causal, optionally a sliding window: ``q - kv < window``).
+* Masks: :func:`attention_mask` (causal, optionally a sliding window: ``q - kv < window``, and/or chunked local
+  attention: ``q // chunk == kv // chunk``).
 * Attention: :func:`gqa_attention` (softmax attention of already-projected q/k/v, GQA by grouping query heads,
   optional logit soft-cap and per-head sink logits, a (T,S) or (B,T,S) keep-mask), :func:`self_attention` (a MaxText
   ``Attention`` module from its subtree: q/k/v projections with biases when ``query/bias``... are present,
@@ -25,10 +29,12 @@ Blocks (all pure functions of arrays; ``dtype`` is the compute dtype, norm stati
   :func:`swiglu` (the "silu" one), :func:`mlp_shapes`.
 * MoE routing (float32): :func:`route_softmax_topk` (softmax over all experts, then top-k, optionally
   renormalised, optionally group-limited: Qwen3 MoE, Mixtral, DeepSeek V2), :func:`route_topk_softmax` (top-k
-  logits, softmax over those: GPT-OSS), :func:`route_sigmoid` (select on sigmoid + correction bias, weigh by
+  logits, softmax over those: GPT-OSS), :func:`route_topk_sigmoid` (top-k logits, sigmoid of each: Llama 4),
+  :func:`route_sigmoid` (select on sigmoid + correction bias, weigh by
   the pre-bias scores, optionally group-limited and renormalised: DeepSeek V3). Experts: :func:`routed_experts`
   streams a layer's experts one at a time to the device and computes each only on the tokens routed to it, with
-  any expert FFN (:func:`swiglu_expert` or a family's own, a hashable callable ``ffn(h, w)``); :func:`moe_shapes`.
+  any expert FFN (:func:`swiglu_expert` or a family's own, a hashable callable ``ffn(h, w)``), the routing weight
+  scaling its output or (``scale_input``, Llama 4) its input; :func:`moe_shapes`.
 * Embedding and logits: :func:`embed_tokens` (checked lookup), :func:`lm_head` (tied or untied head),
   :func:`final_logits` (final RMSNorm, head, optional ``/√E`` and final soft-cap, float32 out).
 * Streaming: :func:`select_leaves` (shape-checked selection of a layer's leaves), :func:`to_device` and
@@ -57,7 +63,12 @@ Qwen2.5: ``attention_shapes(bias=("query", "key", "value"))``, ``query_scale=D**
 ``self_attention(soft_cap=...)``, ``final_logits(normalize=True, soft_cap=...)``, ``gated_mlp(..., "gelu_tanh")``,
 post-norms as Gemma3 (the tree stores ``1 + w``, so no ``offset``); Gemma: pre-norms only; OLMo 3:
 ``attention_shapes(prefix="attention/", qk_norm="full")``, norms after attention and MLP
-(``x + rms_norm(attn, post)``), a window mask on the layers ``layer_types`` makes local.
+(``x + rms_norm(attn, post)``), a window mask on the layers ``layer_types`` makes local. Qwen3-Next
+(``qwen3_next.py``): ``rms_norm(offset=1.0)`` for every norm but the DeltaNet output's (also
+``final_logits(norm_offset=1.0)``), partial rotary from ``rope_tables(rope_inv_freq(rotary_dim, θ), T)``,
+``route_softmax_topk`` and ``routed_experts`` plus a gated shared expert. Llama 4 (``llama4.py``):
+``llama3_inv_freq``, ``apply_rope(interleaved=True)`` then ``unscaled_rms_norm`` of q/k on RoPE layers, which use
+``attention_mask(chunk=...)``, ``route_topk_sigmoid`` and ``routed_experts(scale_input=True)`` plus a shared expert.
 """
 
 from __future__ import annotations
@@ -89,14 +100,30 @@ class ParamSource(Protocol):
 
 # ---------------------------------------------------------------------------------------------------------- norms
 
+def _rms_normalize(x: jax.Array, eps: float) -> jax.Array:
+    xf = x.astype(jnp.float32)
+    return xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+
+
 def rms_norm(x: jax.Array, scale: jax.Array, eps: float, dtype: jnp.dtype, offset: float = 0.0) -> jax.Array:
     """MaxText RMSNorm over the last axis: normalize in f32; without ``offset``, cast to ``dtype`` then times
     ``scale`` in ``dtype``; with one, times ``scale + offset`` in f32, then cast (as MaxText's ``scale_offset``)."""
-    xf = x.astype(jnp.float32)
-    normed = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+    normed = _rms_normalize(x, eps)
     if offset:
         return (normed * (scale.astype(jnp.float32) + offset)).astype(dtype)
     return normed.astype(dtype) * scale.astype(dtype)
+
+
+def unscaled_rms_norm(x: jax.Array, eps: float, dtype: jnp.dtype) -> jax.Array:
+    """RMSNorm without a scale (``x / sqrt(mean(x²) + eps)``, f32 statistics, cast to ``dtype``): the weightless
+    q/k norm MaxText's attention calls ``L2Norm`` (Llama 4's ``use_qk_norm``)."""
+    return _rms_normalize(x, eps).astype(dtype)
+
+
+def l2_norm(x: jax.Array, eps: float = 1e-6) -> jax.Array:
+    """L2 normalisation over the last axis in ``x``'s dtype: ``x / sqrt(sum(x²) + eps)`` (MaxText's ``l2norm``,
+    the q/k norm of Qwen3-Next's gated DeltaNet)."""
+    return x * jax.lax.rsqrt(jnp.sum(x * x, axis=-1, keepdims=True) + eps)
 
 
 def layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, eps: float, dtype: jnp.dtype) -> jax.Array:
@@ -185,11 +212,17 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array, interleaved: bool =
 
 # ------------------------------------------------------------------------------------------------------ attention
 
-def attention_mask(length: int, window: int | None = None) -> np.ndarray:
-    """(T, T) bool keep-mask: causal, and with a ``window`` only the last ``window`` positions (q - kv < window)."""
+def attention_mask(length: int, window: int | None = None, chunk: int | None = None) -> np.ndarray:
+    """(T, T) bool keep-mask: causal; with a ``window`` only the last ``window`` positions (q - kv < window); with a
+    ``chunk`` only the positions of the query's own chunk of ``chunk`` tokens (q // chunk == kv // chunk: chunked
+    local attention, Llama 4)."""
     q, kv = np.arange(length)[:, None], np.arange(length)[None, :]
     mask = kv <= q
-    return mask & (q - kv < window) if window is not None else mask
+    if window is not None:
+        mask &= q - kv < window
+    if chunk is not None:
+        mask &= q // chunk == kv // chunk
+    return mask
 
 
 def gqa_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, dtype: jnp.dtype, *,
@@ -366,6 +399,13 @@ def route_topk_softmax(logits: jax.Array, top_k: int) -> tuple[jax.Array, jax.Ar
     return jax.nn.softmax(top, axis=-1), ids
 
 
+def route_topk_sigmoid(logits: jax.Array, top_k: int) -> tuple[jax.Array, jax.Array]:
+    """(weights, ids) (BT,k): the top-k logits in f32, the sigmoid of each (Llama 4; its experts are fed the
+    weighted input: ``routed_experts(scale_input=True)``)."""
+    top, ids = jax.lax.top_k(logits.astype(jnp.float32), top_k)
+    return jax.nn.sigmoid(top), ids
+
+
 def route_sigmoid(logits: jax.Array, bias: jax.Array | None, top_k: int, *, normalize: bool,
                   n_group: int | None = None, topk_group: int | None = None) -> tuple[jax.Array, jax.Array]:
     """(weights, ids) (BT,k), DeepSeek V3: select on sigmoid(logits) + bias (groups ranked by the sum of their two
@@ -385,13 +425,18 @@ def swiglu_expert(h: jax.Array, w: Mapping[str, jax.Array]) -> jax.Array:
     return swiglu(h, w["wi_0"], w["wi_1"], w["wo"])
 
 
-@partial(jax.jit, static_argnames=("ffn", "dtype"))
+@partial(jax.jit, static_argnames=("ffn", "dtype", "scale_input"))
 def _expert_add(out: jax.Array, h: jax.Array, rows: jax.Array, coef: jax.Array, w: dict[str, jax.Array], *,
-                ffn: Callable, dtype: str) -> jax.Array:
-    """out[rows] += coef · ffn(h[rows]); padding rows point past the end and are dropped."""
+                ffn: Callable, dtype: str, scale_input: bool = False) -> jax.Array:
+    """out[rows] += coef · ffn(h[rows]), or ``scale_input``: ffn(coef · h[rows]); padding rows point past the end
+    and are dropped."""
     dt = jnp.dtype(dtype)
     hr = jnp.take(h, rows, axis=0, mode="fill", fill_value=0)
-    y = ffn(hr, {k: v.astype(dt) for k, v in w.items()}) * coef[:, None].astype(dt)
+    w = {k: v.astype(dt) for k, v in w.items()}
+    if scale_input:
+        y = ffn(hr * coef[:, None].astype(dt), w)
+    else:
+        y = ffn(hr, w) * coef[:, None].astype(dt)
     return out.at[rows].add(y.astype(out.dtype), mode="drop")
 
 
@@ -401,10 +446,12 @@ def _bucket(n: int, cap: int) -> int:
 
 
 def routed_experts(out: jax.Array, h: jax.Array, ids: np.ndarray, weights: np.ndarray,
-                   experts: Mapping[str, np.ndarray], dtype: str, ffn: Callable = swiglu_expert) -> jax.Array:
+                   experts: Mapping[str, np.ndarray], dtype: str, ffn: Callable = swiglu_expert,
+                   scale_input: bool = False) -> jax.Array:
     """``out`` (BT,E) plus every hit expert's weighted output, in expert order; each expert is computed only on the
     tokens routed to it, its weights on the device alone. ``experts`` maps the names ``ffn`` reads to the layer's
-    stacked (X, ...) arrays; ``ffn(h, w)`` must be hashable (a function, or a frozen dataclass).
+    stacked (X, ...) arrays; ``ffn(h, w)`` must be hashable (a function, or a frozen dataclass). ``scale_input``:
+    the routing weight scales the expert's input instead of its output (Llama 4).
 
     Each expert's slice is copied before the transfer: jaxlib on CPU may keep the numpy source of a transfer
     referenced a while after the device copy is deleted, and a view would keep the whole stacked array alive past
@@ -419,7 +466,7 @@ def routed_experts(out: jax.Array, h: jax.Array, ids: np.ndarray, weights: np.nd
         coef = np.zeros(size, dtype=np.float32)
         coef[: len(rows)] = weights[rows, slots]
         w = jax.block_until_ready({k: jax.device_put(np.array(v[x])) for k, v in experts.items()})
-        out = _expert_add(out, h, padded, coef, w, ffn=ffn, dtype=dtype)
+        out = _expert_add(out, h, padded, coef, w, ffn=ffn, dtype=dtype, scale_input=scale_input)
         release(w, flush=False)
     return out
 

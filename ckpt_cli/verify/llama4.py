@@ -1,6 +1,8 @@
 """MaxText's Llama 4 text forward (decoder_block llama4) in JAX over a MaxText tree, one layer at a time.
 
-Assembled from the shared blocks of `verify/forward.py`; what is Llama 4's own:
+Composed from the blocks of `verify/blocks.py` (RMSNorm, the weightless q/k RMS norm, Llama 3 frequencies and
+interleaved RoPE, the causal and chunked masks, GQA attention, SwiGLU, top-k sigmoid routing, streamed routed
+experts with input scaling, final logits); what is Llama 4's own:
 
 * RoPE layers (every layer but each fourth, the config's `no_rope_layers`): interleaved-pair RoPE with Llama 3
   frequency scaling when the config asks for it, then, with `use_qk_norm`, a weightless L2 (RMS) norm of q and k,
@@ -15,7 +17,6 @@ Assembled from the shared blocks of `verify/forward.py`; what is Llama 4's own:
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from functools import partial
 
@@ -24,24 +25,39 @@ import jax.numpy as jnp
 import numpy as np
 
 from ckpt_cli.families import llama4 as family
-from ckpt_cli.verify.forward import (
+from ckpt_cli.verify.blocks import (
+    FINAL_NORM,
     ParamSource,
-    _final_logits,
-    _rms_norm,
-    _rope,
+    apply_rope,
     attention_mask,
+    attention_shapes,
     embed_tokens,
+    final_logits,
     gqa_attention,
+    llama3_inv_freq,
+    lm_head,
+    mlp_shapes,
+    moe_shapes,
+    release,
+    rms_norm,
+    rope_inv_freq,
+    rope_tables,
+    route_topk_sigmoid,
+    routed_experts,
     select_leaves,
+    subtree,
     swiglu,
+    to_device,
+    unscaled_rms_norm,
 )
 
 _PRE, _POST = "pre_self_attention_layer_norm/scale", "post_self_attention_layer_norm/scale"
-_Q, _K, _V, _O = (f"self_attention/{n}/kernel" for n in ("query", "key", "value", "out"))
+_ATTN = "self_attention/"
 _WI0, _WI1, _WO = "mlp/wi_0/kernel", "mlp/wi_1/kernel", "mlp/wo/kernel"
-M = family.MOE
-_GATE, _EWI0, _EWI1, _EWO = (M + "MoeBlock_0/" + n for n in ("gate/kernel", "wi_0", "wi_1", "wo"))
-_SWI0, _SWI1, _SWO = (M + f"shared_experts/{n}/kernel" for n in ("wi_0", "wi_1", "wo"))
+_ROUTED, _SHARED = family.MOE + "MoeBlock_0/", family.MOE + "shared_experts/"
+_EXPERTS = ("wi_0", "wi_1", "wo")
+_GATE = _ROUTED + "gate/kernel"
+_SWI0, _SWI1, _SWO = (f"{_SHARED}{n}/kernel" for n in _EXPERTS)
 _LLAMA3_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
 
 
@@ -97,85 +113,62 @@ class Llama4Config:
 
 def inv_freq(cfg: Llama4Config) -> np.ndarray:
     """Inverse RoPE frequencies (D/2,) float32, Llama 3 scaled when configured."""
-    d = cfg.head_dim
-    inv = 1.0 / (cfg.rope_theta ** (np.arange(0, d, 2, dtype=np.float32) / np.float32(d)))
+    inv = rope_inv_freq(cfg.head_dim, cfg.rope_theta)
     if cfg.rope_scaling is None:
-        return inv.astype(np.float32)
-    s = cfg.rope_scaling
-    factor, low, high, old = (s[k] for k in _LLAMA3_KEYS)
-    wavelen = 2 * math.pi / inv
-    scaled = np.where(wavelen > old / low, inv / factor, inv)
-    smooth = (old / wavelen - low) / (high - low)
-    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
-    medium = (wavelen >= old / high) & (wavelen <= old / low)
-    return np.where(medium, smoothed, scaled).astype(np.float32)
+        return inv
+    return llama3_inv_freq(inv, *(cfg.rope_scaling[k] for k in _LLAMA3_KEYS))
 
 
-def chunked_mask(length: int, chunk: int | None) -> np.ndarray:
-    """(T, T) bool: causal, and within the same chunk of `chunk` tokens (positions counted from 0)."""
-    mask = attention_mask(length, None)
-    if chunk is None:
-        return mask
-    pos = np.arange(length)
-    return mask & (pos[:, None] // chunk == pos[None, :] // chunk)
+def temperature_scales(cfg: Llama4Config, length: int) -> np.ndarray:
+    """The no-RoPE layers' query scale per position (T,) float32: ``log1p(floor((t + 1) / floor_scale)) ·
+    attn_scale + 1`` with temperature tuning, else ones."""
+    if not cfg.temperature_tuning:
+        return np.ones(length, np.float32)
+    pos = np.arange(length, dtype=np.float32)
+    return (np.log1p(np.floor((pos + 1.0) / cfg.floor_scale)) * cfg.attn_scale + 1.0).astype(np.float32)
 
 
-def _l2_norm(x: jax.Array, eps: float, dt: jnp.dtype) -> jax.Array:
-    xf = x.astype(jnp.float32)
-    return (xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)).astype(dt)
+def _attention(h: jax.Array, w: dict[str, jax.Array], cos: jax.Array, sin: jax.Array, mask: jax.Array,
+               q_scale: jax.Array, *, rope: bool, qk_norm: bool, eps: float, dt: jnp.dtype) -> jax.Array:
+    """Self-attention of the normed h (B,T,E): RoPE layers rotate (interleaved pairs), then the weightless q/k
+    norm; every query times its position's ``q_scale`` and D^-0.5."""
+    q = jnp.einsum("bte,end->btnd", h, w["query/kernel"])
+    k = jnp.einsum("bte,ekd->btkd", h, w["key/kernel"])
+    v = jnp.einsum("bte,ekd->btkd", h, w["value/kernel"])
+    if rope:
+        q, k = apply_rope(q, cos, sin, interleaved=True), apply_rope(k, cos, sin, interleaved=True)
+        if qk_norm:
+            q, k = unscaled_rms_norm(q, eps, dt), unscaled_rms_norm(k, eps, dt)
+    q = (q * q_scale[None, :, None, None].astype(dt)) * jnp.asarray(q.shape[-1] ** -0.5, dt)
+    return jnp.einsum("btnd,nde->bte", gqa_attention(q, k, v, mask, dt), w["out/kernel"])
 
 
-@partial(jax.jit, static_argnames=("rope", "qk_norm", "eps", "dtype"))
-def _attention(x: jax.Array, w: dict[str, jax.Array], cos: jax.Array, sin: jax.Array, mask: jax.Array,
-               q_scale: jax.Array, *, rope: bool, qk_norm: bool, eps: float, dtype: str) -> tuple[jax.Array, jax.Array]:
-    """x + attention(x), and the post-attention normed h fed to the MLP."""
+@partial(jax.jit, static_argnames=("rope", "qk_norm", "moe", "top_k", "eps", "dtype"))
+def _layer_body(x: jax.Array, w: dict[str, jax.Array], cos: jax.Array, sin: jax.Array, mask: jax.Array,
+                q_scale: jax.Array, *, rope: bool, qk_norm: bool, moe: bool, top_k: int, eps: float, dtype: str):
+    """A dense layer: x + attention, + SwiGLU MLP -> (x,). A MoE layer up to its routed experts: (x after
+    attention (B,T,E), the normed MLP input h (BT,E), expert ids and sigmoid weights (BT,k), the shared expert's
+    output (BT,E))."""
     dt = jnp.dtype(dtype)
     w = {k: v.astype(dt) for k, v in w.items()}
-    h = _rms_norm(x, w[_PRE], eps, dt)
-    q = jnp.einsum("bte,end->btnd", h, w[_Q])
-    k = jnp.einsum("bte,ekd->btkd", h, w[_K])
-    v = jnp.einsum("bte,ekd->btkd", h, w[_V])
-    if rope:
-        q, k = _rope(q, cos, sin, True), _rope(k, cos, sin, True)
-        if qk_norm:
-            q, k = _l2_norm(q, eps, dt), _l2_norm(k, eps, dt)
-    q = (q * q_scale[None, :, None, None].astype(dt)) * jnp.asarray(q.shape[-1] ** -0.5, dt)
-    x = x + jnp.einsum("btnd,nde->bte", gqa_attention(q, k, v, mask, dt), w[_O])
-    return x, _rms_norm(x, w[_POST], eps, dt)
-
-
-@partial(jax.jit, static_argnames=("dtype",))
-def _swiglu(h: jax.Array, wi_0: jax.Array, wi_1: jax.Array, wo: jax.Array, *, dtype: str) -> jax.Array:
-    dt = jnp.dtype(dtype)
-    return swiglu(h, wi_0.astype(dt), wi_1.astype(dt), wo.astype(dt))
-
-
-def _moe(h: jax.Array, layer: dict[str, np.ndarray], cfg: Llama4Config, dtype: str) -> jax.Array:
-    """The routed experts (input scaled by the sigmoid of each chosen expert's logit) plus the shared expert."""
-    dt = jnp.dtype(dtype)
-    flat = h.reshape(-1, h.shape[-1])
-    logits = np.asarray((flat @ jnp.asarray(layer[_GATE]).astype(dt)).astype(jnp.float32))
-    top = np.argsort(-logits, axis=-1, kind="stable")[:, : cfg.experts_per_tok]
-    out = _swiglu(flat, layer[_SWI0], layer[_SWI1], layer[_SWO], dtype=dtype)
-    for e in np.unique(top):
-        rows = np.nonzero((top == e).any(axis=-1))[0]
-        score = jax.nn.sigmoid(jnp.asarray(logits[rows, e])).astype(dt)
-        routed = flat[rows] * score[:, None]
-        out = out.at[rows].add(_swiglu(routed, np.array(layer[_EWI0][e]), np.array(layer[_EWI1][e]),
-                                       np.array(layer[_EWO][e]), dtype=dtype))
-    return out.reshape(h.shape)
+    h = rms_norm(x, w[_PRE], eps, dt)
+    x = x + _attention(h, subtree(w, _ATTN), cos, sin, mask, q_scale, rope=rope, qk_norm=qk_norm, eps=eps, dt=dt)
+    h = rms_norm(x, w[_POST], eps, dt)
+    if not moe:
+        return (x + swiglu(h, w[_WI0], w[_WI1], w[_WO]),)
+    h = h.reshape(-1, h.shape[-1])
+    weights, ids = route_topk_sigmoid(h @ w[_GATE], top_k)
+    return x, h, ids, weights, swiglu(h, w[_SWI0], w[_SWI1], w[_SWO])
 
 
 def _layer_weights(layer: dict[str, np.ndarray], cfg: Llama4Config, i: int) -> dict[str, np.ndarray]:
     e, n, k, d = cfg.hidden, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-    shapes = {_PRE: (e,), _POST: (e,), _Q: (e, n, d), _K: (e, k, d), _V: (e, k, d), _O: (n, d, e)}
+    shapes = {_PRE: (e,), _POST: (e,)} | attention_shapes(e, n, k, d, prefix=_ATTN)
     if i in cfg.moe_layers:
-        x, m = cfg.num_experts, layer[_SWI0].shape[-1] if _SWI0 in layer else -1
-        shapes |= {_GATE: (e, x), _EWI0: (x, e, m), _EWI1: (x, e, m), _EWO: (x, m, e), _SWI0: (e, m), _SWI1: (e, m),
-                   _SWO: (m, e)}
+        m = layer[_SWI0].shape[-1] if _SWI0 in layer else -1
+        shapes |= moe_shapes(e, cfg.num_experts, m, prefix=_ROUTED) | mlp_shapes(e, m, prefix=_SHARED)
     else:
-        f = layer[_WI0].shape[-1] if _WI0 in layer else -1
-        shapes |= {_WI0: (e, f), _WI1: (e, f), _WO: (f, e)}
+        shapes |= mlp_shapes(e, layer[_WI0].shape[-1] if _WI0 in layer else -1)
     return select_leaves(layer, shapes, i)
 
 
@@ -184,25 +177,26 @@ def llama4_logits(params: ParamSource, cfg: Llama4Config, tokens: np.ndarray, dt
     tokens = np.asarray(tokens)
     x = embed_tokens(params, cfg, tokens, dtype)
     length = tokens.shape[1]
-    angles = np.arange(length, dtype=np.float32)[:, None] * inv_freq(cfg)[None, :]
-    cos, sin = jnp.asarray(np.cos(angles)), jnp.asarray(np.sin(angles))
-    masks = {True: jnp.asarray(chunked_mask(length, cfg.chunk)), False: jnp.asarray(attention_mask(length, None))}
-    pos = np.arange(length, dtype=np.float32)
-    tuned = np.log1p(np.floor((pos + 1.0) / cfg.floor_scale)) * cfg.attn_scale + 1.0
-    scales = {True: jnp.ones(length, jnp.float32),
-              False: jnp.asarray(tuned.astype(np.float32) if cfg.temperature_tuning else np.ones(length, np.float32))}
+    cos, sin = rope_tables(inv_freq(cfg), length)
+    # RoPE layers: chunked attention, no temperature; no-RoPE layers: full causal attention, temperature tuned.
+    masks = {True: jnp.asarray(attention_mask(length, chunk=cfg.chunk)), False: jnp.asarray(attention_mask(length))}
+    scales = {True: jnp.ones(length, jnp.float32), False: jnp.asarray(temperature_scales(cfg, length))}
     for i in range(cfg.num_layers):
         layer = _layer_weights(params.layer(i), cfg, i)
-        rope = cfg.rope_layers[i]
-        attn = {k: jnp.asarray(layer[k]) for k in (_PRE, _POST, _Q, _K, _V, _O)}
-        x, h = _attention(x, attn, cos, sin, masks[rope], scales[rope], rope=rope, qk_norm=cfg.qk_norm,
-                          eps=cfg.rms_eps, dtype=dtype)
-        if i in cfg.moe_layers:
-            x = x + _moe(h, layer, cfg, dtype)
+        rope, moe = cfg.rope_layers[i], i in cfg.moe_layers
+        weights = to_device(layer, skip=tuple(_ROUTED + name for name in _EXPERTS))
+        out = _layer_body(x, weights, cos, sin, masks[rope], scales[rope], rope=rope, qk_norm=cfg.qk_norm, moe=moe,
+                          top_k=cfg.experts_per_tok, eps=cfg.rms_eps, dtype=dtype)
+        if moe:
+            x, h, ids, gate_w, shared = out
+            experts = {name: layer[_ROUTED + name] for name in _EXPERTS}
+            mlp = routed_experts(shared, h, np.asarray(ids), np.asarray(gate_w), experts, dtype, scale_input=True)
+            x = x + mlp.reshape(x.shape)
         else:
-            x = x + _swiglu(h, layer[_WI0], layer[_WI1], layer[_WO], dtype=dtype)
+            (x,) = out
         x = x.block_until_ready()
-        del layer, attn
-    logits = _final_logits(x, params.top("decoder/decoder_norm/scale"), params.top("decoder/logits_dense/kernel"),
-                           eps=cfg.rms_eps, transposed=False, dtype=dtype)
+        release(weights)
+        del layer
+    head, transposed = lm_head(params, False)
+    logits = final_logits(x, params.top(FINAL_NORM), head, eps=cfg.rms_eps, transposed=transposed, dtype=dtype)
     return np.asarray(logits)[..., : cfg.vocab]

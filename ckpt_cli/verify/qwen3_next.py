@@ -1,10 +1,11 @@
 """MaxText's Qwen3-Next forward (models/qwen3.py, decoder_block qwen3_next) in JAX over a MaxText tree, layer by layer.
 
-Small functions, composed from the shared blocks of `verify/forward.py` (RMSNorm, rotate-half RoPE, GQA attention,
-SwiGLU, final logits) and DeepSeek's routed-expert loop; what is Qwen3-Next's own:
+Composed from the blocks of `verify/blocks.py` (RMSNorm with `offset`, partial rotate-half RoPE, GQA attention, the
+causal mask, L2 norm, softmax top-k routing, streamed routed experts, SwiGLU, final logits); what is Qwen3-Next's
+own:
 
 * the layer norms, the final norm and q/k norms are Qwen3NextRMSNorm: RMSNorm times `1 + w` (MaxText's
-  `scale_offset=1`; the checkpoint stores w as HF does);
+  `scale_offset=1`, `rms_norm(offset=1.0)`; the checkpoint stores w as HF does);
 * gated DeltaNet layers (`attention/in_proj_qkvz` ...): the fused projection read per key head as
   [q (Dk), k (Dk), v (V·Dv), z (V·Dv)] (V = value heads per key head), [b (V), a (V)] likewise; a causal
   depthwise conv over [q, k, v] then SiLU; q, k L2-normalised, q × Dk^-0.5, key heads repeated to the value
@@ -27,22 +28,34 @@ import jax.numpy as jnp
 import numpy as np
 
 from ckpt_cli.families import qwen3_next as family
-from ckpt_cli.verify import deepseek as ds
-from ckpt_cli.verify.forward import (
+from ckpt_cli.verify.blocks import (
+    FINAL_NORM,
     ParamSource,
-    _ExpertCopies,
-    _final_logits,
-    _rms_norm,
-    _rope,
+    apply_rope,
+    attention_mask,
     embed_tokens,
+    final_logits,
     gqa_attention,
+    l2_norm,
+    lm_head,
+    mlp_shapes,
+    moe_shapes,
+    release,
+    rms_norm,
+    rope_inv_freq,
+    route_softmax_topk,
+    routed_experts,
     select_leaves,
     swiglu,
+    to_device,
 )
+from ckpt_cli.verify.blocks import rope_tables as cos_sin_tables
 
 _IN_NORM, _POST_NORM = "input_layernorm/scale", "post_attention_layernorm/scale"
-_GATE, _WI0, _WI1, _WO = (f"mlp/routed_experts/{n}" for n in ("gate/kernel", "wi_0", "wi_1", "wo"))
-_S_WI0, _S_WI1, _S_WO = (f"mlp/shared_expert/{n}/kernel" for n in ("wi_0", "wi_1", "wo"))
+_ROUTED, _SHARED = "mlp/routed_experts/", "mlp/shared_expert/"
+_EXPERTS = ("wi_0", "wi_1", "wo")
+_GATE = _ROUTED + "gate/kernel"
+_S_WI0, _S_WI1, _S_WO = (f"{_SHARED}{n}/kernel" for n in _EXPERTS)
 _S_GATE = "mlp/shared_expert_gate/kernel"
 _QKVZ, _BA, _CONV = "attention/in_proj_qkvz/kernel", "attention/in_proj_ba/kernel", "attention/conv1d/kernel"
 _A_LOG, _DT_BIAS = "attention/A_log", "attention/dt_bias"
@@ -105,38 +118,25 @@ class Qwen3NextConfig:
         )
 
 
-def rope_tables(cfg: Qwen3NextConfig, length: int) -> tuple[np.ndarray, np.ndarray]:
+def rope_tables(cfg: Qwen3NextConfig, length: int) -> tuple[jax.Array, jax.Array]:
     """cos, sin (T, R/2) float32 for the R rotated dims: θ^(-2i/R)."""
-    r = cfg.rotary_dim
-    inv = 1.0 / (cfg.rope_theta ** (np.arange(0, r, 2, dtype=np.float32) / np.float32(r)))
-    angles = np.arange(length, dtype=np.float32)[:, None] * inv.astype(np.float32)[None, :]
-    return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
+    return cos_sin_tables(rope_inv_freq(cfg.rotary_dim, cfg.rope_theta), length)
 
 
-def offset_norm(x: jax.Array, w: jax.Array, eps: float, dt: jnp.dtype) -> jax.Array:
-    """Qwen3NextRMSNorm: RMSNorm (float32 statistics) times 1 + w."""
-    return _rms_norm(x, 1.0 + w.astype(jnp.float32), eps, dt)
-
-
-def partial_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
-    """Rotate-half RoPE on the first 2·cos.shape[-1] dims of each head (B,T,H,D); the rest pass through."""
-    r = 2 * cos.shape[-1]
-    return jnp.concatenate([_rope(x[..., :r], cos, sin, False), x[..., r:]], axis=-1)
-
-
-def gated_attention(h: jax.Array, w: dict, cos: jax.Array, sin: jax.Array, eps: float, dt: jnp.dtype) -> jax.Array:
-    """Full attention of normed h (B,T,E): query and per-head output gate from one kernel, q/k norms, partial RoPE."""
+def gated_attention(h: jax.Array, w: dict, cos: jax.Array, sin: jax.Array, mask: jax.Array, eps: float,
+                    dt: jnp.dtype) -> jax.Array:
+    """Full attention of normed h (B,T,E): query and per-head output gate from one kernel, q/k norms, partial RoPE
+    (`apply_rope` rotates only the dims the cos/sin tables cover)."""
     qg = jnp.einsum("bte,enj->btnj", h, w[_Q])
     d = qg.shape[-1] // 2
     q, gate = qg[..., :d], qg[..., d:]
     k = jnp.einsum("bte,ekd->btkd", h, w[_K])
     v = jnp.einsum("bte,ekd->btkd", h, w[_V])
-    q, k = offset_norm(q, w[_Q_NORM], eps, dt), offset_norm(k, w[_K_NORM], eps, dt)
-    q, k = partial_rope(q, cos, sin), partial_rope(k, cos, sin)
+    q, k = rms_norm(q, w[_Q_NORM], eps, dt, offset=1.0), rms_norm(k, w[_K_NORM], eps, dt, offset=1.0)
+    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     q = q * jnp.asarray(d**-0.5, dt)
-    t = q.shape[1]
-    attn = gqa_attention(q, k, v, jnp.tril(jnp.ones((t, t), dtype=bool)), dt) * jax.nn.sigmoid(gate)
-    b, _, n, _ = attn.shape
+    attn = gqa_attention(q, k, v, mask, dt) * jax.nn.sigmoid(gate)
+    b, t, n, _ = attn.shape
     return attn.reshape(b, t, n * d) @ w[_O]
 
 
@@ -166,10 +166,6 @@ def delta_rule(q: jax.Array, k: jax.Array, v: jax.Array, g: jax.Array, beta: jax
     return out.swapaxes(0, 1)
 
 
-def _l2norm(x: jax.Array) -> jax.Array:
-    return x * jax.lax.rsqrt(jnp.sum(x * x, axis=-1, keepdims=True) + 1e-6)
-
-
 def gated_deltanet(h: jax.Array, w: dict, cfg: Qwen3NextConfig, eps: float, dt: jnp.dtype) -> jax.Array:
     """A gated DeltaNet layer's attention on normed h (B,T,E)."""
     b, t, _ = h.shape
@@ -184,36 +180,33 @@ def gated_deltanet(h: jax.Array, w: dict, cfg: Qwen3NextConfig, eps: float, dt: 
     mixed = jnp.concatenate([q.reshape(b, t, -1), k.reshape(b, t, -1), v.reshape(b, t, -1)], axis=-1)
     mixed = jax.nn.silu(causal_depthwise_conv(mixed, w[_CONV]).astype(jnp.float32)).astype(dt)
     q, k, v = jnp.split(mixed, [hk * dk, 2 * hk * dk], axis=-1)
-    q = jnp.repeat(_l2norm(q.reshape(b, t, hk, dk)), per, axis=2) * jnp.asarray(dk**-0.5, dt)
-    k = jnp.repeat(_l2norm(k.reshape(b, t, hk, dk)), per, axis=2)
+    q = jnp.repeat(l2_norm(q.reshape(b, t, hk, dk)), per, axis=2) * jnp.asarray(dk**-0.5, dt)
+    k = jnp.repeat(l2_norm(k.reshape(b, t, hk, dk)), per, axis=2)
     o = delta_rule(q, k, v.reshape(b, t, hv, dv), g, beta)
-    o = _rms_norm(o, w[_GDN_NORM], eps, jnp.float32) * jax.nn.silu(z.reshape(b, t, hv, dv).astype(jnp.float32))
+    o = rms_norm(o, w[_GDN_NORM], eps, jnp.float32) * jax.nn.silu(z.reshape(b, t, hv, dv).astype(jnp.float32))
     return o.astype(dt).reshape(b, t, hv * dv) @ w[_OUT_PROJ]
 
 
 @partial(jax.jit, static_argnames=("cfg", "full", "top_k", "norm_topk_prob", "dtype"))
-def _attention_and_route(x: jax.Array, w: dict, cos: jax.Array, sin: jax.Array, *, cfg: Qwen3NextConfig,
-                         full: bool, top_k: int, norm_topk_prob: bool, dtype: str):
+def _attention_and_route(x: jax.Array, w: dict, cos: jax.Array, sin: jax.Array, mask: jax.Array, *,
+                         cfg: Qwen3NextConfig, full: bool, top_k: int, norm_topk_prob: bool, dtype: str):
     """x + attention(norm(x)), then the MLP input h (BT,E), the router's expert ids and weights, and the shared
     expert's gated output (BT,E)."""
     dt = jnp.dtype(dtype)
     w = {k: v.astype(dt) for k, v in w.items()}
     eps = float(cfg.rms_eps)
-    h = offset_norm(x, w[_IN_NORM], eps, dt)
-    x = x + (gated_attention(h, w, cos, sin, eps, dt) if full else gated_deltanet(h, w, cfg, eps, dt))
-    h = offset_norm(x, w[_POST_NORM], eps, dt).reshape(-1, x.shape[-1])
-    probs = jax.nn.softmax((h @ w[_GATE]).astype(jnp.float32), axis=-1)
-    weights, ids = jax.lax.top_k(probs, top_k)
-    if norm_topk_prob:
-        weights = weights / weights.sum(axis=-1, keepdims=True)
+    h = rms_norm(x, w[_IN_NORM], eps, dt, offset=1.0)
+    x = x + (gated_attention(h, w, cos, sin, mask, eps, dt) if full else gated_deltanet(h, w, cfg, eps, dt))
+    h = rms_norm(x, w[_POST_NORM], eps, dt, offset=1.0).reshape(-1, x.shape[-1])
+    weights, ids = route_softmax_topk(h @ w[_GATE], top_k, normalize=norm_topk_prob)
     shared = swiglu(h, w[_S_WI0], w[_S_WI1], w[_S_WO]) * jax.nn.sigmoid(h @ w[_S_GATE])
     return x, h, ids, weights, shared
 
 
 def _layer_weights(layer: dict[str, np.ndarray], cfg: Qwen3NextConfig, i: int) -> dict[str, np.ndarray]:
     e, x, m, s = cfg.hidden, cfg.num_experts, cfg.moe_dim, cfg.shared_dim
-    shapes = {_IN_NORM: (e,), _POST_NORM: (e,), _GATE: (e, x), _WI0: (x, e, m), _WI1: (x, e, m), _WO: (x, m, e),
-              _S_WI0: (e, s), _S_WI1: (e, s), _S_WO: (s, e), _S_GATE: (e, 1)}
+    shapes = ({_IN_NORM: (e,), _POST_NORM: (e,), _S_GATE: (e, 1)} | moe_shapes(e, x, m, prefix=_ROUTED)
+              | mlp_shapes(e, s, prefix=_SHARED))
     if cfg.full[i]:
         n, k, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         shapes |= {_Q: (e, n, 2 * d), _K: (e, k, d), _V: (e, k, d), _O: (n * d, e), _Q_NORM: (d,), _K_NORM: (d,)}
@@ -225,22 +218,18 @@ def _layer_weights(layer: dict[str, np.ndarray], cfg: Qwen3NextConfig, i: int) -
     return select_leaves(layer, shapes, i)
 
 
-def _layer(x: jax.Array, layer: dict[str, np.ndarray], cos: jax.Array, sin: jax.Array, cfg: Qwen3NextConfig,
-           i: int, dtype: str) -> jax.Array:
+def _layer(x: jax.Array, layer: dict[str, np.ndarray], cos: jax.Array, sin: jax.Array, mask: jax.Array,
+           cfg: Qwen3NextConfig, i: int, dtype: str) -> jax.Array:
     """One decoder layer: attention, routing and the shared expert in one jit, then each hit routed expert on the
     tokens sent to it (one expert's weights on the device at a time)."""
-    weights = jax.block_until_ready({k: jax.device_put(np.array(v)) for k, v in layer.items()
-                                     if k not in (_WI0, _WI1, _WO)})
-    x, h, ids, gate_w, shared = _attention_and_route(x, weights, cos, sin, cfg=cfg, full=cfg.full[i],
+    weights = to_device(layer, skip=tuple(_ROUTED + name for name in _EXPERTS))
+    x, h, ids, gate_w, shared = _attention_and_route(x, weights, cos, sin, mask, cfg=cfg, full=cfg.full[i],
                                                      top_k=cfg.experts_per_tok, norm_topk_prob=cfg.norm_topk_prob,
                                                      dtype=dtype)
-    experts = {ds._EXP_WI0: _ExpertCopies(layer[_WI0]), ds._EXP_WI1: _ExpertCopies(layer[_WI1]),
-               ds._EXP_WO: _ExpertCopies(layer[_WO])}
-    mlp = ds._routed_experts(shared.astype(h.dtype), h, np.asarray(ids), np.asarray(gate_w), experts, dtype)
+    experts = {name: layer[_ROUTED + name] for name in _EXPERTS}
+    mlp = routed_experts(shared.astype(h.dtype), h, np.asarray(ids), np.asarray(gate_w), experts, dtype)
     x = (x + mlp.reshape(x.shape)).block_until_ready()
-    for w in weights.values():
-        w.delete()
-    ds._flush_host_refs()
+    release(weights)
     return x
 
 
@@ -249,10 +238,11 @@ def qwen3_next_logits(params: ParamSource, cfg: Qwen3NextConfig, tokens: np.ndar
     """tokens int (B, T) -> logits float32 (B, T, V) with MaxText's Qwen3-Next math, one layer read at a time."""
     tokens = np.asarray(tokens)
     x = embed_tokens(params, cfg, tokens, dtype)
-    cos, sin = (jnp.asarray(a) for a in rope_tables(cfg, tokens.shape[1]))
+    cos, sin = rope_tables(cfg, tokens.shape[1])
+    mask = jnp.asarray(attention_mask(tokens.shape[1]))
     for i in range(cfg.num_layers):
-        x = _layer(x, _layer_weights(params.layer(i), cfg, i), cos, sin, cfg, i, dtype)
-    norm = params.top("decoder/decoder_norm/scale").astype(np.float32) + np.float32(1.0)
-    head = "token_embedder/embedding" if cfg.tied else "decoder/logits_dense/kernel"
-    logits = _final_logits(x, norm, params.top(head), eps=float(cfg.rms_eps), transposed=cfg.tied, dtype=dtype)
+        x = _layer(x, _layer_weights(params.layer(i), cfg, i), cos, sin, mask, cfg, i, dtype)
+    head, transposed = lm_head(params, cfg.tied)
+    logits = final_logits(x, params.top(FINAL_NORM), head, eps=float(cfg.rms_eps), transposed=transposed,
+                          dtype=dtype, norm_offset=1.0)
     return np.asarray(logits)[..., : cfg.vocab]

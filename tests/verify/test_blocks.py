@@ -1,7 +1,9 @@
 """verify/blocks.py's options that no family forward exercises yet, each against transformers' own module:
 the Gemma `+1` RMSNorm, partial rotary RoPE, attention with logit soft-cap and a sliding window (Gemma 2), q/k
-RMSNorm over the whole projection (OLMo 3), q/k/v biases (Qwen2), and the final-logit soft-cap. Each case also
-checks that the option changes the result, so a block that ignored it would fail."""
+RMSNorm over the whole projection (OLMo 3), q/k/v biases (Qwen2), and the final-logit soft-cap; and, in isolation,
+the pieces only the Llama 4 and Qwen3-Next forwards use: the chunked mask, the L2 and weightless RMS norms, top-k
+sigmoid routing with experts fed the weighted input. Each case also checks that the option changes the result, so a
+block that ignored it would fail."""
 
 from __future__ import annotations
 
@@ -9,21 +11,28 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from transformers import Gemma2Config, Olmo3Config, Qwen2Config
+from transformers import Gemma2Config, Llama4TextConfig, Olmo3Config, Qwen2Config
 from transformers.models.gemma.modeling_gemma import GemmaRMSNorm
 from transformers.models.gemma2.modeling_gemma2 import Gemma2Attention, Gemma2RotaryEmbedding
+from transformers.models.llama4.modeling_llama4 import Llama4TextL2Norm, Llama4TextMoe
 from transformers.models.olmo3.modeling_olmo3 import Olmo3Attention, Olmo3RotaryEmbedding
 from transformers.models.phi3.modeling_phi3 import apply_rotary_pos_emb
 from transformers.models.qwen2.modeling_qwen2 import Qwen2Attention, Qwen2RotaryEmbedding
+from transformers.models.qwen3_next.modeling_qwen3_next import l2norm as qwen3_next_l2norm
 
 from ckpt_cli.verify.blocks import (
     apply_rope,
     attention_mask,
     final_logits,
+    l2_norm,
     rms_norm,
     rope_inv_freq,
     rope_tables,
+    route_topk_sigmoid,
+    routed_experts,
     self_attention,
+    swiglu,
+    unscaled_rms_norm,
 )
 
 E, N, K, D, T, WINDOW = 32, 4, 2, 8, 12, 5
@@ -167,3 +176,48 @@ def test_final_logits_soft_cap_and_normalization() -> None:
                        dtype="float32", normalize=True, soft_cap=1.5)
     np.testing.assert_allclose(np.asarray(got), 1.5 * np.tanh(raw / 1.5), rtol=0, atol=1e-5)
     assert np.abs(raw).max() > 2 and np.asarray(got).max() < 1.5
+
+
+def test_chunked_mask_keeps_the_causal_part_of_the_query_chunk() -> None:
+    length, chunk = 12, 5
+    q, kv = np.arange(length)[:, None], np.arange(length)[None, :]
+    expected = (kv <= q) & (q // chunk == kv // chunk)
+    np.testing.assert_array_equal(attention_mask(length, chunk=chunk), expected)
+    assert attention_mask(length, chunk=chunk)[4, 0] and not attention_mask(length, chunk=chunk)[5, 4]
+    np.testing.assert_array_equal(attention_mask(length, window=3, chunk=chunk), expected & (q - kv < 3))
+    np.testing.assert_array_equal(attention_mask(length, chunk=length), attention_mask(length))
+
+
+def test_l2_norm_and_weightless_rms_norm_match_transformers() -> None:
+    x = np.random.default_rng(7).normal(size=(2, 3, 4, 16)).astype(np.float32)
+    ref_l2 = qwen3_next_l2norm(torch.from_numpy(x), eps=1e-6).numpy()
+    np.testing.assert_allclose(np.asarray(l2_norm(jnp.asarray(x))), ref_l2, rtol=0, atol=1e-6)
+    with torch.no_grad():
+        ref_rms = Llama4TextL2Norm(eps=1e-5)(torch.from_numpy(x)).numpy()
+    got = unscaled_rms_norm(jnp.asarray(x), 1e-5, jnp.float32)
+    np.testing.assert_allclose(np.asarray(got), ref_rms, rtol=0, atol=1e-6)
+    assert np.abs(ref_rms - ref_l2).max() > 0.5   # sum vs mean of squares: not the same norm
+
+
+@pytest.mark.parametrize("top_k", [1, 2])
+def test_sigmoid_routed_experts_fed_the_weighted_input_match_llama4_moe(top_k: int) -> None:
+    m, x = 24, 4
+    cfg = Llama4TextConfig(hidden_size=E, intermediate_size=m, num_local_experts=x, num_experts_per_tok=top_k)
+    moe = Llama4TextMoe(cfg).eval()
+    _randomize(moe, seed=8, spread=0.3)
+    h = np.random.default_rng(9).normal(size=(T, E)).astype(np.float32)
+    with torch.no_grad():
+        ref, _ = moe(torch.from_numpy(h))
+    gate_up, down = moe.experts.gate_up_proj.detach().numpy(), moe.experts.down_proj.detach().numpy()
+    experts = {"wi_0": gate_up[..., :m], "wi_1": gate_up[..., m:], "wo": down}
+    shared = [jnp.asarray(getattr(moe.shared_expert, n).weight.detach().numpy().T)
+              for n in ("gate_proj", "up_proj", "down_proj")]
+    hj = jnp.asarray(h)
+    weights, ids = route_topk_sigmoid(hj @ jnp.asarray(moe.router.weight.detach().numpy().T), top_k)
+
+    def ours(scale_input: bool) -> np.ndarray:
+        return np.asarray(routed_experts(swiglu(hj, *shared), hj, np.asarray(ids), np.asarray(weights), experts,
+                                         "float32", scale_input=scale_input))
+
+    np.testing.assert_allclose(ours(True), ref.numpy(), rtol=0, atol=2e-5)
+    assert np.abs(ours(False) - ref.numpy()).max() > 1e-3
