@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Annotated
 
 import numpy as np
@@ -60,8 +59,11 @@ def hf_to_maxtext(
       ckpt convert hf-to-maxtext Qwen/Qwen3-8B --out ./q8 --max-disk 8GB
     """
     from ckpt_cli import convert
+    from ckpt_cli.io.location import local_path, source_arg
     from ckpt_cli.units import parse_size
 
+    source = source_arg(source, "SOURCE")
+    out_path = local_path(out, "--out")
     if compression not in ("zstd", "none"):
         raise typer.BadParameter("choose zstd or none", param_hint="--compression")
     outp = Output(json_out, quiet)
@@ -72,7 +74,7 @@ def hf_to_maxtext(
         resume=resume)
 
     with outp.bytes_progress("hf → maxtext") as progress:
-        result = convert.hf_to_maxtext(source, Path(out), opts, progress=progress,
+        result = convert.hf_to_maxtext(source, out_path, opts, progress=progress,
                                        on_plan=plan_announcer(outp, show_tensors))
     plan, stats = result.plan, result.stats
     if json_out:
@@ -87,7 +89,7 @@ def hf_to_maxtext(
 ArchModelOpt = Annotated[str | None, typer.Option(
     "--model", "-m", help="MaxText model name (e.g. qwen3-8b): its reference config describes a checkpoint that "
                           "carries none; a carried or --hf-config config is checked against it.")]
-HFConfigOpt = Annotated[Path | None, typer.Option(
+HFConfigOpt = Annotated[str | None, typer.Option(
     "--hf-config", help="config.json (or a folder with one) describing the checkpoint; wins over a carried one.")]
 OutDtypeOpt = Annotated[str | None, typer.Option(
     "--dtype", help="Stored dtype: bf16 or f32 (cast per slice). Default: the config's dtype, else bf16.")]
@@ -135,14 +137,19 @@ def maxtext_to_hf(
       ckpt convert maxtext-to-hf ./mt/0/items --hf-config ./config.json --dtype f32 --shard-size 2GB --out ./hf
     """
     from ckpt_cli import convert
+    from ckpt_cli.io.location import local_path, source_arg
     from ckpt_cli.units import human_bytes, parse_size
 
+    source = source_arg(source, "SOURCE")
+    out_path = local_path(out, "--out")
+    tokenizer = source_arg(tokenizer, "--tokenizer")
     outp = Output(json_out, quiet)
-    opts = convert.ToHFOptions(model=model, hf_config=hf_config, dtype=dtype, shard_size=parse_size(shard_size),
+    opts = convert.ToHFOptions(model=model, hf_config=local_path(hf_config, "--hf-config"), dtype=dtype,
+                               shard_size=parse_size(shard_size),
                                tokenizer=tokenizer, overwrite=overwrite, workers=workers, resume=resume)
 
     with outp.bytes_progress("maxtext → hf") as progress:
-        result = convert.maxtext_to_hf(source, Path(out), opts, progress=progress,
+        result = convert.maxtext_to_hf(source, out_path, opts, progress=progress,
                                        on_plan=plan_announcer(outp, show_tensors))
     plan, stats = result.plan, result.stats
     if json_out:

@@ -44,7 +44,7 @@ def check_demo_folder(root: Path) -> None:
 
 @guarded
 def demo(
-    out: Annotated[Path | None, typer.Option("--out", "-o", help="Where to leave the demo files (default: temp).")]
+    out: Annotated[str | None, typer.Option("--out", "-o", help="Where to leave the demo files (default: temp).")]
     = None,
     json_out: O.JsonOpt = False,
 ) -> None:
@@ -59,7 +59,10 @@ def demo(
     from ckpt_cli.tiny import write_tiny_model
 
     outp = Output(json_out, False)
-    root = output_path(out) if out else Path(tempfile.mkdtemp(prefix="ckpt-demo-"))
+    from ckpt_cli.io.location import local_path
+
+    local = local_path(out, "--out", "the demo writes a local folder")
+    root = output_path(local) if local else Path(tempfile.mkdtemp(prefix="ckpt-demo-"))
     with OutputLock(root):
         check_demo_folder(root)
         src = write_tiny_model(root / TINY)

@@ -65,7 +65,9 @@ def inspect(
       ckpt inspect ./Qwen3-0.6B --against ./qwen3-mt/0/items
     """
     from ckpt_cli import inspect as I
+    from ckpt_cli.io.location import source_arg
 
+    target, against = source_arg(target, "TARGET"), source_arg(against, "--against")
     out = Output(json_out, False)
     if target is not None and (against or model):
         if against and model:

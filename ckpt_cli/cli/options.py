@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Annotated
 
 import typer
 
-OutOpt = Annotated[Path, typer.Option("--out", "-o", help="Output directory (published atomically when done).")]
+OutOpt = Annotated[str, typer.Option("--out", "-o", help="Output directory (published atomically when done).")]
 ModelOpt = Annotated[str | None, typer.Option(
     "--model", "-m", help="MaxText model name (e.g. qwen3-8b, llama3.1-8b): check the config against it.")]
 ScanOpt = Annotated[bool, typer.Option(

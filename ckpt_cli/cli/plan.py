@@ -21,7 +21,7 @@ from ckpt_cli.units import human_bytes
 app = typer.Typer(help="Price a conversion (RAM, disk, bytes, time) from metadata only, with a go / no-go.",
                   no_args_is_help=True)
 
-PlanOutOpt = Annotated[Path | None, typer.Option(
+PlanOutOpt = Annotated[str | None, typer.Option(
     "--out", "-o", help="Where the output would go: its disk is checked and probed (default: the current "
                         "directory).")]
 ReadGbpsOpt = Annotated[float | None, typer.Option(
@@ -70,8 +70,11 @@ def plan_hf_to_maxtext(
       ckpt plan hf-to-maxtext --model llama3.1-70b --no-scan --write-gbps 0.4
     """
     from ckpt_cli import convert, pricing
+    from ckpt_cli.io.location import local_path, source_arg
     from ckpt_cli.units import parse_size
 
+    source = source_arg(source, "SOURCE")
+    out = local_path(out, "--out")
     if compression not in ("zstd", "none"):
         raise typer.BadParameter("choose zstd or none", param_hint="--compression")
     opts = convert.ToMaxTextOptions(
@@ -111,8 +114,12 @@ def plan_maxtext_to_hf(
       ckpt plan maxtext-to-hf --model qwen3-32b --json
     """
     from ckpt_cli import convert, pricing
+    from ckpt_cli.io.location import local_path, source_arg
     from ckpt_cli.units import parse_size
 
+    source = source_arg(source, "SOURCE")
+    out = local_path(out, "--out")
+    hf_config = local_path(hf_config, "--hf-config")
     opts = convert.ToHFOptions(model=model, hf_config=hf_config, dtype=dtype, shard_size=parse_size(shard_size),
                                overwrite=overwrite, workers=workers)
     plan, src, notes = pricing.plan_maxtext_to_hf(source, opts, scan)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -15,7 +14,7 @@ from ckpt_cli.cli.report import summary_table
 from ckpt_cli.errors import VerificationFailed
 from ckpt_cli.units import human_bytes
 
-MaxTextOpt = Annotated[Path, typer.Option(
+MaxTextOpt = Annotated[str, typer.Option(
     "--maxtext", help="MaxText Orbax checkpoint: run dir (latest step), step dir or items dir.")]
 HFOpt = Annotated[str | None, typer.Option(
     "--hf", help="Hugging Face folder or repo id: the reference model, its tokenizer and config.json.")]
@@ -28,9 +27,9 @@ MaxKLOpt = Annotated[float, typer.Option(
 TopKOpt = Annotated[int, typer.Option("--top-k", min=1, help="Tokens shown and compared at the last position.")]
 ComputeDtypeOpt = Annotated[str, typer.Option(
     "--dtype", help="Compute dtype of both forwards: f32 (exact check) or bf16 (as MaxText serves).")]
-GoldenOpt = Annotated[Path | None, typer.Option(
+GoldenOpt = Annotated[str | None, typer.Option(
     "--golden", help="Compare against reference logits saved with --save-golden (.npz or .jsonl); no torch needed.")]
-SaveGoldenOpt = Annotated[Path | None, typer.Option(
+SaveGoldenOpt = Annotated[str | None, typer.Option(
     "--save-golden", help="Also write the HF logits, tokens and prompts to FILE (.npz exact; .jsonl: MaxText's).")]
 HFLoadOpt = Annotated[str, typer.Option(
     "--hf-load", help="auto (whole model if it fits in RAM, else layer-streamed), full or stream.")]
@@ -68,12 +67,15 @@ def verify_logits(
 
       ckpt verify-logits --maxtext ./mt --golden golden.npz --max-kl 1e-6 --json
     """
+    from ckpt_cli.io.location import local_path, source_arg
     from ckpt_cli.verify.prompts import parse_token_lists
     from ckpt_cli.verify.run import VerifyOptions
     from ckpt_cli.verify.run import verify_logits as run_verify
 
+    maxtext, hf = local_path(maxtext, "--maxtext"), source_arg(hf, "--hf")
+    golden, save_golden = local_path(golden, "--golden"), local_path(save_golden, "--save-golden")
     outp = Output(json_out, quiet)
-    opts = VerifyOptions(maxtext=Path(maxtext), hf=hf, tokens=parse_token_lists(tokens or []),
+    opts = VerifyOptions(maxtext=maxtext, hf=hf, tokens=parse_token_lists(tokens or []),
                          prompts=tuple(prompt or ()), max_kl=max_kl, top_k=top_k, dtype=dtype, golden=golden,
                          save_golden=save_golden, hf_load=hf_load, revision=revision)
     with outp.bytes_progress("maxtext forward") as progress:
