@@ -9,6 +9,7 @@ import json
 import math
 import os
 import shutil
+import tempfile
 from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +21,7 @@ from ckpt_cli.dtypes import output_dtype
 from ckpt_cli.errors import ConfigMismatchError, DiskFull, Interrupted, OutputError, SourceError
 from ckpt_cli.families import detect_family, family_named
 from ckpt_cli.io import hf, outdir, remote_stream
+from ckpt_cli.io.location import BucketURL
 from ckpt_cli.io.orbax import OrbaxWriter, StorageOptions, read_progress
 from ckpt_cli.io.outdir import partial_dir
 from ckpt_cli.plan import ConversionPlan, build_to_maxtext, rename_sources
@@ -157,6 +159,11 @@ def hf_to_maxtext(source_arg: str, out: Path, opts: ToMaxTextOptions, progress=N
 
     `out` must not overlap the source; the run holds `out`'s lock throughout (see io/outdir.py)."""
     source = hf.resolve(source_arg, opts.revision, stream=opts.load_method == "safetensors")
+    if isinstance(out, BucketURL):          # written in place, completed by marker objects (io/bucket.py)
+        from ckpt_cli.io import bucket
+
+        bucket.check_output(out, opts.overwrite, opts.resume)
+        return _hf_to_maxtext(source, out, opts, progress, on_plan)
     target = outdir.output_path(out)
     outdir.check_not_overlapping(target, source_paths(source))
     with outdir.OutputLock(target):
@@ -166,7 +173,7 @@ def hf_to_maxtext(source_arg: str, out: Path, opts: ToMaxTextOptions, progress=N
     return result
 
 
-def _hf_to_maxtext(source: hf.HFSource, out: Path, opts: ToMaxTextOptions, progress, on_plan) -> Result:
+def _hf_to_maxtext(source: hf.HFSource, out: Path | BucketURL, opts: ToMaxTextOptions, progress, on_plan) -> Result:
     plan = plan_to_maxtext(source, opts)
     reader = open_reader(source, opts.load_method, plan.dtype)
     plan = with_source_names(plan, source, reader.names)
@@ -179,26 +186,34 @@ def _hf_to_maxtext(source: hf.HFSource, out: Path, opts: ToMaxTextOptions, progr
         notes.append(f"{len(ignored)} source tensor(s) not used: {', '.join(ignored[:4])}"
                      + (" ..." if len(ignored) > 4 else ""))
     key = progress_key(plan, source, opts)
+    local = isinstance(out, Path)
+    # downloads under --max-disk go beside a local --out; beside the temp folder for a bucket one
+    near = out if local else Path(tempfile.gettempdir()) / "ckpt-bucket-output"
     done = read_progress(out, key, opts.storage) if opts.resume else None
     if opts.resume:
         notes.append(f"resuming: {len(done)} of {sum(len(t.tasks) for t in plan.tensors)} slice writes were "
                      f"already durable in {partial_dir(out)}" if done is not None else
                      f"--resume: no interrupted run of this conversion in {partial_dir(out)}; starting afresh")
-    elif partial_dir(out).exists():
+    elif local and partial_dir(out).exists():
         notes.append(f"an interrupted run's {partial_dir(out)} was removed (pass --resume to take it up)")
     stream = (remote_stream.ShardStream(reader.files, plan, reader, opts.max_disk, skip=done or frozenset())
               if source.remote else None)
     if stream:
-        notes += stream.prepare(out, plan.output_bytes)     # refuses an impossible --max-disk up front
+        notes += stream.prepare(near, plan.output_bytes if local else 0)     # refuses an impossible --max-disk up front
     elif opts.max_disk is not None:
         notes.append("--max-disk applies to hub repos only; this source is read in place")
     if on_plan:
         on_plan(plan, notes)
-    check_free_space(out, plan.output_bytes - (remote_stream.tree_bytes(partial_dir(out)) if done else 0))
-    writer = OrbaxWriter(out, opts.storage, overwrite=opts.overwrite, progress_key=key, resume=done is not None)
+    if local:
+        check_free_space(out, plan.output_bytes - (remote_stream.tree_bytes(partial_dir(out)) if done else 0))
+        writer = OrbaxWriter(out, opts.storage, overwrite=opts.overwrite, progress_key=key, resume=done is not None)
+    else:
+        from ckpt_cli.io.bucket import BucketOrbaxWriter
+
+        writer = BucketOrbaxWriter(out, opts.storage)
     try:
         if stream:
-            stream.start(out)
+            stream.start(near)
         stats = engine.execute(plan, reader, stream.track(writer) if stream else writer, progress=progress,
                                workers=opts.workers, skip=writer.done)
         writer.finalize({"scan_layers": plan.scan_layers, "ckpt": provenance(plan, source, opts)})

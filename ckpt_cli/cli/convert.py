@@ -59,11 +59,11 @@ def hf_to_maxtext(
       ckpt convert hf-to-maxtext Qwen/Qwen3-8B --out ./q8 --max-disk 8GB
     """
     from ckpt_cli import convert
-    from ckpt_cli.io.location import local_path, source_arg
+    from ckpt_cli.io.location import location, source_arg
     from ckpt_cli.units import parse_size
 
     source = source_arg(source, "SOURCE")
-    out_path = local_path(out, "--out")
+    out_path = location(out, "--out", buckets=True)
     if compression not in ("zstd", "none"):
         raise typer.BadParameter("choose zstd or none", param_hint="--compression")
     outp = Output(json_out, quiet)

@@ -55,11 +55,13 @@ class BucketURL:
 
     def kvstore(self) -> dict:
         """The tensorstore kvstore spec of this prefix (a trailing slash: a 'folder'), endpoint overrides
-        from the environment applied (see `endpoint`)."""
+        from the environment applied (see `endpoint`; for GCS through the environment, `apply_gcs_endpoint`)."""
         spec: dict = {"driver": BUCKET_SCHEMES[self.scheme], "bucket": self.bucket,
                       "path": f"{self.path}/" if self.path else ""}
         endpoint = self.endpoint()
-        if endpoint and self.scheme == "s3":
+        if self.scheme == "gs":
+            apply_gcs_endpoint()
+        elif endpoint:
             spec["endpoint"] = endpoint
             spec["aws_region"] = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
         return spec

@@ -24,6 +24,7 @@ import tensorstore as ts
 from ckpt_cli.dtypes import dtype_name
 from ckpt_cli.errors import DiskFull, OutputError, SourceError
 from ckpt_cli.io.durable import fsync_tree
+from ckpt_cli.io.location import BucketURL
 from ckpt_cli.io.outdir import check_output, make_partial, os_error, output_path, partial_dir, publish
 from ckpt_cli.io.writeback import NewFiles, Writeback
 from ckpt_cli.plan import write_key
@@ -58,8 +59,13 @@ def _context() -> ts.Context:
                        "data_copy_concurrency": {"limit": max(2, os.cpu_count() or 2)}})
 
 
-def kvstore_spec(items_dir: Path, name: str, opts: StorageOptions) -> dict:
-    """The tensorstore kvstore spec of one leaf of an items directory."""
+def kvstore_spec(items_dir: Path | BucketURL, name: str, opts: StorageOptions) -> dict:
+    """The tensorstore kvstore spec of one leaf of an items directory (local, or a bucket prefix)."""
+    if isinstance(items_dir, BucketURL):
+        base = items_dir.kvstore()
+        if opts.use_ocdbt:
+            return {"driver": "ocdbt", "base": base, "path": f"{name}/"}
+        return base | {"path": f"{base['path']}{name}/"}
     if opts.use_ocdbt:
         return {"driver": "ocdbt", "base": f"file://{items_dir.resolve()}/", "path": f"{name}/"}
     return {"driver": "file", "path": f"{items_dir.resolve()}/{name}/"}
