@@ -318,7 +318,9 @@ def hf_progress_key(plan: ConversionPlan, ckpt, opts: ToHFOptions, json_files: d
     """What must match for maxtext-to-hf `--resume` to take up an interrupted run: the same checkpoint (its
     path and files), the same plan (every target, shape, dtype, transform and source slice), the same
     shards and the same files written beside them."""
-    ident = {"tool": __version__, "source": str(Path(ckpt.items).resolve()), "files": checkpoint_files(ckpt.items),
+    remote = isinstance(ckpt.items, BucketURL)      # a bucket's checkpoint: named by URL and commit time
+    ident = {"tool": __version__, "source": str(ckpt.items) if remote else str(Path(ckpt.items).resolve()),
+             "files": ckpt.step_metadata.get("commit_timestamp_nsecs") if remote else checkpoint_files(ckpt.items),
              "shard_size": opts.shard_size, "json_files": json_files,
              "copies": {name: str(Path(src).resolve()) for name, src in sorted(copies.items())},
              "plan": [[t.target, list(t.shape), np.dtype(t.dtype).name, t.chain.describe(),
@@ -328,16 +330,18 @@ def hf_progress_key(plan: ConversionPlan, ckpt, opts: ToHFOptions, json_files: d
     return hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def maxtext_to_hf(source_arg: str, out: Path, opts: ToHFOptions, progress=None, on_plan=None) -> HFResult:
+def maxtext_to_hf(source_arg: str | BucketURL, out: Path, opts: ToHFOptions, progress=None, on_plan=None) -> HFResult:
     """Convert a MaxText checkpoint (run, step or items dir) to an HF safetensors folder at `out` (atomically).
 
     `out` must not overlap anything read (the checkpoint, --hf-config, the files copied beside the weights);
     the run holds `out`'s lock throughout (see io/outdir.py)."""
     from ckpt_cli.io.orbax import OrbaxCheckpoint
 
-    ckpt = OrbaxCheckpoint(Path(source_arg))
+    remote = isinstance(source_arg, BucketURL)      # a gs:// or s3:// checkpoint: read in place, nothing local
+    ckpt = OrbaxCheckpoint(source_arg if remote else Path(source_arg))
     target = outdir.output_path(out)
-    outdir.check_not_overlapping(target, [Path(source_arg), ckpt.items, *([opts.hf_config] if opts.hf_config else [])])
+    reads = [] if remote else [Path(source_arg), ckpt.items]
+    outdir.check_not_overlapping(target, [*reads, *([opts.hf_config] if opts.hf_config else [])])
     with outdir.OutputLock(target):
         outdir.check_output(target, opts.overwrite)
         result = _maxtext_to_hf(ckpt, source_arg, target, opts, progress, on_plan)

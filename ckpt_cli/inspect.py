@@ -88,6 +88,11 @@ def open_target(target: str | None, model: str | None = None, revision: str | No
         if model is None:
             raise SourceError("give a TARGET (folder, repo id, Orbax checkpoint) or --model NAME")
         return open_model(model, True if scan is None else scan, dtype)
+    from ckpt_cli.io.location import is_url, location
+
+    if is_url(target):      # gs:// or s3:// (others refused): an Orbax checkpoint read in place
+        url = location(target, "TARGET", buckets=True, what="an Orbax checkpoint in gs:// or s3://")
+        return open_orbax(url) if not isinstance(url, Path) else open_target(str(url), model, revision, scan, dtype)
     path = Path(target).expanduser()
     if path.exists():
         if path.is_file() and path.suffix == ".safetensors":
@@ -152,7 +157,7 @@ def _hf_target(kind: str, label: str, config: dict | None, headers: dict[str, Te
     return t
 
 
-def open_orbax(path: Path) -> Target:
+def open_orbax(path) -> Target:
     """An Orbax checkpoint's tree from its metadata: shapes, dtypes and chunk shapes, no array data."""
     import tensorstore as ts
 
@@ -180,7 +185,7 @@ def open_orbax(path: Path) -> Target:
     root = ckpt.items.parent if ckpt.items.name == "items" else ckpt.items
     info = {"items_dir": str(ckpt.items), "scan_layers": scan,
             "storage": {"use_ocdbt": ckpt.opts.use_ocdbt, "use_zarr3": ckpt.opts.use_zarr3},
-            "provenance": prov, "disk_bytes": tree_bytes(root)}
+            "provenance": prov, "disk_bytes": tree_bytes(root) if isinstance(root, Path) else None}
     t = Target("orbax", str(path), leaves, prov.get("hf_config"), info, scan_layers=scan)
     if not prov:
         t.notes.append("no ckpt provenance (not written by ckpt): family unknown unless compared with --model")

@@ -102,3 +102,42 @@ def test_interrupted_run_objects_are_replaced(emulator, hf_models, local_mt, mon
     assert result.exit_code == 0, result.output
     keys = [k.decode() for k in store.list().result()]
     assert "0/items/d/stale" not in keys and PARTIAL_MARKER not in keys and "0/commit_success.txt" in keys
+
+
+def test_bucket_checkpoint_as_source(emulator, hf_models, local_mt, tmp_path):
+    """maxtext-to-hf and inspect read a MaxText checkpoint in the bucket in place: the same HF folder and the
+    same tree as from the local copy; an interrupted or absent one is refused in one line."""
+    url = f"{emulator.make_bucket(next(_buckets))}/mt"
+    assert run("convert", "hf-to-maxtext", hf_models("qwen3"), "--out", url, "--quiet").exit_code == 0
+    for src, out in ((url, tmp_path / "from-bucket"), (f"{url}/0/items", tmp_path / "from-items"),
+                     (local_mt, tmp_path / "from-local")):
+        result = run("convert", "maxtext-to-hf", src, "--out", out, "--quiet")
+        assert result.exit_code == 0, result.output
+    for name in ("model.safetensors", "config.json"):
+        expected = (tmp_path / "from-local" / name).read_bytes()
+        assert (tmp_path / "from-bucket" / name).read_bytes() == expected, name
+        assert (tmp_path / "from-items" / name).read_bytes() == expected, name
+    remote = json.loads(run("inspect", url, "--json").stdout)
+    local = json.loads(run("inspect", local_mt, "--json").stdout)
+    assert remote["tensors"] == local["tensors"] and remote["tensors"]
+    assert remote["scan_layers"] is True
+    planned = run("plan", "maxtext-to-hf", url, "--out", tmp_path / "p", "--read-gbps", "1", "--write-gbps", "1",
+                  "--json")
+    local_plan = run("plan", "maxtext-to-hf", local_mt, "--out", tmp_path / "p", "--read-gbps", "1",
+                     "--write-gbps", "1", "--json")
+    assert planned.exit_code == 0 and local_plan.exit_code == 0, planned.output
+    assert json.loads(planned.stdout)["source"] == url
+    remote_p, local_p = json.loads(planned.stdout), json.loads(local_plan.stdout)
+    assert remote_p["go"] is True and remote_p["source_kind"] == "orbax"
+    for key in ("tensors", "tasks", "parameters"):
+        assert remote_p[key] == local_p[key], key
+    assert remote_p["bytes"]["written"] == local_p["bytes"]["written"] > 0
+    # an interrupted run's prefix, and nothing at all
+    store = open_store(location(f"{url}-broken", "--out", buckets=True))
+    store.write(PARTIAL_MARKER, b"made by ckpt").result()
+    for src, why in ((f"{url}-broken", "an interrupted conversion"), (f"{url}-none", "not an Orbax checkpoint")):
+        result = run("convert", "maxtext-to-hf", src, "--out", tmp_path / "x")
+        assert result.exit_code == 2 and why in error_line(result), result.output
+        result = run("inspect", src)
+        assert result.exit_code == 2 and why in error_line(result), result.output
+    assert not (tmp_path / "x").exists()

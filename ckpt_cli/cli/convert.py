@@ -137,10 +137,11 @@ def maxtext_to_hf(
       ckpt convert maxtext-to-hf ./mt/0/items --hf-config ./config.json --dtype f32 --shard-size 2GB --out ./hf
     """
     from ckpt_cli import convert
-    from ckpt_cli.io.location import local_path, source_arg
+    from ckpt_cli.io.location import BucketURL, local_path, location, source_arg
     from ckpt_cli.units import human_bytes, parse_size
 
-    source = source_arg(source, "SOURCE")
+    src = location(source, "SOURCE", buckets=True)
+    source = src if isinstance(src, BucketURL) else source
     out_path = local_path(out, "--out")
     tokenizer = source_arg(tokenizer, "--tokenizer")
     outp = Output(json_out, quiet)

@@ -67,7 +67,7 @@ def inspect(
     from ckpt_cli import inspect as I
     from ckpt_cli.io.location import source_arg
 
-    target, against = source_arg(target, "TARGET"), source_arg(against, "--against")
+    against = source_arg(against, "--against")      # TARGET may be gs:// or s3:// (inspect.open_target)
     out = Output(json_out, False)
     if target is not None and (against or model):
         if against and model:
@@ -128,7 +128,8 @@ def _rows(r: dict, pattern: str | None) -> dict[str, str]:
         if prov:
             rows["written by"] = (f"ckpt {prov.get('version', '?')} from {prov.get('source', '?')} "
                                   f"({prov.get('dtype', '?')}, {prov.get('created', '?')})")
-        rows["on disk"] = human_bytes(r["disk_bytes"])
+        if r["disk_bytes"] is not None:         # None: in a bucket
+            rows["on disk"] = human_bytes(r["disk_bytes"])
     else:
         rows["repo"] = r["repo_id"]
         rows["layout"] = f"{'scanned' if r['scan_layers'] else 'unscanned'}, {r['dtype']}"

@@ -114,17 +114,17 @@ def plan_maxtext_to_hf(
       ckpt plan maxtext-to-hf --model qwen3-32b --json
     """
     from ckpt_cli import convert, pricing
-    from ckpt_cli.io.location import local_path, source_arg
+    from ckpt_cli.io.location import is_url, local_path
     from ckpt_cli.units import parse_size
 
-    source = source_arg(source, "SOURCE")
+    remote = is_url(source)     # a gs:// or s3:// checkpoint (others refused by pricing)
     out = local_path(out, "--out")
     hf_config = local_path(hf_config, "--hf-config")
     opts = convert.ToHFOptions(model=model, hf_config=hf_config, dtype=dtype, shard_size=parse_size(shard_size),
                                overwrite=overwrite, workers=workers)
     plan, src, notes = pricing.plan_maxtext_to_hf(source, opts, scan)
     reads = []
-    if source:
+    if source and not remote:
         from ckpt_cli.io.orbax import find_items_dir
 
         reads = [Path(source), find_items_dir(Path(source)), *([hf_config] if hf_config else [])]

@@ -38,7 +38,7 @@ from collections import deque
 import numpy as np
 import tensorstore as ts
 
-from ckpt_cli.errors import OutputError, UnsupportedError
+from ckpt_cli.errors import OutputError, SourceError, UnsupportedError
 from ckpt_cli.io.location import BucketURL, apply_gcs_endpoint
 from ckpt_cli.io.orbax import HANDLER, OrbaxWriter, StorageOptions, array_spec, tree_metadata
 from ckpt_cli.io.outdir import PARTIAL_MARKER
@@ -203,3 +203,54 @@ class BucketOrbaxWriter(OrbaxWriter):
         except ValueError:
             pass        # the marker stays: the next run into this prefix removes what is left
         return False
+
+
+# --------------------------------------------------------------------------------------- sources
+
+
+def read_checkpoint_meta(url: BucketURL) -> tuple[BucketURL, dict, dict]:
+    """An Orbax checkpoint in a bucket (run, step or items prefix; a run's latest step with items/_METADATA):
+    its items prefix, `_METADATA` and the step's `_CHECKPOINT_METADATA` (or {})."""
+    context = bucket_context()
+    try:
+        keys = set(list_keys(url, context))
+    except OutputError as exc:
+        raise SourceError(str(exc)) from None
+    if PARTIAL_MARKER in keys:
+        raise SourceError(f"{url}: an interrupted conversion (it holds ckpt's {PARTIAL_MARKER}), not a complete "
+                          f"checkpoint")
+    if "_METADATA" in keys:
+        items, rel = url, ""
+    elif "items/_METADATA" in keys:
+        items, rel = url / "items", "items/"
+    else:
+        steps = sorted(int(k.split("/", 1)[0]) for k in keys
+                       if k.endswith("/items/_METADATA") and k.count("/") == 2 and k.split("/", 1)[0].isdigit())
+        if not steps:
+            why = "nothing there (no such bucket or prefix)" if not keys else "no _METADATA in it, in items/ or in " \
+                                                                             "a step prefix"
+            raise SourceError(f"{url}: not an Orbax checkpoint ({why})")
+        items, rel = url / str(steps[-1]) / "items", f"{steps[-1]}/items/"
+    store = open_store(url, context)
+
+    def read(key: str) -> bytes | None:
+        try:
+            result = store.read(key).result()
+        except ValueError as exc:
+            raise SourceError(str(bucket_error(exc, url, "reading"))) from None
+        return bytes(result.value) if result.state == "value" else None
+
+    try:
+        metadata = json.loads(read(f"{rel}_METADATA") or b"")
+    except json.JSONDecodeError as exc:
+        raise SourceError(f"{items}: unreadable Orbax _METADATA ({exc})") from None
+    if rel:                                 # the step prefix is the items prefix's parent
+        step = read(rel.removesuffix("items/") + "_CHECKPOINT_METADATA")
+    else:                                   # an items prefix named directly
+        result = _do(open_store(url.parent, context).read("_CHECKPOINT_METADATA"), url, "reading")
+        step = bytes(result.value) if result.state == "value" else None
+    try:
+        step_metadata = json.loads(step) if step else {}
+    except json.JSONDecodeError:
+        step_metadata = {}
+    return items, metadata, step_metadata

@@ -362,21 +362,15 @@ class OrbaxCheckpoint:
     checkpoint was written by ckpt).
     """
 
-    def __init__(self, path: Path):
-        self.items = find_items_dir(Path(path))
-        try:
-            self.metadata = json.loads((self.items / "_METADATA").read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            raise SourceError(f"{self.items}: unreadable Orbax _METADATA ({exc})") from None
+    def __init__(self, path: Path | BucketURL):
+        if isinstance(path, BucketURL):         # a gs:// or s3:// prefix, read through tensorstore's kvstores
+            from ckpt_cli.io.bucket import read_checkpoint_meta
+
+            self.items, self.metadata, self.step_metadata = read_checkpoint_meta(path)
+        else:
+            self._open_local(Path(path))
         self.opts = StorageOptions(use_ocdbt=bool(self.metadata.get("use_ocdbt", True)),
                                    use_zarr3=bool(self.metadata.get("use_zarr3", False)))
-        step_meta = self.items.parent / "_CHECKPOINT_METADATA"
-        self.step_metadata: dict = {}
-        if step_meta.exists():
-            try:
-                self.step_metadata = json.loads(step_meta.read_text())
-            except json.JSONDecodeError:
-                self.step_metadata = {}
         self.paths: list[str] = []
         for entry in self.metadata.get("tree_metadata", {}).values():
             keys = tuple(k["key"] for k in entry.get("key_metadata", []))
@@ -386,6 +380,20 @@ class OrbaxCheckpoint:
             raise SourceError(f"{self.items}: no params/params arrays in this checkpoint")
         self.context = ts.Context({"cache_pool": {"total_bytes_limit": 0}})
         self._arrays: dict[str, ts.TensorStore] = {}
+
+    def _open_local(self, path: Path) -> None:
+        self.items = find_items_dir(path)
+        try:
+            self.metadata = json.loads((self.items / "_METADATA").read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise SourceError(f"{self.items}: unreadable Orbax _METADATA ({exc})") from None
+        step_meta = self.items.parent / "_CHECKPOINT_METADATA"
+        self.step_metadata: dict = {}
+        if step_meta.exists():
+            try:
+                self.step_metadata = json.loads(step_meta.read_text())
+            except json.JSONDecodeError:
+                self.step_metadata = {}
 
     @property
     def custom_metadata(self) -> dict:
