@@ -52,7 +52,7 @@ def hf_to_maxtext(
 
       ckpt convert hf-to-maxtext ./Qwen3-0.6B --out ./qwen3-0.6b-mt
 
-      ckpt convert hf-to-maxtext qwen3-8b --out gs-mount/qwen3-8b --no-scan --dtype f32
+      ckpt convert hf-to-maxtext qwen3-8b --out gs://bucket/qwen3-8b --no-scan --dtype f32
 
       ckpt convert hf-to-maxtext meta-llama/Llama-3.1-8B --model llama3.1-8b --out ./l31 --json
 
@@ -132,7 +132,7 @@ def maxtext_to_hf(
 
       ckpt convert maxtext-to-hf ./qwen3-0.6b-mt --out ./Qwen3-0.6B-roundtrip
 
-      ckpt convert maxtext-to-hf gs-mount/run/checkpoints/1000 --model qwen3-8b --tokenizer Qwen/Qwen3-8B --out ./q8
+      ckpt convert maxtext-to-hf gs://bucket/run/checkpoints/1000 --model qwen3-8b --tokenizer Qwen/Qwen3-8B --out ./q8
 
       ckpt convert maxtext-to-hf ./mt/0/items --hf-config ./config.json --dtype f32 --shard-size 2GB --out ./hf
     """
