@@ -141,3 +141,15 @@ def test_bucket_checkpoint_as_source(emulator, hf_models, local_mt, tmp_path):
         result = run("inspect", src)
         assert result.exit_code == 2 and why in error_line(result), result.output
     assert not (tmp_path / "x").exists()
+
+
+def test_failed_object_store_request_is_one_line(emulator):
+    """A request the store refuses for good in the middle of a run (here: a bucket that is gone) becomes an
+    OutputError naming the step, not a tensorstore traceback."""
+    from ckpt_cli.errors import OutputError
+    from ckpt_cli.io.orbax import _result
+
+    url = location(f"{emulator.scheme}://gone-{next(_buckets)}/x", "--out", buckets=True)
+    future = ts.KvStore.open(url.kvstore()).result().write("k", b"v")
+    with pytest.raises(OutputError, match="the object store failed while committing writes: NOT_FOUND"):
+        _result(future, "committing writes")

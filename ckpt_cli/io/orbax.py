@@ -344,6 +344,8 @@ def _result(future, what: str):
             raise DiskFull(f"disk full while {what}") from None
         if "Permission denied" in msg or "Read-only" in msg:
             raise OutputError(f"cannot write output while {what}: permission denied") from None
+        if "http_response_code" in msg or "CURL error" in msg:     # a gs:// or s3:// request that failed for good
+            raise OutputError(f"the object store failed while {what}: {msg.split(' [', 1)[0]}") from None
         raise
 
 
