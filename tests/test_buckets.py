@@ -153,3 +153,18 @@ def test_failed_object_store_request_is_one_line(emulator):
     future = ts.KvStore.open(url.kvstore()).result().write("k", b"v")
     with pytest.raises(OutputError, match="the object store failed while committing writes: NOT_FOUND"):
         _result(future, "committing writes")
+
+
+def test_verify_logits_from_bucket(emulator, hf_models, local_mt):
+    """verify-logits reads the MaxText side from the bucket: the same logits, so the same metrics, as local."""
+    url = f"{emulator.make_bucket(next(_buckets))}/mt"
+    src = hf_models("qwen3")
+    assert run("convert", "hf-to-maxtext", src, "--out", url, "--quiet").exit_code == 0
+    records = []
+    for mt in (url, local_mt):
+        result = run("verify-logits", "--maxtext", mt, "--hf", src, "--tokens", "1,2,3,4,5", "--json")
+        assert result.exit_code == 0, result.output
+        records.append(json.loads(result.stdout))
+    assert records[0]["passed"] is True and records[0]["maxtext"] == url
+    assert records[0]["prompts"] == records[1]["prompts"] and records[0]["summary"] == records[1]["summary"]
+    assert records[0]["maxtext_bytes_read"] == records[1]["maxtext_bytes_read"] > 0

@@ -67,12 +67,12 @@ def verify_logits(
 
       ckpt verify-logits --maxtext ./mt --golden golden.npz --max-kl 1e-6 --json
     """
-    from ckpt_cli.io.location import local_path, source_arg
+    from ckpt_cli.io.location import local_path, location, source_arg
     from ckpt_cli.verify.prompts import parse_token_lists
     from ckpt_cli.verify.run import VerifyOptions
     from ckpt_cli.verify.run import verify_logits as run_verify
 
-    maxtext, hf = local_path(maxtext, "--maxtext"), source_arg(hf, "--hf")
+    maxtext, hf = location(maxtext, "--maxtext", buckets=True), source_arg(hf, "--hf")
     golden, save_golden = local_path(golden, "--golden"), local_path(save_golden, "--save-golden")
     outp = Output(json_out, quiet)
     opts = VerifyOptions(maxtext=maxtext, hf=hf, tokens=parse_token_lists(tokens or []),
