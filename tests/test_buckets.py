@@ -168,3 +168,19 @@ def test_verify_logits_from_bucket(emulator, hf_models, local_mt):
     assert records[0]["passed"] is True and records[0]["maxtext"] == url
     assert records[0]["prompts"] == records[1]["prompts"] and records[0]["summary"] == records[1]["summary"]
     assert records[0]["maxtext_bytes_read"] == records[1]["maxtext_bytes_read"] > 0
+
+
+def test_aborted_bucket_write_leaves_nothing(emulator):
+    """A run that fails or is interrupted after uploading data objects removes them all, marker last."""
+    from ckpt_cli.io.bucket import BucketOrbaxWriter
+    from ckpt_cli.io.orbax import StorageOptions
+
+    url = location(f"{emulator.make_bucket(next(_buckets))}/a", "--out", buckets=True)
+    writer = BucketOrbaxWriter(url, StorageOptions())
+    assert list_keys(url) == [PARTIAL_MARKER]
+    writer.create("decoder/w", (64, 32), np.dtype(np.float32), (64, 32))
+    writer.write("decoder/w", (slice(None), slice(None)), np.ones((64, 32), np.float32))
+    writer.flush()
+    assert any(k.startswith("0/items/d/") for k in list_keys(url))
+    assert writer.abort(keep=True) is False
+    assert list_keys(url) == []

@@ -62,7 +62,8 @@ def hf_to_maxtext(
     from ckpt_cli.io.location import location, source_arg
     from ckpt_cli.units import parse_size
 
-    source = source_arg(source, "SOURCE")
+    source = source_arg(source, "SOURCE", what="HF folders in a bucket are not supported yet: copy it to a local "
+                                                "folder or give its hub repo id")
     out_path = location(out, "--out", buckets=True)
     if compression not in ("zstd", "none"):
         raise typer.BadParameter("choose zstd or none", param_hint="--compression")
@@ -142,7 +143,7 @@ def maxtext_to_hf(
 
     src = location(source, "SOURCE", buckets=True)
     source = src if isinstance(src, BucketURL) else source
-    out_path = local_path(out, "--out")
+    out_path = local_path(out, "--out", what="writing the HF folder into a bucket is not supported yet")
     tokenizer = source_arg(tokenizer, "--tokenizer")
     outp = Output(json_out, quiet)
     opts = convert.ToHFOptions(model=model, hf_config=local_path(hf_config, "--hf-config"), dtype=dtype,
