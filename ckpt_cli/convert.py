@@ -10,6 +10,7 @@ import math
 import os
 import re
 import shutil
+import tempfile
 from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +23,7 @@ from ckpt_cli.errors import ConfigMismatchError, DiskFull, Interrupted, OutputEr
 from ckpt_cli.families import detect_family, family_named
 from ckpt_cli.families.base import config_int
 from ckpt_cli.io import hf, int4, outdir, remote_stream
+from ckpt_cli.io.location import BucketURL
 from ckpt_cli.io.orbax import OrbaxWriter, StorageOptions, read_progress
 from ckpt_cli.io.outdir import partial_dir
 from ckpt_cli.io.safetensors import SafetensorsFolder
@@ -199,6 +201,11 @@ def hf_to_maxtext(source_arg: str, out: Path, opts: ToMaxTextOptions, progress=N
 
     `out` must not overlap the source; the run holds `out`'s lock throughout (see io/outdir.py)."""
     source = hf.resolve(source_arg, opts.revision, stream=opts.load_method == "safetensors")
+    if isinstance(out, BucketURL):          # written in place, completed by marker objects (io/bucket.py)
+        from ckpt_cli.io import bucket
+
+        bucket.check_output(out, opts.overwrite, opts.resume)
+        return _hf_to_maxtext(source, out, opts, progress, on_plan)
     target = outdir.output_path(out)
     outdir.check_not_overlapping(target, source_paths(source))
     with outdir.OutputLock(target):
@@ -208,7 +215,7 @@ def hf_to_maxtext(source_arg: str, out: Path, opts: ToMaxTextOptions, progress=N
     return result
 
 
-def _hf_to_maxtext(source: hf.HFSource, out: Path, opts: ToMaxTextOptions, progress, on_plan) -> Result:
+def _hf_to_maxtext(source: hf.HFSource, out: Path | BucketURL, opts: ToMaxTextOptions, progress, on_plan) -> Result:
     plan = plan_to_maxtext(source, opts)
     reader = open_reader(source, opts.load_method, plan.dtype)
     plan = with_source_names(plan, source, reader.names)
@@ -221,26 +228,34 @@ def _hf_to_maxtext(source: hf.HFSource, out: Path, opts: ToMaxTextOptions, progr
         notes.append(f"{len(ignored)} source tensor(s) not used: {', '.join(ignored[:4])}"
                      + (" ..." if len(ignored) > 4 else ""))
     key = progress_key(plan, source, opts)
+    local = isinstance(out, Path)
+    # downloads under --max-disk go beside a local --out; beside the temp folder for a bucket one
+    near = out if local else Path(tempfile.gettempdir()) / "ckpt-bucket-output"
     done, why_not = read_progress(out, key, opts.storage) if opts.resume else (None, "")
     if opts.resume:
         notes.append(f"resuming: {len(done)} of {sum(len(t.tasks) for t in plan.tensors)} slice writes were "
                      f"already durable in {partial_dir(out)}" if done is not None else
                      f"--resume: {why_not}; starting afresh")
-    elif partial_dir(out).exists():
+    elif local and partial_dir(out).exists():
         notes.append(f"an interrupted run's {partial_dir(out)} was removed: starting afresh")
     stream = (remote_stream.ShardStream(reader.files, plan, reader, opts.max_disk, skip=done or frozenset())
               if source.remote else None)
     if stream:
-        notes += stream.prepare(out, plan.output_bytes)     # refuses an impossible --max-disk up front
+        notes += stream.prepare(near, plan.output_bytes if local else 0)     # refuses an impossible --max-disk up front
     elif opts.max_disk is not None:
         notes.append("--max-disk applies to hub repos only; this source is read in place")
     if on_plan:
         on_plan(plan, notes)
-    check_free_space(out, plan.output_bytes - (remote_stream.tree_bytes(partial_dir(out)) if done else 0))
-    writer = OrbaxWriter(out, opts.storage, overwrite=opts.overwrite, progress_key=key, resume=done is not None)
+    if local:
+        check_free_space(out, plan.output_bytes - (remote_stream.tree_bytes(partial_dir(out)) if done else 0))
+        writer = OrbaxWriter(out, opts.storage, overwrite=opts.overwrite, progress_key=key, resume=done is not None)
+    else:
+        from ckpt_cli.io.bucket import BucketOrbaxWriter
+
+        writer = BucketOrbaxWriter(out, opts.storage)
     try:
         if stream:
-            stream.start(out)
+            stream.start(near)
         stats = engine.execute(plan, reader, stream.track(writer) if stream else writer, progress=progress,
                                workers=opts.workers, skip=writer.done)
         writer.finalize({"scan_layers": plan.scan_layers, "ckpt": provenance(plan, source, opts)})
@@ -356,7 +371,9 @@ def hf_progress_key(plan: ConversionPlan, ckpt, opts: ToHFOptions, json_files: d
     """What must match for maxtext-to-hf `--resume` to take up an interrupted run: the same checkpoint (its
     path and files), the same plan (every target, shape, dtype, transform and source slice), the same
     shards and the same files written beside them."""
-    ident = {"tool": __version__, "source": str(Path(ckpt.items).resolve()), "files": checkpoint_files(ckpt.items),
+    remote = isinstance(ckpt.items, BucketURL)      # a bucket's checkpoint: named by URL and commit time
+    ident = {"tool": __version__, "source": str(ckpt.items) if remote else str(Path(ckpt.items).resolve()),
+             "files": ckpt.step_metadata.get("commit_timestamp_nsecs") if remote else checkpoint_files(ckpt.items),
              "shard_size": opts.shard_size, "json_files": json_files,
              "copies": {name: str(Path(src).resolve()) for name, src in sorted(copies.items())},
              "plan": [[t.target, list(t.shape), np.dtype(t.dtype).name, t.chain.describe(),
@@ -366,16 +383,18 @@ def hf_progress_key(plan: ConversionPlan, ckpt, opts: ToHFOptions, json_files: d
     return hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def maxtext_to_hf(source_arg: str, out: Path, opts: ToHFOptions, progress=None, on_plan=None) -> HFResult:
+def maxtext_to_hf(source_arg: str | BucketURL, out: Path, opts: ToHFOptions, progress=None, on_plan=None) -> HFResult:
     """Convert a MaxText checkpoint (run, step or items dir) to an HF safetensors folder at `out` (atomically).
 
     `out` must not overlap anything read (the checkpoint, --hf-config, the files copied beside the weights);
     the run holds `out`'s lock throughout (see io/outdir.py)."""
     from ckpt_cli.io.orbax import OrbaxCheckpoint
 
-    ckpt = OrbaxCheckpoint(Path(source_arg))
+    remote = isinstance(source_arg, BucketURL)      # a gs:// or s3:// checkpoint: read in place, nothing local
+    ckpt = OrbaxCheckpoint(source_arg if remote else Path(source_arg))
     target = outdir.output_path(out)
-    outdir.check_not_overlapping(target, [Path(source_arg), ckpt.items, *([opts.hf_config] if opts.hf_config else [])])
+    reads = [] if remote else [Path(source_arg), ckpt.items]
+    outdir.check_not_overlapping(target, [*reads, *([opts.hf_config] if opts.hf_config else [])])
     with outdir.OutputLock(target):
         outdir.check_output(target, opts.overwrite)
         result = _maxtext_to_hf(ckpt, source_arg, target, opts, progress, on_plan)

@@ -89,6 +89,13 @@ def open_target(target: str | None, model: str | None = None, revision: str | No
         if model is None:
             raise SourceError("give a TARGET (folder, repo id, Orbax checkpoint) or --model NAME")
         return open_model(model, True if scan is None else scan, dtype, mesh)
+    from ckpt_cli.io.location import is_url, location
+
+    if is_url(target):      # gs:// or s3:// (others refused): an Orbax checkpoint read in place
+        url = location(target, "TARGET", buckets=True, what="an Orbax checkpoint in gs:// or s3://")
+        if isinstance(url, Path):
+            return open_target(str(url), model, revision, scan, dtype, mesh)
+        return open_orbax(url)
     path = Path(target).expanduser()
     if path.exists():
         if path.is_file() and path.suffix == ".safetensors":
@@ -158,7 +165,7 @@ def _hf_target(kind: str, label: str, config: dict | None, headers: dict[str, Te
     return t
 
 
-def open_orbax(path: Path) -> Target:
+def open_orbax(path) -> Target:
     """An Orbax checkpoint's tree from its metadata: shapes, dtypes and chunk shapes, no array data."""
     from ckpt_cli.io.orbax import ROOT_KEYS, OrbaxCheckpoint
     from ckpt_cli.to_hf import detect_scan
@@ -183,7 +190,7 @@ def open_orbax(path: Path) -> Target:
     root = ckpt.items.parent if ckpt.items.name == "items" else ckpt.items
     info = {"items_dir": str(ckpt.items), "scan_layers": scan,
             "storage": {"use_ocdbt": ckpt.opts.use_ocdbt, "use_zarr3": ckpt.opts.use_zarr3},
-            "provenance": prov, "disk_bytes": tree_bytes(root)}
+            "provenance": prov, "disk_bytes": tree_bytes(root) if isinstance(root, Path) else None}
     t = Target("orbax", str(path), leaves, prov.get("hf_config"), info, scan_layers=scan)
     elsewhere = sorted(p for p in ckpt.paths if ckpt.keys[p][:2] != ROOT_KEYS)
     info["stored_outside_params"] = {p: ckpt.stored_at(p) for p in elsewhere}

@@ -326,13 +326,19 @@ def plan_maxtext_to_hf(source_arg: str | None, opts, scan: bool = True) -> tuple
                  f"bf16 MaxText checkpoint", *plan.notes]
         return plan, Source(f"{spec.name} (reference config)", "model", {}, 2, total, reader_held=READER_FIXED,
                             raw_copy=True), notes
-    ckpt = OrbaxCheckpoint(Path(source_arg))
+    from ckpt_cli.io.location import BucketURL, location
+
+    where = location(source_arg, "SOURCE", buckets=True)
+    ckpt = OrbaxCheckpoint(where)
     plan, _ = convert.plan_to_hf(ckpt, opts)
     engine.validate(plan, ckpt)
     itemsize = {p: ckpt.describe(p)[1].itemsize for p in ckpt.paths}
-    files = [p for p in ckpt.items.rglob("*") if p.is_file()]
-    largest = max(files, key=lambda f: f.stat().st_size) if files else None
-    total = sum(f.stat().st_size for f in files)
+    if isinstance(where, BucketURL):    # in a bucket: the arrays' bytes, and no local file to probe
+        largest, total = None, sum(math.prod(ckpt.describe(p)[0]) * itemsize[p] for p in ckpt.paths)
+    else:
+        files = [p for p in ckpt.items.rglob("*") if p.is_file()]
+        largest = max(files, key=lambda f: f.stat().st_size) if files else None
+        total = sum(f.stat().st_size for f in files)
     return plan, Source(str(source_arg), "orbax", itemsize, 2, total, probe_file=largest, order_key=ckpt.order_key,
                         reader_held=READER_FIXED + _block_bytes(plan, ckpt), raw_copy=True), list(plan.notes)
 

@@ -35,11 +35,14 @@ def resolve_workers(workers: int | None) -> int:
     return default_workers()
 
 
-def take_up(resume: bool, restart: bool, out: Path) -> bool:
+def take_up(resume: bool, restart: bool, out) -> bool:
     """Whether to take up OUT.partial: with --resume, or by default when one exists (not with --restart). The
-    conversion itself resumes only a matching OUT.partial, and says so; a different one is started afresh."""
+    conversion itself resumes only a matching OUT.partial, and says so; a different one is started afresh.
+    A bucket OUT (gs://, s3://) is resumed only on --resume (which the bucket writer refuses)."""
     if resume and restart:
         raise typer.BadParameter("--resume and --restart contradict each other", param_hint="--restart")
+    if not isinstance(out, Path):
+        return resume
     return resume or (not restart and out.with_name(out.name + ".partial").is_dir())
 
 
@@ -91,27 +94,31 @@ def hf_to_maxtext(
 
       ckpt convert hf-to-maxtext ./Qwen3-0.6B --out ./qwen3-0.6b-mt
 
-      ckpt convert hf-to-maxtext qwen3-8b --out gs-mount/qwen3-8b --no-scan --dtype f32
+      ckpt convert hf-to-maxtext qwen3-8b --out gs://bucket/qwen3-8b --no-scan --dtype f32
 
       ckpt convert hf-to-maxtext meta-llama/Llama-3.1-8B --model llama3.1-8b --out ./l31 --json
 
       ckpt convert hf-to-maxtext Qwen/Qwen3-8B --out ./q8 --max-disk 8GB
     """
     from ckpt_cli import convert
+    from ckpt_cli.io.location import location, source_arg
     from ckpt_cli.io.orbax import StorageOptions
     from ckpt_cli.units import parse_size
 
+    source = source_arg(source, "SOURCE", what="HF folders in a bucket are not supported yet: copy it to a local "
+                                                "folder or give its hub repo id")
+    out_path = location(out, "--out", buckets=True)
     outp = Output(json_out, quiet, wide)
     opts = convert.ToMaxTextOptions(
         model=model, scan_layers=scan, dtype=dtype, load_method=load_method, revision=revision,
         storage=StorageOptions(use_ocdbt=ocdbt, use_zarr3=zarr3, compression=compression),
         target_mesh=O.target_mesh(target_mesh),
         overwrite=overwrite, workers=resolve_workers(workers), mtp=mtp,
-        max_disk=parse_size(max_disk) if max_disk else None, resume=take_up(resume, restart, Path(out)),
+        max_disk=parse_size(max_disk) if max_disk else None, resume=take_up(resume, restart, out_path),
         allow_unused=allow_unused)
 
     with outp.bytes_progress("hf → maxtext") as progress:
-        result = convert.hf_to_maxtext(source, Path(out), opts, progress=progress,
+        result = convert.hf_to_maxtext(source, out_path, opts, progress=progress,
                                        on_plan=plan_announcer(outp, show_tensors))
     plan, stats = result.plan, result.stats
     if json_out:
@@ -127,7 +134,7 @@ ArchModelOpt = Annotated[str | None, typer.Option(
     "--model", "-m", metavar="NAME", autocompletion=O.complete_model,
     help="MaxText model name (e.g. qwen3-8b): its reference config describes a checkpoint that "
          "carries none; a carried or --hf-config config is checked against it.")]
-HFConfigOpt = Annotated[Path | None, typer.Option(
+HFConfigOpt = Annotated[str | None, typer.Option(
     "--hf-config", metavar="FILE",
     help="config.json (or a folder with one) describing the checkpoint; wins over a carried one.")]
 OutDtypeOpt = Annotated[O.DtypeChoice | None, typer.Option(
@@ -175,20 +182,25 @@ def maxtext_to_hf(
 
       ckpt convert maxtext-to-hf ./qwen3-0.6b-mt --out ./Qwen3-0.6B-roundtrip
 
-      ckpt convert maxtext-to-hf gs-mount/run/checkpoints/1000 --model qwen3-8b --tokenizer Qwen/Qwen3-8B --out ./q8
+      ckpt convert maxtext-to-hf gs://bucket/run/checkpoints/1000 --model qwen3-8b --tokenizer Qwen/Qwen3-8B --out ./q8
 
       ckpt convert maxtext-to-hf ./mt/0/items --hf-config ./config.json --dtype f32 --shard-size 2GB --out ./hf
     """
     from ckpt_cli import convert
+    from ckpt_cli.io.location import BucketURL, local_path, location, source_arg
     from ckpt_cli.units import human_bytes
 
+    src = location(source, "SOURCE", buckets=True)
+    source = src if isinstance(src, BucketURL) else source
+    out_path = local_path(out, "--out", what="writing the HF folder into a bucket is not supported yet")
+    tokenizer = source_arg(tokenizer, "--tokenizer")
     outp = Output(json_out, quiet, wide)
-    opts = convert.ToHFOptions(model=model, hf_config=hf_config, dtype=dtype, shard_size=shard_bytes(shard_size),
-                               tokenizer=tokenizer, overwrite=overwrite, workers=resolve_workers(workers),
-                               resume=take_up(resume, restart, Path(out)))
+    opts = convert.ToHFOptions(model=model, hf_config=local_path(hf_config, "--hf-config"), dtype=dtype,
+                               shard_size=shard_bytes(shard_size), tokenizer=tokenizer, overwrite=overwrite,
+                               workers=resolve_workers(workers), resume=take_up(resume, restart, out_path))
 
     with outp.bytes_progress("maxtext → hf") as progress:
-        result = convert.maxtext_to_hf(source, Path(out), opts, progress=progress,
+        result = convert.maxtext_to_hf(source, out_path, opts, progress=progress,
                                        on_plan=plan_announcer(outp, show_tensors))
     plan, stats = result.plan, result.stats
     if json_out:

@@ -72,7 +72,7 @@ def check_demo_folder(root: Path) -> None:
 
 @guarded
 def demo(
-    out: Annotated[Path | None, typer.Option(
+    out: Annotated[str | None, typer.Option(
         "--out", "-o", metavar="DIR", help="Keep the demo's files here (default: a temporary folder, removed at "
                                           "the end).")] = None,
     show_tensors: O.ShowTensorsOpt = False,
@@ -92,12 +92,14 @@ def demo(
     """
     from ckpt_cli import convert
     from ckpt_cli.errors import VerificationFailed
+    from ckpt_cli.io.location import local_path
     from ckpt_cli.io.outdir import OutputLock, output_path
     from ckpt_cli.tiny import write_tiny_model
     from ckpt_cli.verify.run import VerifyOptions, verify_logits
 
     outp = Output(json_out, quiet, wide)
-    root = output_path(out) if out else Path(tempfile.mkdtemp(prefix="ckpt-demo-"))
+    local = local_path(out, "--out", "the demo writes a local folder")
+    root = output_path(local) if local else Path(tempfile.mkdtemp(prefix="ckpt-demo-"))
     try:
         with OutputLock(root):
             check_demo_folder(root)

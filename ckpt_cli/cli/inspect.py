@@ -86,7 +86,9 @@ def inspect(
       ckpt inspect --model deepseek3-671b --target-mesh fsdp=256 --mesh fsdp=256 --hosts 64
     """
     from ckpt_cli import inspect as I
+    from ckpt_cli.io.location import source_arg
 
+    against = source_arg(against, "--against")      # TARGET may be gs:// or s3:// (inspect.open_target)
     out = Output(json_out, quiet, wide)
     if target is not None and (against or model):
         if against and model:
@@ -175,7 +177,8 @@ def _rows(r: dict, pattern: str | None) -> dict[str, str]:
         if prov:
             rows["written by"] = (f"ckpt {prov.get('version', '?')} from {prov.get('source', '?')} "
                                   f"({prov.get('dtype', '?')}, {prov.get('created', '?')})")
-        rows["on disk"] = human_bytes(r["disk_bytes"])
+        if r["disk_bytes"] is not None:         # None: in a bucket
+            rows["on disk"] = human_bytes(r["disk_bytes"])
     else:
         rows["repo"] = r["repo_id"]
         rows["layout"] = f"{'scanned' if r['scan_layers'] else 'unscanned'}, {r['dtype']}"

@@ -7,7 +7,6 @@ Nothing heavy is imported here: `ckpt --help` and TAB completion must stay insta
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Annotated, Literal
 
 import typer
@@ -46,8 +45,8 @@ def _show_help(ctx: typer.Context, value: bool) -> None:
 # Every command declares its own --help (Typer's built-in one shows a `<bool>` type); put it last.
 HelpOpt = Annotated[bool, typer.Option("--help", "-h", metavar="", is_eager=True, expose_value=False,
                                        callback=_show_help, help="Show this message and exit.")]
-OutOpt = Annotated[Path, typer.Option("--out", "-o", metavar="DIR",
-                                      help="Output directory (published atomically when done).")]
+OutOpt = Annotated[str, typer.Option("--out", "-o", metavar="DIR",
+                                     help="Output directory (published atomically when done).")]
 ModelOpt = Annotated[str | None, typer.Option(
     "--model", "-m", metavar="NAME", autocompletion=complete_model,
     help="MaxText model name (e.g. qwen3-8b, llama3.1-8b; see `ckpt models`): check the config against it.")]

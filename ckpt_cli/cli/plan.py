@@ -21,11 +21,13 @@ app = typer.Typer(help="Price a conversion (RAM, disk, bytes, time) from metadat
                   no_args_is_help=True)
 
 
+
 @app.callback()
 def group(help_: O.HelpOpt = False) -> None:
     """The commands of this group (its own --help, as every command's)."""
 
-PlanOutOpt = Annotated[Path | None, typer.Option(
+
+PlanOutOpt = Annotated[str | None, typer.Option(
     "--out", "-o", metavar="DIR",
     help="Where the output would go: its disk is checked and probed (default: the current "
          "directory).")]
@@ -84,9 +86,12 @@ def plan_hf_to_maxtext(
     """
     from ckpt_cli import convert, pricing, registry
     from ckpt_cli.errors import RemoteError
+    from ckpt_cli.io.location import local_path, source_arg
     from ckpt_cli.io.orbax import StorageOptions
     from ckpt_cli.units import parse_size
 
+    source = source_arg(source, "SOURCE")
+    out = local_path(out, "--out")
     workers = resolve_workers(workers)
     opts = convert.ToMaxTextOptions(
         model=model, scan_layers=scan, dtype=dtype, revision=revision,
@@ -137,13 +142,17 @@ def plan_maxtext_to_hf(
       ckpt plan maxtext-to-hf --model qwen3-32b --json
     """
     from ckpt_cli import convert, pricing
+    from ckpt_cli.io.location import is_url, local_path
 
+    remote = is_url(source)     # a gs:// or s3:// checkpoint (others refused by pricing)
+    out = local_path(out, "--out")
+    hf_config = local_path(hf_config, "--hf-config")
     workers = resolve_workers(workers)
     opts = convert.ToHFOptions(model=model, hf_config=hf_config, dtype=dtype, shard_size=shard_bytes(shard_size),
                                overwrite=overwrite, workers=workers)
     plan, src, notes = pricing.plan_maxtext_to_hf(source, opts, scan)
     reads = []
-    if source:
+    if source and not remote:
         from ckpt_cli.io.orbax import find_items_dir
 
         reads = [Path(source), find_items_dir(Path(source)), *([hf_config] if hf_config else [])]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -15,7 +14,7 @@ from ckpt_cli.cli.tables import Col, Grid
 from ckpt_cli.errors import VerificationFailed
 from ckpt_cli.units import human_bytes
 
-MaxTextOpt = Annotated[Path, typer.Option(
+MaxTextOpt = Annotated[str, typer.Option(
     "--maxtext", metavar="DIR", help="MaxText Orbax checkpoint: run dir (latest step), step dir or items dir.")]
 HFOpt = Annotated[str | None, typer.Option(
     "--hf", metavar="SRC", autocompletion=O.complete_source,
@@ -32,10 +31,10 @@ TopKOpt = Annotated[int, typer.Option("--top-k", min=1, metavar="K",
 help="Tokens shown and compared at the last position.")]
 ComputeDtypeOpt = Annotated[O.DtypeChoice, typer.Option(
     "--dtype", help="Compute dtype of both forwards: f32 (exact check) or bf16 (as MaxText serves).")]
-GoldenOpt = Annotated[Path | None, typer.Option(
+GoldenOpt = Annotated[str | None, typer.Option(
     "--golden", metavar="FILE",
     help="Compare against reference logits saved with --save-golden (.npz or .jsonl); no torch needed.")]
-SaveGoldenOpt = Annotated[Path | None, typer.Option(
+SaveGoldenOpt = Annotated[str | None, typer.Option(
     "--save-golden", metavar="FILE",
     help="Also write the HF logits, tokens and prompts to FILE (.npz exact; .jsonl: MaxText's).")]
 HFLoadOpt = Annotated[O.HFLoadChoice, typer.Option(
@@ -76,12 +75,15 @@ def verify_logits(
 
       ckpt verify-logits --maxtext ./mt --golden golden.npz --max-kl 1e-6 --json
     """
+    from ckpt_cli.io.location import local_path, location, source_arg
     from ckpt_cli.verify.prompts import parse_token_lists
     from ckpt_cli.verify.run import VerifyOptions
     from ckpt_cli.verify.run import verify_logits as run_verify
 
+    maxtext, hf = location(maxtext, "--maxtext", buckets=True), source_arg(hf, "--hf")
+    golden, save_golden = local_path(golden, "--golden"), local_path(save_golden, "--save-golden")
     outp = Output(json_out, quiet, wide)
-    opts = VerifyOptions(maxtext=Path(maxtext), hf=hf, tokens=parse_token_lists(tokens or []),
+    opts = VerifyOptions(maxtext=maxtext, hf=hf, tokens=parse_token_lists(tokens or []),
                          prompts=tuple(prompt or ()), max_kl=max_kl, top_k=top_k, dtype=dtype, golden=golden,
                          save_golden=save_golden, hf_load=hf_load, revision=revision)
     with outp.bytes_progress("maxtext forward") as progress:

@@ -24,6 +24,7 @@ import tensorstore as ts
 from ckpt_cli.dtypes import dtype_name
 from ckpt_cli.errors import DiskFull, OutputError, SourceError
 from ckpt_cli.io.durable import fsync_tree
+from ckpt_cli.io.location import BucketURL
 from ckpt_cli.io.outdir import check_output, make_partial, os_error, output_path, partial_dir, publish
 from ckpt_cli.io.safetensors import inside, regular_file
 from ckpt_cli.io.writeback import NewFiles, Writeback
@@ -59,8 +60,13 @@ def _context() -> ts.Context:
                        "data_copy_concurrency": {"limit": max(2, os.cpu_count() or 2)}})
 
 
-def kvstore_spec(items_dir: Path, name: str, opts: StorageOptions) -> dict:
-    """The tensorstore kvstore spec of one leaf of an items directory."""
+def kvstore_spec(items_dir: Path | BucketURL, name: str, opts: StorageOptions) -> dict:
+    """The tensorstore kvstore spec of one leaf of an items directory (local, or a bucket prefix)."""
+    if isinstance(items_dir, BucketURL):
+        base = items_dir.kvstore()
+        if opts.use_ocdbt:
+            return {"driver": "ocdbt", "base": base, "path": f"{name}/"}
+        return base | {"path": f"{base['path']}{name}/"}
     if opts.use_ocdbt:
         return {"driver": "ocdbt", "base": f"file://{items_dir.resolve()}/", "path": f"{name}/"}
     return {"driver": "file", "path": f"{items_dir.resolve()}/{name}/"}
@@ -385,6 +391,8 @@ def _result(future, what: str):
             raise DiskFull(f"disk full while {what}") from None
         if "Permission denied" in msg or "Read-only" in msg:
             raise OutputError(f"cannot write output while {what}: permission denied") from None
+        if "http_response_code" in msg or "CURL error" in msg:     # a gs:// or s3:// request that failed for good
+            raise OutputError(f"the object store failed while {what}: {msg.split(' [', 1)[0]}") from None
         raise
 
 
@@ -424,27 +432,19 @@ class OrbaxCheckpoint:
     written by ckpt).
     """
 
-    def __init__(self, path: Path):
-        self.items = find_items_dir(Path(path))
-        regular_file(self.items / "_METADATA", "Orbax _METADATA")
-        try:
-            self.metadata = json.loads((self.items / "_METADATA").read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise SourceError(f"{self.items}: unreadable Orbax _METADATA ({exc})") from None
+    def __init__(self, path: Path | BucketURL):
+        if isinstance(path, BucketURL):         # a gs:// or s3:// prefix, read through tensorstore's kvstores
+            from ckpt_cli.io.bucket import read_checkpoint_meta
+
+            self.items, self.metadata, self.step_metadata = read_checkpoint_meta(path)
+        else:
+            self._open_local(Path(path))
         if not isinstance(self.metadata, dict):
             raise SourceError(f"{self.items}: unreadable Orbax _METADATA (not a JSON object)")
+        if not isinstance(self.step_metadata, dict):
+            self.step_metadata = {}
         self.opts = StorageOptions(use_ocdbt=bool(self.metadata.get("use_ocdbt", True)),
                                    use_zarr3=bool(self.metadata.get("use_zarr3", False)))
-        step_meta = self.items.parent / "_CHECKPOINT_METADATA"
-        self.step_metadata: dict = {}
-        if step_meta.exists():
-            regular_file(step_meta, "_CHECKPOINT_METADATA")
-            try:
-                self.step_metadata = json.loads(step_meta.read_text())
-            except (UnicodeDecodeError, json.JSONDecodeError):
-                self.step_metadata = {}
-            if not isinstance(self.step_metadata, dict):
-                self.step_metadata = {}
         found: dict[str, tuple[int, tuple[str, ...]]] = {}
         try:
             entries = list(self.metadata.get("tree_metadata", {}).values())
@@ -478,6 +478,22 @@ class OrbaxCheckpoint:
         the current one); describe, array and read all see the transposed view."""
         self._axes[path] = tuple(axes)
         self._arrays.pop(path, None)
+
+    def _open_local(self, path: Path) -> None:
+        self.items = find_items_dir(path)
+        regular_file(self.items / "_METADATA", "Orbax _METADATA")
+        try:
+            self.metadata = json.loads((self.items / "_METADATA").read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise SourceError(f"{self.items}: unreadable Orbax _METADATA ({exc})") from None
+        step_meta = self.items.parent / "_CHECKPOINT_METADATA"
+        self.step_metadata: dict = {}
+        if step_meta.exists():
+            regular_file(step_meta, "_CHECKPOINT_METADATA")
+            try:
+                self.step_metadata = json.loads(step_meta.read_text())
+            except (UnicodeDecodeError, json.JSONDecodeError):
+                self.step_metadata = {}
 
     @property
     def custom_metadata(self) -> dict:

@@ -19,6 +19,7 @@ import numpy as np
 from ckpt_cli import __version__, registry
 from ckpt_cli.errors import CkptError, ConfigMismatchError, SourceError, UnsupportedError
 from ckpt_cli.families import detect_family
+from ckpt_cli.io.location import BucketURL
 from ckpt_cli.io.orbax import OrbaxCheckpoint
 from ckpt_cli.io.outdir import check_not_overlapping
 from ckpt_cli.resources import peak_rss_bytes
@@ -37,7 +38,7 @@ _MATCH_KEYS = ("model_type", "tie_word_embeddings", "hidden_size", "num_hidden_l
 class VerifyOptions:
     """Options of verify-logits; the CLI flags map one to one."""
 
-    maxtext: Path
+    maxtext: Path | BucketURL
     hf: str | None = None
     tokens: Sequence[tuple[int, ...]] = ()
     prompts: Sequence[str] = ()
@@ -284,12 +285,13 @@ def verify_logits(opts: VerifyOptions, note: Callable[[str], None] | None = None
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
 
-    ckpt = OrbaxCheckpoint(Path(opts.maxtext))
+    remote = isinstance(opts.maxtext, BucketURL)        # gs:// or s3://: read in place, nothing local to overlap
+    ckpt = OrbaxCheckpoint(opts.maxtext if remote else Path(opts.maxtext))
     golden = golden_io.load(opts.golden) if opts.golden else None
     hf_folder = _hf_folder(opts.hf, opts.revision) if opts.hf else None
     if opts.save_golden:
-        check_not_overlapping(opts.save_golden, [opts.maxtext, ckpt.items, *([hf_folder] if hf_folder else [])],
-                              flag="--save-golden")
+        reads = [] if remote else [opts.maxtext, ckpt.items]
+        check_not_overlapping(opts.save_golden, [*reads, *([hf_folder] if hf_folder else [])], flag="--save-golden")
     cfg, config_source = resolve_config(ckpt, hf_folder, golden)
     model = ckpt.provenance.get("model_name")   # the family it was converted as (Llama 3.3's config reads as 3.1's)
     model = model if model and registry.is_model_name(model) else None
