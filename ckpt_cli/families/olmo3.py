@@ -21,7 +21,8 @@ from __future__ import annotations
 import math
 
 from ckpt_cli.errors import UnsupportedError
-from ckpt_cli.families.base import Block, Dims, Family, attention_dims, config_int, row, uniform_blocks
+from ckpt_cli.families.base import Block, Dims, Family, config_int, row, uniform_blocks
+from ckpt_cli.families.llama3 import TOP, dims, top_rules  # embedding, final norm, untied head: as Llama
 
 P = "model.layers.{layer}."
 A = "attention/"
@@ -44,21 +45,6 @@ LAYER = (
     row("mlp/wo/kernel", P + "mlp.down_proj.weight", "F,E", "E,F", "transpose"),
     row("post_mlp_layer_norm/scale", P + "post_feedforward_layernorm.weight", "E", "E"),
 )
-
-TOP = (
-    row("token_embedder/embedding", "model.embed_tokens.weight", "V,E", "V,E"),
-    row("decoder/decoder_norm/scale", "model.norm.weight", "E", "E"),
-    row("decoder/logits_dense/kernel", "lm_head.weight", "E,V", "V,E", "transpose"),
-)
-
-
-def dims(cfg: dict) -> Dims:
-    return attention_dims(cfg) | {"F": config_int(cfg, "intermediate_size")}
-
-
-def top_rules(d: Dims, cfg: dict) -> tuple:
-    return TOP
-
 
 def blocks(d: Dims, cfg: dict, scan: bool, features: frozenset[str] = frozenset()) -> list[Block]:
     """Unscanned: `decoder/layers_<i>`. Scanned: `decoder/layers/layers_<b>` holds HF layers b, b+4, b+8, ..."""
