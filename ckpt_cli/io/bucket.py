@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import json
 import time
-from collections import deque
 
 import numpy as np
 import tensorstore as ts
@@ -151,17 +150,7 @@ class BucketOrbaxWriter(OrbaxWriter):
         elif keys:
             raise OutputError(f"{out} is not empty: nothing written")
         self._put(PARTIAL_MARKER, b"made by ckpt; removed when the checkpoint is complete\n")
-        self.committed: list[tuple] = []
-        self.txn_keys: list[tuple] = []
-        self.since_snapshot = 0
-        self.snapshots_queued = 0
-        self.arrays: dict[str, ts.TensorStore] = {}
-        self.opening: dict[str, ts.Future] = {}
-        self.create_txn: ts.Transaction | None = None
-        self.txn: ts.Transaction | None = None
-        self.txn_bytes = 0
-        self.pending: deque = deque()
-        self.init_ns = time.time_ns()
+        self._init_batches()
 
     def _put(self, key: str, data: bytes) -> None:
         _do(self.store.write(key, data), self.out, f"writing {key}")

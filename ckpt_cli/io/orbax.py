@@ -160,6 +160,12 @@ class OrbaxWriter:
                 self.items.mkdir(parents=True)
             except OSError as exc:
                 raise os_error(exc, f"cannot create {self.items}") from None
+        self._init_batches()
+        self.new_files = NewFiles(self.items)
+        self.writeback = Writeback()
+
+    def _init_batches(self) -> None:
+        """The state of the arrays, transactions and commits, empty (shared by every destination)."""
         self.committed: list[tuple] = []     # writes committed since the run began, in order
         self.txn_keys: list[tuple] = []
         self.since_snapshot = 0
@@ -171,8 +177,6 @@ class OrbaxWriter:
         self.txn_bytes = 0
         self.pending: deque[tuple[ts.Future, int, list[tuple]]] = deque()
         self.init_ns = time.time_ns()
-        self.new_files = NewFiles(self.items)
-        self.writeback = Writeback()
 
     def create(self, path: str, shape: tuple[int, ...], dtype: np.dtype, chunk: tuple[int, ...],
                read_chunk: tuple[int, ...] | None = None) -> None:
