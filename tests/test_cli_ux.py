@@ -61,13 +61,43 @@ def test_root_and_group_help_show_no_bool_but_typer_completion_installers():
     (["verify-logits"], "--hf-load", "auto|full|stream"),
     (["verify-logits"], "--dtype", "bf16|f32"),
 ])
-def test_choices_are_listed_and_enforced_alike(command, flag, choices, tmp_path):
+def test_choices_are_listed_and_enforced_alike(command, flag, choices, tmp_path, capsys):
     assert choices in run(*command, "--help", columns=200).stdout
+    capsys.readouterr()
     args = {"convert": [tmp_path, "--out", tmp_path / "o"], "verify-logits": ["--maxtext", tmp_path]}[command[0]]
-    r = run(*command, *args, flag, "nope")
-    assert r.exit_code == 2
-    assert re.search(rf"Invalid value for '{flag}'.*'nope' is not one of", " ".join(r.stderr.split())), r.stderr
+    status, err = ckpt_main(capsys, *command, *args, flag, "nope")
+    listed = ", ".join(repr(c) for c in choices.split("|"))
+    assert status == 2 and err == f"error: Invalid value for '{flag}': 'nope' is not one of {listed}.\n", err
     assert not (tmp_path / "o").exists()
+
+
+def ckpt_main(capsys, *args) -> tuple[int, str]:
+    """`ckpt ARGS` through the console script's own entry (Typer's standalone mode off): status and stderr."""
+    from ckpt_cli.cli.app import run as run_ckpt
+
+    status = run_ckpt([str(a) for a in args])
+    return status, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args,message", [
+    (["convert", "hf-to-maxtext"], "Missing argument 'SOURCE'."),
+    (["inspect", "--bogus"], "No such option: --bogus"),
+    (["plan", "hf-to-maxtxt"], "No such command 'hf-to-maxtxt'."),
+    (["convert", "maxtext-to-hf", "x", "--out", "y", "--workers", "0"], "Invalid value for '--workers': "),
+    (["convert", "maxtext-to-hf", "x", "--out", "y", "--shard-size", "5"], "Invalid value for --shard-size: '5' has "
+                                                                            "no unit"),
+])
+def test_usage_errors_are_one_error_line_like_every_other(args, message, capsys):
+    status, err = ckpt_main(capsys, *args)
+    assert status == 2 and err.startswith(f"error: {message}") and err.count("\n") == 1, err
+
+
+def test_usage_error_of_the_installed_script_is_one_line(tmp_path):
+    """The real `ckpt` process: no usage line, no framed box; the same line as in-process."""
+    r = subprocess.run(["ckpt", "convert", "hf-to-maxtext", str(tmp_path), "--out", str(tmp_path / "o"), "--dtype",
+                        "f16"], capture_output=True, text=True, env=os.environ | {"COLUMNS": "80"}, timeout=120)
+    assert r.returncode == 2 and r.stdout == ""
+    assert r.stderr == "error: Invalid value for '--dtype': 'f16' is not one of 'bf16', 'f32'.\n", r.stderr
 
 
 # ------------------------------------------------------------------------------------------------------- tables

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import gc
+import sys
+from collections.abc import Sequence
 from typing import Annotated
 
 from ckpt_cli.cli.startup import interrupts_exit
@@ -12,6 +14,7 @@ with interrupts_exit():     # Ctrl-C while the CLI's modules load: one line and 
 
     from ckpt_cli import __version__
     from ckpt_cli.cli import convert, demo, inspect, models, plan, verify
+    from ckpt_cli.cli.errors import usage_error
     from ckpt_cli.cli.options import HelpOpt
 
 app = typer.Typer(
@@ -41,12 +44,28 @@ def root(
     """ckpt: HF <-> MaxText checkpoint conversion."""
 
 
+def run(args: Sequence[str] | None = None) -> int:
+    """Run `ckpt ARGS` (default: sys.argv) and return its exit status. Typer's standalone mode is off so that its
+    usage errors (bad choice, unknown option, missing argument) come here and print as one `error:` line, as every
+    other error does, instead of its usage line and framed box."""
+    try:
+        status = app(args, prog_name="ckpt", standalone_mode=False)
+    except typer.TyperException as exc:
+        return usage_error(exc)
+    except typer.Abort:
+        sys.stderr.write("aborted\n")
+        return 1
+    # A command returns None; typer.Exit(code) comes back as its code.
+    return status if isinstance(status, int) and not isinstance(status, bool) else 0
+
+
 def main() -> None:
     # Everything imported so far lives until exit: keep the cycle collector off it while converting, and
     # off everything at exit (interpreter teardown would otherwise traverse every object, ~0.2 s).
     with interrupts_exit():
         gc.freeze()
         try:
-            app()
+            status = run()
         finally:
             gc.freeze()
+    sys.exit(status)

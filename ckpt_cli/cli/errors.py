@@ -1,7 +1,9 @@
 """The one table from our error types to exit codes, and the guard every command runs under.
 
 Only `CkptError`s (things a user can cause) become one-line messages. Any other exception is a bug:
-it keeps its traceback. CKPT_DEBUG=1 shows tracebacks for user errors too.
+it keeps its traceback. CKPT_DEBUG=1 shows tracebacks for user errors too. Typer's usage errors (a value not
+among an option's choices, an unknown option, a missing argument) are printed in the same one-line style
+(`usage_error`), with exit status 2.
 """
 
 from __future__ import annotations
@@ -36,6 +38,23 @@ def exit_code(exc: E.CkptError) -> int:
     return 2
 
 
+def _print_error(message: str) -> None:
+    from rich.console import Console
+    from rich.text import Text
+
+    Console(stderr=True, highlight=False).print(Text.assemble(("error: ", "bold red"), message), soft_wrap=True)
+
+
+def usage_error(exc: typer.TyperException) -> int:
+    """A usage error Typer raised (its standalone mode off): one `error:` line, as ckpt's own; returns its exit
+    status. An empty message is `no_args_is_help`'s, whose help is printed already."""
+    message = " ".join(exc.format_message().split())
+    if message:
+        # Typer words a value its type rejects "Value error, 'f16' is not one of 'bf16', 'f32'."
+        _print_error(message.replace(": Value error, ", ": "))
+    return exc.exit_code
+
+
 def _raise_interrupt(signum, frame):
     raise KeyboardInterrupt
 
@@ -59,7 +78,7 @@ def guarded(fn: Callable) -> Callable:
         except E.CkptError as exc:
             if os.environ.get("CKPT_DEBUG"):
                 raise
-            err.print(Text.assemble(("error: ", "bold red"), str(exc)), soft_wrap=True)
+            _print_error(str(exc))
             raise typer.Exit(exit_code(exc)) from None
         except KeyboardInterrupt as exc:
             kept = str(exc) if isinstance(exc, E.Interrupted) else "partial output removed"
