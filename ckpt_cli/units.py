@@ -21,7 +21,7 @@ def parse_size(text: str) -> int:
 def human_bytes(n: float) -> str:
     """1234567 -> '1.23 MB' (decimal units, as disks and the hub count)."""
     for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
+        if abs(n) < (999.5 if unit == "B" else 999.995) or unit == "TB":     # what rounds to 1000 is the next unit
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
         n /= 1000
     raise AssertionError("unreachable")

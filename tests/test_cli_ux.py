@@ -200,6 +200,33 @@ def test_verify_logits_tables_keep_their_numbers_whole(columns):
             assert number in text, number
 
 
+@pytest.mark.parametrize("columns", [80, 100, 200])
+@pytest.mark.parametrize("label", ["maxtext forward", "hf → maxtext"])
+def test_progress_line_fits_the_terminal_with_its_numbers_whole(columns, label):
+    import io
+
+    from rich.console import Console
+
+    outp = Output()
+    outp.err = Console(file=io.StringIO(), width=columns, force_terminal=True, color_system=None)
+    with outp.bytes_progress(label) as update:
+        update(123_450_000, 999_990_000)
+        update(999_990_000, 999_990_000)
+    text = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", outp.err.file.getvalue())
+    lines = [ln for ln in re.split(r"[\r\n]", text) if ln.strip()]
+    assert lines and all(len(ln) <= columns for ln in lines), lines
+    last = lines[-1]
+    assert last.startswith(label) and "999.99 MB/999.99 MB" in last and "RSS " in last and "took " in last, last
+    assert ("%" in last) == (columns >= 120)
+
+
+def test_byte_sizes_never_round_up_to_1000_of_a_unit():
+    from ckpt_cli.units import human_bytes
+
+    assert human_bytes(999_999) == "1.00 MB" and human_bytes(999_994) == "999.99 KB"
+    assert human_bytes(999.6) == "1.00 KB" and human_bytes(999) == "999 B" and human_bytes(0) == "0 B"
+
+
 def test_piped_width_is_columns_else_120(monkeypatch):
     from ckpt_cli.cli import output
 

@@ -75,6 +75,21 @@ class ETAColumn(ProgressColumn):
         return Text("ETA -:--:--" if left is None else f"ETA {timedelta(seconds=int(left))}", style="cyan")
 
 
+# The widest the number columns get ('999.99 MB/999.99 MB', '999.99 MB/s', 'RSS 999.99 MB', 'took 0:00:00') and the
+# gaps before them: what a progress line needs besides its label, bar and percentage.
+NUMBERS_WIDTH = 4 + 19 + 11 + 13 + 12
+BAR_MAX, BAR_MIN, PERCENT_WIDTH = 30, 4, 5
+
+
+def progress_layout(label: str, width: int) -> tuple[int, bool]:
+    """The bar's width (0: no bar) and whether a percentage fits, so that a progress line of `label` fits `width`
+    columns with its numbers whole (rich would otherwise wrap or cut them)."""
+    room = width - len(label) - NUMBERS_WIDTH
+    percent = room >= BAR_MAX + 1 + PERCENT_WIDTH
+    bar = min(BAR_MAX, room - 1 - (PERCENT_WIDTH if percent else 0))
+    return (bar if bar >= BAR_MIN else 0), percent
+
+
 class Output:
     """Where everything a command prints goes."""
 
@@ -137,9 +152,9 @@ class Output:
         if not self.human:
             yield lambda done, total: None
             return
-        narrow = self.err.width < 100     # 80 columns: a short bar and no percentage, so the line fits
-        progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(10 if narrow else 30),
-                            *([] if narrow else [TaskProgressColumn()]),
+        bar, percent = progress_layout(label, self.err.width)
+        progress = Progress(TextColumn("[bold]{task.description}"), *([BarColumn(bar)] if bar else []),
+                            *([TaskProgressColumn()] if percent else []),
                             BytesColumn(), RateColumn(), RSSColumn(),
                             ETAColumn(), console=self.err, transient=False)
         state: dict = {}
