@@ -7,7 +7,6 @@ import json
 import os
 import re
 import subprocess
-import sys
 from types import SimpleNamespace
 
 import pytest
@@ -41,7 +40,11 @@ def test_help_names_arguments_hides_bool_and_offers_quiet_wide_json(command):
     assert r.exit_code == 0, r.output
     assert "<bool>" not in r.stdout and "--help" in r.stdout and "-h" in r.stdout
     assert "{source}" not in r.stdout and "{target}" not in r.stdout
-    assert "--quiet" in r.stdout and "--json" in r.stdout and "--wide" in r.stdout
+    assert "--quiet" in r.stdout and "--json" in r.stdout and "--wide" in r.stdout and "-q " in r.stdout
+    # an option taking a value shows what it is (DIR, NAME, MESH, N ...), never Typer's bare type
+    typed = [ln for ln in r.stdout.splitlines()
+             if re.match(r"│[\s*]*--", ln) and re.search(r"<(str|int|float|path)( range)?>", ln)]
+    assert typed == []
     if command[0] in ("convert", "plan", "inspect"):
         assert ("TARGET" if command == ["inspect"] else "SOURCE") in r.stdout
 
@@ -270,20 +273,39 @@ def test_parameter_count_equals_the_planned_tree(name):
     assert registry.lookup(name)
 
 
-def test_completion_of_model_names_and_choices():
-    env = {**os.environ, "_CKPT_COMPLETE": "complete_bash"}
+COMPLETIONS = [     # (what was typed, what TAB must offer: exactly, or at least with "+")
+    ("ckpt convert hf-to-maxtext qwen3-0", ["qwen3-0.6b"]),
+    ("ckpt convert hf-to-maxtext x --model llama3.1-7", ["llama3.1-70b", "llama3.1-70b-Instruct"]),
+    ("ckpt convert maxtext-to-hf x --model qwen3-0", ["qwen3-0.6b"]),
+    ("ckpt plan hf-to-maxtext qwen3-0", ["qwen3-0.6b"]),
+    ("ckpt plan hf-to-maxtext --model qwen3-0", ["qwen3-0.6b"]),
+    ("ckpt plan maxtext-to-hf --model qwen3-0", ["qwen3-0.6b"]),
+    ("ckpt plan maxtext-to-hf qwen3-0", []),            # SOURCE is a checkpoint folder: the shell completes files
+    ("ckpt convert hf-to-maxtext ./", []),
+    ("ckpt inspect qwen3-0", ["qwen3-0.6b"]),
+    ("ckpt inspect --model qwen3-0", ["qwen3-0.6b"]),
+    ("ckpt inspect x --against qwen3-0", ["qwen3-0.6b"]),
+    ("ckpt verify-logits --hf qwen3-0", ["qwen3-0.6b"]),
+    ("ckpt models --family qwen3", ["qwen3", "qwen3_moe", "qwen3_next"]),
+    ("ckpt convert hf-to-maxtext x --dtype ", ["bf16", "f32"]),
+    ("ckpt convert maxtext-to-hf x --dtype ", ["bf16", "f32"]),
+    ("ckpt plan hf-to-maxtext --dtype b", ["bf16"]),
+    ("ckpt inspect --dtype ", ["bf16", "f32"]),
+    ("ckpt verify-logits --dtype ", ["bf16", "f32"]),
+    ("ckpt convert hf-to-maxtext x --compression ", ["none", "zstd"]),
+    ("ckpt convert hf-to-maxtext x --load-method ", ["safetensors", "transformers"]),
+    ("ckpt verify-logits --hf-load ", ["auto", "full", "stream"]),
+]
 
-    def complete(words: str) -> list[str]:
-        parts = words.split(" ")
-        code = "from ckpt_cli.cli.app import app\napp(prog_name='ckpt')"
-        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                           env={**env, "COMP_WORDS": words, "COMP_CWORD": str(len(parts) - 1)})
-        return r.stdout.split()
 
-    assert {"qwen3-8b", "qwen3-0.6b"} <= set(complete("ckpt convert hf-to-maxtext qwen3-"))
-    assert "llama3.1-70b" in complete("ckpt plan hf-to-maxtext --model llama3.1-")
-    assert complete("ckpt convert hf-to-maxtext x --dtype ") == ["bf16", "f32"]
-    assert complete("ckpt convert hf-to-maxtext ./") == []      # paths: the shell completes files
+@pytest.mark.parametrize("typed,offered", COMPLETIONS, ids=[t for t, _ in COMPLETIONS])
+def test_tab_completes_model_names_families_and_choices(typed, offered):
+    """Bash TAB through the installed `ckpt` script, as the completion script calls it (Typer's env vars)."""
+    words = typed.split(" ")
+    env = os.environ | {"_CKPT_COMPLETE": "complete_bash", "COMP_WORDS": typed, "COMP_CWORD": str(len(words) - 1)}
+    r = subprocess.run(["ckpt"], capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == offered
 
 
 # ------------------------------------------------------------------------------------------------------- sources
@@ -307,6 +329,14 @@ def test_plan_offline_with_a_model_name_suggests_model(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     r = run("plan", "hf-to-maxtext", "qwen3-8b")
     assert r.exit_code == 4 and "ckpt plan hf-to-maxtext --model qwen3-8b" in r.stderr
+
+
+def test_a_model_name_given_as_a_maxtext_checkpoint_suggests_model(monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    for args in (["plan", "maxtext-to-hf", "qwen3-8b"], ["convert", "maxtext-to-hf", "qwen3-8b", "--out", "hf"]):
+        r = run(*args)
+        assert r.exit_code == 2 and r.stderr.strip() == ("error: qwen3-8b: no such checkpoint directory (qwen3-8b is "
+                                                         "a model name: give it as --model qwen3-8b)"), r.stderr
 
 
 # ------------------------------------------------------------------------------------------------------- demo

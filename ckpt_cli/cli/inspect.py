@@ -20,7 +20,7 @@ FilterOpt = Annotated[str | None, typer.Option(
     "--filter", metavar="GLOB",
     help="Only tensors / paths matching this glob (e.g. '*mlp*'); totals and comparisons follow it.")]
 AgainstOpt = Annotated[str | None, typer.Option(
-    "--against", metavar="TARGET",
+    "--against", metavar="TARGET", autocompletion=O.complete_source,
     help="Compare with another target (folder, repo id, Orbax dir) in MaxText path space; "
          "exit 1 if they differ.")]
 InspectModelOpt = Annotated[str | None, typer.Option(
@@ -33,11 +33,12 @@ InspectScanOpt = Annotated[bool | None, O.flag(
 InspectDtypeOpt = Annotated[O.DtypeChoice | None, typer.Option(
     "--dtype", help="dtype of a MaxText tree built from a config (default bf16, what convert writes).")]
 MeshOpt = Annotated[str | None, typer.Option(
-    "--mesh", help="MaxText mesh to restore on, e.g. fsdp=16 or fsdp=64,tensor=4 (Orbax or model target): show "
-                   "the bytes each host reads over the bytes its devices hold, from the chunk shapes.")]
+    "--mesh", metavar="MESH",
+    help="MaxText mesh to restore on, e.g. fsdp=16 or fsdp=64,tensor=4 (Orbax or model target): show the bytes each "
+         "host reads over the bytes its devices hold, from the chunk shapes.")]
 HostsOpt = Annotated[int | None, typer.Option(
-    "--hosts", min=1, help="Hosts the --mesh devices are spread over, consecutive devices per host (default: one "
-                           "host per 4 devices).")]
+    "--hosts", min=1, metavar="N",
+    help="Hosts the --mesh devices are spread over, consecutive devices per host (default: one host per 4 devices).")]
 
 
 @guarded

@@ -42,7 +42,7 @@ def _scan(r: dict) -> str:
 
 @guarded
 def models(
-    family: Annotated[str | None, typer.Option("--family", metavar="FAMILY",
+    family: Annotated[str | None, typer.Option("--family", metavar="FAMILY", autocompletion=O.complete_family,
                                                help="Only this family's models (e.g. qwen3, deepseek).")] = None,
     wide: O.WideOpt = False,
     json_out: O.JsonOpt = False,

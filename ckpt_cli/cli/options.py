@@ -26,6 +26,13 @@ def complete_model(incomplete: str) -> list[str]:
     return [name for name in MODELS if name.lower().startswith(incomplete.lower())]
 
 
+def complete_family(incomplete: str) -> list[str]:
+    """The families of the registered model names, starting with what was typed."""
+    from ckpt_cli.registry import MODELS
+
+    return sorted({spec.family for spec in MODELS.values() if spec.family.startswith(incomplete.lower())})
+
+
 def complete_source(incomplete: str) -> list[str]:
     """SOURCE: model names once a letter is typed; an empty word or a path completes as files (the shell's)."""
     return complete_model(incomplete) if incomplete else []

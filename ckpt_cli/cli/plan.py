@@ -113,10 +113,15 @@ def plan_hf_to_maxtext(
                     Output(json_out, quiet, wide), reads)
 
 
+PlanCheckpointArg = Annotated[str | None, typer.Argument(
+    metavar="SOURCE", help="The MaxText checkpoint convert would read (run, step or items dir); leave it out and give "
+                           "--model NAME to price a registered model with no data.")]
+
+
 @app.command("maxtext-to-hf")
 @guarded
 def plan_maxtext_to_hf(
-    source: PlanSourceArg = None,
+    source: PlanCheckpointArg = None,
     out: PlanOutOpt = None,
     model: ArchModelOpt = None,
     hf_config: HFConfigOpt = None,

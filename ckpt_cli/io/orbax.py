@@ -578,7 +578,10 @@ def read_error(items: Path, path: str, exc: Exception) -> SourceError:
 def find_items_dir(path: Path) -> Path:
     """Accept OUT, OUT/<step> or OUT/<step>/items; pick the latest committed step of a run dir."""
     if not path.exists():
-        raise SourceError(f"{path}: no such checkpoint directory")
+        from ckpt_cli.registry import is_model_name
+
+        hint = f" ({path} is a model name: give it as --model {path})" if is_model_name(str(path)) else ""
+        raise SourceError(f"{path}: no such checkpoint directory{hint}")
     if (path / "_METADATA").exists():
         return path
     if (path / "items" / "_METADATA").exists():
