@@ -348,3 +348,20 @@ def test_a_shard_missing_or_shorter_than_the_snapshot_means_a_fresh_start(mt, tm
     assert note.endswith("starting afresh") and str(shard) in note
     clean_run(src, tmp_path / "clean")
     assert hashes(out) == hashes(tmp_path / "clean")
+
+
+def test_cli_resumes_by_default_and_restart_starts_afresh(mt, tmp_path, monkeypatch, snapshots_often):
+    """The same command run again (no --resume) takes up OUT.partial and says so; --restart starts afresh."""
+    src = mt("qwen3")
+    runner = CliRunner()
+    for flags, resumed in (([], True), (["--restart"], False)):
+        out = tmp_path / f"hf{len(flags)}"
+        interrupted(src, out, monkeypatch, writes=5)
+        r = runner.invoke(app, ["convert", "maxtext-to-hf", str(src), "--out", str(out), "--shard-size", SHARD,
+                                "--json", *flags])
+        assert r.exit_code == 0, r.output
+        record = json.loads(r.stdout)
+        assert ("resumed_tasks" in record["stats"]) == resumed
+        assert any(n.startswith("resuming: ") for n in record["notes"]) == resumed
+        assert any("starting afresh" in n for n in record["notes"]) != resumed
+        assert hashes(out) == hashes(clean_run(src, tmp_path / f"clean{len(flags)}").out)
