@@ -8,6 +8,7 @@ its direction (bit-identical whatever the worker count). The input is page-cache
 cache is flushed (`sync`) between runs.
 
 Usage: python benchmarks/bench_workers.py [--model qwen3-4b] [--layers N] [--shard-gb 4] [--dir DIR] [--runs 1]
+                                         [--counts 1,2]
   (on a 16-core machine: --model qwen3-8b gives a 16 GB checkpoint, as in issue 16's measurement)
 """
 
@@ -67,11 +68,12 @@ def main() -> None:
     ap.add_argument("--dir", type=Path, default=None)
     ap.add_argument("--runs", type=int, default=1)
     ap.add_argument("--keep", action="store_true")
+    ap.add_argument("--counts", default=None, help="worker counts to run, e.g. 1,2 (default: 2 and every core)")
     args = ap.parse_args()
     from ckpt_cli.machine import default_workers, usable_cpus
 
     cores = usable_cpus()
-    counts = sorted({2, cores})
+    counts = sorted({int(n) for n in args.counts.split(",")} if args.counts else {2, cores})
     root = args.dir or Path(tempfile.mkdtemp(prefix="ckpt-bench-workers-"))
     src = root / f"{args.model}-hf"
     if not (src / "config.json").exists():
