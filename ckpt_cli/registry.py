@@ -364,12 +364,20 @@ MODELS.update({m.name: m for m in (
 )})
 
 def lookup(name: str) -> ModelSpec:
-    """A registered MaxText model name (case-insensitive), or an UnknownModelError listing close names."""
+    """A registered MaxText model name (case-insensitive), or an UnknownModelError naming the closest ones."""
     for key, spec in MODELS.items():
         if key.lower() == name.lower():
             return spec
-    close = [k for k in MODELS if k.split("-")[0] == name.lower().split("-")[0]] or sorted(MODELS)
-    raise UnknownModelError(f"unknown model {name!r}; known: {', '.join(close)}")
+    raise UnknownModelError(f"unknown model {name!r}{did_you_mean(name)}")
+
+
+def did_you_mean(name: str) -> str:
+    """'; did you mean qwen3-8b or qwen3-4b?' (the closest registered names), else where to find them all."""
+    import difflib
+
+    names = {m.lower(): m for m in MODELS}
+    close = [names[m] for m in difflib.get_close_matches(name.lower(), list(names), n=3, cutoff=0.6)]
+    return f"; did you mean {' or '.join(close)}?" if close else " (`ckpt models` lists the model names)"
 
 
 def is_model_name(text: str) -> bool:

@@ -324,6 +324,15 @@ def test_unknown_source_gets_did_you_mean_and_local_paths_stay_local(tmp_path, m
     assert r.exit_code == 2 and r.stderr.strip() == "error: ./o/nope: no such folder"
 
 
+def test_unknown_model_option_gets_the_closest_names():
+    r = run("inspect", "--model", "llama3.1-8b-instruc")
+    assert r.exit_code == 2
+    assert r.stderr.startswith("error: unknown model 'llama3.1-8b-instruc'; did you mean llama3.1-8b-Instruct or "), \
+        r.stderr
+    r = run("plan", "hf-to-maxtext", "--model", "nothing-like-it")
+    assert r.stderr.strip() == "error: unknown model 'nothing-like-it' (`ckpt models` lists the model names)"
+
+
 def test_plan_offline_with_a_model_name_suggests_model(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))

@@ -84,10 +84,7 @@ def resolve(source: str, revision: str | None = None, stream: bool = False) -> H
 def check_repo_id(source: str) -> None:
     """Refuse a SOURCE that is no folder, no model name and cannot be a hub repo id (with the closest model names),
     or that is written as a local path (./x, ../x, /x, ~/x): it is never asked of the hub."""
-    import difflib
-
-    close = difflib.get_close_matches(source.lower(), [m.lower() for m in registry.MODELS], n=3, cutoff=0.6)
-    hint = f"; did you mean {' or '.join(close)}?" if close else " (`ckpt models` lists the model names)"
+    hint = registry.did_you_mean(source)
     if source.startswith(("./", "../", "/", "~")):
         raise SourceError(f"{source}: no such folder")
     if "/" not in source or source.count("/") > 1:
