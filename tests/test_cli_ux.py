@@ -338,6 +338,9 @@ def test_plan_offline_with_a_model_name_suggests_model(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     r = run("plan", "hf-to-maxtext", "qwen3-8b")
     assert r.exit_code == 4 and "ckpt plan hf-to-maxtext --model qwen3-8b" in r.stderr
+    r = run("inspect", "qwen3-8b")
+    assert r.exit_code == 4 and r.stderr.strip().endswith("with no data at all: ckpt inspect --model qwen3-8b")
+    assert run("inspect", "--model", "qwen3-8b", "--json").exit_code == 0      # ... which works offline
 
 
 def test_a_model_name_given_as_a_maxtext_checkpoint_suggests_model(monkeypatch, tmp_path):

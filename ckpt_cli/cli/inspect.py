@@ -112,7 +112,8 @@ def inspect(
         raise typer.BadParameter("--against needs a TARGET to compare", param_hint="--against")
     if target_mesh is not None and (target is not None or model is None):
         raise typer.BadParameter("--target-mesh applies to --model's tree alone", param_hint="--target-mesh")
-    t = I.open_target(target, model=model, revision=revision, scan=scan, dtype=dtype, mesh=O.target_mesh(target_mesh))
+    t = _open_or_suggest_model(target, model=model, revision=revision, scan=scan, dtype=dtype,
+                               mesh=O.target_mesh(target_mesh))
     record = I.report(t, json_out if tensors is None else tensors, filter_glob)
     if mesh is not None:
         from ckpt_cli.plan import TargetMesh
@@ -216,6 +217,21 @@ def _tensor_table(r: dict) -> Grid:
         table.add_row(t.get("name") or t["path"], str(tuple(t["shape"])), t["dtype"], human_bytes(t["bytes"]),
                       t["shard"] if hf else _chunks(t))
     return table
+
+
+def _open_or_suggest_model(target: str | None, **kw):
+    """open_target; a model name whose repo cannot be reached says how to see its MaxText tree with no data."""
+    from ckpt_cli import registry
+    from ckpt_cli.errors import RemoteError
+    from ckpt_cli.inspect import open_target
+
+    try:
+        return open_target(target, **kw)
+    except RemoteError as exc:
+        if target and kw.get("model") is None and registry.is_model_name(target):
+            raise RemoteError(f"{exc}; to see the tree MaxText expects for {target} with no data at all: "
+                              f"ckpt inspect --model {target}") from None
+        raise
 
 
 def _show_comparison(out: Output, r: dict) -> None:
