@@ -392,6 +392,15 @@ def maxtext_to_hf(source_arg: str | BucketURL, out: Path, opts: ToHFOptions, pro
 
     remote = isinstance(source_arg, BucketURL)      # a gs:// or s3:// checkpoint: read in place, nothing local
     ckpt = OrbaxCheckpoint(source_arg if remote else Path(source_arg))
+    if isinstance(out, BucketURL):                  # streamed into the bucket, completed by config.json (bucket_hf.py)
+        if opts.overwrite:
+            from ckpt_cli.errors import UnsupportedError
+
+            raise UnsupportedError(f"--overwrite {out}: ckpt does not replace a folder in a bucket (an object store "
+                                   f"cannot swap it atomically); delete it first or choose another --out")
+        if out == source_arg or str(source_arg).startswith(f"{out}/") or str(out).startswith(f"{source_arg}/"):
+            raise OutputError(f"--out {out} overlaps the checkpoint {source_arg}: choose another --out")
+        return _maxtext_to_hf(ckpt, source_arg, out, opts, progress, on_plan)
     target = outdir.output_path(out)
     reads = [] if remote else [Path(source_arg), ckpt.items]
     outdir.check_not_overlapping(target, [*reads, *([opts.hf_config] if opts.hf_config else [])])
@@ -429,8 +438,12 @@ def _maxtext_to_hf(ckpt, source_arg: str, out: Path, opts: ToHFOptions, progress
         json_files["generation_config.json"] = generation
     elif generation is not None:
         copies["generation_config.json"] = generation
-    outdir.check_not_overlapping(out, copies.values())
+    if not isinstance(out, BucketURL):
+        outdir.check_not_overlapping(out, copies.values())
     key = hf_progress_key(plan, ckpt, opts, json_files, copies)
+    if isinstance(out, BucketURL):
+        return _maxtext_to_hf_bucket(plan, ckpt, source_arg, out, opts, key, notes, json_files, copies, arch,
+                                     progress, on_plan)
     task_bytes = {write_key(t.target, t.target_index(task)): math.prod(t.task_shape(task)) * np.dtype(t.dtype).itemsize
                   for t in plan.tensors for task in t.tasks}
     partial = partial_dir(out)
@@ -470,4 +483,46 @@ def _maxtext_to_hf(ckpt, source_arg: str, out: Path, opts: ToHFOptions, progress
         raise
     stats.extra["shards"] = len(writer.files)
     stats.extra["blocks_read"] = reader.blocks_read
+    return HFResult(plan, stats, out, str(source_arg), notes, files, arch.origin)
+
+
+def _maxtext_to_hf_bucket(plan, ckpt, source_arg, out: BucketURL, opts: ToHFOptions, key: str, notes: list[str],
+                          json_files: dict, copies: dict, arch, progress, on_plan) -> HFResult:
+    """maxtext-to-hf into a bucket prefix: shards laid out in the engine's write order and streamed as uploads
+    (io/bucket_hf.py); `--resume` keeps the shards an interrupted run of the same conversion completed."""
+    from ckpt_cli.io.bucket_hf import BucketHFWriter
+    from ckpt_cli.io.orbax_blocks import BlockReader
+    from ckpt_cli.io.safetensors import PlannedTensor
+    from ckpt_cli.plan import write_key
+
+    reader = BlockReader(ckpt)
+    order = list(dict.fromkeys(t.target for t, _ in engine.ordered_jobs(plan, reader)))
+    planned = [PlannedTensor(t.target, t.dtype, t.shape) for t in plan.tensors]
+    writer = BucketHFWriter(out, planned, opts.shard_size, order, key, resume=opts.resume)
+    skip = writer.resume_keys({t.target: [write_key(t.target, t.target_index(task)) for task in t.tasks]
+                               for t in plan.tensors})
+    if opts.resume:
+        notes.append(f"resuming: {len(writer.resumed)} of {len(writer.files)} shard(s) already complete in {out}"
+                     if writer.resumed else f"--resume: {writer.why_not or 'nothing to resume'}; starting afresh")
+    if on_plan:
+        on_plan(plan, notes)
+    try:
+        stats = engine.execute(plan, reader, writer, progress=progress, workers=opts.workers, skip=skip)
+        files = writer.finalize(json_files, copies)
+    except KeyboardInterrupt as exc:
+        if writer.abort(keep=True):
+            raise Interrupted(f"progress kept in {out} (its complete shards): run the same command with "
+                              f"--resume to finish it") from exc
+        raise
+    except OutputError as exc:          # a failed request: the complete shards are kept for --resume
+        if writer.abort(keep=True):
+            raise OutputError(f"{exc}; progress kept in {out}: run the same command with --resume to finish "
+                              f"it") from None
+        raise
+    except BaseException:
+        writer.abort()
+        raise
+    stats.extra["shards"] = len(writer.files)
+    stats.extra["blocks_read"] = reader.blocks_read
+    stats.extra["max_buffered_bytes"] = writer.max_buffered
     return HFResult(plan, stats, out, str(source_arg), notes, files, arch.origin)

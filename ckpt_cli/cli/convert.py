@@ -184,6 +184,8 @@ def maxtext_to_hf(
 
       ckpt convert maxtext-to-hf gs://bucket/run/checkpoints/1000 --model qwen3-8b --tokenizer Qwen/Qwen3-8B --out ./q8
 
+      ckpt convert maxtext-to-hf ./mt --out s3://bucket/hf/qwen3-8b
+
       ckpt convert maxtext-to-hf ./mt/0/items --hf-config ./config.json --dtype f32 --shard-size 2GB --out ./hf
     """
     from ckpt_cli import convert
@@ -192,7 +194,7 @@ def maxtext_to_hf(
 
     src = location(source, "SOURCE", buckets=True)
     source = src if isinstance(src, BucketURL) else source
-    out_path = local_path(out, "--out", what="writing the HF folder into a bucket is not supported yet")
+    out_path = location(out, "--out", buckets=True)
     tokenizer = source_arg(tokenizer, "--tokenizer")
     outp = Output(json_out, quiet, wide)
     opts = convert.ToHFOptions(model=model, hf_config=local_path(hf_config, "--hf-config"), dtype=dtype,
