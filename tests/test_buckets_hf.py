@@ -121,3 +121,41 @@ def test_maxtext_to_hf_bucket_refusals(emulator, local_mt, tmp_path, monkeypatch
         assert result.exit_code == code and why in error_line(result), (args, result.output)
     assert list_keys(location(bucket, "--out", buckets=True)) == ["taken/notes.txt"]
     assert list(tmp_path.iterdir()) == []
+
+
+def test_interrupted_bucket_export_resumed(emulator, local_mt, local_hf, tmp_path, monkeypatch):
+    """Ctrl-C after two shards: the complete shards and the progress record stay (no folder: no config.json);
+    the same command with --resume uploads only the other shards, and the folder equals an uninterrupted one."""
+    monkeypatch.chdir(tmp_path)
+    url = f"{emulator.make_bucket(next(_buckets))}/hf"
+    dest = location(url, "--out", buckets=True)
+    real_close = object_upload.ObjectUpload.close
+    closed: list[str] = []
+
+    def close(self):
+        if len(closed) == 2:
+            raise KeyboardInterrupt
+        real_close(self)
+        closed.append(self.url.name)
+
+    monkeypatch.setattr(object_upload.ObjectUpload, "close", close)
+    result = run("convert", "maxtext-to-hf", local_mt, "--out", url, "--shard-size", SHARD)
+    assert result.exit_code == 130 and "--resume" in result.stderr, result.output
+    keys = list_keys(dest)
+    assert sorted(k for k in keys if k.endswith(".safetensors")) == sorted(closed)
+    assert PARTIAL_MARKER in keys and ".ckpt-progress.json" in keys and "config.json" not in keys
+    monkeypatch.setattr(object_upload.ObjectUpload, "close", real_close)
+    started: list[str] = []
+    real_init = object_upload.ObjectUpload.__init__
+
+    def init(self, url, *args, **kwargs):
+        started.append(url.name)
+        real_init(self, url, *args, **kwargs)
+
+    monkeypatch.setattr(object_upload.ObjectUpload, "__init__", init)
+    result = run("convert", "maxtext-to-hf", local_mt, "--out", url, "--shard-size", SHARD, "--resume")
+    assert result.exit_code == 0, result.output
+    assert "resuming: 2 of" in result.stderr
+    assert not set(started) & set(closed) and started
+    assert PARTIAL_MARKER not in list_keys(dest)
+    assert_same_folder(download(dest, tmp_path.parent / f"{tmp_path.name}-dl"), local_hf)
