@@ -23,7 +23,7 @@ from ckpt_cli.errors import ConfigMismatchError, DiskFull, Interrupted, OutputEr
 from ckpt_cli.families import detect_family, family_named
 from ckpt_cli.families.base import config_int
 from ckpt_cli.io import hf, int4, outdir, remote_stream
-from ckpt_cli.io.location import BucketURL
+from ckpt_cli.io.location import BucketURL, overlapping
 from ckpt_cli.io.orbax import OrbaxWriter, StorageOptions, read_progress
 from ckpt_cli.io.outdir import partial_dir
 from ckpt_cli.io.safetensors import SafetensorsFolder
@@ -67,8 +67,10 @@ def check_layer_count(source: hf.HFSource, allow_unused: bool = False) -> None:
     10,000,000 layers never allocates a plan), fewer is refused unless `allow_unused` says it is meant."""
     family = detect_family(source.config)
     cfg = family.model_config(source.config)
-    if source.remote is not None:
-        names: Collection[str] = source.remote.tensors
+    if source.files is not None:
+        names: Collection[str] = source.files.tensors
+    elif source.remote is not None:
+        names = source.remote.tensors
     elif any(Path(source.folder).glob("*.safetensors")):
         names = SafetensorsFolder(source.folder).tensors
     else:
@@ -116,7 +118,7 @@ def open_reader(source: hf.HFSource, load_method: str, dtype: np.dtype | None = 
         qcfg = source.config.get("quantization_config") or {}
         block = tuple(qcfg.get("weight_block_size") or (128, 128))
         group = int4.group_size(qcfg)
-        files = remote_stream.RemoteFolder(source.remote) if source.remote else source.folder
+        files = source.files or (remote_stream.RemoteFolder(source.remote) if source.remote else source.folder)
         return hf.SafetensorsReader(files, dequant_dtype=dtype, block=block, int4_group=group)
     if load_method == "transformers":
         return hf.TransformersReader(source.folder)
@@ -140,7 +142,7 @@ def provenance(plan: ConversionPlan, source: hf.HFSource, opts: ToMaxTextOptions
     return {
         "tool": "ckpt", "version": __version__, "direction": plan.direction, "family": plan.family,
         "model_name": opts.model or source.model_name, "source": source.label, "repo_id": source.repo_id,
-        "source_folder": str(Path(source.folder).resolve()),
+        "source_folder": source.label if source.files is not None else str(Path(source.folder).resolve()),
         "revision": source.revision, "dtype": np.dtype(plan.dtype).name, "scan_layers": plan.scan_layers,
         "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"), "hf_config": plan.hf_config,
         "target_mesh": (opts.target_mesh or TargetMesh()).describe(),
@@ -152,7 +154,9 @@ def progress_key(plan: ConversionPlan, source: hf.HFSource, opts: ToMaxTextOptio
     modification times, or the hub commit), the same plan (every target, shape, dtype, chunk, transform
     and source slice) and the same storage options."""
     files = {}
-    if source.remote is not None:
+    if source.files is not None:            # a bucket's shards: their store generations
+        files["generations"] = source.files.identity()
+    elif source.remote is not None:
         files["commit"] = getattr(source.remote, "commit", None)
     else:
         for f in sorted(Path(source.folder).glob("*.safetensors")):
@@ -182,6 +186,8 @@ def check_free_space(out: Path, nbytes: int) -> None:
 def source_paths(source: hf.HFSource) -> list[Path]:
     """What hf-to-maxtext reads from a local source: its folder and (resolved, so links count) its files."""
     folder = Path(source.folder)
+    if source.files is not None:            # in a bucket: nothing local
+        return []
     if source.remote is not None:
         return [folder] if folder.exists() else []
     return outdir.read_paths(folder)
@@ -204,6 +210,8 @@ def hf_to_maxtext(source_arg: str, out: Path, opts: ToMaxTextOptions, progress=N
     if isinstance(out, BucketURL):          # written in place, completed by marker objects (io/bucket.py)
         from ckpt_cli.io import bucket
 
+        if overlapping(out, source_arg):
+            raise OutputError(f"--out {out} overlaps the source {source_arg}: choose another --out")
         bucket.check_output(out, opts.overwrite, opts.resume)
         return _hf_to_maxtext(source, out, opts, progress, on_plan)
     target = outdir.output_path(out)
@@ -398,7 +406,7 @@ def maxtext_to_hf(source_arg: str | BucketURL, out: Path, opts: ToHFOptions, pro
 
             raise UnsupportedError(f"--overwrite {out}: ckpt does not replace a folder in a bucket (an object store "
                                    f"cannot swap it atomically); delete it first or choose another --out")
-        if out == source_arg or str(source_arg).startswith(f"{out}/") or str(out).startswith(f"{source_arg}/"):
+        if overlapping(out, source_arg):
             raise OutputError(f"--out {out} overlaps the checkpoint {source_arg}: choose another --out")
         return _maxtext_to_hf(ckpt, source_arg, out, opts, progress, on_plan)
     target = outdir.output_path(out)

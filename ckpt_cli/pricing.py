@@ -59,7 +59,7 @@ class Source:
     """What the plan reads, as far as pricing needs it."""
 
     label: str
-    kind: str                                 # local | remote | model | orbax
+    kind: str                                 # local | remote | model | orbax | bucket
     itemsize: dict[str, float]                # bytes per element of each source tensor as stored (MXFP4: 17/32)
     default_itemsize: int = 2                 # for tensors not listed (pricing a model with no data)
     total_bytes: int = 0                      # all tensor bytes of the source
@@ -286,6 +286,11 @@ def plan_hf_to_maxtext(source_arg: str | None, opts) -> tuple[ConversionPlan, So
             itemsize[name] = (tensors[packed].nbytes + tensors[scale].nbytes) / math.prod(reader.int4_shape(name))
     fp8 |= frozenset(reader.mxfp4) | frozenset(reader.int4)
     notes = list(plan.notes)
+    if src.files is not None and src.remote is None and not src.files.local_files:   # a bucket: ranged reads
+        notes.append(f"{src.label}: {len(src.files.shards())} shard(s) read in place by ranged reads (headers: "
+                     f"{src.files.requests} request(s), {_gb(src.files.bytes_fetched)})")
+        return plan, Source(src.label, "bucket", itemsize, 2, sum(i.nbytes for i in tensors.values()),
+                            order_key=reader.order_key, fp8=fp8), notes
     if src.remote is None:
         files = {i.file for i in tensors.values()}
         largest = max(files, key=lambda f: f.stat().st_size)

@@ -159,3 +159,63 @@ def test_interrupted_bucket_export_resumed(emulator, local_mt, local_hf, tmp_pat
     assert not set(started) & set(closed) and started
     assert PARTIAL_MARKER not in list_keys(dest)
     assert_same_folder(download(dest, tmp_path.parent / f"{tmp_path.name}-dl"), local_hf)
+
+
+def upload_folder(folder, url: str) -> BucketURL:
+    """A local HF folder copied into the bucket object by object (as a user mirrors a hub model)."""
+    dest = location(url, "--out", buckets=True)
+    store = open_store(dest)
+    for f in sorted(folder.iterdir()):
+        if f.is_file():
+            store.write(f.name, f.read_bytes()).result()
+    return dest
+
+
+def test_hf_folder_in_bucket_as_source(emulator, hf_models, local_mt, tmp_path):
+    """hf-to-maxtext, inspect and plan read an HF folder in the bucket in place: the same checkpoint, tree and
+    plan as from the local folder; the bytes fetched are the headers and tensors, never whole files twice."""
+    src = hf_models("qwen3", sharded=True)
+    url = upload_folder(src, f"{emulator.make_bucket(next(_buckets))}/hub/qwen3")
+    out = tmp_path / "mt"
+    result = run("convert", "hf-to-maxtext", str(url), "--out", out, "--json")
+    assert result.exit_code == 0, result.output
+    from ckpt_cli.io.orbax import OrbaxCheckpoint
+
+    got, expected = OrbaxCheckpoint(out), OrbaxCheckpoint(local_mt)
+    assert sorted(got.paths) == sorted(expected.paths)
+    for path in expected.paths:
+        np.testing.assert_array_equal(got.array(path).read().result(), expected.array(path).read().result(), path)
+    assert got.provenance["source"] == str(url) and got.provenance["hf_config"] == expected.provenance["hf_config"]
+    remote = json.loads(run("inspect", str(url), "--json").stdout)
+    local = json.loads(run("inspect", src, "--json").stdout)
+    assert remote["kind"] == "hf-bucket" and remote["tensors"] == local["tensors"] and remote["family"] == "qwen3"
+    assert 0 < remote["fetched"]["bytes"] < 64 * 1024          # config, index, headers: no tensor data
+    human = run("inspect", str(url))
+    assert human.exit_code == 0 and "Hugging Face folder in a bucket" in human.stdout
+    plans = [json.loads(run("plan", "hf-to-maxtext", s, "--out", tmp_path / "p", "--read-gbps", "1",
+                            "--write-gbps", "1", "--json").stdout) for s in (str(url), src)]
+    assert plans[0]["source_kind"] == "bucket" and plans[0]["go"] is True
+    for key in ("tensors", "tasks", "parameters"):
+        assert plans[0][key] == plans[1][key], key
+    assert plans[0]["bytes"]["read"] == plans[1]["bytes"]["read"] > 0
+
+
+def test_bucket_tensor_reads_are_ranged(emulator, hf_models, monkeypatch):
+    """A tensor (or a row range of it) is fetched as exactly its bytes; a large one as several ranges at once."""
+    from ckpt_cli.io import bucket_safetensors
+    from ckpt_cli.io.safetensors import SafetensorsFolder
+
+    src = hf_models("qwen3")
+    url = upload_folder(src, f"{emulator.make_bucket(next(_buckets))}/m")
+    local = SafetensorsFolder(src)
+    folder = bucket_safetensors.BucketSafetensorsFolder(url)
+    name = "model.embed_tokens.weight"
+    info = folder.info(name)
+    before = folder.bytes_fetched
+    np.testing.assert_array_equal(folder.read(name, (3, 7)), local.read(name, (3, 7)))
+    row = info.nbytes // info.shape[0]
+    assert folder.bytes_fetched - before == 4 * row
+    monkeypatch.setattr(bucket_safetensors, "RANGE_BYTES", 1000)
+    requests = folder.requests
+    np.testing.assert_array_equal(folder.read(name), local.read(name))
+    assert folder.requests - requests == -(-info.nbytes // 1000)

@@ -101,12 +101,12 @@ def hf_to_maxtext(
       ckpt convert hf-to-maxtext Qwen/Qwen3-8B --out ./q8 --max-disk 8GB
     """
     from ckpt_cli import convert
-    from ckpt_cli.io.location import location, source_arg
+    from ckpt_cli.io.location import BucketURL, location
     from ckpt_cli.io.orbax import StorageOptions
     from ckpt_cli.units import parse_size
 
-    source = source_arg(source, "SOURCE", what="HF folders in a bucket are not supported yet: copy it to a local "
-                                                "folder or give its hub repo id")
+    src = location(source, "SOURCE", buckets=True)
+    source = src if isinstance(src, BucketURL) else source      # an HF folder in gs:// or s3://: ranged reads
     out_path = location(out, "--out", buckets=True)
     outp = Output(json_out, quiet, wide)
     opts = convert.ToMaxTextOptions(

@@ -86,11 +86,13 @@ def plan_hf_to_maxtext(
     """
     from ckpt_cli import convert, pricing, registry
     from ckpt_cli.errors import RemoteError
-    from ckpt_cli.io.location import local_path, source_arg
+    from ckpt_cli.io.location import BucketURL, local_path, location, source_arg
     from ckpt_cli.io.orbax import StorageOptions
     from ckpt_cli.units import parse_size
 
-    source = source_arg(source, "SOURCE")
+    where = location(source, "SOURCE", buckets=True) if source is not None else None
+    bucket_source = isinstance(where, BucketURL)     # an HF folder in gs:// or s3://: read in place
+    source = where if bucket_source else source_arg(source, "SOURCE")
     out = local_path(out, "--out")
     workers = resolve_workers(workers)
     opts = convert.ToMaxTextOptions(
@@ -108,7 +110,7 @@ def plan_hf_to_maxtext(
         raise
     if compression == "zstd":
         notes.append("zstd: output bytes are the uncompressed upper bound (bf16 weights shrink ~10%)")
-    reads = read_paths(Path(source)) if source else []
+    reads = read_paths(Path(source)) if source and not bucket_source else []
     _price_and_show(plan, src, notes, out, workers, overwrite, read_gbps, write_gbps, net_gbps,
                     Output(json_out, quiet, wide), reads)
 

@@ -199,6 +199,7 @@ class SafetensorsFolder:
     """All tensors of a local folder of safetensors shards, read one tensor at a time."""
 
     local = True    # data can be read at any time (a streamed repo's only while its shard is there)
+    local_files = True      # its shards are local files (not a bucket's objects)
 
     def __init__(self, folder: Path, files: Iterable[Path] | None = None):
         self.folder = Path(folder)
