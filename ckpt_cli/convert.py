@@ -239,10 +239,16 @@ def _hf_to_maxtext(source: hf.HFSource, out: Path | BucketURL, opts: ToMaxTextOp
     local = isinstance(out, Path)
     # downloads under --max-disk go beside a local --out; beside the temp folder for a bucket one
     near = out if local else Path(tempfile.gettempdir()) / "ckpt-bucket-output"
-    done, why_not = read_progress(out, key, opts.storage) if opts.resume else (None, "")
+    kept_in = partial_dir(out) if local else out
+    if local:
+        done, why_not = read_progress(out, key, opts.storage) if opts.resume else (None, "")
+    else:
+        from ckpt_cli.io import bucket
+
+        done, why_not = bucket.read_progress(out, key, opts.storage) if opts.resume else (None, "")
     if opts.resume:
         notes.append(f"resuming: {len(done)} of {sum(len(t.tasks) for t in plan.tensors)} slice writes were "
-                     f"already durable in {partial_dir(out)}" if done is not None else
+                     f"already durable in {kept_in}" if done is not None else
                      f"--resume: {why_not}; starting afresh")
     elif local and partial_dir(out).exists():
         notes.append(f"an interrupted run's {partial_dir(out)} was removed: starting afresh")
@@ -260,7 +266,7 @@ def _hf_to_maxtext(source: hf.HFSource, out: Path | BucketURL, opts: ToMaxTextOp
     else:
         from ckpt_cli.io.bucket import BucketOrbaxWriter
 
-        writer = BucketOrbaxWriter(out, opts.storage)
+        writer = BucketOrbaxWriter(out, opts.storage, progress_key=key, resume=done is not None)
     try:
         if stream:
             stream.start(near)
@@ -269,14 +275,18 @@ def _hf_to_maxtext(source: hf.HFSource, out: Path | BucketURL, opts: ToMaxTextOp
         writer.finalize({"scan_layers": plan.scan_layers, "ckpt": provenance(plan, source, opts)})
     except KeyboardInterrupt as exc:
         if writer.abort(keep=True):
-            raise Interrupted(f"progress kept in {partial_dir(out)}: run the same command again "
-                              "to finish it") from exc
+            again = "again" if local else "with --resume"
+            raise Interrupted(f"progress kept in {kept_in}: run the same command {again} to finish it") from exc
         raise
     except BaseException as exc:
         full = outdir.disk_full(exc)
-        kept = writer.abort(keep=full is not None)
+        failed_request = not local and isinstance(exc, OutputError)     # the bucket's last snapshot stands
+        kept = writer.abort(keep=full is not None or failed_request)
         if full is not None:
             raise kept_or_not(full, kept, partial_dir(out)) from None
+        if failed_request and kept:
+            raise OutputError(f"{exc}; progress kept in {out}: run the same command with --resume to finish "
+                              f"it") from None
         raise
     finally:
         if stream:
