@@ -82,6 +82,43 @@ def bucket_error(exc: Exception, url: BucketURL, what: str) -> OutputError:
     return OutputError(f"{url}: {what} failed: {head}")
 
 
+def has_credentials(url: BucketURL) -> bool:
+    """Whether any of the store's standard credential sources is there (without a network call, but for
+    boto3's instance-metadata probe): tensorstore goes on anonymously without them, which a public source
+    bucket allows but no write does. An endpoint override (an emulator) needs none."""
+    import os
+    from pathlib import Path
+
+    if url.scheme == "gs":
+        if url.endpoint():
+            return True
+        config = Path(os.environ.get("CLOUDSDK_CONFIG") or Path.home() / ".config" / "gcloud")
+        if os.environ.get("GOOGLE_APPLICATION_CREDENTIALS") or (config / "application_default_credentials.json"
+                                                                 ).is_file():
+            return True
+        try:           # a GCE / GKE machine: its metadata server has credentials
+            return "Google" in Path("/sys/class/dmi/id/product_name").read_text()
+        except OSError:
+            return bool(os.environ.get("GCE_METADATA_HOST"))
+    try:
+        import boto3
+    except ImportError:
+        return bool(os.environ.get("AWS_ACCESS_KEY_ID") or os.environ.get("AWS_PROFILE")
+                    or (Path.home() / ".aws" / "credentials").is_file())
+    try:
+        return boto3.Session().get_credentials() is not None
+    except Exception:  # noqa: BLE001 - a broken profile: no usable credentials
+        return False
+
+
+def check_credentials(url: BucketURL, flag: str = "--out") -> None:
+    """Refuse a write to a bucket with no credentials at all, in one line, before anything is written."""
+    if not has_credentials(url):
+        how = ("gcloud auth application-default login, or GOOGLE_APPLICATION_CREDENTIALS=KEY.json" if url.scheme == "gs"
+               else "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, AWS_PROFILE, or an instance role")
+        raise OutputError(f"{flag} {url}: no {'GCS' if url.scheme == 'gs' else 'AWS'} credentials found ({how})")
+
+
 def open_store(url: BucketURL, context: ts.Context | None = None) -> ts.KvStore:
     """The kvstore of the prefix `url` (errors as one line)."""
     apply_gcs_endpoint()
@@ -101,7 +138,10 @@ def _do(future, url: BucketURL, what: str):
 def list_keys(url: BucketURL, context: ts.Context | None = None) -> list[str]:
     """Every object under the prefix `url/`, as keys relative to it."""
     store = open_store(url, context)
-    return sorted(k.decode() for k in _do(store.list(), url, "listing"))
+    keys = sorted(k.decode() for k in _do(store.list(), url, "listing"))
+    if not keys:    # tensorstore's gcs driver lists a prefix it may not read as empty: a read says why
+        _do(store.read(PARTIAL_MARKER), url, "listing")
+    return keys
 
 
 def clear(store: ts.KvStore) -> ts.Future:
@@ -126,6 +166,7 @@ def check_output(url: BucketURL, overwrite: bool, resume: bool) -> None:
     but an interrupted run of ckpt's own (which the run then resumes with `resume`, or replaces)."""
     if not url.path:
         raise OutputError(f"--out {url}: give a path inside the bucket ({url}/NAME), not the bucket itself")
+    check_credentials(url)
     if overwrite:
         raise UnsupportedError(f"--overwrite {url}: ckpt does not replace a checkpoint in a bucket (an object store "
                                f"cannot swap it atomically); delete it first or choose another --out")

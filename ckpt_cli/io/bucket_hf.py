@@ -68,6 +68,7 @@ class BucketHFWriter:
                  progress_key: str, resume: bool = False):
         if not out.path:
             raise OutputError(f"--out {out}: give a path inside the bucket ({out}/NAME), not the bucket itself")
+        bucket.check_credentials(out)
         self.out = out
         self.progress_key = progress_key
         self.planned = {t.name: t for t in tensors}

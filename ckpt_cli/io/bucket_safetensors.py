@@ -47,6 +47,8 @@ class BucketSafetensorsFolder(SafetensorsFolder):
         except ValueError as exc:
             raise SourceError(str(bucket_error(exc, url, "opening"))) from None
         self.keys = keys if keys is not None else self._list()
+        if not self.keys:
+            raise SourceError(f"{url}: nothing there (no such bucket or prefix)")
         self.bytes_fetched = 0
         self.requests = 0
         self.generations: dict[str, str] = {}      # shard -> the store's generation (changes when rewritten)
