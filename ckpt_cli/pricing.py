@@ -193,9 +193,10 @@ def wall_time(plan: ConversionPlan, read: int, written: int, rates: Rates, downl
 
 
 def price(plan: ConversionPlan, source: Source, rates: Rates, mach: Machine, writer: str | None = None,
-          replaced: int = 0, workers: int = 2, refusals: Sequence[str] = ()) -> dict:
+          replaced: int = 0, workers: int = 2, refusals: Sequence[str] = (), output_local: bool = True) -> dict:
     """Every figure of a plan and a go / no-go verdict with its reason (JSON-ready). `refusals`: why convert
-    would refuse this output before writing (io/outdir.py's checks), each a reason for no-go."""
+    would refuse this output before writing (io/outdir.py's checks), each a reason for no-go. `output_local`
+    False: the output goes to a bucket, so it takes no local disk."""
     writer = writer or ("orbax" if plan.direction == TO_MAXTEXT else "safetensors")
     mem = memory(plan, source, writer, workers)
     on_disk = output_bytes(plan, writer)
@@ -207,7 +208,7 @@ def price(plan: ConversionPlan, source: Source, rates: Rates, mach: Machine, wri
     elif source.kind == "model" and plan.direction == TO_MAXTEXT:
         download = dl_disk = source.total_bytes
     temporary = replaced + (dl_disk if source.max_disk is not None else 0)
-    need_disk = on_disk + replaced + dl_disk
+    need_disk = (on_disk if output_local else 0) + replaced + dl_disk
     reasons = list(refusals)
     if mem["peak_rss"] > RAM_HEADROOM * mach.available_ram:
         reasons.append(f"needs {_gb(mem['peak_rss'])} of RAM, {_gb(mach.available_ram)} available")

@@ -56,3 +56,28 @@ def test_missing_credentials_for_a_write(emulator, hf_models, local_mt, tmp_path
         result = run(*args)
         assert result.exit_code == 3, result.output
         assert f"no {bucket_servers_env} credentials found" in error_line(result)
+
+
+def test_plan_prices_a_bucket_destination(emulator, hf_models, local_mt, tmp_path):
+    """plan --out gs:// / s3:// probes the bucket's write rate (objects removed after), or takes --write-gbps;
+    the output takes no local disk; a non-empty prefix is no-go, as convert would refuse it."""
+    from ckpt_cli.io.bucket import list_keys, open_store
+    from ckpt_cli.io.location import location
+
+    bucket = emulator.make_bucket("plan-dest")
+    for args in (("hf-to-maxtext", hf_models("qwen3")), ("maxtext-to-hf", local_mt)):
+        result = run("plan", *args, "--out", f"{bucket}/out", "--read-gbps", "1", "--json")
+        assert result.exit_code == 0, result.output
+        import json
+
+        record = json.loads(result.stdout)
+        assert record["go"] is True and record["rates"]["basis"]["write"] == "bucket probe"
+        assert record["rates"]["write_gbps"] > 0 and record["out"] == f"{bucket}/out"
+        assert record["bytes"]["output_on_disk"] > 0
+        flagged = json.loads(run("plan", *args, "--out", f"{bucket}/out", "--read-gbps", "1", "--write-gbps",
+                                 "0.25", "--json").stdout)
+        assert flagged["rates"]["write_gbps"] == 0.25 and flagged["rates"]["basis"]["write"] == "flag"
+    assert list_keys(location(bucket, "--out", buckets=True)) == []          # the probe objects are gone
+    open_store(location(f"{bucket}/taken", "--out", buckets=True)).write("x", b"1").result()
+    result = run("plan", "maxtext-to-hf", local_mt, "--out", f"{bucket}/taken", "--write-gbps", "1")
+    assert result.exit_code == 1 and "no-go" in result.stdout and "not empty" in result.stdout

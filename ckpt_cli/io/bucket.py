@@ -315,6 +315,63 @@ def read_progress(url: BucketURL, key: str | None, opts: StorageOptions) -> tupl
     return done, ""
 
 
+def preflight(url: BucketURL, overwrite: bool, sources=()) -> list[str]:
+    """Every reason a conversion into the bucket prefix `url` would be refused before writing (for `plan`)."""
+    from ckpt_cli.errors import CkptError
+    from ckpt_cli.io.location import overlapping
+
+    reasons = [f"--out {url} overlaps the source {s}" for s in sources if overlapping(url, s)]
+    try:
+        check_output(url, overwrite, False)
+    except CkptError as exc:
+        reasons.append(str(exc))
+    return reasons
+
+
+PROBE_OBJECTS = 4
+PROBE_OBJECT_BYTES = 16 << 20
+
+
+def probe_write_gbps(url: BucketURL, writer: str) -> float:
+    """The bucket's write rate (GB/s), measured the way the output will be written: `PROBE_OBJECTS` objects of
+    `PROBE_OBJECT_BYTES` uploaded at once (tensorstore PUTs for a MaxText checkpoint, streamed multipart /
+    resumable uploads for HF shards) under `OUT/.ckpt-probe-<id>/`, removed afterwards."""
+    import os
+    from concurrent.futures import ThreadPoolExecutor
+
+    from ckpt_cli.io.object_upload import ObjectUpload
+
+    check_credentials(url)
+    probe = url / f".ckpt-probe-{os.getpid()}-{time.monotonic_ns()}"
+    data = np.random.default_rng(0).integers(0, 255, PROBE_OBJECT_BYTES, dtype=np.uint8).tobytes()
+    store = open_store(probe)
+    start = time.perf_counter()
+    try:
+        if writer == "orbax":
+            futures = [store.write(f"p{i}", data) for i in range(PROBE_OBJECTS)]
+            for f in futures:
+                _do(f, url, "probing the write rate")
+        else:
+            def one(i: int) -> None:
+                up = ObjectUpload(probe / f"p{i}")
+                try:
+                    up.write(data)
+                    up.close()
+                except BaseException:
+                    up.abort()
+                    raise
+
+            with ThreadPoolExecutor(PROBE_OBJECTS) as pool:
+                list(pool.map(one, range(PROBE_OBJECTS)))
+        seconds = time.perf_counter() - start
+    finally:
+        try:
+            _wait(store.delete_range(ts.KvStore.KeyRange()))
+        except ValueError:
+            pass
+    return PROBE_OBJECTS * PROBE_OBJECT_BYTES / max(seconds, 1e-6) / 1e9
+
+
 # --------------------------------------------------------------------------------------- sources
 
 
