@@ -81,6 +81,8 @@ def test_maxtext_to_hf_into_bucket(emulator, local_mt, local_hf, tmp_path, monke
     assert result.exit_code == 0, result.output
     record = json.loads(result.stdout)
     assert record["out"] == url
+    # shards laid out in write order: at most one write is held ahead of an upload (the memory bound)
+    assert 0 < record["stats"]["max_buffered_bytes"] <= max(v.nbytes for v in tensors(local_hf).values())
     assert list(tmp_path.iterdir()) == []
     dest = location(url, "--out", buckets=True)
     keys = list_keys(dest)

@@ -38,7 +38,7 @@ def resolve_workers(workers: int | None) -> int:
 def take_up(resume: bool, restart: bool, out) -> bool:
     """Whether to take up OUT.partial: with --resume, or by default when one exists (not with --restart). The
     conversion itself resumes only a matching OUT.partial, and says so; a different one is started afresh.
-    A bucket OUT (gs://, s3://) is resumed only on --resume (which the bucket writer refuses)."""
+    A bucket OUT (gs://, s3://) is resumed only on --resume (else its interrupted run is removed)."""
     if resume and restart:
         raise typer.BadParameter("--resume and --restart contradict each other", param_hint="--restart")
     if not isinstance(out, Path):
