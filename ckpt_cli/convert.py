@@ -121,6 +121,11 @@ def open_reader(source: hf.HFSource, load_method: str, dtype: np.dtype | None = 
         files = source.files or (remote_stream.RemoteFolder(source.remote) if source.remote else source.folder)
         return hf.SafetensorsReader(files, dequant_dtype=dtype, block=block, int4_group=group)
     if load_method == "transformers":
+        if source.files is not None:
+            from ckpt_cli.errors import UnsupportedError
+
+            raise UnsupportedError(f"--load-method transformers reads a local folder; {source.label} is read in "
+                                   f"place with the default --load-method safetensors")
         return hf.TransformersReader(source.folder)
     raise SourceError(f"unknown load method {load_method!r}: choose safetensors or transformers")
 

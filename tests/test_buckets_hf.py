@@ -200,6 +200,8 @@ def test_hf_folder_in_bucket_as_source(emulator, hf_models, local_mt, tmp_path):
     for key in ("tensors", "tasks", "parameters"):
         assert plans[0][key] == plans[1][key], key
     assert plans[0]["bytes"]["read"] == plans[1]["bytes"]["read"] > 0
+    result = run("convert", "hf-to-maxtext", str(url), "--out", tmp_path / "t", "--load-method", "transformers")
+    assert result.exit_code == 2 and "reads a local folder" in error_line(result), result.output
 
 
 def test_bucket_tensor_reads_are_ranged(emulator, hf_models, monkeypatch):
