@@ -223,3 +223,28 @@ def test_bucket_tensor_reads_are_ranged(emulator, hf_models, monkeypatch):
     requests = folder.requests
     np.testing.assert_array_equal(folder.read(name), local.read(name))
     assert folder.requests - requests == -(-info.nbytes // 1000)
+
+
+def test_failed_upload_keeps_complete_shards(emulator, local_mt, tmp_path, monkeypatch):
+    """A request that fails for good after two shards: one line (exit 3) saying what was kept and how to finish;
+    the complete shards and the record stay, the open upload is dropped."""
+    from ckpt_cli.errors import OutputError
+
+    monkeypatch.chdir(tmp_path)
+    url = f"{emulator.make_bucket(next(_buckets))}/hf"
+    real_close = object_upload.ObjectUpload.close
+    closed: list[str] = []
+
+    def close(self):
+        if len(closed) == 2:
+            raise OutputError(f"{self.url}: uploading {self.url.name} failed (HTTP 503: unavailable)")
+        real_close(self)
+        closed.append(self.url.name)
+
+    monkeypatch.setattr(object_upload.ObjectUpload, "close", close)
+    result = run("convert", "maxtext-to-hf", local_mt, "--out", url, "--shard-size", SHARD, "--quiet")
+    line = error_line(result)
+    assert result.exit_code == 3 and "HTTP 503" in line and f"progress kept in {url}" in line and "--resume" in line
+    keys = list_keys(location(url, "--out", buckets=True))
+    assert sorted(k for k in keys if k.endswith(".safetensors")) == sorted(closed)
+    assert PARTIAL_MARKER in keys and "config.json" not in keys
