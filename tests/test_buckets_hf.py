@@ -87,8 +87,27 @@ def test_maxtext_to_hf_into_bucket(emulator, local_mt, local_hf, tmp_path, monke
     dest = location(url, "--out", buckets=True)
     keys = list_keys(dest)
     assert PARTIAL_MARKER not in keys and ".ckpt-progress.json" not in keys
-    assert sum(k.endswith(".safetensors") for k in keys) == sum(1 for _ in local_hf.glob("*.safetensors")) > 1
+    assert sum(k.endswith(".safetensors") for k in keys) >= sum(1 for _ in local_hf.glob("*.safetensors")) > 1
     assert_same_folder(download(dest, tmp_path.parent / f"{tmp_path.name}-dl"), local_hf)
+
+
+def test_stream_layout():
+    """Shards in write order, `lanes` filled side by side, none over the size but a lone larger tensor."""
+    from ckpt_cli.io.bucket_hf import stream_layout
+    from ckpt_cli.io.safetensors import PlannedTensor
+
+    sizes = [10, 10, 10, 10, 10, 10, 50, 10, 10, 10]        # float32 elements: 40 bytes, a 200-byte one
+    ts = [PlannedTensor(f"t{i}", np.float32, (n,)) for i, n in enumerate(sizes)]
+    one = stream_layout(ts, 100, 1)
+    assert [[t.name for t in s] for s in one] == [["t0", "t1"], ["t2", "t3"], ["t6"], ["t4", "t5"], ["t7", "t8"],
+                                                  ["t9"]]
+    four = stream_layout(ts, 100, 4)
+    assert [[t.name for t in s] for s in four] == [["t6"], ["t0", "t4"], ["t1", "t5"], ["t2", "t7"], ["t3", "t8"],
+                                                   ["t9"]]
+    for layout in (one, four):
+        assert sorted(t.name for s in layout for t in s) == sorted(t.name for t in ts)
+        assert all(sum(t.nbytes for t in s) <= 100 or len(s) == 1 for s in layout)
+        assert all([int(t.name[1:]) for t in s] == sorted(int(t.name[1:]) for t in s) for s in layout)
 
 
 def test_object_upload_in_parts(emulator, monkeypatch):

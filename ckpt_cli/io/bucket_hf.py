@@ -1,8 +1,9 @@
 """An HF model folder written straight into a gs:// or s3:// prefix: each shard one streamed upload.
 
 The shards are laid out for streaming: tensors go into shards, and into each shard's data section, in the
-order the engine writes them (`order`, the plan's job order), not sorted by name as in a local folder. So
-each shard's bytes arrive (nearly) in order: a shard is one sequential upload (`ObjectUpload`: S3
+order the engine writes them (`order`, the plan's job order), not sorted by name as in a local folder
+(`stream_layout`: on GCS four shards are filled side by side, so four uploads run at once). So each
+shard's bytes arrive (nearly) in order: a shard is one sequential upload (`ObjectUpload`: S3
 multipart, GCS resumable), started at its first write and completed at its last, and only the writes that
 arrive ahead of the upload's position are held in memory (`max_buffered` records the most held at once).
 Nothing is staged on local disk. The index maps every tensor to its shard, as transformers reads it.
@@ -33,13 +34,43 @@ import numpy as np
 
 from ckpt_cli.errors import OutputError
 from ckpt_cli.io import bucket
-from ckpt_cli.io.hf_writer import assign_shards, shard_file_names
+from ckpt_cli.io.hf_writer import shard_file_names
 from ckpt_cli.io.location import BucketURL
 from ckpt_cli.io.object_upload import PARALLEL_PARTS, GcsSession, ObjectUpload, s3_client
 from ckpt_cli.io.outdir import PARTIAL_MARKER
 from ckpt_cli.io.safetensors import INDEX_NAME, PlannedTensor, safetensors_layout
 
 PROGRESS = ".ckpt-progress.json"     # beside the marker: the shards an interrupted run completed
+# Shards filled (and uploaded) at once. A GCS resumable upload appends its chunks one after another, so
+# parallel streams come from several shards; an S3 multipart upload already sends its parts in parallel.
+LANES = {"gs": 4, "s3": 1}
+
+
+def stream_layout(tensors: list[PlannedTensor], shard_bytes: int, lanes: int = 1) -> list[list[PlannedTensor]]:
+    """Tensors, given in write order, packed into shards of at most `shard_bytes` (a larger tensor alone) that
+    `lanes` at a time are filled together: each tensor goes to the emptiest shard of the current group, and
+    when even that one is full the group is closed and a new one opened (a tensor larger than a shard gets
+    one of its own). Every shard lists its tensors in
+    write order, so each is written front to back."""
+    shards: list[list[PlannedTensor]] = []
+    group: list[list[PlannedTensor]] = []
+    sizes: list[int] = []
+    for t in tensors:
+        if t.nbytes > shard_bytes:          # a shard of its own, uploaded beside the group
+            shards.append([t])
+            continue
+        if group:
+            lane = min(range(len(group)), key=sizes.__getitem__)
+            if sizes[lane] + t.nbytes > shard_bytes and group[lane]:
+                shards += [g for g in group if g]
+                group, sizes = [], []
+        if not group:
+            group, sizes = [[] for _ in range(lanes)], [0] * lanes
+        lane = min(range(len(group)), key=sizes.__getitem__)
+        group[lane].append(t)
+        sizes[lane] += t.nbytes
+    shards += [g for g in group if g]
+    return shards or [[]]
 
 
 class _Shard:
@@ -73,7 +104,7 @@ class BucketHFWriter:
         self.progress_key = progress_key
         self.planned = {t.name: t for t in tensors}
         names = order + sorted(set(self.planned) - set(order))      # tensors nothing writes: none in a valid plan
-        groups = assign_shards(tensors, shard_bytes, order=names)
+        groups = stream_layout([self.planned[n] for n in names], shard_bytes, LANES[out.scheme])
         self.files = shard_file_names(len(groups))
         self.shards = {f: _Shard(out / f, g) for f, g in zip(self.files, groups, strict=True)}
         self.weight_map = {t.name: f for f, g in zip(self.files, groups, strict=True) for t in g}

@@ -38,14 +38,11 @@ PROGRESS = "ckpt-progress.json"     # in OUT.partial: the writes an interrupted 
 SNAPSHOT_BYTES = 1 << 30            # bytes written between two progress snapshots
 
 
-def assign_shards(tensors: list[PlannedTensor], shard_bytes: int, order: list[str] | None = None
-                  ) -> list[list[PlannedTensor]]:
-    """Tensors sorted by name (or in `order`, a list of every name), packed greedily into shards of at most
-    `shard_bytes` of tensor data."""
+def assign_shards(tensors: list[PlannedTensor], shard_bytes: int) -> list[list[PlannedTensor]]:
+    """Tensors sorted by name, packed greedily into shards of at most `shard_bytes` of tensor data."""
     shards: list[list[PlannedTensor]] = [[]]
     size = 0
-    rank = {name: n for n, name in enumerate(order)} if order is not None else None
-    for t in sorted(tensors, key=lambda t: t.name if rank is None else rank[t.name]):
+    for t in sorted(tensors, key=lambda t: t.name):
         if shards[-1] and size + t.nbytes > shard_bytes:
             shards.append([])
             size = 0
