@@ -151,8 +151,10 @@ class ObjectUpload:
         parallel, GCS chunks one after another, as its protocol appends)."""
         self.buffer += memoryview(data).cast("B")
         while len(self.buffer) >= PART_BYTES:
-            self._send(bytes(self.buffer[:PART_BYTES]), last=False)
+            with memoryview(self.buffer) as view:       # one copy into the part, then the buffer shifts
+                part = bytes(view[:PART_BYTES])
             del self.buffer[:PART_BYTES]
+            self._send(part, last=False)
 
     def close(self) -> None:
         """Send what is left and complete the upload: the object appears, whole."""
