@@ -1,6 +1,12 @@
-"""hf-to-maxtext into local disk vs the GCS and S3 emulators (fake-gcs-server, moto), same model, same run.
+"""Local disk vs the GCS and S3 emulators (fake-gcs-server, moto), same model, same run, both directions:
+
+1. hf-to-maxtext of a local HF folder into local disk / gs:// / s3://;
+2. maxtext-to-hf of the local MaxText checkpoint into local disk / gs:// / s3:// (shards streamed as uploads);
+3. hf-to-maxtext from the HF folder mirrored into gs:// / s3:// (ranged reads) into local disk.
 
 Not a test. Needs the dev extra (the emulators). Usage: python benchmarks/bench_buckets.py [WORKDIR]
+The emulators run on this machine and share its cores with the conversion: the figures compare code paths
+(the bucket protocol's overhead), not real object stores.
 """
 
 from __future__ import annotations
@@ -39,13 +45,35 @@ def make_model(folder: Path) -> None:
     tf.Qwen3ForCausalLM(cfg).to(torch.bfloat16).save_pretrained(folder)
 
 
-def convert(src: Path, out: str, env: dict) -> dict:
-    run = subprocess.run([sys.executable, "-m", "ckpt_cli", "convert", "hf-to-maxtext", str(src), "--out", out,
-                          "--json"], env=dict(os.environ, PYTHONPATH=str(ROOT), **env), capture_output=True,
+def convert(direction: str, src: str, out: str, env: dict, *extra: str) -> dict:
+    run = subprocess.run([sys.executable, "-m", "ckpt_cli", "convert", direction, src, "--out", out, "--json",
+                          *extra], env=dict(os.environ, PYTHONPATH=str(ROOT), **env), capture_output=True,
                          text=True, check=False)
     if run.returncode:
         raise SystemExit(run.stderr[-2000:])
     return json.loads(run.stdout)["stats"]
+
+
+def mirror(folder: Path, url: str, env: dict) -> None:
+    """The HF folder copied into the bucket object by object (as users mirror hub models)."""
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        from ckpt_cli.io.bucket import open_store
+        from ckpt_cli.io.location import location
+
+        store = open_store(location(url, "--out", buckets=True))
+        for f in sorted(folder.iterdir()):
+            if f.is_file():
+                store.write(f.name, f.read_bytes()).result()
+    finally:
+        for k, v in saved.items():
+            os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+
+
+def show(what: str, name: str, st: dict) -> None:
+    print(f"{what:34s} {name:16s} {st['bytes_written'] / 1e6:8.1f} MB  {st['wall_s']:6.2f} s  "
+          f"{st['throughput_gbps']:5.2f} GB/s  peak RSS {st['peak_rss'] / 1e9:.2f} GB", flush=True)
 
 
 def main() -> None:
@@ -59,13 +87,22 @@ def main() -> None:
     try:
         gcs.make_bucket("bench")
         s3.make_bucket("bench")
-        shutil.rmtree(work / "local-mt", ignore_errors=True)
-        runs = (("local disk", str(work / "local-mt"), {}), ("fake-gcs-server", "gs://bench/mt", gcs.env),
-                ("moto S3", "s3://bench/mt", s3.env))
-        for name, out, env in runs:
-            st = convert(src, out, env)
-            print(f"{name:16s} {st['bytes_written'] / 1e6:8.1f} MB  {st['wall_s']:6.2f} s  "
-                  f"{st['throughput_gbps']:5.2f} GB/s  peak RSS {st['peak_rss'] / 1e9:.2f} GB", flush=True)
+        for name in ("local-mt", "local-hf", "from-local", "from-gs", "from-s3"):
+            shutil.rmtree(work / name, ignore_errors=True)
+        dests = (("local disk", work, {}), ("fake-gcs-server", "gs://bench", gcs.env),
+                 ("moto S3", "s3://bench", s3.env))
+        for name, base, env in dests:
+            out = str(work / "local-mt") if env == {} else f"{base}/mt"
+            show("hf-to-maxtext into", name, convert("hf-to-maxtext", str(src), out, env))
+        for name, base, env in dests:
+            out = str(work / "local-hf") if env == {} else f"{base}/hf-out"
+            show("maxtext-to-hf into", name, convert("maxtext-to-hf", str(work / "local-mt"), out, env,
+                                                     "--shard-size", "100MB"))
+        show("hf-to-maxtext from", "local disk", convert("hf-to-maxtext", str(src), str(work / "from-local"), {}))
+        for name, base, env in dests[1:]:
+            mirror(src, f"{base}/hf-src", env)
+            show("hf-to-maxtext from", name, convert("hf-to-maxtext", f"{base}/hf-src",
+                                                     str(work / f"from-{base[:2]}"), env))
     finally:
         for gen in (gcs_gen, s3_gen):
             next(gen, None)

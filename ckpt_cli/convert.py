@@ -23,7 +23,7 @@ from ckpt_cli.errors import ConfigMismatchError, DiskFull, Interrupted, OutputEr
 from ckpt_cli.families import detect_family, family_named
 from ckpt_cli.families.base import config_int
 from ckpt_cli.io import hf, int4, outdir, remote_stream
-from ckpt_cli.io.location import BucketURL
+from ckpt_cli.io.location import BucketURL, overlapping
 from ckpt_cli.io.orbax import OrbaxWriter, StorageOptions, read_progress
 from ckpt_cli.io.outdir import partial_dir
 from ckpt_cli.io.safetensors import SafetensorsFolder
@@ -67,8 +67,10 @@ def check_layer_count(source: hf.HFSource, allow_unused: bool = False) -> None:
     10,000,000 layers never allocates a plan), fewer is refused unless `allow_unused` says it is meant."""
     family = detect_family(source.config)
     cfg = family.model_config(source.config)
-    if source.remote is not None:
-        names: Collection[str] = source.remote.tensors
+    if source.files is not None:
+        names: Collection[str] = source.files.tensors
+    elif source.remote is not None:
+        names = source.remote.tensors
     elif any(Path(source.folder).glob("*.safetensors")):
         names = SafetensorsFolder(source.folder).tensors
     else:
@@ -116,9 +118,14 @@ def open_reader(source: hf.HFSource, load_method: str, dtype: np.dtype | None = 
         qcfg = source.config.get("quantization_config") or {}
         block = tuple(qcfg.get("weight_block_size") or (128, 128))
         group = int4.group_size(qcfg)
-        files = remote_stream.RemoteFolder(source.remote) if source.remote else source.folder
+        files = source.files or (remote_stream.RemoteFolder(source.remote) if source.remote else source.folder)
         return hf.SafetensorsReader(files, dequant_dtype=dtype, block=block, int4_group=group)
     if load_method == "transformers":
+        if source.files is not None:
+            from ckpt_cli.errors import UnsupportedError
+
+            raise UnsupportedError(f"--load-method transformers reads a local folder; {source.label} is read in "
+                                   f"place with the default --load-method safetensors")
         return hf.TransformersReader(source.folder)
     raise SourceError(f"unknown load method {load_method!r}: choose safetensors or transformers")
 
@@ -140,7 +147,7 @@ def provenance(plan: ConversionPlan, source: hf.HFSource, opts: ToMaxTextOptions
     return {
         "tool": "ckpt", "version": __version__, "direction": plan.direction, "family": plan.family,
         "model_name": opts.model or source.model_name, "source": source.label, "repo_id": source.repo_id,
-        "source_folder": str(Path(source.folder).resolve()),
+        "source_folder": source.label if source.files is not None else str(Path(source.folder).resolve()),
         "revision": source.revision, "dtype": np.dtype(plan.dtype).name, "scan_layers": plan.scan_layers,
         "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"), "hf_config": plan.hf_config,
         "target_mesh": (opts.target_mesh or TargetMesh()).describe(),
@@ -152,7 +159,9 @@ def progress_key(plan: ConversionPlan, source: hf.HFSource, opts: ToMaxTextOptio
     modification times, or the hub commit), the same plan (every target, shape, dtype, chunk, transform
     and source slice) and the same storage options."""
     files = {}
-    if source.remote is not None:
+    if source.files is not None:            # a bucket's shards: their store generations
+        files["generations"] = source.files.identity()
+    elif source.remote is not None:
         files["commit"] = getattr(source.remote, "commit", None)
     else:
         for f in sorted(Path(source.folder).glob("*.safetensors")):
@@ -182,6 +191,8 @@ def check_free_space(out: Path, nbytes: int) -> None:
 def source_paths(source: hf.HFSource) -> list[Path]:
     """What hf-to-maxtext reads from a local source: its folder and (resolved, so links count) its files."""
     folder = Path(source.folder)
+    if source.files is not None:            # in a bucket: nothing local
+        return []
     if source.remote is not None:
         return [folder] if folder.exists() else []
     return outdir.read_paths(folder)
@@ -204,6 +215,8 @@ def hf_to_maxtext(source_arg: str, out: Path, opts: ToMaxTextOptions, progress=N
     if isinstance(out, BucketURL):          # written in place, completed by marker objects (io/bucket.py)
         from ckpt_cli.io import bucket
 
+        if overlapping(out, source_arg):
+            raise OutputError(f"--out {out} overlaps the source {source_arg}: choose another --out")
         bucket.check_output(out, opts.overwrite, opts.resume)
         return _hf_to_maxtext(source, out, opts, progress, on_plan)
     target = outdir.output_path(out)
@@ -231,10 +244,16 @@ def _hf_to_maxtext(source: hf.HFSource, out: Path | BucketURL, opts: ToMaxTextOp
     local = isinstance(out, Path)
     # downloads under --max-disk go beside a local --out; beside the temp folder for a bucket one
     near = out if local else Path(tempfile.gettempdir()) / "ckpt-bucket-output"
-    done, why_not = read_progress(out, key, opts.storage) if opts.resume else (None, "")
+    kept_in = partial_dir(out) if local else out
+    if local:
+        done, why_not = read_progress(out, key, opts.storage) if opts.resume else (None, "")
+    else:
+        from ckpt_cli.io import bucket
+
+        done, why_not = bucket.read_progress(out, key, opts.storage) if opts.resume else (None, "")
     if opts.resume:
         notes.append(f"resuming: {len(done)} of {sum(len(t.tasks) for t in plan.tensors)} slice writes were "
-                     f"already durable in {partial_dir(out)}" if done is not None else
+                     f"already durable in {kept_in}" if done is not None else
                      f"--resume: {why_not}; starting afresh")
     elif local and partial_dir(out).exists():
         notes.append(f"an interrupted run's {partial_dir(out)} was removed: starting afresh")
@@ -252,7 +271,7 @@ def _hf_to_maxtext(source: hf.HFSource, out: Path | BucketURL, opts: ToMaxTextOp
     else:
         from ckpt_cli.io.bucket import BucketOrbaxWriter
 
-        writer = BucketOrbaxWriter(out, opts.storage)
+        writer = BucketOrbaxWriter(out, opts.storage, progress_key=key, resume=done is not None)
     try:
         if stream:
             stream.start(near)
@@ -261,14 +280,18 @@ def _hf_to_maxtext(source: hf.HFSource, out: Path | BucketURL, opts: ToMaxTextOp
         writer.finalize({"scan_layers": plan.scan_layers, "ckpt": provenance(plan, source, opts)})
     except KeyboardInterrupt as exc:
         if writer.abort(keep=True):
-            raise Interrupted(f"progress kept in {partial_dir(out)}: run the same command again "
-                              "to finish it") from exc
+            again = "again" if local else "with --resume"
+            raise Interrupted(f"progress kept in {kept_in}: run the same command {again} to finish it") from exc
         raise
     except BaseException as exc:
         full = outdir.disk_full(exc)
-        kept = writer.abort(keep=full is not None)
+        failed_request = not local and isinstance(exc, OutputError)     # the bucket's last snapshot stands
+        kept = writer.abort(keep=full is not None or failed_request)
         if full is not None:
             raise kept_or_not(full, kept, partial_dir(out)) from None
+        if failed_request and kept:
+            raise OutputError(f"{exc}; progress kept in {out}: run the same command with --resume to finish "
+                              f"it") from None
         raise
     finally:
         if stream:
@@ -392,6 +415,15 @@ def maxtext_to_hf(source_arg: str | BucketURL, out: Path, opts: ToHFOptions, pro
 
     remote = isinstance(source_arg, BucketURL)      # a gs:// or s3:// checkpoint: read in place, nothing local
     ckpt = OrbaxCheckpoint(source_arg if remote else Path(source_arg))
+    if isinstance(out, BucketURL):                  # streamed into the bucket, completed by config.json (bucket_hf.py)
+        if opts.overwrite:
+            from ckpt_cli.errors import UnsupportedError
+
+            raise UnsupportedError(f"--overwrite {out}: ckpt does not replace a folder in a bucket (an object store "
+                                   f"cannot swap it atomically); delete it first or choose another --out")
+        if overlapping(out, source_arg):
+            raise OutputError(f"--out {out} overlaps the checkpoint {source_arg}: choose another --out")
+        return _maxtext_to_hf(ckpt, source_arg, out, opts, progress, on_plan)
     target = outdir.output_path(out)
     reads = [] if remote else [Path(source_arg), ckpt.items]
     outdir.check_not_overlapping(target, [*reads, *([opts.hf_config] if opts.hf_config else [])])
@@ -429,8 +461,12 @@ def _maxtext_to_hf(ckpt, source_arg: str, out: Path, opts: ToHFOptions, progress
         json_files["generation_config.json"] = generation
     elif generation is not None:
         copies["generation_config.json"] = generation
-    outdir.check_not_overlapping(out, copies.values())
+    if not isinstance(out, BucketURL):
+        outdir.check_not_overlapping(out, copies.values())
     key = hf_progress_key(plan, ckpt, opts, json_files, copies)
+    if isinstance(out, BucketURL):
+        return _maxtext_to_hf_bucket(plan, ckpt, source_arg, out, opts, key, notes, json_files, copies, arch,
+                                     progress, on_plan)
     task_bytes = {write_key(t.target, t.target_index(task)): math.prod(t.task_shape(task)) * np.dtype(t.dtype).itemsize
                   for t in plan.tensors for task in t.tasks}
     partial = partial_dir(out)
@@ -470,4 +506,46 @@ def _maxtext_to_hf(ckpt, source_arg: str, out: Path, opts: ToHFOptions, progress
         raise
     stats.extra["shards"] = len(writer.files)
     stats.extra["blocks_read"] = reader.blocks_read
+    return HFResult(plan, stats, out, str(source_arg), notes, files, arch.origin)
+
+
+def _maxtext_to_hf_bucket(plan, ckpt, source_arg, out: BucketURL, opts: ToHFOptions, key: str, notes: list[str],
+                          json_files: dict, copies: dict, arch, progress, on_plan) -> HFResult:
+    """maxtext-to-hf into a bucket prefix: shards laid out in the engine's write order and streamed as uploads
+    (io/bucket_hf.py); `--resume` keeps the shards an interrupted run of the same conversion completed."""
+    from ckpt_cli.io.bucket_hf import BucketHFWriter
+    from ckpt_cli.io.orbax_blocks import BlockReader
+    from ckpt_cli.io.safetensors import PlannedTensor
+    from ckpt_cli.plan import write_key
+
+    reader = BlockReader(ckpt)
+    order = list(dict.fromkeys(t.target for t, _ in engine.ordered_jobs(plan, reader)))
+    planned = [PlannedTensor(t.target, t.dtype, t.shape) for t in plan.tensors]
+    writer = BucketHFWriter(out, planned, opts.shard_size, order, key, resume=opts.resume)
+    skip = writer.resume_keys({t.target: [write_key(t.target, t.target_index(task)) for task in t.tasks]
+                               for t in plan.tensors})
+    if opts.resume:
+        notes.append(f"resuming: {len(writer.resumed)} of {len(writer.files)} shard(s) already complete in {out}"
+                     if writer.resumed else f"--resume: {writer.why_not or 'nothing to resume'}; starting afresh")
+    if on_plan:
+        on_plan(plan, notes)
+    try:
+        stats = engine.execute(plan, reader, writer, progress=progress, workers=opts.workers, skip=skip)
+        files = writer.finalize(json_files, copies)
+    except KeyboardInterrupt as exc:
+        if writer.abort(keep=True):
+            raise Interrupted(f"progress kept in {out} (its complete shards): run the same command with "
+                              f"--resume to finish it") from exc
+        raise
+    except OutputError as exc:          # a failed request: the complete shards are kept for --resume
+        if writer.abort(keep=True):
+            raise OutputError(f"{exc}; progress kept in {out}: run the same command with --resume to finish "
+                              f"it") from None
+        raise
+    except BaseException:
+        writer.abort()
+        raise
+    stats.extra["shards"] = len(writer.files)
+    stats.extra["blocks_read"] = reader.blocks_read
+    stats.extra["max_buffered_bytes"] = writer.max_buffered
     return HFResult(plan, stats, out, str(source_arg), notes, files, arch.origin)

@@ -26,7 +26,7 @@ from ckpt_cli.io.remote_stream import tree_bytes
 from ckpt_cli.io.safetensors import SafetensorsFolder, TensorInfo, read_header
 from ckpt_cli.plan import ConversionPlan, TargetMesh, build_to_maxtext, rename_sources
 
-HF_KINDS = ("hf", "hf-remote")
+HF_KINDS = ("hf", "hf-remote", "hf-bucket")
 CONFIG_KEYS = ("model_type", "architectures", "hidden_size", "intermediate_size", "num_hidden_layers",
                "num_attention_heads", "num_key_value_heads", "head_dim", "vocab_size", "tie_word_embeddings",
                "torch_dtype", "max_position_embeddings", "rope_theta", "experts")
@@ -56,7 +56,7 @@ class Leaf:
 class Target:
     """An opened target: its leaves in display order plus what is known about it."""
 
-    kind: str                       # hf | hf-remote | orbax | maxtext-model
+    kind: str                       # hf | hf-remote | hf-bucket | orbax | maxtext-model
     label: str
     leaves: list[Leaf]
     config: dict | None = None      # HF config (carried one for orbax, reference one for a model)
@@ -95,7 +95,7 @@ def open_target(target: str | None, model: str | None = None, revision: str | No
         url = location(target, "TARGET", buckets=True, what="an Orbax checkpoint in gs:// or s3://")
         if isinstance(url, Path):
             return open_target(str(url), model, revision, scan, dtype, mesh)
-        return open_orbax(url)
+        return open_bucket(url)
     path = Path(target).expanduser()
     if path.exists():
         if path.is_file() and path.suffix == ".safetensors":
@@ -119,6 +119,25 @@ def open_target(target: str | None, model: str | None = None, revision: str | No
                    {s: repo.sizes[s] for s in repo.shards})
     t.info["fetched"] = {"bytes": repo.bytes_fetched, "requests": repo.requests,
                          "cached_shards": len(repo.cached_shards)}
+    return t
+
+
+def open_bucket(url) -> Target:
+    """A gs:// or s3:// prefix: an HF folder (headers by ranged reads) or an Orbax checkpoint (metadata)."""
+    from ckpt_cli.errors import OutputError
+    from ckpt_cli.io.bucket import list_keys
+    from ckpt_cli.io.bucket_safetensors import BucketSafetensorsFolder, is_hf_prefix
+
+    try:
+        keys = list_keys(url)
+    except OutputError as exc:
+        raise SourceError(str(exc)) from None
+    if not is_hf_prefix(keys):
+        return open_orbax(url)
+    files = BucketSafetensorsFolder(url, keys)
+    config = files.config() if "config.json" in keys else None
+    t = _hf_target("hf-bucket", str(url), config, files.tensors, {"folder": str(url)})
+    t.info["fetched"] = {"bytes": files.bytes_fetched, "requests": files.requests, "cached_shards": 0}
     return t
 
 

@@ -59,7 +59,7 @@ class Source:
     """What the plan reads, as far as pricing needs it."""
 
     label: str
-    kind: str                                 # local | remote | model | orbax
+    kind: str                                 # local | remote | model | orbax | bucket
     itemsize: dict[str, float]                # bytes per element of each source tensor as stored (MXFP4: 17/32)
     default_itemsize: int = 2                 # for tensors not listed (pricing a model with no data)
     total_bytes: int = 0                      # all tensor bytes of the source
@@ -193,9 +193,10 @@ def wall_time(plan: ConversionPlan, read: int, written: int, rates: Rates, downl
 
 
 def price(plan: ConversionPlan, source: Source, rates: Rates, mach: Machine, writer: str | None = None,
-          replaced: int = 0, workers: int = 2, refusals: Sequence[str] = ()) -> dict:
+          replaced: int = 0, workers: int = 2, refusals: Sequence[str] = (), output_local: bool = True) -> dict:
     """Every figure of a plan and a go / no-go verdict with its reason (JSON-ready). `refusals`: why convert
-    would refuse this output before writing (io/outdir.py's checks), each a reason for no-go."""
+    would refuse this output before writing (io/outdir.py's checks), each a reason for no-go. `output_local`
+    False: the output goes to a bucket, so it takes no local disk."""
     writer = writer or ("orbax" if plan.direction == TO_MAXTEXT else "safetensors")
     mem = memory(plan, source, writer, workers)
     on_disk = output_bytes(plan, writer)
@@ -207,7 +208,7 @@ def price(plan: ConversionPlan, source: Source, rates: Rates, mach: Machine, wri
     elif source.kind == "model" and plan.direction == TO_MAXTEXT:
         download = dl_disk = source.total_bytes
     temporary = replaced + (dl_disk if source.max_disk is not None else 0)
-    need_disk = on_disk + replaced + dl_disk
+    need_disk = (on_disk if output_local else 0) + replaced + dl_disk
     reasons = list(refusals)
     if mem["peak_rss"] > RAM_HEADROOM * mach.available_ram:
         reasons.append(f"needs {_gb(mem['peak_rss'])} of RAM, {_gb(mach.available_ram)} available")
@@ -286,6 +287,11 @@ def plan_hf_to_maxtext(source_arg: str | None, opts) -> tuple[ConversionPlan, So
             itemsize[name] = (tensors[packed].nbytes + tensors[scale].nbytes) / math.prod(reader.int4_shape(name))
     fp8 |= frozenset(reader.mxfp4) | frozenset(reader.int4)
     notes = list(plan.notes)
+    if src.files is not None and src.remote is None and not src.files.local_files:   # a bucket: ranged reads
+        notes.append(f"{src.label}: {len(src.files.shards())} shard(s) read in place by ranged reads (headers: "
+                     f"{src.files.requests} request(s), {_gb(src.files.bytes_fetched)})")
+        return plan, Source(src.label, "bucket", itemsize, 2, sum(i.nbytes for i in tensors.values()),
+                            order_key=reader.order_key, fp8=fp8), notes
     if src.remote is None:
         files = {i.file for i in tensors.values()}
         largest = max(files, key=lambda f: f.stat().st_size)

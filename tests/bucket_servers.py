@@ -11,10 +11,12 @@ Each server's log goes to a file in the session's temp folder (a pipe nobody rea
 
 from __future__ import annotations
 
+import http.server
 import json
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -119,3 +121,56 @@ def emulator(request, monkeypatch):
     for name, value in emu.env.items():
         monkeypatch.setenv(name, value)
     return emu
+
+
+class _Denying(http.server.BaseHTTPRequestHandler):
+    """Answers every request 403 as the store would to credentials without the permission."""
+
+    def _deny(self) -> None:
+        length = int(self.headers.get("Content-Length") or 0)
+        if length:
+            self.rfile.read(length)
+        if self.server.scheme == "s3":
+            body = (b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>AccessDenied</Code><Message>Access Denied'
+                    b'</Message></Error>')
+            kind = "application/xml"
+        else:
+            body = json.dumps({"error": {"code": 403, "message": "caller does not have storage.objects.list access",
+                                         "errors": [{"reason": "forbidden"}]}}).encode()
+            kind = "application/json"
+        self.send_response(403)
+        self.send_header("Content-Type", kind)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+    do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _deny  # noqa: N815
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+@pytest.fixture(params=["gs", "s3"])
+def denying_store(request, monkeypatch):
+    """A store on 127.0.0.1 that refuses every request with 403 (permission denied), the environment pointing
+    ckpt at it as at the emulators; yields the scheme."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Denying)
+    server.scheme = request.param
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    for name in ("CKPT_GCS_ENDPOINT", "TENSORSTORE_GCS_HTTP_URL", "STORAGE_EMULATOR_HOST", "AWS_ENDPOINT_URL",
+                 "AWS_ENDPOINT_URL_S3", "AWS_PROFILE"):
+        monkeypatch.setenv(name, "")
+        monkeypatch.delenv(name)
+    env = ({"CKPT_GCS_ENDPOINT": url} if request.param == "gs" else
+           {"AWS_ENDPOINT_URL": url, "AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
+            "AWS_REGION": "us-east-1"})
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    try:
+        yield request.param
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -25,6 +25,16 @@ Routes
   ``bytes=-n`` get ``206`` with ``Content-Range``; an unsatisfiable range gets ``416`` with
   ``Content-Range: bytes */size``; a malformed or multi-part range is ignored (``200``, whole file), as
   RFC 9110 allows. No redirects are made: content is served by the hub itself.
+* Uploads (the legacy, non-Xet path ``HfApi.create_repo`` / ``create_branch`` / ``upload_folder`` /
+  ``create_commit`` take with ``HF_HUB_DISABLE_XET=1``), each needing ``Authorization: Bearer <token>``
+  (``401`` without one, ``403`` with another token than ``FakeHub.token``): ``POST /api/repos/create``
+  (a new repo in a private temporary folder; ``409`` if it exists), ``POST /api/models/{repo}/branch/{b}``
+  (a copy of main; ``409`` if it exists), ``POST /api/models/{repo}/preupload/{rev}`` (``lfs`` for the
+  LFS-like files above, else ``regular``), ``POST /{repo}.git/info/lfs/objects/batch`` (basic transfer;
+  objects already stored get no action), ``PUT /_fake_lfs/{oid}`` (sha256 checked) and
+  ``POST /api/models/{repo}/commit/{rev}`` (ndjson; files written into main's or the branch's folder).
+  ``hub.created`` holds the create payloads, ``hub.commits`` one record per commit, ``hub.branches`` the
+  branch folders.
 * ``GET /api/agent-harnesses``: an empty registry. ``huggingface_hub`` fetches it once per process,
   the first time it builds request headers, so the first test of a process sees it in ``requests``.
 
@@ -108,14 +118,17 @@ closes every open connection and joins the handler threads with a timeout.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import http.server
 import json
 import os
 import posixpath
 import re
+import shutil
 import socket
 import struct
+import tempfile
 import threading
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -322,7 +335,10 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         self.close_connection = True
         self._send_error(_HubError(405, None, f"Method {self.command} is not supported by the fake hub"))
 
-    do_PUT = do_DELETE = do_PATCH = do_OPTIONS = _not_allowed  # noqa: N815
+    def do_PUT(self) -> None:  # noqa: N802
+        self._dispatch("PUT")
+
+    do_DELETE = do_PATCH = do_OPTIONS = _not_allowed  # noqa: N815
 
     def _dispatch(self, method: str) -> None:
         hub = self.server.hub
@@ -363,6 +379,18 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         if raw_path == "/api/agent-harnesses" and method in ("GET", "HEAD"):
             return self._send_json({"standardEnvVars": [], "harnesses": {}}, head=method == "HEAD")
 
+        if raw_path == "/api/repos/create" and method == "POST":
+            return self._create_repo(body)
+        if raw_path.startswith("/_fake_lfs/") and method == "PUT":
+            return self._lfs_put(raw_path[len("/_fake_lfs/") :])
+        if raw_path.endswith(".git/info/lfs/objects/batch") and method == "POST":
+            repo, sub = hub._match_repo(raw_path.lstrip("/")[: -len(".git/info/lfs/objects/batch")])
+            if repo is None or sub:
+                raise _HubError(404, "RepoNotFound", "Repository not found")
+            return self._lfs_batch(repo, body)
+        if method == "PUT":
+            self.close_connection = True
+            raise _HubError(405, None, f"Method PUT is not supported by the fake hub on {raw_path}")
         if raw_path.startswith("/api/"):
             kind, _, rest = raw_path[len("/api/") :].partition("/")
             if kind in ("datasets", "spaces", "kernels"):
@@ -438,6 +466,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         if first == "paths-info" and rest and method == "POST":
             self._revision(repo, rest)
             return self._paths_info(repo, body)
+        if first in ("preupload", "commit", "branch") and rest and method == "POST":
+            return self._write_api(repo, first, unquote(rest), body)
         if first == "refs" and not rest and method in ("GET", "HEAD"):
             branch = {"name": "main", "ref": "refs/heads/main", "targetCommit": repo.sha}
             data = {"branches": [branch], "converts": [], "tags": [], "pullRequests": []}
@@ -453,6 +483,122 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             }
             return self._send_json([commit], head=head)
         raise _HubError(404, None, f"Unknown route for {repo.repo_id}: {sub!r}")
+
+    # -- upload routes ------------------------------------------------------------------------------
+
+    def _check_write(self) -> None:
+        hub = self.server.hub
+        scheme, _, presented = (self.headers.get("Authorization") or "").partition(" ")
+        if scheme.lower() != "bearer" or not presented.strip():
+            raise _HubError(401, None, "Invalid username or password.")
+        if hub.token is not None and presented.strip() != hub.token:
+            raise _HubError(403, None, "You don't have the rights to write to this repository.")
+
+    def _create_repo(self, body: bytes) -> None:
+        hub = self.server.hub
+        self._check_write()
+        payload = json.loads(body or b"{}")
+        repo_id = f"{payload['organization']}/{payload['name']}" if payload.get("organization") else payload["name"]
+        found, sub = hub._match_repo(repo_id)
+        if found is not None and sub == "":      # as the Hub: 409 with the repo's url (exist_ok reads it)
+            body = json.dumps({"error": "You already created this model repo", "url": f"{hub.endpoint}/{repo_id}"})
+            return self._send(409, {"Content-Type": "application/json; charset=utf-8",
+                                    "X-Error-Message": "You already created this model repo"}, body.encode())
+        folder = hub._upload_root() / "repos" / repo_id
+        folder.mkdir(parents=True)
+        hub.add_repo(repo_id, folder)
+        with hub._lock:
+            hub.created[repo_id] = payload
+        self._send_json({"url": f"{hub.endpoint}/{repo_id}", "name": repo_id, "id": repo_id})
+
+    def _write_api(self, repo: _Repo, action: str, rev: str, body: bytes) -> None:
+        hub = self.server.hub
+        self._check_write()
+        if action == "branch":
+            with hub._lock:
+                if rev == "main" or (repo.repo_id, rev) in hub.branches:
+                    raise _HubError(409, None, f"Reference {rev} already exists")
+                folder = hub._upload_root() / "branches" / repo.repo_id / rev
+                shutil.copytree(repo.root, folder)
+                hub.branches[(repo.repo_id, rev)] = folder
+            return self._send_json({})
+        folder = hub._branch_folder(repo, rev)
+        if action == "preupload":
+            files = json.loads(body or b"{}").get("files", [])
+            modes = [{"path": f["path"], "shouldIgnore": False, "oid": None,
+                      "uploadMode": "lfs" if _is_lfs(f["path"], int(f.get("size", 0))) else "regular"} for f in files]
+            return self._send_json({"files": modes})
+        paths = []
+        for line in body.splitlines():
+            if not line.strip():
+                continue
+            item = json.loads(line)
+            key, value = item.get("key"), item.get("value", {})
+            if key not in ("file", "lfsFile"):
+                continue
+            if repo.local_path(value["path"]) is None and any(
+                    p in ("", ".", "..", ".git") for p in value["path"].split("/")):
+                raise _HubError(400, None, f"invalid path {value['path']!r}")
+            target = folder.joinpath(*value["path"].split("/"))
+            target.parent.mkdir(parents=True, exist_ok=True)
+            if key == "file":
+                target.write_bytes(base64.b64decode(value["content"]))
+            else:
+                with hub._lock:
+                    stored = hub.lfs_objects.get(value["oid"])
+                if stored is None:
+                    raise _HubError(400, None, f"LFS object {value['oid']} was not uploaded")
+                shutil.copyfile(stored, target)
+            paths.append(value["path"])
+        oid = hashlib.sha1(f"{repo.repo_id}@{rev}:{len(hub.commits)}".encode()).hexdigest()
+        with hub._lock:
+            hub.commits.append({"repo_id": repo.repo_id, "revision": rev, "paths": sorted(paths), "oid": oid})
+            if rev == "main":
+                repo.sha = oid
+        self._send_json({"commitUrl": f"{hub.endpoint}/{repo.repo_id}/commit/{oid}", "commitOid": oid,
+                         "pullRequestUrl": None})
+
+    def _lfs_batch(self, repo: _Repo, body: bytes) -> None:
+        hub = self.server.hub
+        self._check_write()
+        objects = []
+        for obj in json.loads(body or b"{}").get("objects", []):
+            with hub._lock:
+                stored = hub.lfs_objects.get(obj["oid"])
+            entry = {"oid": obj["oid"], "size": obj["size"], "authenticated": True}
+            if stored is None or stored.stat().st_size != obj["size"]:
+                entry["actions"] = {"upload": {"href": f"{hub.endpoint}/_fake_lfs/{obj['oid']}"}}
+            objects.append(entry)
+        self._send_json({"transfer": "basic", "objects": objects})
+
+    def _lfs_put(self, oid: str) -> None:
+        hub = self.server.hub
+        if not re.fullmatch(r"[0-9a-f]{64}", oid):
+            raise _HubError(400, None, "bad oid")
+        length = self.headers.get("Content-Length")
+        if length is None:
+            self.close_connection = True
+            raise _HubError(411, None, "Content-Length required")
+        folder = hub._upload_root() / "lfs"
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / oid
+        digest = hashlib.sha256()
+        remaining = int(length)
+        with open(path.with_suffix(".tmp"), "wb") as f:
+            while remaining:
+                chunk = self.rfile.read(min(_CHUNK, remaining))
+                if not chunk:
+                    break
+                digest.update(chunk)
+                f.write(chunk)
+                remaining -= len(chunk)
+        if remaining or digest.hexdigest() != oid:
+            path.with_suffix(".tmp").unlink()
+            raise _HubError(400, None, "the uploaded content does not match its oid")
+        path.with_suffix(".tmp").replace(path)
+        with hub._lock:
+            hub.lfs_objects[oid] = path
+        self._send(200, {})
 
     def _tree(self, repo: _Repo, path: str, query: dict[str, list[str]], head: bool) -> None:
         hub = self.server.hub
@@ -612,6 +758,11 @@ class FakeHub:
         self._meta_cache: dict[tuple[str, int, int], _FileMeta] = {}
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
+        self.created: dict[str, dict] = {}
+        self.commits: list[dict] = []
+        self.branches: dict[tuple[str, str], Path] = {}
+        self.lfs_objects: dict[str, Path] = {}
+        self._uploads: Path | None = None
         unknown = set(gated) - set(repos or {})
         if unknown:
             raise ValueError(f"gated repos not in repos: {sorted(unknown)}")
@@ -672,6 +823,9 @@ class FakeHub:
         server.server_close()
         if thread is not None:
             thread.join(timeout)
+        if self._uploads is not None:
+            shutil.rmtree(self._uploads, ignore_errors=True)
+            self._uploads = None
 
     def __enter__(self) -> FakeHub:
         self.start()
@@ -696,6 +850,21 @@ class FakeHub:
             self.bytes_served += n
 
     # -- internals used by the handler ----------------------------------------------------------------
+
+    def _upload_root(self) -> Path:
+        """Where created repos, branches and LFS objects live (a temporary folder, made on first use)."""
+        if self._uploads is None:
+            self._uploads = Path(tempfile.mkdtemp(prefix="fakehub-uploads-"))
+        return self._uploads
+
+    def _branch_folder(self, repo: _Repo, rev: str) -> Path:
+        if rev in ("main", "refs/heads/main", repo.sha):
+            return repo.root
+        with self._lock:
+            folder = self.branches.get((repo.repo_id, rev))
+        if folder is None:
+            raise _HubError(404, "RevisionNotFound", f"Invalid rev id: {rev}")
+        return folder
 
     def _match_repo(self, rest: str) -> tuple[_Repo | None, str]:
         """Split "org/name/sub/..." into (repo, "sub/...") by the longest registered repo id."""

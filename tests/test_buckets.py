@@ -74,7 +74,6 @@ def test_bucket_destination_refusals(emulator, hf_models, tmp_path, monkeypatch)
     cases = [
         ([missing], 3, "does not exist"),
         ([f"{bucket}/x", "--overwrite"], 2, "does not replace a checkpoint in a bucket"),
-        ([f"{bucket}/x", "--resume"], 2, "not supported yet"),
         ([bucket], 3, "not the bucket itself"),
     ]
     for args, code, why in cases:
@@ -184,3 +183,47 @@ def test_aborted_bucket_write_leaves_nothing(emulator):
     assert any(k.startswith("0/items/d/") for k in list_keys(url))
     assert writer.abort(keep=True) is False
     assert list_keys(url) == []
+
+
+def test_interrupted_bucket_conversion_resumed(emulator, hf_models, local_mt, monkeypatch, tmp_path):
+    """Ctrl-C after some snapshots: the marker, the record and the objects stay; the same command with --resume
+    loads the saved manifest, writes only the slices not recorded, and the checkpoint equals a local run's."""
+    from ckpt_cli.io import bucket, orbax
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(orbax, "BATCH_BYTES", 64 * 1024)        # many commits, a snapshot after each
+    monkeypatch.setattr(orbax, "SNAPSHOT_BYTES", 1)
+    url = f"{emulator.make_bucket(next(_buckets))}/resumed"
+    dest = location(url, "--out", buckets=True)
+    real_write = bucket.BucketOrbaxWriter.write
+    calls = []
+
+    def write(self, path, index, array):
+        calls.append(path)
+        if len(calls) == 20:
+            raise KeyboardInterrupt
+        return real_write(self, path, index, array)
+
+    monkeypatch.setattr(bucket.BucketOrbaxWriter, "write", write)
+    src = hf_models("qwen3")
+    result = run("convert", "hf-to-maxtext", src, "--out", url)
+    assert result.exit_code == 130 and "with --resume" in result.stderr, result.output
+    keys = list_keys(dest)
+    assert PARTIAL_MARKER in keys and bucket.PROGRESS_RECORD in keys and "0/commit_success.txt" not in keys
+    monkeypatch.setattr(bucket.BucketOrbaxWriter, "write", real_write)
+    result = run("convert", "hf-to-maxtext", src, "--out", url, "--resume", "--json")
+    assert result.exit_code == 0, result.output
+    done = int(result.stderr.split("resuming: ")[1].split(" ")[0])
+    assert 0 < done < 20
+    keys = list_keys(dest)
+    assert not [k for k in keys if k.startswith(".ckpt")] and "0/commit_success.txt" in keys
+    local = OrbaxCheckpoint(local_mt)
+    for path, value in _restore(dest, local).items():
+        np.testing.assert_array_equal(value, local.array(path).read().result(), err_msg=path)
+    # without --resume an interrupted prefix is removed and written afresh
+    monkeypatch.setattr(bucket.BucketOrbaxWriter, "write", write)
+    calls.clear()
+    assert run("convert", "hf-to-maxtext", src, "--out", f"{url}-2").exit_code == 130
+    monkeypatch.setattr(bucket.BucketOrbaxWriter, "write", real_write)
+    result = run("convert", "hf-to-maxtext", src, "--out", f"{url}-2")
+    assert result.exit_code == 0 and "resuming" not in result.stderr, result.output

@@ -36,8 +36,8 @@ def test_location_parses_urls_and_paths():
     ["convert", "maxtext-to-hf", "{src}", "--out", "ftp://h/x"],
     ["convert", "maxtext-to-hf", "{src}", "--hf-config", "https://h/config.json", "--out", "out"],
     ["convert", "maxtext-to-hf", "{src}", "--tokenizer", "https://h/tok", "--out", "out"],
-    ["convert", "maxtext-to-hf", "{src}", "--out", "gs://bkt/hf"],      # not yet: an HF folder into a bucket
-    ["convert", "hf-to-maxtext", "s3://bkt/hf", "--out", "out"],        # not yet: an HF folder in a bucket
+    ["convert", "maxtext-to-hf", "{src}", "--out", "gs:/bkt/hf"],
+    ["convert", "hf-to-maxtext", "az://bkt/hf", "--out", "out"],
     ["demo", "--out", "gs://bkt/demo"],
     ["demo", "--out", "s3:/bkt/demo"],
     ["plan", "hf-to-maxtext", "{src}", "--out", "http://h/x"],

@@ -38,7 +38,7 @@ def resolve_workers(workers: int | None) -> int:
 def take_up(resume: bool, restart: bool, out) -> bool:
     """Whether to take up OUT.partial: with --resume, or by default when one exists (not with --restart). The
     conversion itself resumes only a matching OUT.partial, and says so; a different one is started afresh.
-    A bucket OUT (gs://, s3://) is resumed only on --resume (which the bucket writer refuses)."""
+    A bucket OUT (gs://, s3://) is resumed only on --resume (else its interrupted run is removed)."""
     if resume and restart:
         raise typer.BadParameter("--resume and --restart contradict each other", param_hint="--restart")
     if not isinstance(out, Path):
@@ -101,12 +101,12 @@ def hf_to_maxtext(
       ckpt convert hf-to-maxtext Qwen/Qwen3-8B --out ./q8 --max-disk 8GB
     """
     from ckpt_cli import convert
-    from ckpt_cli.io.location import location, source_arg
+    from ckpt_cli.io.location import BucketURL, location
     from ckpt_cli.io.orbax import StorageOptions
     from ckpt_cli.units import parse_size
 
-    source = source_arg(source, "SOURCE", what="HF folders in a bucket are not supported yet: copy it to a local "
-                                                "folder or give its hub repo id")
+    src = location(source, "SOURCE", buckets=True)
+    source = src if isinstance(src, BucketURL) else source      # an HF folder in gs:// or s3://: ranged reads
     out_path = location(out, "--out", buckets=True)
     outp = Output(json_out, quiet, wide)
     opts = convert.ToMaxTextOptions(
@@ -148,6 +148,15 @@ TokenizerOpt = Annotated[str | None, typer.Option(
          "folder, when it still exists).")]
 
 
+PushOpt = Annotated[str | None, typer.Option(
+    "--push-to-hub", metavar="ORG/NAME",
+    help="Then upload the --out folder to this hub model repo (created if missing) with huggingface_hub "
+         "(resumable with hf_xet); token: HF_TOKEN or the stored login.")]
+PrivateOpt = Annotated[bool, O.flag("--private", help="With --push-to-hub: create the repo private.")]
+PushRevisionOpt = Annotated[str | None, typer.Option(
+    "--revision", metavar="BRANCH", help="With --push-to-hub: push to this branch (created from main if missing).")]
+
+
 @app.command("maxtext-to-hf")
 @guarded
 def maxtext_to_hf(
@@ -164,6 +173,9 @@ def maxtext_to_hf(
     restart: O.RestartOpt = False,
     overwrite: O.OverwriteOpt = False,
     show_tensors: O.ShowTensorsOpt = False,
+    push_to_hub: PushOpt = None,
+    private: PrivateOpt = False,
+    revision: PushRevisionOpt = None,
     wide: O.WideOpt = False,
     json_out: O.JsonOpt = False,
     quiet: O.QuietOpt = False,
@@ -184,6 +196,8 @@ def maxtext_to_hf(
 
       ckpt convert maxtext-to-hf gs://bucket/run/checkpoints/1000 --model qwen3-8b --tokenizer Qwen/Qwen3-8B --out ./q8
 
+      ckpt convert maxtext-to-hf ./mt --out s3://bucket/hf/qwen3-8b
+
       ckpt convert maxtext-to-hf ./mt/0/items --hf-config ./config.json --dtype f32 --shard-size 2GB --out ./hf
     """
     from ckpt_cli import convert
@@ -192,8 +206,17 @@ def maxtext_to_hf(
 
     src = location(source, "SOURCE", buckets=True)
     source = src if isinstance(src, BucketURL) else source
-    out_path = local_path(out, "--out", what="writing the HF folder into a bucket is not supported yet")
+    out_path = location(out, "--out", buckets=True)
     tokenizer = source_arg(tokenizer, "--tokenizer")
+    if (private or revision) and not push_to_hub:
+        raise typer.BadParameter("--private and --revision go with --push-to-hub", param_hint="--push-to-hub")
+    if push_to_hub:
+        from ckpt_cli.io.hub_push import check_push
+
+        if isinstance(out_path, BucketURL):
+            raise typer.BadParameter("--push-to-hub uploads a local --out folder, not a bucket",
+                                     param_hint="--push-to-hub")
+        check_push(push_to_hub)
     outp = Output(json_out, quiet, wide)
     opts = convert.ToHFOptions(model=model, hf_config=local_path(hf_config, "--hf-config"), dtype=dtype,
                                shard_size=shard_bytes(shard_size), tokenizer=tokenizer, overwrite=overwrite,
@@ -203,8 +226,15 @@ def maxtext_to_hf(
         result = convert.maxtext_to_hf(source, out_path, opts, progress=progress,
                                        on_plan=plan_announcer(outp, show_tensors))
     plan, stats = result.plan, result.stats
+    pushed = None
+    if push_to_hub:
+        from ckpt_cli.io.hub_push import push_folder
+
+        outp.note(f"uploading {result.out} to {push_to_hub}" + (f" (branch {revision})" if revision else ""))
+        pushed = push_folder(Path(result.out), push_to_hub, private=private, revision=revision)
     if json_out:
-        outp.emit_json(convert_record(result, config_origin=result.config_origin, files=result.files))
+        outp.emit_json(convert_record(result, config_origin=result.config_origin, files=result.files,
+                                      **({"pushed": pushed} if pushed else {})))
         return
     shards = stats.extra.get("shards", 0)
     rows = {"source": result.source, "output": str(result.out),
@@ -214,5 +244,6 @@ def maxtext_to_hf(
             else result.config_origin,
             "files": f"{shards} shard(s) of at most {human_bytes(opts.shard_size)}, "
                      + ", ".join(f for f in result.files if not f.endswith(".safetensors")),
+            **({"pushed": f"{pushed['repo_id']} @ {pushed['revision']}: {pushed['commit_url']}"} if pushed else {}),
             **stats_rows(stats)}
     outp.table(summary_table("converted", rows))

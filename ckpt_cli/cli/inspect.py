@@ -153,6 +153,7 @@ def _amplification_table(amp: dict) -> Grid:
 
 def _title(r: dict) -> str:
     kind = {"hf": "Hugging Face checkpoint", "hf-remote": "Hugging Face repo (headers only)",
+            "hf-bucket": "Hugging Face folder in a bucket (headers only)",
             "orbax": "MaxText / Orbax checkpoint", "maxtext-model": "the tree MaxText expects"}[r["kind"]]
     return f"{r['target']}: {kind}"
 
@@ -163,7 +164,7 @@ def _rows(r: dict, pattern: str | None) -> dict[str, str]:
     if r["family"]:
         rows["family"] = r["family"] + (f"  (MaxText: {', '.join(r['maxtext_models'])})" if r["maxtext_models"]
                                         else "  (no registered MaxText model matches this config)")
-    if r["kind"] in ("hf", "hf-remote"):
+    if r["kind"] in ("hf", "hf-remote", "hf-bucket"):
         if r["config"]:
             rows["config"] = _config_line(r["config"])
         src = r["source"]
@@ -209,7 +210,7 @@ def _config_line(c: dict) -> str:
 
 
 def _tensor_table(r: dict) -> Grid:
-    hf = r["kind"] in ("hf", "hf-remote")
+    hf = r["kind"] in ("hf", "hf-remote", "hf-bucket")
     table = Grid([Col("HF tensor" if hf else "MaxText path", wrap=True), Col("shape"), Col("dtype", drop=2),
                   Col("bytes", right=True), Col("shard" if hf else "chunk shape", drop=1)],
                  title=f"{len(r['tensors'])} tensors")

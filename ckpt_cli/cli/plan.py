@@ -86,12 +86,14 @@ def plan_hf_to_maxtext(
     """
     from ckpt_cli import convert, pricing, registry
     from ckpt_cli.errors import RemoteError
-    from ckpt_cli.io.location import local_path, source_arg
+    from ckpt_cli.io.location import BucketURL, location, source_arg
     from ckpt_cli.io.orbax import StorageOptions
     from ckpt_cli.units import parse_size
 
-    source = source_arg(source, "SOURCE")
-    out = local_path(out, "--out")
+    where = location(source, "SOURCE", buckets=True) if source is not None else None
+    bucket_source = isinstance(where, BucketURL)     # an HF folder in gs:// or s3://: read in place
+    source = where if bucket_source else source_arg(source, "SOURCE")
+    out = location(out, "--out", buckets=True) if out is not None else None
     workers = resolve_workers(workers)
     opts = convert.ToMaxTextOptions(
         model=model, scan_layers=scan, dtype=dtype, revision=revision,
@@ -108,7 +110,7 @@ def plan_hf_to_maxtext(
         raise
     if compression == "zstd":
         notes.append("zstd: output bytes are the uncompressed upper bound (bf16 weights shrink ~10%)")
-    reads = read_paths(Path(source)) if source else []
+    reads = read_paths(Path(source)) if source and not bucket_source else []
     _price_and_show(plan, src, notes, out, workers, overwrite, read_gbps, write_gbps, net_gbps,
                     Output(json_out, quiet, wide), reads)
 
@@ -147,10 +149,10 @@ def plan_maxtext_to_hf(
       ckpt plan maxtext-to-hf --model qwen3-32b --json
     """
     from ckpt_cli import convert, pricing
-    from ckpt_cli.io.location import is_url, local_path
+    from ckpt_cli.io.location import is_url, local_path, location
 
     remote = is_url(source)     # a gs:// or s3:// checkpoint (others refused by pricing)
-    out = local_path(out, "--out")
+    out = location(out, "--out", buckets=True) if out is not None else None
     hf_config = local_path(hf_config, "--hf-config")
     workers = resolve_workers(workers)
     opts = convert.ToHFOptions(model=model, hf_config=hf_config, dtype=dtype, shard_size=shard_bytes(shard_size),
@@ -169,14 +171,27 @@ def _price_and_show(plan, src, notes: list[str], out: Path | None, workers: int,
                     read_gbps: float | None, write_gbps: float | None, net_gbps: float | None,
                     outp: Output, reads: list[Path]) -> None:
     from ckpt_cli import pricing
+    from ckpt_cli.io.location import BucketURL
     from ckpt_cli.io.remote_stream import tree_bytes
     from ckpt_cli.machine import probe_rates, this_machine
 
     writer = "orbax" if plan.direction == "hf-to-maxtext" else "safetensors"
-    refusals = preflight(out, overwrite, reads) if out is not None else []     # what convert refuses up front
-    replaced = tree_bytes(out) if out is not None and out.is_dir() and overwrite and not refusals else 0
-    rates = probe_rates(src.probe_file, out, writer, workers, read_gbps, write_gbps, net_gbps)
-    figures = pricing.price(plan, src, rates, this_machine(out), writer, replaced, workers, refusals)
+    if isinstance(out, BucketURL):          # a bucket destination: its own checks, its write rate probed
+        from ckpt_cli.io import bucket
+        from ckpt_cli.io.location import is_url, location
+
+        sources = [location(src.label, "SOURCE", buckets=True)] if is_url(src.label) else []
+        refusals = bucket.preflight(out, overwrite, sources)
+        bucket_gbps = write_gbps or (bucket.probe_write_gbps(out, writer) if not refusals else None)
+        rates = probe_rates(src.probe_file, None, writer, workers, read_gbps, bucket_gbps or 1.0, net_gbps)
+        rates.basis["write"] = "flag" if write_gbps else "bucket probe" if bucket_gbps else "assumed"
+        figures = pricing.price(plan, src, rates, this_machine(None), writer, 0, workers, refusals,
+                                output_local=False)
+    else:
+        refusals = preflight(out, overwrite, reads) if out is not None else []     # what convert refuses up front
+        replaced = tree_bytes(out) if out is not None and out.is_dir() and overwrite and not refusals else 0
+        rates = probe_rates(src.probe_file, out, writer, workers, read_gbps, write_gbps, net_gbps)
+        figures = pricing.price(plan, src, rates, this_machine(out), writer, replaced, workers, refusals)
     record = {"command": "plan", "direction": plan.direction, "source": src.label, "source_kind": src.kind,
               "out": str(out) if out else None, "family": plan.family, "scan_layers": plan.scan_layers,
               "dtype": dtype_name(plan.dtype), "tensors": len(plan.tensors),

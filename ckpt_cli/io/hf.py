@@ -32,6 +32,7 @@ class HFSource:
     repo_id: str | None = None
     revision: str | None = None
     remote: RemoteRepo | None = None     # a repo read by headers and streamed shards (resolve(stream=True))
+    files: SafetensorsFolder | None = None  # tensors already opened elsewhere (an HF folder in a bucket)
 
 
 def load_config(folder: Path) -> dict:
@@ -56,6 +57,14 @@ def resolve(source: str, revision: str | None = None, stream: bool = False) -> H
     (`HFSource.remote`), and the shards are fetched later, while converting. Offline, the cached
     snapshot is used either way.
     """
+    if not isinstance(source, Path):
+        from ckpt_cli.io.location import BucketURL
+
+        if isinstance(source, BucketURL):   # an HF folder in gs:// or s3://: read in place by ranged reads
+            from ckpt_cli.io.bucket_safetensors import BucketSafetensorsFolder
+
+            files = BucketSafetensorsFolder(source)
+            return HFSource(Path(str(source.path or source.bucket)), files.config(), str(source), files=files)
     path = Path(source).expanduser()
     if path.exists():
         if not path.is_dir():

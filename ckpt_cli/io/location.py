@@ -76,6 +76,16 @@ class BucketURL:
                 or os.environ.get("STORAGE_EMULATOR_HOST") or None)
 
 
+def overlapping(a: object, b: object) -> bool:
+    """Whether two bucket locations are the same prefix or one lies inside the other (False for local paths)."""
+    if not isinstance(a, BucketURL) or not isinstance(b, BucketURL):
+        return False
+    if (a.scheme, a.bucket) != (b.scheme, b.bucket):
+        return False
+    pa, pb = f"{a.path}/" if a.path else "", f"{b.path}/" if b.path else ""
+    return pa.startswith(pb) or pb.startswith(pa)
+
+
 def apply_gcs_endpoint() -> None:
     """Point tensorstore's gcs driver at the GCS endpoint override, if one is set (it reads only
     TENSORSTORE_GCS_HTTP_URL, once per process: call this before the first gcs kvstore is opened)."""

@@ -199,6 +199,7 @@ class SafetensorsFolder:
     """All tensors of a local folder of safetensors shards, read one tensor at a time."""
 
     local = True    # data can be read at any time (a streamed repo's only while its shard is there)
+    local_files = True      # its shards are local files (not a bucket's objects)
 
     def __init__(self, folder: Path, files: Iterable[Path] | None = None):
         self.folder = Path(folder)
@@ -279,6 +280,23 @@ class PlannedTensor:
         return int(np.prod(self.shape, dtype=np.int64)) * np.dtype(self.dtype).itemsize
 
 
+def safetensors_layout(tensors: Iterable[PlannedTensor], metadata: dict[str, str] | None = None
+                       ) -> tuple[bytes, dict[str, tuple[int, int]]]:
+    """A safetensors file's head (8-byte length + JSON header, padded to 8 bytes) with the tensors' data laid
+    out in the order given, and each tensor's (begin, end) in the data section."""
+    header: dict[str, object] = {"__metadata__": metadata} if metadata else {}
+    offsets: dict[str, tuple[int, int]] = {}
+    pos = 0
+    for t in tensors:
+        header[t.name] = {"dtype": SAFETENSORS_NAMES[np.dtype(t.dtype)], "shape": list(t.shape),
+                          "data_offsets": [pos, pos + t.nbytes]}
+        offsets[t.name] = (pos, pos + t.nbytes)
+        pos += t.nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    return struct.pack("<Q", len(raw)) + raw, offsets
+
+
 class StreamingSafetensorsWriter:
     """Writes a safetensors file whose header is known up front; tensors arrive in any order.
 
@@ -292,22 +310,13 @@ class StreamingSafetensorsWriter:
         """`reopen`: continue a file an interrupted run began (its header must be this one, byte for byte);
         its data is kept, and the caller accounts for the tensors already in it (`filled`)."""
         self.path = Path(path)
-        header: dict[str, object] = {"__metadata__": metadata} if metadata else {}
-        self.offsets: dict[str, tuple[int, int]] = {}
-        pos = 0
-        for t in sorted(tensors, key=lambda t: t.name):
-            header[t.name] = {"dtype": SAFETENSORS_NAMES[np.dtype(t.dtype)], "shape": list(t.shape),
-                              "data_offsets": [pos, pos + t.nbytes]}
-            self.offsets[t.name] = (pos, pos + t.nbytes)
-            pos += t.nbytes
-        raw = json.dumps(header, separators=(",", ":")).encode()
-        raw += b" " * (-len(raw) % 8)
-        self.base = 8 + len(raw)
-        self.total = self.base + pos
+        tensors = sorted(tensors, key=lambda t: t.name)
+        head, self.offsets = safetensors_layout(tensors, metadata)
+        self.base = len(head)
+        self.total = self.base + sum(t.nbytes for t in tensors)
         self.written: set[str] = set()
         self.filled: dict[str, int] = {}   # bytes written so far per tensor (row writes add up)
         self.shapes = {t.name: tuple(t.shape) for t in tensors}
-        head = struct.pack("<Q", len(raw)) + raw
         try:
             if reopen:
                 self.fd = os.open(self.path, os.O_RDWR)
