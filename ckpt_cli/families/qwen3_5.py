@@ -43,7 +43,8 @@ BA = Join("HK", ((LA + "in_proj_b.weight", "HV"), (LA + "in_proj_a.weight", "HV"
 LINEAR = (
     row("attention/in_proj_qkvz/kernel", LA + "in_proj_qkv.weight", "E,QKVZ", "QKVZ,E", "transpose", join=QKVZ),
     row("attention/in_proj_ba/kernel", LA + "in_proj_b.weight", "E,2*HV", "2*HV,E", "transpose", join=BA),
-    *(r for r in qwen3_next.LINEAR if r.maxtext not in ("attention/in_proj_qkvz/kernel", "attention/in_proj_ba/kernel")),
+    *(r for r in qwen3_next.LINEAR
+      if r.maxtext not in ("attention/in_proj_qkvz/kernel", "attention/in_proj_ba/kernel")),
 )
 LOCAL_LAYER = LINEAR + qwen3_next.SHARED
 GLOBAL_LAYER = qwen3_next.GLOBAL_LAYER
@@ -74,8 +75,8 @@ def source_names(cfg: dict, names: Collection[str]) -> tuple[Callable[[str], str
                               f"{TEXT_PREFIX}layers.*)")
         return None, []
     note = (f"multimodal Qwen3.5 source: only the language model ({TEXT_PREFIX}*) is converted; the vision tower "
-            "(model.visual.*) and the MTP layer (mtp.*) are left out (MaxText use_multimodal: false), and maxtext-to-hf "
-            "writes a text-only Qwen3_5MoeForCausalLM")
+            "(model.visual.*) and the MTP layer (mtp.*) are left out (MaxText use_multimodal: false), and "
+            "maxtext-to-hf writes a text-only Qwen3_5MoeForCausalLM")
     return (lambda name: TEXT_PREFIX + name.removeprefix("model.") if name.startswith("model.") else name), [note]
 
 
@@ -114,7 +115,8 @@ def check_config(cfg: dict, features: frozenset[str] = frozenset()) -> list[str]
 
 
 FAMILY = Family(
-    name="qwen3_5", model_types=MODEL_TYPES, dims=dims, top_rules=top_rules, blocks=blocks, check_config=check_config,
+    name="qwen3_5", model_types=MODEL_TYPES, dims=dims, top_rules=top_rules, blocks=blocks,
+    check_config=check_config,
     reference_keys=qwen3_next.FAMILY.reference_keys, model_config=model_config, source_names=source_names,
     extra={"tied": lambda cfg: qwen3.tied(model_config(cfg)), "layer_rules": LOCAL_LAYER + qwen3_next.FULL, "top_table": (*qwen3.TOP, qwen3.HEAD)},
 )
