@@ -118,5 +118,6 @@ FAMILY = Family(
     name="qwen3_5", model_types=MODEL_TYPES, dims=dims, top_rules=top_rules, blocks=blocks,
     check_config=check_config,
     reference_keys=qwen3_next.FAMILY.reference_keys, model_config=model_config, source_names=source_names,
-    extra={"tied": lambda cfg: qwen3.tied(model_config(cfg)), "layer_rules": LOCAL_LAYER + qwen3_next.FULL, "top_table": (*qwen3.TOP, qwen3.HEAD)},
+    extra={"tied": lambda cfg: qwen3.tied(model_config(cfg)), "layer_rules": LOCAL_LAYER + qwen3_next.FULL,
+           "top_table": (*qwen3.TOP, qwen3.HEAD)},
 )
