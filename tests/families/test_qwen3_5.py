@@ -65,11 +65,55 @@ def q35_models(tmp_path_factory):
     def get(kind: str = "mm", dtype: str = "float32"):
         if (kind, dtype) not in cache:
             folder = tmp_path_factory.mktemp(f"q35-{kind}-{dtype}")
-            make_model(kind, dtype).save_pretrained(folder)
+            if kind == "fused":
+                fuse_experts(get("mm", dtype), folder)
+            else:
+                make_model(kind, dtype).save_pretrained(folder)
             cache[kind, dtype] = folder
         return cache[kind, dtype]
 
     return get
+
+
+def fuse_experts(src, folder) -> None:
+    """The bf16 releases' layout of the same model: per layer `mlp.experts.gate_up_proj` (X, 2M, E), each expert's
+    gate rows then its up rows, and `mlp.experts.down_proj` (X, E, M)."""
+    import re
+    import shutil
+
+    from safetensors.numpy import save_file
+
+    out, experts = {}, {}
+    for name, x in load_hf(src).items():
+        m = re.fullmatch(r"(.*\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight", name)
+        if m:
+            experts.setdefault(m.group(1), {})[int(m.group(2)), m.group(3)] = x
+        else:
+            out[name] = x
+    for prefix, w in experts.items():
+        n = 1 + max(e for e, _ in w)
+        out[prefix + ".gate_up_proj"] = np.stack([np.concatenate([w[e, "gate_proj"], w[e, "up_proj"]])
+                                                  for e in range(n)])
+        out[prefix + ".down_proj"] = np.stack([w[e, "down_proj"] for e in range(n)])
+    save_file(out, folder / "model.safetensors", {"format": "pt"})
+    shutil.copy(src / "config.json", folder / "config.json")
+
+
+def unfused(tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Fused expert tensors split back into the per-expert names (the tree expectations read those)."""
+    out = {}
+    for name, x in tensors.items():
+        if name.endswith(".mlp.experts.gate_up_proj"):
+            m = x.shape[1] // 2
+            for e in range(x.shape[0]):
+                out[name.replace("gate_up_proj", f"{e}.gate_proj.weight")] = x[e, :m]
+                out[name.replace("gate_up_proj", f"{e}.up_proj.weight")] = x[e, m:]
+        elif name.endswith(".mlp.experts.down_proj"):
+            for e in range(x.shape[0]):
+                out[name.replace("down_proj", f"{e}.down_proj.weight")] = x[e]
+        else:
+            out[name] = x
+    return out
 
 
 def text_tensors(folder) -> dict[str, np.ndarray]:
@@ -296,3 +340,26 @@ def test_planted_join_mistakes_fail(q35_models, tmp_path, monkeypatch, mistake):
         m.setattr(qwen3_5, "LOCAL_LAYER", table)
         hf_to_maxtext(str(src), tmp_path / "mt", ToMaxTextOptions(dtype="f32"))
     assert_fails(tmp_path / "mt", src)
+
+
+@pytest.mark.parametrize("scan", [True, False], ids=["scan", "noscan"])
+def test_fused_experts_of_the_bf16_releases(q35_models, tmp_path, scan):
+    """Files holding the routed experts fused per layer (`mlp.experts.gate_up_proj` / `down_proj`, as the bf16
+    releases and 0.2.5's mapping have them) give the same MaxText tree, verify at KL < 1e-6, and come back fused."""
+    from tests.verify.test_verify_logits import verify_json
+
+    src = q35_models("fused", "float32")
+    assert "model.language_model.layers.0.mlp.experts.gate_up_proj" in load_hf(src)
+    hf_to_maxtext(str(src), tmp_path / "mt", ToMaxTextOptions(scan_layers=scan, dtype="f32"))
+    got = flatten(restore(tmp_path / "mt")["params"]["params"])
+    want = expected_tree(unfused(text_tensors(src)), qwen3_5.model_config(read_config(src)), scan)
+    assert set(got) == set(want)
+    for path, x in want.items():
+        assert_bits_equal(got[path], x, path)
+    data = verify_json("--maxtext", tmp_path / "mt", "--hf", src, "--max-kl", "1e-6")
+    assert data["passed"] and data["summary"]["kl_max"] < 1e-6
+    maxtext_to_hf(str(tmp_path / "mt"), tmp_path / "hf", ToHFOptions())
+    want, back = text_tensors(src), load_hf(tmp_path / "hf")
+    assert sorted(back) == sorted(want)
+    for name, x in want.items():
+        assert_bits_equal(back[name], x, name)
