@@ -1,4 +1,4 @@
-"""`Join` (families/base.py): a MaxText leaf assembled from row ranges of several HF tensors and split back, family-free.
+"""`Join` (families/base.py), family-free: a MaxText leaf assembled from row ranges of several HF tensors, and back.
 
 A toy family: leaf `x/kernel` (E, G*(A/G + B/G)) per layer from `l.{layer}.a` (A, E) and `l.{layer}.b` (B, E), grouped
 in G groups ([a_g, b_g] per group), transposed; planned, executed by the engine both ways on in-memory arrays.
