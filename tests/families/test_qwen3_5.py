@@ -363,3 +363,16 @@ def test_fused_experts_of_the_bf16_releases(q35_models, tmp_path, scan):
     assert sorted(back) == sorted(want)
     for name, x in want.items():
         assert_bits_equal(back[name], x, name)
+
+
+@pytest.mark.parametrize("kind", ["mm", "fused"])
+def test_inspect_against_the_converted_checkpoint(q35_models, tmp_path, kind):
+    """`inspect SOURCE --against OUT` maps the release's files (either expert layout) onto MaxText's paths: nothing
+    missing or mis-shaped; the vision tower is named as mapping to no MaxText path."""
+    src = q35_models(kind, "float32")
+    hf_to_maxtext(str(src), tmp_path / "mt", ToMaxTextOptions(dtype="f32"))
+    r = run("inspect", src, "--against", tmp_path / "mt", "--json")
+    assert r.exit_code == 0, r.output
+    data = json.loads(r.stdout)
+    assert data["missing"] == data["extra"] == data["mismatched"] == [] and data["identical"]
+    assert data["unmapped"] and all(n.startswith("model.visual.") for n in data["unmapped"])
