@@ -314,7 +314,8 @@ def maxtext_tree(t: Target, scan: bool, dtype: str | None = None) -> tuple[dict[
     if not t.config:
         raise SourceError(f"{t.label}: no config.json, so its MaxText paths are unknown")
     family = detect_family(t.config, t.model_name)
-    plan: ConversionPlan = build_to_maxtext(family, t.config, scan, output_dtype(dtype or "bf16"))
+    plan: ConversionPlan = build_to_maxtext(family, t.config, scan, output_dtype(dtype or "bf16"),
+                                            family.source_layouts(t.config, t.headers))
     rename, _ = family.source_names(t.config, t.headers)   # e.g. a multimodal release's text-model prefix
     if rename is not None:
         plan = rename_sources(plan, rename)
@@ -334,8 +335,8 @@ def maxtext_tree(t: Target, scan: bool, dtype: str | None = None) -> tuple[dict[
                 continue
             if shape is None:
                 missing.append(name)
-            elif source_slice_shape(shape, source) != tuple(tensor.source_shape):   # per expert when stacked
-                misshaped.append(f"{name} is {shape}, expected {tuple(tensor.source_shape)}"
+            elif source_slice_shape(shape, source) != tuple(source.shape or tensor.source_shape):   # per expert
+                misshaped.append(f"{name} is {shape}, expected {tuple(source.shape or tensor.source_shape)}"
                                  + (" per index of axis 0" if source.axes else ""))
         dtype_name = np.dtype(tensor.dtype).name
         if missing:
