@@ -205,6 +205,10 @@ def forward_config(cfg: dict, model: str | None = None):
             from ckpt_cli.verify.llama4 import Llama4Config
 
             return family, Llama4Config.from_hf_config(cfg)
+        if family.name == "gemma4":
+            from ckpt_cli.verify.gemma4 import Gemma4Config
+
+            return family, Gemma4Config.from_hf_config(cfg)
         from ckpt_cli.verify.forward import ForwardConfig
 
         return family, ForwardConfig.from_hf_config(family.name, cfg)
@@ -261,6 +265,10 @@ def maxtext_forward(params: OrbaxParams, fcfg, prompts: Sequence[Prompt], dtype:
         from ckpt_cli.verify.llama4 import llama4_logits
 
         logits = llama4_logits(params, fcfg, batch, dtype=COMPUTE_DTYPES[dtype])
+    elif type(fcfg).__name__ == "Gemma4Config":
+        from ckpt_cli.verify.gemma4 import gemma4_logits
+
+        logits = gemma4_logits(params, fcfg, batch, dtype=COMPUTE_DTYPES[dtype])
     else:
         from ckpt_cli.verify.forward import maxtext_logits
 
