@@ -149,6 +149,15 @@ class VerifyResult:
         }
 
 
+def _text_config(cfg: dict) -> dict:
+    """The config of the model a checkpoint converted from `cfg` holds (a multimodal config's text model), or `cfg`
+    itself when no family reads it."""
+    try:
+        return detect_family(cfg).model_config(cfg)
+    except CkptError:
+        return cfg
+
+
 def resolve_config(ckpt: OrbaxCheckpoint, hf_folder: Path | None, golden: golden_io.Golden | None
                    ) -> tuple[dict, str]:
     """The HF config to verify with: carried in the checkpoint, else --hf's config.json, else the golden file's.
@@ -160,8 +169,9 @@ def resolve_config(ckpt: OrbaxCheckpoint, hf_folder: Path | None, golden: golden
     carried = ckpt.provenance.get("hf_config")
     folder_cfg = load_config(hf_folder) if hf_folder is not None else None
     if carried and folder_cfg:
+        text = _text_config(folder_cfg)     # a multimodal folder (Gemma 3/4, Llama 4) is compared by its text model
         for key in _MATCH_KEYS:
-            a, b = carried.get(key), folder_cfg.get(key)
+            a, b = carried.get(key), text.get(key)
             if a is not None and b is not None and a != b:
                 raise ConfigMismatchError(f"{key} = {b} in {hf_folder}/config.json, but the checkpoint was "
                                           f"converted from a model with {key} = {a}")
