@@ -100,6 +100,30 @@ def test_multimodal_release_verifies_against_its_text_model(tmp_path):
     model.eval().save_pretrained(tmp_path / "hf")
     r = hf_to_maxtext(str(tmp_path / "hf"), tmp_path / "mt", ToMaxTextOptions(scan_layers=False, dtype="f32"))
     assert any("model.language_model.*" in n for n in r.notes)
-    result = verify_logits(VerifyOptions(maxtext=tmp_path / "mt", hf=str(tmp_path / "hf"), max_kl=1e-6, dtype="f32",
-                                         tokens=TOKENS, hf_load="full"))
-    assert result.passed and result.kl_max < 1e-6, result.verdict()
+    for load in ("full", "stream"):     # stream: the text model alone, its tensors renamed from the release's
+        result = verify_logits(VerifyOptions(maxtext=tmp_path / "mt", hf=str(tmp_path / "hf"), max_kl=1e-6,
+                                             dtype="f32", tokens=TOKENS, hf_load=load))
+        assert result.passed and result.kl_max < 1e-6, (load, result.verdict())
+        assert result.reference["load"] == load
+
+
+def test_multimodal_stream_estimate_counts_the_text_layers(tmp_path):
+    """The streamed estimate of a multimodal release is its text model's (one layer held), not the whole model's."""
+    from safetensors.numpy import save_file
+
+    from ckpt_cli.verify.prompts import Prompt
+    from ckpt_cli.verify.reference import estimate_memory, text_names
+
+    text = {"model.embed_tokens.weight": np.zeros((96, 32), np.float32)}
+    text |= {f"model.layers.{i}.mlp.up_proj.weight": np.zeros((256, 32), np.float32) for i in range(4)}
+    release = {k.replace("model.", "model.language_model.", 1): v for k, v in text.items()}
+    release["model.vision_tower.encoder.layers.0.mlp.down_proj.linear.weight"] = np.zeros((16, 32), np.float32)
+    mapping = text_names(release)
+    assert mapping["model.layers.3.mlp.up_proj.weight"] == "model.language_model.layers.3.mlp.up_proj.weight"
+    assert set(mapping) == set(text) and text_names(text) == {k: k for k in text}
+    cfg, prompts = {"vocab_size": 96, "num_attention_heads": 4, "hidden_size": 32}, [Prompt((1, 2, 3))]
+    for name, tensors in (("text", text), ("mm", release)):
+        (tmp_path / name).mkdir()
+        save_file(tensors, str(tmp_path / name / "model.safetensors"))
+    est_text, est_mm = (estimate_memory(tmp_path / n, cfg, prompts, "f32") for n in ("text", "mm"))
+    assert est_mm.stream == est_text.stream < est_text.full - 2 * 256 * 32 * 4
