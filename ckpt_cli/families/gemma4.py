@@ -285,8 +285,35 @@ def check_config(cfg: dict, features: frozenset[str] = frozenset()) -> list[str]
             bad = next(i for i, (a, b) in enumerate(zip(types, want, strict=True)) if a != b)
             raise UnsupportedError(f"config.json makes layer {bad} {types[bad]}: MaxText's gemma4 makes layer i "
                                    "global exactly when i mod 6 == 5")
-    rope(cfg)
-    return []
+    return _maxtext_notes(cfg, small)
+
+
+# What MaxText 0.2.5's configs/models/gemma4-*.yml fix at run time: a config that differs converts the same, but
+# MaxText computes other logits unless its settings are changed to match.
+MAXTEXT_RUNTIME = {"vocab_size": (262144, "vocab_size"), "final_logit_softcapping": (30.0, "final_logits_soft_cap")}
+MAXTEXT_ROPE = {"sliding_attention": (10_000.0, 1.0), "full_attention": (1_000_000.0, 0.25)}
+
+
+def _maxtext_notes(cfg: dict, small: bool) -> list[str]:
+    notes = []
+    window = 512 if small else 1024
+    if cfg.get("sliding_window") != window:
+        notes.append(f"config.json has sliding_window {cfg.get('sliding_window')}; MaxText's gemma4"
+                     f"{'_small' if small else ''} configs use {window}: set sliding_window_size to match")
+    for key, (value, setting) in MAXTEXT_RUNTIME.items():
+        if cfg.get(key) != value:
+            notes.append(f"config.json has {key} {cfg.get(key)}; MaxText's gemma4 configs use {value:g}: set "
+                         f"{setting} to match")
+    for kind, (theta, fraction) in rope(cfg).items():
+        if (theta, fraction) != MAXTEXT_ROPE[kind]:
+            notes.append(f"config.json gives {kind} layers RoPE theta {theta:g} over {fraction:g} of the head; "
+                         f"MaxText's gemma4 configs use {MAXTEXT_ROPE[kind][0]:g} over {MAXTEXT_ROPE[kind][1]:g}: set "
+                         f"{'local' if kind == 'sliding_attention' else 'global'}_rope_max_timescale / "
+                         f"_rope_proportion to match")
+    if cfg.get("enable_moe_block") and cfg.get("top_k_experts") != 8:
+        notes.append(f"config.json routes to top_k_experts {cfg.get('top_k_experts')}; MaxText's gemma4-26b uses 8: "
+                     "set num_experts_per_tok to match")
+    return notes
 
 
 def rope(cfg: dict) -> dict[str, tuple[float, float]]:

@@ -319,3 +319,15 @@ def test_refusals_are_one_line(gemma4_models, tmp_path, kind, changes, message):
 def test_model_flag_checks_the_config(gemma4_models, tmp_path):
     r = run("convert", "hf-to-maxtext", gemma4_models("moe"), "--model", "gemma4-26b", "--out", tmp_path / "mt")
     assert r.exit_code == 2 and "but gemma4-26b has" in error_line(r)
+
+
+def test_notes_say_what_maxtext_runs_differently(gemma4_models, tmp_path):
+    """A config that differs from MaxText's gemma4 run-time settings converts, with a note per setting to change;
+    the released configs (test_registered_plans) get none."""
+    src = with_config(gemma4_models("moe"), tmp_path / "src", rope_parameters={
+        "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0},
+        "full_attention": {"rope_type": "proportional", "partial_rotary_factor": 0.5, "rope_theta": 1e6}})
+    notes = hf_to_maxtext(str(src), tmp_path / "mt", ToMaxTextOptions(scan_layers=False)).notes
+    for text in ("sliding_window 4; MaxText's gemma4 configs use 1024", "vocab_size 96", "top_k_experts 2",
+                 "full_attention layers RoPE theta 1e+06 over 0.5 of the head"):
+        assert any(text in n for n in notes), (text, notes)
