@@ -331,3 +331,18 @@ def test_notes_say_what_maxtext_runs_differently(gemma4_models, tmp_path):
     for text in ("sliding_window 4; MaxText's gemma4 configs use 1024", "vocab_size 96", "top_k_experts 2",
                  "full_attention layers RoPE theta 1e+06 over 0.5 of the head"):
         assert any(text in n for n in notes), (text, notes)
+
+
+def test_scanned_remainder_layers_stay_unstacked():
+    """A layer count not a multiple of six (the pattern still i mod 6 == 5): the leftover local layers go under
+    `decoder/layers_remainder/layers_<r>` (HF layer 6·blocks + r), as MaxText 0.2.5 names them."""
+    cfg = registry.reference_config("gemma4-31b") | {"num_hidden_layers": 14, "layer_types": [
+        "full_attention" if i % 6 == 5 else "sliding_attention" for i in range(14)]}
+    plan = build_to_maxtext(detect_family(cfg), cfg, True, output_dtype("bf16"))
+    shapes = {t.target: t.shape for t in plan.tensors}
+    assert shapes["decoder/scanned_blocks/local_layers/self_attention/query/kernel"] == (5376, 2, 5, 32, 256)
+    assert shapes["decoder/scanned_blocks/global_layer/self_attention/key/kernel"] == (5376, 2, 4, 512)
+    assert shapes["decoder/layers_remainder/layers_1/self_attention/value/kernel"] == (5376, 16, 256)
+    assert not any(k.startswith("decoder/layers_remainder/layers_2") for k in shapes)
+    sources = {t.target: t.tasks[0].source.name for t in plan.tensors}
+    assert sources["decoder/layers_remainder/layers_1/layer_scalar"] == "model.layers.13.layer_scalar"
