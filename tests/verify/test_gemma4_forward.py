@@ -52,10 +52,11 @@ def test_planted_mistake_is_caught(tmp_path, kind, leaf):
     assert not result.passed and result.kl_max > 1e-5, result.verdict()
 
 
-@pytest.mark.parametrize("kind,scan", [("moe", True), ("e2b", False)])
+@pytest.mark.parametrize("kind,scan", [("moe", True)])
 def test_bfloat16_error_is_transformers_own(tmp_path, kind, scan):
     """The bf16 forward (f32 checkpoint, bf16 compute) stays within twice transformers' own bf16 error against its
-    f32 logits (measured: moe 0.061 vs transformers 0.075, e2b 0.011 vs 0.021; routing flips dominate the MoE)."""
+    f32 logits (measured: moe 0.061 vs transformers 0.075; e2b 0.011 vs 0.021, dense 0.0020 vs 0.0023, e4b 0.019 vs
+    0.018, not run here to keep the suite short; routing flips dominate the MoE)."""
     import json
 
     import torch
