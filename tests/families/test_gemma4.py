@@ -276,6 +276,10 @@ def test_inspect_and_plan_with_no_data(name, blocks):
     r = run("plan", "hf-to-maxtext", "--model", name, scan, "--read-gbps", "1", "--write-gbps", "0.5", "--json")
     data = json.loads(r.stdout)             # exit 1 when the disk here is too small: the figures are still there
     assert data["family"] == "gemma4" and data["source_kind"] == "model"
+    # maxtext-to-hf with no data prices the layout ckpt writes: unscanned for e2b/e4b (whatever --scan says)
+    r = run("plan", "maxtext-to-hf", "--model", name, "--json")
+    layout = "a scanned" if blocks else "an unscanned"
+    assert any(f"as {layout} bf16 MaxText checkpoint" in n for n in json.loads(r.stdout)["notes"]), r.stdout[-400:]
 
 
 def test_registered_plans():
