@@ -47,10 +47,11 @@ SMALL_PERIODS = (5, 6)       # gemma4_small: e2b's pattern (4 local + 1 global),
 MOE = "mlp/moe_block/"
 GATE, UP = Part(-2, 0, 2, blocked=True), Part(-2, 1, 2, blocked=True)   # halves of gate_up_proj's 2M axis
 
-# Gemma4TextConfig's defaults (transformers 5): what a config may leave out.
+# Gemma4TextConfig's defaults (transformers 5): what a config may leave out (global_head_dim, 512 by default, is read
+# in `global_dims`: transformers 5 writes it as per_layer_config, and the exported config should not carry both).
 TEXT_DEFAULTS = {
     "vocab_size": 262144, "hidden_size": 2304, "intermediate_size": 9216, "num_hidden_layers": 30,
-    "num_attention_heads": 8, "num_key_value_heads": 4, "head_dim": 256, "global_head_dim": 512,
+    "num_attention_heads": 8, "num_key_value_heads": 4, "head_dim": 256,
     "hidden_activation": "gelu_pytorch_tanh", "rms_norm_eps": 1e-6, "tie_word_embeddings": True,
     "attention_bias": False, "sliding_window": 512, "final_logit_softcapping": None,
     "use_bidirectional_attention": None, "vocab_size_per_layer_input": 262144, "hidden_size_per_layer_input": 256,
