@@ -546,6 +546,10 @@ def parameter_count(family: Family, hf_config: dict, features: frozenset[str] = 
     dims = family.dims(hf_config)
     total = sum(math.prod(_stacked(eval_shape(r.maxtext_shape, dims), r, None, dims)[0])
                 for r in family.top_rules(dims, hf_config))
-    for block in family.blocks(dims, hf_config, True, frozenset(features)):
+    try:
+        layers = family.blocks(dims, hf_config, True, frozenset(features))
+    except UnsupportedError:           # built unscanned only (gemma4-e2b, -e4b): the same leaves, one per layer
+        layers = family.blocks(dims, hf_config, False, frozenset(features))
+    for block in layers:
         total += sum(math.prod(_stacked(eval_shape(r.maxtext_shape, dims), r, block, dims)[0]) for r in block.rules)
     return total

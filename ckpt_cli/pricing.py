@@ -319,6 +319,7 @@ def plan_maxtext_to_hf(source_arg: str | None, opts, scan: bool = True) -> tuple
     (as ckpt writes it: `scan`, bf16) is priced."""
     from ckpt_cli import convert, registry
     from ckpt_cli.dtypes import output_dtype
+    from ckpt_cli.errors import UnsupportedError
     from ckpt_cli.families import family_named
     from ckpt_cli.io.orbax import OrbaxCheckpoint
     from ckpt_cli.plan import build_to_hf
@@ -326,9 +327,15 @@ def plan_maxtext_to_hf(source_arg: str | None, opts, scan: bool = True) -> tuple
     if source_arg is None:
         spec = registry.lookup(_require_model(opts.model))
         config = registry.reference_config(spec.name)
-        plan = build_to_hf(family_named(spec.family), config, scan, output_dtype(opts.dtype or "bf16"))
+        try:
+            plan = build_to_hf(family_named(spec.family), config, scan, output_dtype(opts.dtype or "bf16"))
+        except UnsupportedError:
+            if not scan:
+                raise
+            scan = False                # a model ckpt (and MaxText 0.2.5) writes unscanned only: gemma4-e2b, -e4b
+            plan = build_to_hf(family_named(spec.family), config, scan, output_dtype(opts.dtype or "bf16"))
         total = sum(_source_elements(t) * 2 for t in plan.tensors)
-        notes = [f"no data read: {spec.name}'s reference config, as a {'scanned' if scan else 'unscanned'} "
+        notes = [f"no data read: {spec.name}'s reference config, as {'a scanned' if scan else 'an unscanned'} "
                  f"bf16 MaxText checkpoint", *plan.notes]
         return plan, Source(f"{spec.name} (reference config)", "model", {}, 2, total, reader_held=READER_FIXED,
                             raw_copy=True), notes

@@ -384,6 +384,43 @@ MODELS.update({m.name: m for m in (
     _deepseek2_236b(),
 )})
 
+# --- Gemma 4 (issue 14) ---
+def _gemma4(name: str, repo: str, e: int, n: int, k: int, f: int, layers: int, period: int, *, kg: int | None = None,
+            experts: int | None = None, ple: int = 0, shared: int = 0, wide: bool = False, window: int = 1024
+            ) -> ModelSpec:
+    """The text model of a Gemma 4 release (MaxText 0.2.5's configs/models/NAME.yml and the text_config of its
+    checkpoint_conversion/utils/hf_model_configs.py): head_dim 256 (local) and 512 (global), vocab 262144, tied,
+    final logits soft-capped at 30; every `period`-th layer global; `kg` global kv heads with attention_k_eq_v
+    (26b, 31b); `experts` routed experts of 704 (26b, top 8); per-layer embeddings of `ple` and `shared` KV-shared
+    layers (e2b, e4b; `wide`: double-wide MLP on the shared layers)."""
+    return ModelSpec(name, "gemma4", repo, {
+        "architectures": ["Gemma4ForCausalLM"], "model_type": "gemma4_text", "hidden_size": e,
+        "num_attention_heads": n, "num_key_value_heads": k, "head_dim": 256, "global_head_dim": 512,
+        "num_global_key_value_heads": kg, "attention_k_eq_v": kg is not None, "intermediate_size": f,
+        "num_hidden_layers": layers, "vocab_size": 262144, "tie_word_embeddings": True, "rms_norm_eps": 1e-6,
+        "layer_types": ["full_attention" if i % period == period - 1 else "sliding_attention" for i in range(layers)],
+        "sliding_window": window, "final_logit_softcapping": 30.0, "hidden_activation": "gelu_pytorch_tanh",
+        "rope_parameters": {
+            "full_attention": {"partial_rotary_factor": 0.25, "rope_theta": 1_000_000.0, "rope_type": "proportional"},
+            "sliding_attention": {"rope_theta": 10_000.0, "rope_type": "default"}},
+        "enable_moe_block": experts is not None, "num_experts": experts, "top_k_experts": 8 if experts else None,
+        "moe_intermediate_size": 704 if experts else None, "hidden_size_per_layer_input": ple,
+        "vocab_size_per_layer_input": 262144, "num_kv_shared_layers": shared, "use_double_wide_mlp": wide,
+        "attention_bias": False, "use_bidirectional_attention": None,
+        "max_position_embeddings": 262144 if kg else 131072,
+        "bos_token_id": 2, "eos_token_id": 1, "pad_token_id": 0, "torch_dtype": "bfloat16",
+    })
+
+
+MODELS.update({m.name: m for m in (
+    _gemma4("gemma4-26b", "google/gemma-4-26b-a4b-it", 2816, 16, 8, 2112, 30, 6, kg=2, experts=128),
+    _gemma4("gemma4-31b", "google/gemma-4-31b-it", 5376, 32, 16, 21504, 60, 6, kg=4),
+    _gemma4("gemma4-e2b", "google/gemma-4-E2B-it", 1536, 8, 1, 6144, 35, 5, ple=256, shared=20, wide=True, window=512),
+    _gemma4("gemma4-e4b", "google/gemma-4-E4B-it", 2560, 8, 2, 10240, 42, 6, ple=256, shared=18, window=512),
+)})
+# --- end Gemma 4 ---
+
+
 def lookup(name: str) -> ModelSpec:
     """A registered MaxText model name (case-insensitive), or an UnknownModelError naming the closest ones."""
     for key, spec in MODELS.items():

@@ -17,6 +17,7 @@ DIRECTIONS = ("hf-to-maxtext", "maxtext-to-hf")
 def model_record(name: str) -> dict:
     """One model: its family, default repo, parameter count, the directions and layouts its family plans."""
     from ckpt_cli import registry
+    from ckpt_cli.errors import UnsupportedError
     from ckpt_cli.families import family_named
     from ckpt_cli.plan import parameter_count
 
@@ -24,17 +25,22 @@ def model_record(name: str) -> dict:
     family = family_named(spec.family)
     config = registry.reference_config(name)
     dims = family.dims(family.model_config(config))
-    scanned = family.blocks(dims, family.model_config(config), True, frozenset())
-    stacked = [len(b.hf_layers) for b in scanned if b.stacked]
+    try:
+        scanned = family.blocks(dims, family.model_config(config), True, frozenset())
+    except UnsupportedError:              # a model MaxText builds unscanned only (gemma4-e2b, -e4b)
+        scanned = None
+    stacked = [len(b.hf_layers) for b in scanned or () if b.stacked]
     return {"name": spec.name, "family": spec.family, "repo_id": spec.repo_id,
             "parameters": parameter_count(family, config), "layers": config.get("num_hidden_layers"),
             # every family's table plans both directions (plan.build_to_hf inverts build_to_maxtext)
-            "directions": list(DIRECTIONS), "scan_layers": [True, False],
+            "directions": list(DIRECTIONS), "scan_layers": [True, False] if scanned is not None else [False],
             "scan_blocks": stacked, "optional_parts": sorted(family.features)}
 
 
 def _scan(r: dict) -> str:
     blocks = r["scan_blocks"]
+    if True not in r["scan_layers"]:
+        return "unscanned"
     if len(blocks) == 1:
         return "scanned, unscanned"
     return f"scanned ({len(blocks)} stacks), unscanned"

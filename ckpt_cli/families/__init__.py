@@ -7,6 +7,7 @@ from ckpt_cli.families import (
     deepseek,
     gemma,
     gemma3,
+    gemma4,
     gpt_oss,
     llama3,
     llama4,
@@ -23,7 +24,7 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (qwen3.FAMILY, llama3.FAMILY, 
                                                    mixtral.FAMILY, gemma3.FAMILY, gpt_oss.FAMILY,
                                                    llama3.LLAMA2, llama3.MISTRAL, qwen3.QWEN2, olmo3.FAMILY,
                                                    gemma.FAMILY, gemma.FAMILY2, qwen3_next.FAMILY, llama4.FAMILY,
-                                                   qwen3_5.FAMILY)}
+                                                   qwen3_5.FAMILY, gemma4.FAMILY)}
 
 
 def family_named(name: str) -> Family:

@@ -36,7 +36,12 @@ Blocks (all pure functions of arrays; ``dtype`` is the compute dtype, norm stati
   any expert FFN (:func:`swiglu_expert` or a family's own, a hashable callable ``ffn(h, w)``), the routing weight
   scaling its output or (``scale_input``, Llama 4) its input; :func:`moe_shapes`.
 * Embedding and logits: :func:`embed_tokens` (checked lookup), :func:`lm_head` (tied or untied head),
-  :func:`final_logits` (final RMSNorm, head, optional ``/√E`` and final soft-cap, float32 out).
+  :func:`final_logits` (final RMSNorm, head, optional ``/√E`` and final soft-cap, float32 out); Gemma 4's
+  per-layer embeddings :func:`per_layer_inputs` over the rows :func:`gather_rows` reads.
+* KV sharing (Gemma 4): :func:`project_kv` (keys and values of a layer: the key projection standing for the value
+  when there is no ``value/kernel``, the scale-less value norm) and :func:`attend` (the query side over given keys
+  and values, a layer's own or a donor layer's); RoPE :func:`proportional_inv_freq` (partial, whole-head
+  denominator); expert FFN :func:`geglu_expert`.
 * Streaming: :func:`select_leaves` (shape-checked selection of a layer's leaves), :func:`to_device` and
   :func:`release` (one layer's weights on the device, then freed before the next fetch), :func:`subtree`.
 
@@ -142,6 +147,17 @@ def rope_inv_freq(dims: int, theta: float, linear_factor: float = 1.0) -> np.nda
     inv = (np.float32(1.0) / (np.float32(theta) ** (np.arange(0, dims, 2, dtype=np.float32) / np.float32(dims))))
     inv = inv.astype(np.float32)
     return inv if linear_factor == 1.0 else (inv / np.float32(linear_factor)).astype(np.float32)
+
+
+def proportional_inv_freq(dims: int, theta: float, fraction: float) -> np.ndarray:
+    """Gemma 4's proportional (partial) RoPE, (dims/2,) float32: the first ``int(fraction * dims) // 2`` frequencies
+    ``theta^(-2i/dims)`` (the whole head's denominator), the rest 0, so with :func:`apply_rope` over the whole head
+    those pairs (i, dims/2 + i) pass unchanged (MaxText pads their timescales with infinity: the same angles, 0)."""
+    rotated = int(fraction * dims) // 2
+    inv = np.zeros(dims // 2, np.float32)
+    inv[:rotated] = np.float32(1.0) / (np.float32(theta) ** (np.arange(0, 2 * rotated, 2, dtype=np.float32)
+                                                              / np.float32(dims)))
+    return inv
 
 
 def llama3_inv_freq(inv_freq: np.ndarray, factor: float, low_freq_factor: float, high_freq_factor: float,
@@ -280,6 +296,36 @@ def self_attention(h: jax.Array, w: Mapping[str, jax.Array], cos: jax.Array, sin
     attn = gqa_attention(q, k, v, mask, dtype, soft_cap=soft_cap, sinks=w.get("sinks"))
     out = jnp.einsum("btnd,nde->bte", attn, w["out/kernel"])
     return out + w["out/bias"] if "out/bias" in w else out
+
+
+def project_kv(h: jax.Array, w: Mapping[str, jax.Array], cos: jax.Array, sin: jax.Array, *, eps: float,
+               dtype: jnp.dtype, v_norm: bool = False) -> tuple[jax.Array, jax.Array]:
+    """Keys and values (B,T,K,D) of an ``Attention`` subtree, for :func:`attend` (and, with KV sharing, for the later
+    layers that reuse them): the key projection, RMSNorm ``key_norm`` when present, RoPE; the value projection, or
+    the key projection itself when the subtree has no ``value/kernel`` (Gemma 4's ``attention_k_eq_v``, MaxText's
+    share_kv_projections: taken before the key norm), then with ``v_norm`` a scale-less RMSNorm."""
+    k = _project(h, w, "key")
+    v = _project(h, w, "value") if "value/kernel" in w else k
+    if "key_norm/scale" in w:
+        k = _qk_norm(k, w["key_norm/scale"], eps, dtype)
+    if v_norm:
+        v = unscaled_rms_norm(v, eps, dtype)
+    return apply_rope(k, cos, sin), v
+
+
+def attend(h: jax.Array, w: Mapping[str, jax.Array], k: jax.Array, v: jax.Array, cos: jax.Array, sin: jax.Array,
+           mask: jax.Array, *, eps: float, dtype: jnp.dtype, query_scale: float = 1.0,
+           soft_cap: float | None = None) -> jax.Array:
+    """The query side of an ``Attention`` module over given keys and values (:func:`project_kv`, this layer's or a
+    KV donor's): query projection, RMSNorm ``query_norm`` when present, RoPE, ``query_scale``, GQA, the output
+    projection -> (B,T,E), no residual."""
+    q = _project(h, w, "query")
+    if "query_norm/scale" in w:
+        q = _qk_norm(q, w["query_norm/scale"], eps, dtype)
+    q = apply_rope(q, cos, sin)
+    if query_scale != 1.0:
+        q = q * jnp.asarray(query_scale, dtype)
+    return jnp.einsum("btnd,nde->bte", gqa_attention(q, k, v, mask, dtype, soft_cap=soft_cap), w["out/kernel"])
 
 
 def attention_shapes(e: int, n: int, k: int, d: int, *, prefix: str = "self_attention/", bias: Sequence[str] = (),
@@ -425,6 +471,11 @@ def swiglu_expert(h: jax.Array, w: Mapping[str, jax.Array]) -> jax.Array:
     return swiglu(h, w["wi_0"], w["wi_1"], w["wo"])
 
 
+def geglu_expert(h: jax.Array, w: Mapping[str, jax.Array]) -> jax.Array:
+    """One routed expert as a GeGLU (tanh gelu) MLP over its ``wi_0``, ``wi_1``, ``wo`` (Gemma 4)."""
+    return gated_mlp(h, w["wi_0"], w["wi_1"], w["wo"], "gelu_tanh")
+
+
 @partial(jax.jit, static_argnames=("ffn", "dtype", "scale_input"))
 def _expert_add(out: jax.Array, h: jax.Array, rows: jax.Array, coef: jax.Array, w: dict[str, jax.Array], *,
                 ffn: Callable, dtype: str, scale_input: bool = False) -> jax.Array:
@@ -510,6 +561,29 @@ def lm_head(params: ParamSource, tied: bool) -> tuple[np.ndarray, bool]:
     if params.has_top(LM_HEAD):
         return params.top(LM_HEAD), False
     raise KeyError(f"untied config but {LM_HEAD} is absent")
+
+
+def gather_rows(params: ParamSource, path: str, ids: np.ndarray) -> np.ndarray:
+    """``params.top(path)[ids]`` reading only the rows ``ids`` names (a source with ``top_rows``), so a large table
+    (Gemma 4's per-layer embeddings: 262144 x L·P) is not read whole for a few prompts."""
+    unique, inverse = np.unique(np.asarray(ids), return_inverse=True)
+    rows = params.top_rows(path, unique) if hasattr(params, "top_rows") else params.top(path)[unique]
+    return rows[inverse.reshape(np.shape(ids))]
+
+
+@partial(jax.jit, static_argnames=("layers", "eps", "dtype"))
+def per_layer_inputs(x: jax.Array, identity: jax.Array, projection: jax.Array, norm: jax.Array, *, layers: int,
+                     eps: float, dtype: str) -> jax.Array:
+    """Gemma 4's per-layer embeddings (PLE) (B,T,L,P): ``(identity·√P + RMSNorm(x·projection / √E)) / √2``, with
+    ``identity`` the rows of ``embed_tokens_per_layer`` for the tokens (B,T,L·P, stored unscaled), ``x`` the (scaled)
+    token embeddings (B,T,E), ``projection`` (E, L·P) and the RMSNorm scale ``norm`` (P,) (MaxText's
+    Gemma4SmallPLE)."""
+    dt = jnp.dtype(dtype)
+    p = norm.shape[0]
+    ident = identity.astype(dt) * jnp.asarray(float(p) ** 0.5, dt)
+    context = (x.astype(dt) @ projection.astype(dt)) * jnp.asarray(float(x.shape[-1]) ** -0.5, dt)
+    context = rms_norm(context.reshape(*x.shape[:-1], layers, p), norm, eps, dt)
+    return (ident.reshape(*x.shape[:-1], layers, p) + context) * jnp.asarray(2.0 ** -0.5, dt)
 
 
 @partial(jax.jit, static_argnames=("eps", "transposed", "dtype", "norm_offset", "normalize", "soft_cap"))

@@ -104,6 +104,12 @@ class OrbaxParams:
     def has_top(self, path: str) -> bool:
         return path in self.ckpt.paths
 
+    def top_rows(self, path: str, rows: np.ndarray) -> np.ndarray:
+        """Rows `rows` (sorted, unique) of a top-level array, each read alone: a table's rows for a few tokens."""
+        with ThreadPoolExecutor(self.workers) as pool:
+            parts = list(pool.map(lambda r: self._read(SourceSlice(path, rows=(int(r), int(r) + 1))), rows))
+        return np.concatenate(parts, axis=0)
+
     def layer(self, i: int) -> dict[str, np.ndarray]:
         """Every leaf of decoder layer i, unstacked; the reads run concurrently (tensorstore drops the GIL)."""
         if i not in self.layer_sources:

@@ -14,6 +14,9 @@ real positions). Two ways to hold the weights, chosen by `load`:
   `mlp`), each layer's file tensors go through transformers' own load-time conversion
   (`transformers.conversion_mapping`), the one `from_pretrained` applies. Non-persistent buffers
   computed from the config (RoPE frequencies, Gemma3's embedding scale) are rebuilt.
+  A multimodal release (Gemma 3/4, Llama 4: the language model under `model.language_model.` or
+  `language_model.model.`) streams its text model alone (the config's text config, the files' text tensors
+  renamed), which is the model ckpt converts.
 * `auto` (default): `full` when the estimate fits in the available memory, else `stream`; when
   even streaming does not fit, a one-line error instead of running out of memory.
 """
@@ -81,6 +84,28 @@ def _torch_dtype(dtype: str):
     return {"f32": torch.float32, "bf16": torch.bfloat16}[dtype]
 
 
+# Where a multimodal release keeps its language model (transformers 5's saves, the Hub's Gemma 3 / Llama 4 files),
+# and the text model's own names for them.
+TEXT_PREFIXES = (("model.language_model.", "model."), ("language_model.model.", "model."),
+                 ("language_model.lm_head.", "lm_head."))
+
+
+def text_names(names) -> dict[str, str]:
+    """{text-model name: file name}: the names themselves for a text model's files; for a multimodal release (no
+    `model.layers.*`, its language model under a prefix) the language model's tensors renamed to a text model's,
+    the vision/audio towers left out."""
+    names = list(names)
+    if any(n.startswith(LAYERS_PREFIX) for n in names):
+        return {n: n for n in names}
+    out = {}
+    for n in names:
+        for prefix, to in TEXT_PREFIXES:
+            if n.startswith(prefix):
+                out[to + n[len(prefix):]] = n
+                break
+    return out if any(k.startswith(LAYERS_PREFIX) for k in out) else {n: n for n in names}
+
+
 def estimate_memory(folder: Path, cfg: dict, prompts: Sequence[Prompt], dtype: str) -> MemoryEstimate:
     """Parameter bytes in the compute dtype plus activations, for a whole model and for layer streaming."""
     itemsize = 4 if dtype == "f32" else 2
@@ -98,7 +123,8 @@ def estimate_memory(folder: Path, cfg: dict, prompts: Sequence[Prompt], dtype: s
     layer_bytes: dict[int, int] = {}
     other = largest_read = 0
     per_expert = False
-    for name, info in files.tensors.items():
+    for name, file_name in text_names(files.tensors).items():   # a multimodal release: its language model
+        info = files.tensors[file_name]
         n = int(np.prod(info.shape, dtype=np.int64)) * itemsize
         largest_read = max(largest_read, info.nbytes)
         if name.startswith(LAYERS_PREFIX):
@@ -297,6 +323,9 @@ class StreamedModel:
         self.files = SafetensorsFolder(folder)
         self.dtype = _torch_dtype(dtype)
         config = hf_config(folder)
+        self.names = text_names(self.files.tensors)
+        if any(k != v for k, v in self.names.items()):   # a multimodal release: stream its text model
+            config = config.get_text_config()
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(config, dtype=self.dtype, attn_implementation="eager")
         layers = dict(model.named_modules()).get(LAYERS_PREFIX.rstrip("."))
@@ -304,7 +333,7 @@ class StreamedModel:
             raise CkptError(f"{type(model).__name__} has no {LAYERS_PREFIX.rstrip('.')}: cannot stream it; "
                             f"use --hf-load full")
         cls = type(model).__name__
-        self.map = WeightMap(model, list(self.files.tensors))
+        self.map = WeightMap(model, list(self.names))
         self.layer_groups = [self.map.keys_under(f"{LAYERS_PREFIX}{i}.") for i in range(len(layers))]
         for i, layer in enumerate(layers):
             unbuilt = [k for k in layer.state_dict() if f"{LAYERS_PREFIX}{i}.{k}" not in self.map.produced]
@@ -333,7 +362,7 @@ class StreamedModel:
         self.model = model.eval()
 
     def _read(self, name: str):
-        return _to_torch(self.files.read(name), self.dtype)
+        return _to_torch(self.files.read(self.names[name]), self.dtype)
 
     @staticmethod
     def _rebuild_buffers(model, config) -> None:

@@ -149,6 +149,15 @@ class VerifyResult:
         }
 
 
+def _text_config(cfg: dict) -> dict:
+    """The config of the model a checkpoint converted from `cfg` holds (a multimodal config's text model), or `cfg`
+    itself when no family reads it."""
+    try:
+        return detect_family(cfg).model_config(cfg)
+    except CkptError:
+        return cfg
+
+
 def resolve_config(ckpt: OrbaxCheckpoint, hf_folder: Path | None, golden: golden_io.Golden | None
                    ) -> tuple[dict, str]:
     """The HF config to verify with: carried in the checkpoint, else --hf's config.json, else the golden file's.
@@ -160,12 +169,9 @@ def resolve_config(ckpt: OrbaxCheckpoint, hf_folder: Path | None, golden: golden
     carried = ckpt.provenance.get("hf_config")
     folder_cfg = load_config(hf_folder) if hf_folder is not None else None
     if carried and folder_cfg:
-        try:        # the model converted: a multimodal config's text part (the checkpoint carries that one)
-            model_cfg = detect_family(folder_cfg).model_config(folder_cfg)
-        except CkptError:
-            model_cfg = folder_cfg
+        text = _text_config(folder_cfg)     # a multimodal folder (Gemma 3/4, Llama 4) is compared by its text model
         for key in _MATCH_KEYS:
-            a, b = carried.get(key), model_cfg.get(key)
+            a, b = carried.get(key), text.get(key)
             if a is not None and b is not None and a != b:
                 raise ConfigMismatchError(f"{key} = {b} in {hf_folder}/config.json, but the checkpoint was "
                                           f"converted from a model with {key} = {a}")
@@ -211,6 +217,10 @@ def forward_config(cfg: dict, model: str | None = None):
             from ckpt_cli.verify.llama4 import Llama4Config
 
             return family, Llama4Config.from_hf_config(cfg)
+        if family.name == "gemma4":
+            from ckpt_cli.verify.gemma4 import Gemma4Config
+
+            return family, Gemma4Config.from_hf_config(cfg)
         from ckpt_cli.verify.forward import ForwardConfig
 
         return family, ForwardConfig.from_hf_config(family.name, cfg)
@@ -267,6 +277,10 @@ def maxtext_forward(params: OrbaxParams, fcfg, prompts: Sequence[Prompt], dtype:
         from ckpt_cli.verify.llama4 import llama4_logits
 
         logits = llama4_logits(params, fcfg, batch, dtype=COMPUTE_DTYPES[dtype])
+    elif type(fcfg).__name__ == "Gemma4Config":
+        from ckpt_cli.verify.gemma4 import gemma4_logits
+
+        logits = gemma4_logits(params, fcfg, batch, dtype=COMPUTE_DTYPES[dtype])
     else:
         from ckpt_cli.verify.forward import maxtext_logits
 

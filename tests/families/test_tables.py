@@ -19,7 +19,12 @@ def test_every_registered_model_has_a_valid_table(name):
     dims = family.dims(cfg)
     validate_rules(family.top_rules(dims, cfg), dims)
     for scan in (True, False):
-        for block in family.blocks(dims, cfg, scan, family.features):
+        try:
+            layout = family.blocks(dims, cfg, scan, family.features)
+        except UnsupportedError:
+            assert scan and name in ("gemma4-e2b", "gemma4-e4b")   # MaxText 0.2.5 builds these unscanned only
+            continue
+        for block in layout:
             validate_rules(block.rules, dims)   # each block's table is one-to-one on its own
 
 
