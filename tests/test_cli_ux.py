@@ -15,6 +15,7 @@ from typer.testing import CliRunner
 from ckpt_cli.cli.app import app
 from ckpt_cli.cli.output import Output
 from ckpt_cli.cli.tables import Col, Grid, render, wrap
+from ckpt_cli.families import FAMILIES
 
 runner = CliRunner()
 COMMANDS = [["convert", "hf-to-maxtext"], ["convert", "maxtext-to-hf"], ["plan", "hf-to-maxtext"],
@@ -286,7 +287,7 @@ COMPLETIONS = [     # (what was typed, what TAB must offer: exactly, or at least
     ("ckpt inspect --model qwen3-0", ["qwen3-0.6b"]),
     ("ckpt inspect x --against qwen3-0", ["qwen3-0.6b"]),
     ("ckpt verify-logits --hf qwen3-0", ["qwen3-0.6b"]),
-    ("ckpt models --family qwen3", ["qwen3", "qwen3_moe", "qwen3_next"]),
+    ("ckpt models --family qwen3", sorted(f for f in FAMILIES if f.startswith("qwen3"))),
     ("ckpt convert hf-to-maxtext x --dtype ", ["bf16", "f32"]),
     ("ckpt convert maxtext-to-hf x --dtype ", ["bf16", "f32"]),
     ("ckpt plan hf-to-maxtext --dtype b", ["bf16"]),
