@@ -22,7 +22,9 @@ from ckpt_cli.families import Family, detect_family
 from ckpt_cli.io.orbax import OrbaxCheckpoint
 from ckpt_cli.plan import ConversionPlan, TensorPlan
 
-_SCANNED = re.compile(r"decoder/(layers|dense_layers|moe_layers|layers_remainder)/")
+_SCANNED = re.compile(r"decoder/(layers|dense_layers|moe_layers|layers_remainder|scanned_blocks)/")
+# scanned trees that keep some layers unscanned beside the stacked ones (DeepSeek-V4's hash layers)
+_MIXED = re.compile(r"decoder/scanned_blocks/")
 _UNSCANNED = re.compile(r"decoder/(layers|dense_layers|moe_layers)_\d+/")
 _CONFIG_DTYPES = {"bfloat16": "bf16", "float32": "f32"}
 _TOKEN_IDS = ("bos_token_id", "eos_token_id", "pad_token_id")
@@ -91,7 +93,7 @@ def resolve_architecture(ckpt: OrbaxCheckpoint, model: str | None, hf_config: Pa
 def detect_scan(ckpt: OrbaxCheckpoint) -> bool:
     """Scanned or not: the step's custom_metadata, else the tree (`decoder/layers/...` vs `decoder/layers_0/...`)."""
     scanned = any(_SCANNED.match(p) for p in ckpt.paths)
-    unscanned = any(_UNSCANNED.match(p) for p in ckpt.paths)
+    unscanned = any(_UNSCANNED.match(p) for p in ckpt.paths) and not any(_MIXED.match(p) for p in ckpt.paths)
     declared = ckpt.scan_layers
     if declared is None:
         declared = ckpt.provenance.get("scan_layers")
