@@ -134,11 +134,14 @@ class TensorPlan:
     def read_elements(self, task: SliceTask) -> int:
         """Elements a task reads: what it produces, times the step of a source part (the rest is skipped); for a
         padded table (rows on axis 0 on both sides), the rows the source side holds."""
+        if self.fill is not None:
+            return 0
         shape = self.task_shape(task)
         if self.chain.pads:
             rows = task.source.rows[1] - task.source.rows[0] if task.source.rows else self.source_shape[0]
             return math.prod(shape[1:]) * rows
-        return math.prod(shape) * (task.source.part.step if task.source.part else 1)
+        part = task.source.part     # each part reads the whole slice: a part of `count` blocks, step / count of it
+        return math.prod(shape) * part.step // part.count if part else math.prod(shape)
 
     def apply(self, x: np.ndarray, direction: str, task: SliceTask) -> np.ndarray:
         """Transform one source slice into one target slice of the target dtype.

@@ -22,6 +22,7 @@ Scanned, MaxText keeps the hash layers unscanned (`decoder/layers_{i}`) and stac
 
 from __future__ import annotations
 
+import re
 from collections.abc import Collection
 
 from ckpt_cli.errors import UnsupportedError
@@ -218,6 +219,34 @@ def check_config(cfg: dict, features: frozenset[str] = frozenset()) -> list[str]
     return notes
 
 
+# What the release stores quantized (config quantization_config fp8 with scale_fmt ue8m0, expert_dtype fp4; as
+# transformers' DeepSeek-V4 loader expects): the attention and shared-expert projections fp8 e4m3 with one e8m0
+# `<stem>.scale` per 128x128 block; the routed experts fp4 (E2M1 pairs in int8, one e8m0 scale per 32 values). The
+# compressors, indexer projections but `wq_b`, router, embeddings, head, norms and hyper-connections are not.
+FP8_RELEASED = re.compile(r"layers\.\d+\.(attn\.(wq_a|wq_b|wkv|wo_a|wo_b|indexer\.wq_b)|ffn\.shared_experts\.w[123])"
+                          r"\.weight")
+FP4_RELEASED = re.compile(r"layers\.\d+\.ffn\.experts\.\d+\.w[123]\.weight")
+
+
+def released_bytes(cfg: dict, name: str, shape: tuple[int, ...]) -> float | None:
+    """Bytes per element of HF tensor `name` (of `shape`) as the release stores it, where its config's dtype does
+    not say: quantized weights with their scales (fp4: half a byte and an e8m0 byte per 32; fp8: a byte and an e8m0
+    byte per block, ragged edge blocks included) and the int64 `tid2eid`. None otherwise."""
+    if name.endswith(".tid2eid"):
+        return 8.0
+    quant = cfg.get("quantization_config") or {}
+    if quant.get("quant_method") != "fp8" or len(shape) != 2:
+        return None
+    bh, bw = quant.get("weight_block_size") or (128, 128)
+    expert_fp4 = (quant.get("expert_dtype") or cfg.get("expert_dtype")) == "fp4"
+    if expert_fp4 and FP4_RELEASED.fullmatch(name):
+        return 0.5 + 1 / 32
+    if FP8_RELEASED.fullmatch(name) or FP4_RELEASED.fullmatch(name):
+        rows, cols = shape
+        return 1 + -(-rows // bh) * -(-cols // bw) / (rows * cols)
+    return None
+
+
 TOP_RENAMES = {"embed.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
                "hc_head_fn": "model.hc_head.hc_fn", "hc_head_base": "model.hc_head.hc_base",
                "hc_head_scale": "model.hc_head.hc_scale"}
@@ -246,5 +275,5 @@ FAMILY = Family(
                     "vocab_size", "moe_intermediate_size", "n_routed_experts", "n_shared_experts",
                     "num_experts_per_tok", "q_lora_rank", "o_groups", "o_lora_rank", "hc_mult", "index_n_heads",
                     "index_head_dim"),
-    extra={"tied": lambda cfg: False},
+    extra={"tied": lambda cfg: False, "released_bytes": released_bytes},
 )

@@ -31,14 +31,14 @@ def tiny_config() -> dict:
                 compress_rates={"compressed_sparse_attention": 4, "heavily_compressed_attention": 8})
 
 
-def tiny_model(seed: int = 0):
+def tiny_model(seed: int = 0, **config):
     """A float32 tiny model whose buffers and zero-initialised parameters are random too (tid2eid, router bias,
     sinks, position biases, hyper-connection bases), so that no part of any tensor is a constant."""
     import torch
     from transformers import DeepseekV4Config, DeepseekV4ForCausalLM
 
     torch.manual_seed(seed)
-    model = DeepseekV4ForCausalLM(DeepseekV4Config(**tiny_config())).float().eval()
+    model = DeepseekV4ForCausalLM(DeepseekV4Config(**(tiny_config() | config))).float().eval()
     gen = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
         for name, t in model.state_dict().items():
@@ -191,6 +191,11 @@ def test_plan_and_inspect_by_model_name():
     figures = json.loads(result.stdout)
     assert figures["family"] == "deepseek4" and figures["tensors"] == 220
     assert 284e9 < figures["parameters"] < 285e9
+    # priced as the release stores it: fp4 routed experts (0.5 byte + a scale byte per 32) and fp8 projections;
+    # the routed experts alone are 43 * 256 * 3 * 2048 * 4096 elements
+    experts = 43 * 256 * 3 * 2048 * 4096
+    assert experts * 17 / 32 < figures["bytes"]["source"] < experts * 17 / 32 + 12e9
+    assert figures["bytes"]["written"] > 2 * figures["parameters"]          # bf16 output
     result = run("inspect", "--model", "deepseek4-284b", "--json")
     assert result.exit_code == 0, result.stderr
     assert "decoder/scanned_blocks/layers_1/self_attention/csa_compressor/indexer/q_proj/kernel" in result.stdout
