@@ -261,9 +261,10 @@ def validate_rules(rules: Iterable[Rule], dims: Dims) -> None:
         if r.hf_dtype not in (None, "int64"):
             raise AssertionError(f"{r.maxtext}: unknown HF dtype {r.hf_dtype!r}")
         if r.fill is not None or not r.hf:
-            if r.fill is None or r.hf or r.hf_shape or r.steps or r.experts or r.part or r.collection:
-                raise AssertionError(f"{r.maxtext}: a constant leaf has a fill value and no HF tensor, shape, "
-                                     "steps, experts, part or collection")
+            if (r.fill is None or r.hf or r.hf_shape or r.steps or r.experts or r.part or r.collection
+                    or not re.fullmatch(r"[A-Za-z0-9_/]+", r.maxtext)):
+                raise AssertionError(f"{r.maxtext}: a constant leaf has a leaf path, a fill value and no HF tensor, "
+                                     "shape, steps, experts, part or collection")
             continue
         by_hf.setdefault(r.hf, []).append(r)
         hf_shape = eval_shape(r.hf_shape, dims)

@@ -199,3 +199,27 @@ def test_plan_and_inspect_by_model_name():
     result = run("inspect", "--model", "deepseek4-284b", "--json")
     assert result.exit_code == 0, result.stderr
     assert "decoder/scanned_blocks/layers_1/self_attention/csa_compressor/indexer/q_proj/kernel" in result.stdout
+
+
+@pytest.mark.parametrize("rule,message", [
+    (dict(maxtext="a/scale", hf="x.weight", maxtext_shape="E", hf_shape="", fill=1.0), "constant leaf"),
+    (dict(maxtext="a/scale", hf="", maxtext_shape="E", hf_shape=""), "constant leaf"),
+    (dict(maxtext="a/k", hf="x", maxtext_shape="E", hf_shape="2*E", part=Part(-1, 0, 2, False, 2)),
+     "only a blocked part"),
+    (dict(maxtext="a/k", hf="x", maxtext_shape="E", hf_shape="E", hf_dtype="int8"), "unknown HF dtype"),
+])
+def test_bad_new_rule_fields_are_refused(rule, message):
+    from ckpt_cli.families.base import row
+
+    with pytest.raises(AssertionError, match=message):
+        validate_rules([row(**rule)], {"E": 4})
+
+
+def test_grouped_transpose_round_trip_and_layout():
+    from ckpt_cli.transforms import GroupedLinear
+
+    g, w, o = 3, 5, 4
+    hf = np.arange(g * o * w, dtype=np.float32).reshape(g * o, w)
+    mt = GroupedLinear().to_maxtext(hf, (g, w, o))
+    assert mt.shape == (g, w, o) and mt[2, 1, 3] == hf[2 * o + 3, 1]
+    assert_bits_equal(GroupedLinear().to_hf(mt, hf.shape), hf, "round trip")
