@@ -47,4 +47,4 @@ def test_a_planted_mistake_is_caught(tiny, monkeypatch):
 
     monkeypatch.setattr(deepseek4, "mix_streams", untransposed)
     result = check(tiny, True)
-    assert result.kl_max > 1e-4 and not result.passed
+    assert result.kl_max > 1e-6 and not result.passed      # subtle (about 1e-5 here), still over the f32 bar
