@@ -134,12 +134,16 @@ def hyper_connection(x: jax.Array, w: dict[str, jax.Array], cfg: Deepseek4Config
     comb = (f @ w["res_alpha"]).reshape(b, t, h, h) * w["res_alpha_scale"][0] + w["res_beta"]
     comb = jax.nn.softmax(comb, axis=-1) + cfg.hc_eps
     comb = comb / (comb.sum(-2, keepdims=True) + cfg.hc_eps)
-    for _ in range(cfg.hc_iters - 1):
-        comb = comb / (comb.sum(-1, keepdims=True) + cfg.hc_eps)
-        comb = comb / (comb.sum(-2, keepdims=True) + cfg.hc_eps)
+
+    def sinkhorn(_, c: jax.Array) -> jax.Array:
+        c = c / (c.sum(-1, keepdims=True) + cfg.hc_eps)
+        return c / (c.sum(-2, keepdims=True) + cfg.hc_eps)
+
+    comb = jax.lax.fori_loop(0, cfg.hc_iters - 1, sinkhorn, comb)
     return post, comb, jnp.einsum("bth,bthe->bte", pre, x)
 
 
+@jax.jit
 def mix_streams(x: jax.Array, out: jax.Array, post: jax.Array, comb: jax.Array) -> jax.Array:
     """`x'_k = post_k · out + Σ_j comb_jk x_j`."""
     return post[..., None] * out[:, :, None, :] + jnp.einsum("btjk,btje->btke", comb, x)
@@ -231,38 +235,44 @@ def attention(h: jax.Array, w: dict[str, jax.Array], cfg: Deepseek4Config, ratio
 
 # ------------------------------------------------------------------------------------------------------------ MoE
 
-def clamped_swiglu(h: jax.Array, wi0: jax.Array, wi1: jax.Array, wo: jax.Array, limit: float) -> jax.Array:
+def clamped_swiglu(h: np.ndarray, wi0: np.ndarray, wi1: np.ndarray, wo: np.ndarray, limit: float) -> np.ndarray:
     gate, up = h @ wi0, h @ wi1
     if limit:
-        gate, up = jnp.minimum(gate, limit), jnp.clip(up, -limit, limit)
-    return (jax.nn.silu(gate) * up) @ wo
+        gate, up = np.minimum(gate, limit), np.clip(up, -limit, limit)
+    return (gate / (1 + np.exp(-gate)) * up) @ wo
 
 
-def moe(h: jax.Array, w: dict[str, np.ndarray], tokens: np.ndarray, cfg: Deepseek4Config, hashed: bool
-        ) -> jax.Array:
-    """Routed experts (one on the device at a time, for the tokens routed to it) plus the shared expert."""
+def moe(h: np.ndarray, w: dict[str, np.ndarray], tokens: np.ndarray, cfg: Deepseek4Config, hashed: bool
+        ) -> np.ndarray:
+    """Routed experts (each for the tokens routed to it, its weights read as they are needed) plus the shared
+    expert, in float32 on the host (numpy: no compilation per expert and row count)."""
     b, t, e = h.shape
-    flat = h.reshape(-1, e)
-    scores = jnp.sqrt(jax.nn.softplus(flat @ jnp.asarray(w[MOE + "gate/kernel"])))
+    f32 = lambda a: np.asarray(a, np.float32)  # noqa: E731
+    flat = f32(h).reshape(-1, e)
+    scores = np.sqrt(np.logaddexp(np.float32(0), flat @ f32(w[MOE + "gate/kernel"])))
     if hashed:
         ids = np.asarray(w[MOE + "tid2eid"]).astype(np.int64)[tokens.reshape(-1)]
-    else:
-        _, ids = jax.lax.top_k(scores + jnp.asarray(w[MOE + "gate/bias"]), cfg.experts_per_tok)
-        ids = np.asarray(ids)
-    weights = jnp.take_along_axis(scores, jnp.asarray(ids), axis=-1)
-    weights = np.asarray(weights / (weights.sum(-1, keepdims=True) + 1e-20) * cfg.routed_scale)
-    out = jnp.zeros_like(flat)
+    else:   # top-k, ties to the lower index (jax.lax.top_k's order)
+        ids = np.argsort(-(scores + f32(w[MOE + "gate/bias"])), axis=-1, kind="stable")[:, : cfg.experts_per_tok]
+    weights = np.take_along_axis(scores, ids, axis=-1)
+    weights = weights / (weights.sum(-1, keepdims=True) + np.float32(1e-20)) * np.float32(cfg.routed_scale)
+    out = np.zeros_like(flat)
     for x in np.unique(ids):
         rows, slot = np.nonzero(ids == x)
-        y = clamped_swiglu(flat[rows], jnp.asarray(w[MOE + "wi_0"][x]), jnp.asarray(w[MOE + "wi_1"][x]),
-                           jnp.asarray(w[MOE + "wo"][x]), cfg.swiglu_limit)
-        out = out.at[rows].add(y * weights[rows, slot][:, None])
-    shared = clamped_swiglu(flat, *(jnp.asarray(w[f"mlp/shared_experts/{n}/kernel"]) for n in ("wi_0", "wi_1", "wo")),
+        y = clamped_swiglu(flat[rows], f32(w[MOE + "wi_0"][x]), f32(w[MOE + "wi_1"][x]), f32(w[MOE + "wo"][x]),
+                           cfg.swiglu_limit)
+        np.add.at(out, rows, y * weights[rows, slot][:, None])
+    shared = clamped_swiglu(flat, *(f32(w[f"mlp/shared_experts/{n}/kernel"]) for n in ("wi_0", "wi_1", "wo")),
                             cfg.swiglu_limit)
     return (out + shared).reshape(b, t, e)
 
 
 # -------------------------------------------------------------------------------------------------------- forward
+
+@partial(jax.jit, static_argnames=("eps",))
+def _norm(x: jax.Array, scale: jax.Array, *, eps: float) -> jax.Array:
+    return rms_norm(x, scale, eps, jnp.float32)
+
 
 def rope_cos_sin(cfg: Deepseek4Config, length: int) -> dict:
     return {kind: rope_tables(rope_inv_freq(cfg.rope_dim, theta), length)
@@ -272,31 +282,37 @@ def rope_cos_sin(cfg: Deepseek4Config, length: int) -> dict:
 def deepseek4_logits(params: ParamSource, cfg: Deepseek4Config, tokens: np.ndarray, dtype: str = "float32"
                      ) -> tuple[np.ndarray, list[str]]:
     """tokens int (B,T) -> (logits float32 (B,T,V), notes), with MaxText's deepseek4 math in float32, one layer
-    read at a time (its routed experts stay on the host, one moved to the device at a time)."""
+    read at a time (its MoE computed on the host in numpy, expert by expert)."""
     tokens = np.asarray(tokens)
     x = embed_tokens(params, cfg, tokens, "float32")
     x = jnp.broadcast_to(x[:, :, None, :], (*x.shape[:2], cfg.hc_mult, x.shape[-1]))
     tables = rope_cos_sin(cfg, tokens.shape[1])
-    routed = (MOE + "wi_0", MOE + "wi_1", MOE + "wo", MOE + "tid2eid")
     for i in range(cfg.num_layers):
         layer = params.layer(i)
-        dense = to_device(layer, skip=routed)
+        dense = to_device(layer, skip=tuple(k for k in layer if k.startswith("mlp/")))   # the MoE runs on the host
         w = {k: v.astype(jnp.float32) for k, v in dense.items()}
         post, comb, h = hyper_connection(x, {k.removeprefix("mhc_attention/"): v for k, v in w.items()}, cfg)
-        attn = attention(rms_norm(h, w[_PRE_NORM], cfg.rms_eps, jnp.float32),
+        attn = attention(_norm(h, w[_PRE_NORM], eps=cfg.rms_eps),
                          {k.removeprefix(A): v for k, v in w.items() if k.startswith(A)}, cfg, cfg.ratios[i],
                          *tables["compress" if cfg.ratios[i] else "main"])
         x = mix_streams(x, attn, post, comb)
         post, comb, h = hyper_connection(x, {k.removeprefix("mhc_mlp/"): v for k, v in w.items()}, cfg)
-        experts = {k: layer[k] for k in routed if k in layer} | dense
-        y = moe(rms_norm(h, w[_POST_NORM], cfg.rms_eps, jnp.float32), experts, tokens, cfg, i < cfg.hash_layers)
-        x = mix_streams(x, y, post, comb).block_until_ready()
+        experts = {k: v for k, v in layer.items() if k.startswith("mlp/")}
+        y = moe(np.asarray(_norm(h, w[_POST_NORM], eps=cfg.rms_eps)), experts, tokens, cfg, i < cfg.hash_layers)
+        x = mix_streams(x, jnp.asarray(y), post, comb).block_until_ready()
         release(dense)
         del layer, experts, w
+    head = {k: jnp.asarray(params.top(f"decoder/hc_head/{k}"), jnp.float32) for k in ("hc_fn", "hc_scale", "hc_base")}
+    logits = _head(x, head, jnp.asarray(params.top(FINAL_NORM)), jnp.asarray(params.top(LM_HEAD)), cfg=cfg)
+    return np.asarray(logits, np.float32)[..., : cfg.vocab], list(cfg.notes)
+
+
+@partial(jax.jit, static_argnames=("cfg",))
+def _head(x: jax.Array, head: dict[str, jax.Array], norm: jax.Array, kernel: jax.Array, *, cfg: Deepseek4Config
+          ) -> jax.Array:
+    """The streams collapsed by `hc_head` (`σ(RMSNorm(x)·hc_fn·hc_scale + hc_base) + ε`), the final norm, the head."""
     b, t, hc, e = x.shape
     f = rms_norm(x.reshape(b, t, hc * e), jnp.ones((hc * e,), jnp.float32), cfg.rms_eps, jnp.float32)
-    head = {k: jnp.asarray(params.top(f"decoder/hc_head/{k}"), jnp.float32) for k in ("hc_fn", "hc_scale", "hc_base")}
     pre = jax.nn.sigmoid(f @ head["hc_fn"] * head["hc_scale"][0] + head["hc_base"]) + cfg.hc_eps
-    h = rms_norm(jnp.einsum("bth,bthe->bte", pre, x), jnp.asarray(params.top(FINAL_NORM)), cfg.rms_eps, jnp.float32)
-    logits = h @ jnp.asarray(params.top(LM_HEAD), jnp.float32)
-    return np.asarray(logits, np.float32)[..., : cfg.vocab], list(cfg.notes)
+    h = rms_norm(jnp.einsum("bth,bthe->bte", pre, x), norm, cfg.rms_eps, jnp.float32)
+    return h @ kernel.astype(jnp.float32)
