@@ -89,7 +89,7 @@ def task_figures(plan: ConversionPlan, source: Source) -> list[TaskFigures]:
     """Every task in the engine's order (the reader's order_key, else plan order), priced once per shape."""
     jobs = [(t, task) for t in plan.tensors for task in t.tasks]
     if source.order_key is not None:
-        jobs.sort(key=lambda j: source.order_key(j[1].source))
+        jobs.sort(key=lambda j: () if j[0].fill is not None else source.order_key(j[1].source))   # fill: no source
     cache: dict[tuple, TaskFigures] = {}
     out: list[TaskFigures] = []
     for tensor, task in jobs:

@@ -152,3 +152,18 @@ def test_inspect_reads_the_packed_shapes(quantized):
     assert result.exit_code == 0, result.stderr
     report = json.loads(result.stdout)
     assert report["identical"] and report["counts"]["matched"] == 220 and report["unmapped"] == []
+
+
+def test_plan_prices_the_packed_bytes(quantized):
+    """A local quantized release is read as stored: its packed experts and fp8 weights with their scales (the three
+    parts of each hyper-connection tensor read it whole: the only bytes read twice)."""
+    result = run("plan", "hf-to-maxtext", quantized["release"], "--json", "--read-gbps", "1", "--write-gbps", "0.5",
+                 "--dtype", "f32")
+    assert result.exit_code in (0, 1), result.stderr
+    figures = json.loads(result.stdout)
+    stored = (quantized["release"] / "model.safetensors").stat().st_size
+    assert figures["bytes"]["source"] == stored
+    reference = json.loads(run("plan", "hf-to-maxtext", quantized["reference"], "--json", "--read-gbps", "1",
+                               "--write-gbps", "0.5", "--dtype", "f32").stdout)
+    assert figures["bytes"]["written"] == reference["bytes"]["written"]
+    assert figures["bytes"]["read"] < 0.7 * reference["bytes"]["read"]
