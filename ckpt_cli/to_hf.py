@@ -193,7 +193,22 @@ def check_checkpoint(forward: ConversionPlan, ckpt: OrbaxCheckpoint) -> list[str
     if extra:
         raise ShapeMismatchError(f"{extra[0]}: in the checkpoint but not in the {forward.family} config "
                                  f"({len(extra)} such parameter(s)); the config does not describe this checkpoint")
-    return notes
+    return notes + changed_constants(forward, ckpt)
+
+
+def changed_constants(forward: ConversionPlan, ckpt: OrbaxCheckpoint) -> list[str]:
+    """A note when a leaf HF has no tensor for (`fill`, written as that constant on import, e.g. DeepSeek-V4's
+    mhc_norm scales) holds other values: MaxText trained it, and the HF model, which computes with the constant,
+    will differ. These leaves are small (one vector a layer); each is read whole."""
+    from ckpt_cli.plan import SourceSlice
+
+    changed = [t for t in forward.tensors if t.fill is not None
+               and not np.all(np.asarray(ckpt.read(SourceSlice(t.target)), np.float32) == np.float32(t.fill))]
+    if not changed:
+        return []
+    return [f"{len(changed)} MaxText leaf/leaves with no Hugging Face tensor are not all {changed[0].fill:g} (e.g. "
+            f"{changed[0].target}): trained in MaxText, they are not written, and the HF model computes with "
+            f"{changed[0].fill:g} there"]
 
 
 def output_config(cfg: dict, dtype: np.dtype) -> dict:

@@ -238,3 +238,21 @@ def test_grouped_transpose_round_trip_and_layout():
     mt = GroupedLinear().to_maxtext(hf, (g, w, o))
     assert mt.shape == (g, w, o) and mt[2, 1, 3] == hf[2 * o + 3, 1]
     assert_bits_equal(GroupedLinear().to_hf(mt, hf.shape), hf, "round trip")
+
+
+def test_a_trained_mhc_norm_is_noted_on_export(sources, tmp_path):
+    """MaxText trains mhc_norm; HF has no tensor for it: maxtext-to-hf says so when it is not all ones."""
+    import tensorstore as ts
+
+    from ckpt_cli.io.orbax import OrbaxCheckpoint
+
+    convert(sources["release"], tmp_path / "mt", "--no-scan")
+    result = run("convert", "maxtext-to-hf", tmp_path / "mt", "--out", tmp_path / "a")
+    assert result.exit_code == 0 and "not all 1" not in result.stderr
+    ckpt = OrbaxCheckpoint(tmp_path / "mt")
+    leaf = "decoder/layers_2/mhc_mlp/mhc_norm/scale"
+    arr = ts.open(ckpt.array_spec(leaf), context=ckpt.context).result()
+    arr[3].write(np.float32(1.5)).result()
+    result = run("convert", "maxtext-to-hf", tmp_path / "mt", "--out", tmp_path / "b")
+    assert result.exit_code == 0, result.stderr
+    assert f"1 MaxText leaf/leaves with no Hugging Face tensor are not all 1 (e.g. {leaf})" in result.stderr
