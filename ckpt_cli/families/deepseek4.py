@@ -146,8 +146,8 @@ def hash_layers(cfg: dict) -> int:
 
 
 def kind(ratio: int) -> str | None:
-    """MaxText 0.2.5's attention kind of a compress ratio: CSA at 4, HCA above, none (sliding window) at 0."""
-    return None if ratio == 0 else CSA if ratio == 4 else HCA
+    """MaxText 0.2.5's attention kind of a compress ratio: CSA at 4, HCA above, none (sliding window only) below."""
+    return CSA if ratio == 4 else HCA if ratio > 4 else None
 
 
 def dims(cfg: dict) -> Dims:
@@ -208,6 +208,9 @@ def check_config(cfg: dict, features: frozenset[str] = frozenset()) -> list[str]
         raise UnsupportedError(f"config.json compress_rates: CSA rate {rates['compressed_sparse_attention']}; "
                                "MaxText's deepseek4 treats ratio 4 as CSA (with the indexer) and any other as HCA")
     ratios = compress_ratios(cfg)
+    if any(0 < r < 4 for r in ratios):
+        raise UnsupportedError(f"config.json compress ratios {sorted({r for r in ratios if 0 < r < 4})}: MaxText's "
+                               "deepseek4 compresses at 4 (CSA) or more (HCA) only")
     if len({r for r in ratios if r > 4}) > 1:
         raise UnsupportedError(f"config.json has several HCA compress ratios {sorted({r for r in ratios if r > 4})}")
     if hash_layers(cfg) > config_int(cfg, "num_hidden_layers"):

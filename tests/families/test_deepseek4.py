@@ -256,3 +256,18 @@ def test_a_trained_mhc_norm_is_noted_on_export(sources, tmp_path):
     result = run("convert", "maxtext-to-hf", tmp_path / "mt", "--out", tmp_path / "b")
     assert result.exit_code == 0, result.stderr
     assert f"1 MaxText leaf/leaves with no Hugging Face tensor are not all 1 (e.g. {leaf})" in result.stderr
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"compress_ratios": [0, 0, 2, 128, 4]}, "at 4 \\(CSA\\) or more"),
+    ({"compress_ratios": [0, 0, 4, 128, 64]}, "several HCA compress ratios"),
+    ({"compress_rates": {"compressed_sparse_attention": 8}, "compress_ratios": None}, "CSA rate 8"),
+    ({"quantization_config": {"quant_method": "mxfp4"}}, "'mxfp4' is not supported"),
+])
+def test_configs_maxtext_cannot_hold_are_refused(change, message):
+    from ckpt_cli.errors import UnsupportedError
+
+    cfg = tiny_config() | {"model_type": "deepseek_v4"} | change
+    cfg = {k: v for k, v in cfg.items() if v is not None}
+    with pytest.raises(UnsupportedError, match=message):
+        deepseek4.FAMILY.check_config(cfg, frozenset())
