@@ -20,7 +20,7 @@ import numpy as np
 
 from ckpt_cli.dtypes import is_float
 from ckpt_cli.errors import ShapeMismatchError
-from ckpt_cli.plan import ConversionPlan, SliceTask, SourceSlice, TensorPlan, write_key
+from ckpt_cli.plan import TO_MAXTEXT, ConversionPlan, SliceTask, SourceSlice, TensorPlan, write_key
 from ckpt_cli.resources import peak_rss_bytes
 
 
@@ -59,16 +59,20 @@ def source_slice_shape(shape: tuple[int, ...], source: SourceSlice) -> tuple[int
 
 
 def validate(plan: ConversionPlan, reader: Reader) -> None:
-    """Every source present with the planned shape and a float dtype, before anything is written."""
+    """Every source present with the planned shape and a float dtype (an integer one where the plan fixes the HF
+    dtype), before anything is written. Constant tensors (`fill`) read nothing."""
     for tensor in plan.tensors:
+        if tensor.fill is not None:
+            continue
         for task in tensor.tasks:
             shape, dtype = reader.describe(task.source.name)
             got = source_slice_shape(shape, task.source)
-            want = task.source.shape or tensor.source_shape
+            want = task.source_shape or task.source.shape or tensor.source_shape
             if got != want:
                 raise ShapeMismatchError(f"tensor {task.source.name}: expected shape {want} "
                                          f"for {tensor.target}, found {got}")
-            if not is_float(dtype):
+            integer = tensor.hf_dtype is not None and plan.direction == TO_MAXTEXT and np.dtype(dtype).kind in "iu"
+            if not is_float(dtype) and not integer:
                 raise ShapeMismatchError(f"tensor {task.source.name}: expected a float dtype, found {dtype}")
 
 
@@ -87,6 +91,8 @@ def execute(plan: ConversionPlan, reader: Reader, writer: Writer, progress: Prog
         stats.extra["resumed_tasks"] = sum(len(t.tasks) for t in plan.tensors) - len(jobs)
 
     def run(tensor: TensorPlan, task: SliceTask) -> tuple[np.ndarray, int]:
+        if tensor.fill is not None:
+            return np.full(tensor.task_shape(task), tensor.fill, tensor.dtype), 0
         x = reader.read(task.source)
         nbytes = x.nbytes
         return tensor.apply(x, plan.direction, task), nbytes
@@ -133,7 +139,7 @@ def ordered_jobs(plan: ConversionPlan, reader: Reader, skip: Collection[tuple] =
     while it is still in the page cache (parts of a safetensors tensor are interleaved on disk)."""
     jobs = [(t, task) for t in plan.tensors for task in t.tasks
             if not skip or write_key(t.target, t.target_index(task)) not in skip]
-    keys = [reader.order_key(task.source) for _, task in jobs]
+    keys = [() if t.fill is not None else reader.order_key(task.source) for t, task in jobs]
     first: dict[tuple, tuple] = {}
     regions = []
     for (t, task), key in zip(jobs, keys, strict=True):

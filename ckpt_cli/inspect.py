@@ -323,11 +323,13 @@ def maxtext_tree(t: Target, scan: bool, dtype: str | None = None) -> tuple[dict[
     used: set[str] = set()
     for tensor in plan.tensors:
         missing, misshaped = [], []
-        sources = {task.source.name: task.source for task in tensor.tasks}
+        # a constant leaf (`fill`, e.g. DeepSeek-V4's mhc_norm) has no HF source
+        sources = {task.source.name: task.source for task in tensor.tasks} if tensor.fill is None else {}
         for name, source in sources.items():
             used.add(name)
             used.update(mxfp4.pair(name))
             used.update(int4.parts(name))
+            used.add(name.removesuffix(".weight") + mxfp4.ROW_SCALE)    # DeepSeek-V4's fp8 / fp4 scales
             try:
                 shape = _hf_shape(t.headers, name, t.config)
             except SourceError as exc:
@@ -353,6 +355,9 @@ def _hf_shape(headers: dict[str, TensorInfo], name: str, config: dict) -> tuple[
     """A planned HF source's shape as the plan reads it (per expert for stacked experts): stored under its name,
     or an MXFP4 pair's or int4-packed weight's dequantized shape; None when absent."""
     info = headers.get(name)
+    scale = headers.get(name.removesuffix(".weight") + mxfp4.ROW_SCALE)
+    if info is not None and np.dtype(info.dtype) == np.int8 and scale is not None:   # DeepSeek-V4's fp4 experts
+        return mxfp4.row_shape(name, (info.shape, info.dtype), (scale.shape, scale.dtype))
     if info is not None:
         return tuple(info.shape)
     if name + mxfp4.BLOCKS in headers:

@@ -20,7 +20,16 @@ import numpy as np
 from ckpt_cli import transforms as T
 from ckpt_cli.errors import UnsupportedError
 from ckpt_cli.families import Family
-from ckpt_cli.families.base import ELEMENTWISE_STEPS, Block, Dims, Part, Rule, eval_shape, resolve_steps
+from ckpt_cli.families.base import (
+    ELEMENTWISE_STEPS,
+    Block,
+    Dims,
+    Part,
+    Rule,
+    eval_shape,
+    resolve_steps,
+    tiles,
+)
 
 Shape = tuple[int, ...]
 TO_MAXTEXT = "hf-to-maxtext"
@@ -66,6 +75,7 @@ class SliceTask:
     source: SourceSlice
     span: tuple[int, int] | None = None   # range on the tensor's span_axis, for row-piece tasks
     part: Part | None = None              # the part (strided or a block) of the target slice this task writes
+    source_shape: Shape | None = None     # the shape it reads when not the tensor's (parts of unequal sizes)
 
 
 @dataclass(frozen=True)
@@ -85,6 +95,8 @@ class TensorPlan:
     collection: str | None = None  # a MaxText non-parameter variable's Flax collection (its layers on axis 0)
     read_chunk: Shape | None = None  # the read unit inside each chunk (zarr3 sharding codec); None: the chunk
     roles: tuple[str | None, ...] = ()  # per axis, the mesh role MaxText shards it on ("fsdp", "tensor", None)
+    fill: float | None = None   # no source: every task writes this constant (a MaxText leaf HF has no tensor for)
+    hf_dtype: np.dtype | None = None  # the HF side's fixed non-float dtype (integers read exactly into floats)
 
     @property
     def nbytes(self) -> int:
@@ -124,11 +136,14 @@ class TensorPlan:
     def read_elements(self, task: SliceTask) -> int:
         """Elements a task reads: what it produces, times the step of a source part (the rest is skipped); for a
         padded table (rows on axis 0 on both sides), the rows the source side holds."""
+        if self.fill is not None:
+            return 0
         shape = self.task_shape(task)
         if self.chain.pads:
             rows = task.source.rows[1] - task.source.rows[0] if task.source.rows else self.source_shape[0]
             return math.prod(shape[1:]) * rows
-        return math.prod(shape) * (task.source.part.step if task.source.part else 1)
+        part = task.source.part     # each part reads the whole slice: a part of `count` blocks, step / count of it
+        return math.prod(shape) * part.step // part.count if part else math.prod(shape)
 
     def apply(self, x: np.ndarray, direction: str, task: SliceTask) -> np.ndarray:
         """Transform one source slice into one target slice of the target dtype.
@@ -139,7 +154,8 @@ class TensorPlan:
         shape = self.task_shape(task)
         x = task.source.select(x)
         src_dtype = x.dtype
-        as_bits = self.chain.exact and src_dtype.itemsize == np.dtype(self.dtype).itemsize
+        as_bits = (self.chain.exact and src_dtype.itemsize == np.dtype(self.dtype).itemsize
+                   and (src_dtype.kind in "iu") == (np.dtype(self.dtype).kind in "iu"))   # int <-> float: a cast
         if as_bits:
             x = x.view(f"u{src_dtype.itemsize}")
         y = self.chain.to_maxtext(x, shape) if direction == TO_MAXTEXT else self.chain.to_hf(x, shape)
@@ -399,6 +415,7 @@ def build_to_maxtext(family: Family, hf_config: dict, scan_layers: bool, dtype: 
     tensors = []
     for rule, block, path in entries:
         stored = np.dtype(np.float32) if rule.dtype == "f32" else np.dtype(dtype)
+        fixed = {"hf_dtype": np.dtype(rule.hf_dtype)} if rule.hf_dtype else {}
         itemsize = stored.itemsize
         slice_shape = eval_shape(rule.maxtext_shape, dims)
         source_shape = _source_shape(rule, dims)
@@ -430,7 +447,7 @@ def build_to_maxtext(family: Family, hf_config: dict, scan_layers: bool, dtype: 
             target=path, shape=shape, dtype=stored, slice_shape=slice_shape, source_shape=source_shape,
             stack_axes=axes, chain=resolve_steps(rule.steps, dims), tasks=tasks, chunk_shape=chunks,
             span_axis=span_axis, collection=rule.collection, read_chunk=read if read != chunks else None,
-            roles=tuple(roles)))
+            roles=tuple(roles), fill=rule.fill, **fixed))
     check_coverage(tensors)
     return ConversionPlan(TO_MAXTEXT, family.name, scan_layers, np.dtype(dtype), tuple(tensors), dict(hf_config),
                           dims, notes, frozenset(features))
@@ -455,7 +472,7 @@ def check_coverage(tensors: list[TensorPlan]) -> None:
     if len(set(targets)) != len(targets):
         raise AssertionError("plan has duplicate targets")
     sources = [(task.source.name, task.source.index, task.source.rows, task.source.part)
-               for t in tensors for task in t.tasks]
+               for t in tensors if t.fill is None for task in t.tasks]
     if len(set(sources)) != len(sources):
         raise AssertionError("plan reads a source slice twice")
     read_parts: dict[tuple, set] = {}
@@ -490,7 +507,7 @@ def _parts_tile(parts: set) -> bool:
         return False
     first = next(iter(parts))
     same = all((p.axis, p.step, p.blocked) == (first.axis, first.step, first.blocked) for p in parts)
-    return same and sorted(p.start for p in parts) == list(range(first.step))
+    return same and tiles(sorted((p.start, p.stop) for p in parts), first.step)
 
 
 def build_to_hf(family: Family, hf_config: dict, scan_layers: bool, dtype: np.dtype,
@@ -505,6 +522,8 @@ def build_to_hf(family: Family, hf_config: dict, scan_layers: bool, dtype: np.dt
     forward = build_to_maxtext(family, hf_config, scan_layers, np.dtype(dtype), features)
     by_name: dict[str, list[tuple[TensorPlan, SliceTask]]] = {}
     for t in forward.tensors:
+        if t.fill is not None:    # a constant MaxText leaf: nothing on the HF side to write it to
+            continue
         for task in t.tasks:
             by_name.setdefault(task.source.name, []).append((t, task))
     tensors = []
@@ -522,11 +541,12 @@ def build_to_hf(family: Family, hf_config: dict, scan_layers: bool, dtype: np.dt
         reverse_tasks = [
             SliceTask(task.source.index, SourceSlice(u.target, index=task.index, axes=u.stack_axes, rows=task.span,
                                                      rows_axis=u.span_axis or 0),
-                      span=task.source.rows, part=task.source.part)
+                      span=task.source.rows, part=task.source.part,
+                      source_shape=u.slice_shape if u.slice_shape != t.slice_shape else None)
             for u, task in jobs]
         span_axis = 0 if reverse_tasks[0].span is not None else None
         tensors.append(TensorPlan(
-            target=name, shape=tuple(shape), dtype=np.dtype(dtype), slice_shape=source_shape,
+            target=name, shape=tuple(shape), dtype=t.hf_dtype or np.dtype(dtype), slice_shape=source_shape,
             source_shape=t.slice_shape, stack_axes=axes, chain=t.chain, tasks=tuple(reverse_tasks),
             chunk_shape=tuple(shape), span_axis=span_axis))
     tensors.sort(key=lambda x: x.target)

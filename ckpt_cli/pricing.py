@@ -89,7 +89,7 @@ def task_figures(plan: ConversionPlan, source: Source) -> list[TaskFigures]:
     """Every task in the engine's order (the reader's order_key, else plan order), priced once per shape."""
     jobs = [(t, task) for t in plan.tensors for task in t.tasks]
     if source.order_key is not None:
-        jobs.sort(key=lambda j: source.order_key(j[1].source))
+        jobs.sort(key=lambda j: () if j[0].fill is not None else source.order_key(j[1].source))   # fill: no source
     cache: dict[tuple, TaskFigures] = {}
     out: list[TaskFigures] = []
     for tensor, task in jobs:
@@ -268,8 +268,9 @@ def plan_hf_to_maxtext(source_arg: str | None, opts) -> tuple[ConversionPlan, So
             t.read_elements(task) * (itemsize[task.source.name] - size)
             for t in plan.tensors for task in t.tasks if task.source.name in itemsize))
         notes = [f"no data read: {spec.name}'s reference config, priced as a download of {spec.repo_id} "
-                 f"(assumed not cached)" + (f"; {len(fp8)} weights as the release stores them, fp8 with block "
-                                            "scales, dequantized on the fly" if fp8 else ""), *plan.notes]
+                 f"(assumed not cached)" + (f"; {len(fp8)} weights as the release stores them, quantized "
+                                            "(fp8 with block scales, or fp4), dequantized on the fly"
+                                            if fp8 else ""), *plan.notes]
         return plan, Source(f"{spec.repo_id} (reference config)", "model", itemsize, size, total, fp8=fp8), notes
     src = hf.resolve(source_arg, opts.revision, stream=True)
     plan = convert.plan_to_maxtext(src, opts)
@@ -285,7 +286,9 @@ def plan_hf_to_maxtext(source_arg: str | None, opts) -> tuple[ConversionPlan, So
     for name, (packed, scale, _) in reader.int4.items():     # int4: the packed words and scales, through float32
         if scale in tensors:
             itemsize[name] = (tensors[packed].nbytes + tensors[scale].nbytes) / math.prod(reader.int4_shape(name))
-    fp8 |= frozenset(reader.mxfp4) | frozenset(reader.int4)
+    for name, scale in reader.fp4.items():      # DeepSeek-V4's fp4 experts: packed bytes and scales, through float32
+        itemsize[name] = (tensors[name].nbytes + tensors[scale].nbytes) / math.prod(reader.fp4_shape(name))
+    fp8 |= frozenset(reader.mxfp4) | frozenset(reader.int4) | frozenset(reader.fp4)
     notes = list(plan.notes)
     if src.files is not None and src.remote is None and not src.files.local_files:   # a bucket: ranged reads
         notes.append(f"{src.label}: {len(src.files.shards())} shard(s) read in place by ranged reads (headers: "
@@ -309,6 +312,8 @@ def plan_hf_to_maxtext(source_arg: str | None, opts) -> tuple[ConversionPlan, So
 def _source_elements(t) -> int:
     """Elements of the source behind one target tensor: the target's own count, but for a padded table (more
     rows on the MaxText side, e.g. Gemma's vocabulary) the rows its tasks read."""
+    if t.fill is not None:        # a constant leaf: no source
+        return 0
     if t.chain.pads:
         return sum(t.read_elements(task) for task in t.tasks)
     return math.prod(t.shape)
@@ -388,6 +393,11 @@ def _released_fp8(plan: ConversionPlan, family, config: dict) -> tuple[dict[str,
     """For a reference config whose release is fp8 (the family says which weights): bytes per element of those
     weights as stored (one e4m3 byte plus a float32 scale per block, ragged edge blocks included), and their
     names (dequantized through float32). Empty for other models."""
+    per_element = family.extra.get("released_bytes")      # a family that says its release's bytes itself
+    if per_element is not None:
+        itemsize = {task.source.name: b for t in plan.tensors for task in t.tasks
+                    if t.fill is None and (b := per_element(config, task.source.name, t.source_shape)) is not None}
+        return itemsize, frozenset(n for n, b in itemsize.items() if b < 2)     # the quantized ones
     released = family.extra.get("fp8_released")
     if released is None:
         return {}, frozenset()

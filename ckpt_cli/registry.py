@@ -373,7 +373,32 @@ def _llama4(name: str, repo: str, experts: int, step: int, qk_norm: bool, scaled
     })
 
 
+def _deepseek4() -> ModelSpec:
+    """deepseek-ai/DeepSeek-V4-Flash's config.json as MaxText 0.2.5 records it (checkpoint_conversion/utils/
+    hf_model_configs.py; configs/models/deepseek4-284b.yml): 43 layers, 3 hash-routed, compress ratios 0, 0, then
+    4 / 128 alternating; fp8 block-scaled weights (ue8m0 scales) with fp4 routed experts."""
+    return ModelSpec("deepseek4-284b", "deepseek4", "deepseek-ai/DeepSeek-V4-Flash", {
+        "architectures": ["DeepseekV4ForCausalLM"], "model_type": "deepseek_v4", "hidden_size": 4096,
+        "num_attention_heads": 64, "num_key_value_heads": 1, "head_dim": 512, "qk_rope_head_dim": 64,
+        "num_hidden_layers": 43, "vocab_size": 129280, "moe_intermediate_size": 2048, "n_routed_experts": 256,
+        "n_shared_experts": 1, "num_experts_per_tok": 6, "num_hash_layers": 3, "q_lora_rank": 1024, "o_groups": 8,
+        "o_lora_rank": 1024, "hc_mult": 4, "hc_sinkhorn_iters": 20, "hc_eps": 1e-6, "index_n_heads": 64,
+        "index_head_dim": 128, "index_topk": 512, "sliding_window": 128, "swiglu_limit": 10.0,
+        "scoring_func": "sqrtsoftplus", "topk_method": "noaux_tc", "norm_topk_prob": True,
+        "routed_scaling_factor": 1.5, "num_nextn_predict_layers": 1, "rms_norm_eps": 1e-6, "rope_theta": 10000,
+        "compress_rope_theta": 160000,
+        "rope_scaling": {"type": "yarn", "factor": 16, "original_max_position_embeddings": 65536, "beta_fast": 32,
+                         "beta_slow": 1},
+        "compress_ratios": [0, 0] + [4, 128] * 20 + [4], "max_position_embeddings": 1048576,
+        "tie_word_embeddings": False, "hidden_act": "silu", "attention_bias": False, "bos_token_id": 0,
+        "eos_token_id": 1, "expert_dtype": "fp4", "torch_dtype": "bfloat16",
+        "quantization_config": {"quant_method": "fp8", "fmt": "e4m3", "scale_fmt": "ue8m0",
+                                "activation_scheme": "dynamic", "weight_block_size": [128, 128]},
+    })
+
+
 MODELS.update({m.name: m for m in (
+    _deepseek4(),
     _kimi_k2(),
     _llama4("llama4-17b-16e", "meta-llama/Llama-4-Scout-17B-16E", 16, 1, True, True),
     _llama4("llama4-17b-128e", "meta-llama/Llama-4-Maverick-17B-128E", 128, 2, False, False),

@@ -22,7 +22,9 @@ from ckpt_cli.families import Family, detect_family
 from ckpt_cli.io.orbax import OrbaxCheckpoint
 from ckpt_cli.plan import ConversionPlan, TensorPlan
 
-_SCANNED = re.compile(r"decoder/(layers|dense_layers|moe_layers|layers_remainder)/")
+_SCANNED = re.compile(r"decoder/(layers|dense_layers|moe_layers|layers_remainder|scanned_blocks)/")
+# scanned trees that keep some layers unscanned beside the stacked ones (DeepSeek-V4's hash layers)
+_MIXED = re.compile(r"decoder/scanned_blocks/")
 _UNSCANNED = re.compile(r"decoder/(layers|dense_layers|moe_layers)_\d+/")
 _CONFIG_DTYPES = {"bfloat16": "bf16", "float32": "f32"}
 _TOKEN_IDS = ("bos_token_id", "eos_token_id", "pad_token_id")
@@ -91,7 +93,7 @@ def resolve_architecture(ckpt: OrbaxCheckpoint, model: str | None, hf_config: Pa
 def detect_scan(ckpt: OrbaxCheckpoint) -> bool:
     """Scanned or not: the step's custom_metadata, else the tree (`decoder/layers/...` vs `decoder/layers_0/...`)."""
     scanned = any(_SCANNED.match(p) for p in ckpt.paths)
-    unscanned = any(_UNSCANNED.match(p) for p in ckpt.paths)
+    unscanned = any(_UNSCANNED.match(p) for p in ckpt.paths) and not any(_MIXED.match(p) for p in ckpt.paths)
     declared = ckpt.scan_layers
     if declared is None:
         declared = ckpt.provenance.get("scan_layers")
@@ -191,7 +193,22 @@ def check_checkpoint(forward: ConversionPlan, ckpt: OrbaxCheckpoint) -> list[str
     if extra:
         raise ShapeMismatchError(f"{extra[0]}: in the checkpoint but not in the {forward.family} config "
                                  f"({len(extra)} such parameter(s)); the config does not describe this checkpoint")
-    return notes
+    return notes + changed_constants(forward, ckpt)
+
+
+def changed_constants(forward: ConversionPlan, ckpt: OrbaxCheckpoint) -> list[str]:
+    """A note when a leaf HF has no tensor for (`fill`, written as that constant on import, e.g. DeepSeek-V4's
+    mhc_norm scales) holds other values: MaxText trained it, and the HF model, which computes with the constant,
+    will differ. These leaves are small (one vector a layer); each is read whole."""
+    from ckpt_cli.plan import SourceSlice
+
+    changed = [t for t in forward.tensors if t.fill is not None
+               and not np.all(np.asarray(ckpt.read(SourceSlice(t.target)), np.float32) == np.float32(t.fill))]
+    if not changed:
+        return []
+    return [f"{len(changed)} MaxText leaf/leaves with no Hugging Face tensor are not all {changed[0].fill:g} (e.g. "
+            f"{changed[0].target}): trained in MaxText, they are not written, and the HF model computes with "
+            f"{changed[0].fill:g} there"]
 
 
 def output_config(cfg: dict, dtype: np.dtype) -> dict:

@@ -78,6 +78,24 @@ class Linear(Transform):
 
 
 @dataclass(frozen=True)
+class GroupedLinear(Transform):
+    """HF grouped Linear weight (G*O, W) <-> MaxText kernel (G, W, O): per group g, rows g*O..(g+1)*O transposed.
+
+    `k_mt[g, w, o] = w_hf[g*O + o, w]` (DeepSeek-V4's grouped output projection `wo_a`, G = o_groups, O = the
+    per-group rank, W = heads*head_dim / G). G is the MaxText shape's first axis.
+    """
+
+    name = "group-transpose"
+
+    def to_maxtext(self, x: np.ndarray, shape: Shape) -> np.ndarray:
+        g, w, o = shape
+        return np.ascontiguousarray(x.reshape(g, o, w).transpose(0, 2, 1))
+
+    def to_hf(self, x: np.ndarray, shape: Shape) -> np.ndarray:
+        return np.ascontiguousarray(x.transpose(0, 2, 1)).reshape(shape)
+
+
+@dataclass(frozen=True)
 class RopeInterleave(Transform):
     """Last axis: HF rotate-half order -> MaxText interleaved pairs (Llama 3.1 q/k).
 
@@ -197,7 +215,8 @@ class Chain:
     @property
     def exact(self) -> bool:
         """True when the chain is a pure permutation, or adds zero rows (bit-exact round trip in any dtype)."""
-        return all(isinstance(s, (Identity, Reshape, Linear, RopeInterleave, PadRows)) for s in self.steps)
+        return all(isinstance(s, (Identity, Reshape, Linear, GroupedLinear, RopeInterleave, PadRows))
+                   for s in self.steps)
 
     @property
     def pads(self) -> bool:

@@ -71,8 +71,6 @@ def test_every_tree_file_names_a_registered_model_or_a_known_gap():
     not_yet = {
         # issue 13: Qwen3-Next and Qwen3.5
         "qwen3.5-35b-a3b-fp8", "qwen3.5-397b-a17b-fp8",
-        # issue 14: DeepSeek-V4
-        "deepseek4-284b",
     }
     names = {p.name.split(".scan.json")[0].split(".noscan.json")[0] for p in _trees_dir().glob("*.json")}
     registered = set(registry.MODELS)

@@ -36,6 +36,32 @@ def plan_json(*args: str, code: int | None = 0) -> dict:
     return data
 
 
+def deepseek4_saved_bytes(plan, size: int) -> tuple[int, int]:
+    """DeepSeek-V4-Flash as released: bytes saved against `size` bytes an element (routed experts fp4, two values a
+    byte plus an e8m0 byte per 32; attention and shared-expert projections fp8, a byte plus an e8m0 byte per
+    128x128 block; tid2eid int64), and its HF element count (MaxText's mhc_norm scales have no HF tensor)."""
+    saved, seen = 0, set()
+    fp4 = re.compile(r"layers\.\d+\.ffn\.experts\.\d+\.w[123]\.weight")
+    fp8 = re.compile(r"layers\.\d+\.(attn\.(wq_a|wq_b|wkv|wo_a|wo_b|indexer\.wq_b)|ffn\.shared_experts\.w[123])"
+                     r"\.weight")
+    for t in plan.tensors:
+        for task in t.tasks:
+            hf = task.source.name
+            if hf in seen or t.fill is not None:
+                continue
+            seen.add(hf)
+            n = math.prod(t.source_shape)
+            if fp4.fullmatch(hf):
+                saved += n * size - (n // 2 + n // 32)
+            elif fp8.fullmatch(hf):
+                rows, cols = t.source_shape
+                saved += n * size - (n + math.ceil(rows / 128) * math.ceil(cols / 128))
+            elif hf.endswith(".tid2eid"):
+                saved += n * (size - 8)
+    constant = sum(math.prod(t.shape) for t in plan.tensors if t.fill is not None)
+    return saved, sum(math.prod(t.shape) for t in plan.tensors) - constant
+
+
 @pytest.mark.parametrize("name", sorted(registry.MODELS))
 def test_every_registered_model_is_priced_without_data(name):
     scan = name not in ("gemma4-e2b", "gemma4-e4b")          # MaxText 0.2.5 builds these two unscanned only
@@ -50,7 +76,8 @@ def test_every_registered_model_is_priced_without_data(name):
     # the fp8 releases (DeepSeek-V3/V3.2, Kimi K2) store every attention and MLP projection as one e4m3 byte plus
     # a float32 scale per 128x128 block
     fp8, seen = 0, set()
-    if registry.reference_config(name).get("quantization_config", {}).get("quant_method") == "fp8":
+    if (registry.reference_config(name).get("quantization_config", {}).get("quant_method") == "fp8"
+            and plan.family != "deepseek4"):
         for t in plan.tensors:
             for task in t.tasks:      # row pieces of one HF tensor: its (full) source_shape counted once
                 hf = task.source.name
@@ -59,12 +86,15 @@ def test_every_registered_model_is_priced_without_data(name):
                     rows, cols = t.source_shape
                     fp8 += rows * cols * 2 - (rows * cols + 4 * math.ceil(rows / 128) * math.ceil(cols / 128))
         assert fp8 > params / 3 and seen == src.fp8
+    if plan.family == "deepseek4":      # its release: fp4 experts, fp8 projections, int64 tid2eid
+        fp8, hf_params = deepseek4_saved_bytes(plan, size)
     assert size * hf_params - fp8 == b["download"] == src.total_bytes
     # bf16 out, but Gemma's (1 + w) norm scales (maxtext-layout.md §3.4) and DeepSeek-V3/V3.2's and Kimi K2's
     # router bias are stored float32
     f32 = sum(math.prod(t.shape) for t in plan.tensors if t.dtype.itemsize == 4)
     assert b["written"] == plan.output_bytes == 2 * params + 2 * f32
-    assert (f32 > 0) is (plan.family in ("gemma", "gemma2", "gemma3") or name.startswith(("deepseek3", "kimi")))
+    assert (f32 > 0) is (plan.family in ("gemma", "gemma2", "gemma3")
+                         or name.startswith(("deepseek3", "deepseek4", "kimi")))
     reread = 0
     if plan.family == "gpt_oss":   # gate/up are two parts of gate_up_proj (+ bias): each part reads all of it
         c = registry.reference_config(name)
@@ -76,6 +106,10 @@ def test_every_registered_model_is_priced_without_data(name):
     if plan.family == "gemma4" and registry.reference_config(name)["enable_moe_block"]:   # and Gemma 4's, every layer
         c = registry.reference_config(name)
         reread = 2 * c["num_hidden_layers"] * c["num_experts"] * c["hidden_size"] * 2 * c["moe_intermediate_size"]
+    if plan.family == "deepseek4":   # each hyper-connection's fn, base and scale read whole by its 3 parts
+        c = registry.reference_config(name)
+        hc = 2 * c["hc_mult"] + c["hc_mult"] ** 2
+        reread = 2 * 2 * c["num_hidden_layers"] * (hc * c["hc_mult"] * c["hidden_size"] + hc + 3) * size
     assert b["read"] == size * hf_params - fp8 + reread
     assert b["written"] <= b["output_on_disk"] <= 1.25 * b["written"]     # chunk grid: edge chunks stored whole
     assert BIG_BOX.available_ram > m["peak_rss"] > pricing.BASELINE_RSS

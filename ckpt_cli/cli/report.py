@@ -42,8 +42,13 @@ def chunk_axis(t: TensorPlan) -> str:
     return ",".join(str(a) for a in split) if split else "-"
 
 
+def _sources(t: TensorPlan) -> tuple[str, ...]:
+    """The source names of a tensor; a constant one (no HF tensor, e.g. DeepSeek-V4's mhc_norm) says so."""
+    return (f"(none: constant {t.fill:g})",) if t.fill is not None else t.source_names
+
+
 def tensor_record(t: TensorPlan) -> dict:
-    names = t.source_names
+    names = _sources(t)
     return {
         "target": t.target, "shape": list(t.shape), "dtype": dtype_name(t.dtype),
         "stack_axes": list(t.stack_axes), "chunk_shape": list(t.chunk_shape), "chunk_axes": chunk_axis(t),
@@ -58,7 +63,7 @@ def tensor_table(plan: ConversionPlan) -> Grid:
                   Col("scan axis", drop=3), Col("chunk axes", drop=4), Col("transform", wrap=True, drop=2),
                   Col("sources", wrap=True, drop=5)], title=f"{len(plan.tensors)} tensors")
     for t in plan.tensors:
-        names = t.source_names
+        names = _sources(t)
         src = names[0] if len(names) == 1 else f"{names[0]} … {names[-1]} ({len(names)})"
         scan = ",".join(map(str, t.stack_axes)) or "-"
         table.add_row(t.target, str(tuple(t.shape)), dtype_name(t.dtype), scan, chunk_axis(t),

@@ -5,6 +5,7 @@ from __future__ import annotations
 from ckpt_cli.errors import SourceError, UnknownModelError
 from ckpt_cli.families import (
     deepseek,
+    deepseek4,
     gemma,
     gemma3,
     gemma4,
@@ -24,7 +25,7 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (qwen3.FAMILY, llama3.FAMILY, 
                                                    mixtral.FAMILY, gemma3.FAMILY, gpt_oss.FAMILY,
                                                    llama3.LLAMA2, llama3.MISTRAL, qwen3.QWEN2, olmo3.FAMILY,
                                                    gemma.FAMILY, gemma.FAMILY2, qwen3_next.FAMILY, llama4.FAMILY,
-                                                   qwen3_5.FAMILY, gemma4.FAMILY)}
+                                                   qwen3_5.FAMILY, gemma4.FAMILY, deepseek4.FAMILY)}
 
 
 def family_named(name: str) -> Family:

@@ -30,18 +30,30 @@ class Part:
     a slice of it with leading axes indexed away. Rules whose parts share one HF tensor, with the same
     axis and step and every start in [0, step), together map all of it (e.g. GPT-OSS's interleaved
     gate/up projection: `Part(-1, 0, 2)` is the gate, `Part(-1, 1, 2)` the up projection; Llama 4's
-    concatenated one: `Part(-1, 0, 2, blocked=True)` the first half, the gate).
+    concatenated one: `Part(-1, 0, 2, blocked=True)` the first half, the gate). A blocked part may span `count`
+    consecutive blocks (DeepSeek-V4's hyper-connection weights: rows [4, 4, 16] of 24 are blocks 0, 1 and 2-5
+    of 6).
     """
 
     axis: int
     start: int
     step: int
     blocked: bool = False
+    count: int = 1
+
+    def __repr__(self) -> str:   # the count only when it is not 1, so resume keys of older runs still match
+        extra = f", count={self.count}" if self.count != 1 else ""
+        return f"Part(axis={self.axis}, start={self.start}, step={self.step}, blocked={self.blocked}{extra})"
+
+    @property
+    def stop(self) -> int:
+        """The block after the last one this part spans (start + 1 for a strided part)."""
+        return self.start + self.count
 
     def slice(self, size: int) -> slice:
         """The slice of an axis of `size` that belongs to this part."""
         if self.blocked:
-            return slice(self.start * size // self.step, (self.start + 1) * size // self.step)
+            return slice(self.start * size // self.step, self.stop * size // self.step)
         return slice(self.start, None, self.step)
 
     def index(self, shape: tuple[int, ...]) -> tuple:
@@ -52,7 +64,7 @@ class Part:
 
     def length(self, size: int) -> int:
         """Elements of an axis of `size` that belong to this part."""
-        return size // self.step if self.blocked else len(range(self.start, size, self.step))
+        return size * self.count // self.step if self.blocked else len(range(self.start, size, self.step))
 
 
 @dataclass(frozen=True)
@@ -113,6 +125,10 @@ class Rule:
                                     # "MoEBiasVar"); ckpt writes it under params/params, where MaxText's loaders
                                     # also look, but it stacks its layer axis at 0 as MaxText does for variables
     join: Join | None = None        # the leaf is assembled from row ranges of several HF tensors (see Join)
+    fill: float | None = None       # no HF tensor (hf ""): the MaxText leaf is written as this constant, and
+                                    # maxtext-to-hf has nothing to write it to (DeepSeek-V4's mhc_norm scales)
+    hf_dtype: str | None = None     # the HF tensor's fixed dtype when not a float ("int64": DeepSeek-V4's tid2eid,
+                                    # read exactly into a float MaxText leaf and written back as integers)
 
     @property
     def scan_axis(self) -> int:
@@ -139,11 +155,11 @@ class Rule:
 
 def row(maxtext: str, hf: str, maxtext_shape: str, hf_shape: str, steps: str = "", experts: str | None = None,
         part: Part | None = None, dtype: str | None = None, collection: str | None = None,
-        join: Join | None = None) -> Rule:
+        join: Join | None = None, fill: float | None = None, hf_dtype: str | None = None) -> Rule:
     """Table-row shorthand: shapes and steps as comma-separated strings."""
     split = lambda s: tuple(p.strip() for p in s.split(",") if p.strip())  # noqa: E731
     return Rule(maxtext, hf, split(maxtext_shape), split(hf_shape), split(steps), experts, part, dtype, collection,
-                join)
+                join=join, fill=fill, hf_dtype=hf_dtype)
 
 
 @dataclass(frozen=True)
@@ -295,6 +311,14 @@ def validate_rules(rules: Iterable[Rule], dims: Dims) -> None:
         if r.maxtext in seen_mt:
             raise AssertionError(f"{r.maxtext} / {r.hf}: mapping is not one-to-one")
         seen_mt.add(r.maxtext)
+        if r.hf_dtype not in (None, "int64"):
+            raise AssertionError(f"{r.maxtext}: unknown HF dtype {r.hf_dtype!r}")
+        if r.fill is not None or not r.hf:
+            if (r.fill is None or r.hf or r.hf_shape or r.steps or r.experts or r.part or r.collection or r.join
+                    or not re.fullmatch(r"[A-Za-z0-9_/]+", r.maxtext)):
+                raise AssertionError(f"{r.maxtext}: a constant leaf has a leaf path, a fill value and no HF tensor, "
+                                     "shape, steps, experts, part or collection")
+            continue
         for name in r.hf_names:
             by_hf.setdefault(name, []).append(r)
         if r.join is not None:
@@ -303,7 +327,7 @@ def validate_rules(rules: Iterable[Rule], dims: Dims) -> None:
         hf_count = math.prod(hf_shape) // (hf_shape[0] if r.hf_expert_axis else 1)
         if r.part is not None:
             _check_part(r, hf_shape)
-            hf_count //= r.part.step
+            hf_count = hf_count * r.part.count // r.part.step
         if "pad-rows" in r.steps:
             mt_shape = eval_shape(r.maxtext_shape, dims)
             if (r.part or r.experts or len(mt_shape) != len(hf_shape) or mt_shape[1:] != hf_shape[1:]
@@ -350,6 +374,9 @@ def _check_part(r: Rule, hf_shape: tuple[int, ...]) -> None:
                              "(and not be the expert axis)")
     if p.step < 1 or not 0 <= p.start < p.step or hf_shape[p.axis] % p.step:
         raise AssertionError(f"{r.maxtext}: part {p.start}::{p.step} does not divide axis {p.axis} of {r.hf_shape}")
+    if p.count < 1 or p.stop > p.step or (p.count > 1 and not p.blocked):
+        raise AssertionError(f"{r.maxtext}: part spans blocks {p.start}..{p.stop - 1} of {p.step} (only a blocked "
+                             "part spans several)")
 
 
 def _check_shared(hf: str, group: list[Rule]) -> None:
@@ -361,22 +388,30 @@ def _check_shared(hf: str, group: list[Rule]) -> None:
         raise AssertionError(f"{names} / {hf}: mapping is not one-to-one")
     first = group[0]
     for r in group[1:]:
-        if (r.part.axis, r.part.step, r.part.blocked, r.hf_shape, r.maxtext_shape, r.steps, r.experts) != (
-                first.part.axis, first.part.step, first.part.blocked, first.hf_shape, first.maxtext_shape,
-                first.steps, first.experts):
+        # parts spanning different numbers of blocks have different MaxText shapes; equal spans, equal shapes
+        same_span = r.part.count == first.part.count
+        if (r.part.axis, r.part.step, r.part.blocked, r.hf_shape, r.steps, r.experts) != (
+                first.part.axis, first.part.step, first.part.blocked, first.hf_shape, first.steps, first.experts
+                ) or (same_span and r.maxtext_shape != first.maxtext_shape):
             raise AssertionError(f"{names} / {hf}: parts of one tensor must agree on axis, step, kind, shapes, "
                                  "transforms and experts")
-    starts = sorted(r.part.start for r in group)
-    if len(set(starts)) != len(starts):
-        raise AssertionError(f"{names} / {hf}: parts overlap (starts {starts})")
-    if starts != list(range(first.part.step)):
-        raise AssertionError(f"{names} / {hf}: parts leave a gap (starts {starts} of step {first.part.step})")
+    spans = sorted((r.part.start, r.part.stop) for r in group)
+    if any(a[1] > b[0] for a, b in zip(spans, spans[1:], strict=False)):
+        raise AssertionError(f"{names} / {hf}: parts overlap (blocks {spans})")
+    if not tiles(spans, first.part.step):
+        raise AssertionError(f"{names} / {hf}: parts leave a gap (blocks {spans} of step {first.part.step})")
+
+
+def tiles(spans: Sequence[tuple[int, int]], step: int) -> bool:
+    """Whether sorted [start, stop) block spans cover 0..step exactly once."""
+    return bool(spans) and spans[0][0] == 0 and spans[-1][1] == step and all(
+        a[1] == b[0] for a, b in zip(spans, spans[1:], strict=False))
 
 
 # Steps that act on each element alone (safe on any rows of a tensor).
 ELEMENTWISE_STEPS = frozenset({"embedding-scale", "embedding-scale-f32", "offset+1"})
-STEP_NAMES = frozenset({"transpose", "reshape", "rope-interleave", "query-scale", "query-pre-attn-scale",
-                        "pad-rows", *ELEMENTWISE_STEPS})
+STEP_NAMES = frozenset({"transpose", "group-transpose", "reshape", "rope-interleave", "query-scale",
+                        "query-pre-attn-scale", "pad-rows", *ELEMENTWISE_STEPS})
 
 
 def resolve_steps(names: Sequence[str], dims: Dims) -> T.Chain:
@@ -385,6 +420,8 @@ def resolve_steps(names: Sequence[str], dims: Dims) -> T.Chain:
     for name in names:
         if name == "transpose":
             steps.append(T.Linear())
+        elif name == "group-transpose":
+            steps.append(T.GroupedLinear())
         elif name == "reshape":
             steps.append(T.Reshape())
         elif name == "rope-interleave":

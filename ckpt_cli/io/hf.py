@@ -119,6 +119,9 @@ class SafetensorsReader:
     out) layout, one expert (index of axis 0) at a time; `mxfp4` maps such names to their pair. And so are int4
     weights packed by compressed-tensors (Kimi K2's int4 experts, see `io/int4.py`: `<name>_packed` + `_scale` +
     `_shape`, groups of `int4_group` values), one weight (one expert) at a time; `int4` maps such names to them.
+    DeepSeek-V4's release: fp8 weights with a float8_e8m0fnu `<stem>.scale` per block instead of `_scale_inv`, and
+    fp4 experts (`<stem>.weight` int8, two E2M1 values a byte, with `<stem>.scale` per 32 values; `fp4` maps them to
+    their scales), served dequantized under their own names.
     """
 
     def __init__(self, folder: Path | SafetensorsFolder, dequant_dtype: np.dtype | None = None,
@@ -130,12 +133,15 @@ class SafetensorsReader:
         self.int4 = int4.logical_names(self.files.tensors)
         self.int4_group = int4_group
         self.int4_checked: set[str] = set()    # weights whose weight_shape has been checked
+        self.fp4 = mxfp4.row_weights(self.files.tensors)    # DeepSeek-V4's fp4 experts -> their scales
 
     def describe(self, name: str) -> tuple[tuple[int, ...], np.dtype]:
         if name in self.mxfp4:
             return self.mxfp4_shape(name), np.dtype(np.float32)
         if name in self.int4:
             return self.int4_shape(name), np.dtype(np.float32)
+        if name in self.fp4:
+            return self.fp4_shape(name), np.dtype(np.float32)
         if name not in self.files and name + mxfp4.SCALES in self.files:
             raise SourceError(f"tensor {name + mxfp4.SCALES} (MXFP4) has no {name + mxfp4.BLOCKS}: "
                               "the packed weights are missing")
@@ -164,12 +170,21 @@ class SafetensorsReader:
             self.int4_checked.add(name)
         return planned
 
+    def fp4_shape(self, name: str) -> tuple[int, int]:
+        """The dequantized (out, in) of a row-wise fp4 weight (its scales checked)."""
+        p, s = self.files.info(name), self.files.info(self.fp4[name])
+        return mxfp4.row_shape(name, (p.shape, p.dtype), (s.shape, s.dtype))
+
     def scale_name(self, name: str) -> str | None:
-        """The companion block-scale tensor of an fp8 weight, when it has one."""
+        """The companion block-scale tensor of an fp8 weight, when it has one: `<name>_scale_inv` (DeepSeek-V3,
+        float32) or `<stem>.scale` (DeepSeek-V4, float8_e8m0fnu powers of two)."""
         info = self.files.info(name)
         if info.dtype.itemsize != 1 or not info.dtype.name.startswith("float8"):
             return None
         scale = name + "_scale_inv"
+        v4 = name.removesuffix(".weight") + mxfp4.ROW_SCALE
+        if scale not in self.files and name.endswith(".weight") and v4 in self.files:
+            return v4
         if scale not in self.files:
             raise SourceError(f"tensor {name} is {info.dtype.name} but {scale} is missing")
         return scale
@@ -180,6 +195,12 @@ class SafetensorsReader:
             return self.read_mxfp4(source)
         if source.name in self.int4:
             return self.read_int4(source)
+        if source.name in self.fp4:
+            if source.axes or (source.rows is not None and source.rows_axis != 0):
+                raise AssertionError("fp4 weights are read whole or by rows")
+            self.fp4_shape(source.name)
+            return mxfp4.dequantize_rows(self.files.read(source.name, source.rows),
+                                         self.files.read(self.fp4[source.name], source.rows), self.dequant_dtype)
         if source.axes:
             if source.axes != (0,) or source.rows is not None:
                 raise AssertionError("HF sources are read whole, by rows, or by one index of axis 0")
@@ -234,6 +255,8 @@ class SafetensorsReader:
             return [n for n in self.mxfp4[name] if n in self.files]
         if name in self.int4:
             return [n for n in self.int4[name] if n in self.files]
+        if name in self.fp4:
+            return [self.fp4[name]]
         scale = self.scale_name(name) if name in self.files else None
         return [scale] if scale else []
 

@@ -9,10 +9,16 @@ files under its own name but as a pair of uint8 tensors:
 
 The stored rows run along `out`, so a dequantized (X, out, in) is transposed to (X, in, out). Every value is a
 2-bit-mantissa number times a power of two: float32 holds it exactly, and bf16 too (same exponent range).
+
+DeepSeek-V4's fp4 experts (deepseek-ai/DeepSeek-V4-Flash, `expert_dtype: fp4`) use the same values and scales in a
+row-wise layout, one weight per expert under its own name: `<stem>.weight` int8 `(out, in/2)`, two E2M1 values a
+byte, low nibble first, and `<stem>.scale` float8_e8m0fnu `(out, in/32)` (the same biased exponent byte; transformers'
+Fp8Dequantize reads them so). `row_weights` finds them, `dequantize_rows` gives `(out, in)`, the weight's own layout.
 """
 
 from __future__ import annotations
 
+import ml_dtypes
 import numpy as np
 
 from ckpt_cli.errors import SourceError
@@ -76,3 +82,38 @@ def dequantize(blocks: np.ndarray, scales: np.ndarray, dtype: np.dtype | type = 
     out *= factor[..., None]
     values = out.reshape(*lead, rows, groups * GROUP)
     return np.swapaxes(values, -1, -2).astype(dtype, copy=False)
+
+
+ROW_SCALE = ".scale"
+
+
+def row_weights(tensors: dict) -> dict[str, str]:
+    """`<stem>.weight` stored as int8 with a `<stem>.scale` beside it (DeepSeek-V4's fp4 experts) -> the scale's
+    name. `tensors` maps names to infos with a `dtype`."""
+    out = {}
+    for name, info in tensors.items():
+        scale = name.removesuffix(".weight") + ROW_SCALE
+        if name.endswith(".weight") and np.dtype(info.dtype) == np.int8 and scale in tensors:
+            out[name] = scale
+    return out
+
+
+def row_shape(name: str, packed: tuple[tuple[int, ...], np.dtype], scales: tuple[tuple[int, ...], np.dtype]
+              ) -> tuple[int, int]:
+    """The (out, in) a row-wise fp4 weight stands for, after checking its pair (else a SourceError)."""
+    (pshape, _), (sshape, sdtype) = packed, scales
+    scale = name.removesuffix(".weight") + ROW_SCALE
+    if np.dtype(sdtype) not in (np.dtype(ml_dtypes.float8_e8m0fnu), np.dtype(np.uint8)):
+        raise SourceError(f"fp4 scales {scale} must be float8_e8m0fnu (or uint8), found {np.dtype(sdtype)}")
+    if len(pshape) != 2 or len(sshape) != 2 or pshape[0] != sshape[0] or pshape[1] != sshape[1] * BYTES_PER_GROUP:
+        raise SourceError(f"fp4 weight {name} {tuple(pshape)} / {scale} {tuple(sshape)}: expected (out, in/2) int8 "
+                          f"and (out, in/{GROUP}) scales")
+    return pshape[0], pshape[1] * 2
+
+
+def dequantize_rows(packed: np.ndarray, scales: np.ndarray, dtype: np.dtype | type = np.float32) -> np.ndarray:
+    """packed (out, in/2) int8 and scales (out, in/32) e8m0 -> (out, in) in `dtype` (through `dequantize`)."""
+    rows, groups = scales.shape
+    blocks = packed.view(np.uint8).reshape(rows, groups, BYTES_PER_GROUP)
+    values = dequantize(blocks, scales.view(np.uint8), np.float32)     # (in, out), a transposed view
+    return np.ascontiguousarray(values.T).astype(dtype, copy=False)

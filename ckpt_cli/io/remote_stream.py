@@ -81,7 +81,7 @@ class ShardStream:
         self.repo = folder.repo
         self.max_disk = max_disk
         consumed = getattr(reader, "consumed_with", lambda name: [])
-        jobs = sorted(((t, task) for t in plan.tensors for task in t.tasks),
+        jobs = sorted(((t, task) for t in plan.tensors if t.fill is None for task in t.tasks),   # fill: no source
                       key=lambda j: reader.order_key(j[1].source))
         self.order: list[str] = []                 # shards in the order the engine first reads them
         self.pending: dict[str, int] = {}          # shard -> tasks reading it not yet written

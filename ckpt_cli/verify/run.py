@@ -199,6 +199,10 @@ def forward_config(cfg: dict, model: str | None = None):
             from ckpt_cli.verify.gemma3 import Gemma3Config
 
             return family, Gemma3Config.from_hf_config(cfg)
+        if family.name == "deepseek4":
+            from ckpt_cli.verify.deepseek4 import Deepseek4Config
+
+            return family, Deepseek4Config.from_hf_config(cfg)
         if family.name == "gpt_oss":
             from ckpt_cli.verify.gpt_oss import GptOssConfig
 
@@ -256,6 +260,12 @@ def maxtext_forward(params: OrbaxParams, fcfg, prompts: Sequence[Prompt], dtype:
         from ckpt_cli.verify.deepseek import deepseek_logits
 
         logits, notes = deepseek_logits(params, fcfg, batch, dtype=COMPUTE_DTYPES[dtype])
+    elif type(fcfg).__name__ == "Deepseek4Config":
+        from ckpt_cli.verify.deepseek4 import deepseek4_logits
+
+        logits, notes = deepseek4_logits(params, fcfg, batch, dtype=COMPUTE_DTYPES[dtype])
+        if COMPUTE_DTYPES[dtype] != "float32":
+            notes.append("the DeepSeek-V4 forward computes in float32 whatever --dtype says")
     elif type(fcfg).__name__ == "Gemma3Config":
         from ckpt_cli.verify.gemma3 import gemma3_logits
 
