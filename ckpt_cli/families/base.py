@@ -300,7 +300,8 @@ def _check_shared(hf: str, group: list[Rule]) -> None:
 
 # Steps that act on each element alone (safe on any rows of a tensor).
 ELEMENTWISE_STEPS = frozenset({"embedding-scale", "embedding-scale-f32", "offset+1"})
-STEP_NAMES = frozenset({"transpose", "reshape", "rope-interleave", "query-scale", "query-pre-attn-scale",
+STEP_NAMES = frozenset({"transpose", "reshape", "rope-interleave", "rope-interleave-heads", "query-scale",
+                        "query-pre-attn-scale",
                         "pad-rows", *ELEMENTWISE_STEPS})
 
 
@@ -314,6 +315,8 @@ def resolve_steps(names: Sequence[str], dims: Dims) -> T.Chain:
             steps.append(T.Reshape())
         elif name == "rope-interleave":
             steps.append(T.RopeInterleave())
+        elif name == "rope-interleave-heads":      # the last axis holds whole heads of D (a LoRA B kernel)
+            steps.append(T.RopeInterleave(head=dims["D"]))
         elif name == "query-scale":
             steps.append(T.query_scale(dims["D"]))
         elif name == "offset+1":

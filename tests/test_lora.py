@@ -1,0 +1,305 @@
+"""LoRA adapters both ways: PEFT adapter <-> MaxText LoRA tree, and merged into the base.
+
+Expectations are written from MaxText 0.2.5's facts (ckpt_cli/lora.py's docstring): A = lora_A.T `(in, r)`,
+B = lora_B.T `(r, out)` with the base kernel's output transforms (Llama 3.1: RoPE interleave per head, 1/sqrt(D)
+on the query), layers stacked on axis 1 when scanned.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+from ckpt_cli.convert import ToHFOptions, ToMaxTextOptions, hf_to_maxtext, maxtext_to_hf
+from tests.cli_helpers import error_line, run
+from tests.conftest import make_hf_model, save_model
+from tests.lora_helpers import make_adapter, reference_merge
+
+FAMILY_KIND = {"qwen3": "qwen3", "llama3.1": "llama"}
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """kind -> (base folder, adapter folder), built once."""
+    cache: dict[str, tuple[Path, Path]] = {}
+
+    def get(kind: str, **adapter) -> tuple[Path, Path]:
+        key = kind + json.dumps(adapter, sort_keys=True)
+        if key not in cache:
+            root = tmp_path_factory.mktemp(f"lora-{kind}")
+            base = root / "base"
+            if not base.exists():
+                save_model(make_hf_model(kind), base, False)
+            cache[key] = (base, make_adapter(base, root / "adapter", **adapter))
+        return cache[key]
+
+    return get
+
+
+def restore(out: Path) -> dict[str, np.ndarray]:
+    """Every leaf under params/params, restored with orbax's own API."""
+    import orbax.checkpoint as ocp
+
+    tree = ocp.PyTreeCheckpointer().restore(str(out / "0" / "items"))["params"]["params"]
+    flat: dict[str, np.ndarray] = {}
+
+    def walk(node, prefix):
+        for k, v in node.items():
+            if isinstance(v, dict):
+                walk(v, f"{prefix}{k}/")
+            else:
+                flat[prefix + k] = np.asarray(v)
+
+    walk(tree, "")
+    return flat
+
+
+MODULES = {"q_proj": "self_attention/query", "k_proj": "self_attention/key", "v_proj": "self_attention/value",
+           "o_proj": "self_attention/out", "gate_proj": "mlp/wi_0", "up_proj": "mlp/wi_1", "down_proj": "mlp/wo"}
+
+
+def expected_b(kind: str, module: str, b_hf: np.ndarray, head_dim: int) -> np.ndarray:
+    """MaxText's B from PEFT's lora_B (out, r): transposed; for Llama 3.1's q/k each head's columns interleaved
+    (rotate-half -> pairs), and the query's 1/sqrt(D) folded in (float32)."""
+    b = b_hf.T.copy()
+    if kind == "llama" and module in ("q_proj", "k_proj"):
+        r, width = b.shape
+        heads = b.reshape(r, width // head_dim, head_dim)
+        half = head_dim // 2
+        inter = np.empty_like(heads)
+        inter[..., 0::2], inter[..., 1::2] = heads[..., :half], heads[..., half:]
+        b = inter.reshape(r, width)
+        if module == "q_proj":
+            b = (b.astype(np.float32) * np.float32(1 / math.sqrt(head_dim))).astype(b.dtype)
+    return b
+
+
+@pytest.mark.parametrize("kind", ["qwen3", "llama"])
+@pytest.mark.parametrize("scan", [True, False])
+def test_adapter_tree_is_maxtexts(tiny, tmp_path, kind, scan):
+    base, adapter = tiny(kind)
+    out = tmp_path / "mt"
+    hf_to_maxtext(str(base), out, ToMaxTextOptions(scan_layers=scan, dtype="f32", lora=str(adapter), lora_only=True))
+    got = restore(out)
+    peft = load_file(str(adapter / "adapter_model.safetensors"))
+    cfg = json.loads((base / "config.json").read_text())
+    layers, d = cfg["num_hidden_layers"], cfg["head_dim"]
+    want: dict[str, np.ndarray] = {}
+    for module, path in MODULES.items():
+        stem = "base_model.model.model.layers.{i}." + ("self_attn." if path.startswith("self") else "mlp.") + module
+        a = [peft[stem.format(i=i) + ".lora_A.weight"].T for i in range(layers)]
+        b = [expected_b(kind, module, peft[stem.format(i=i) + ".lora_B.weight"], d) for i in range(layers)]
+        if scan:
+            want[f"decoder/layers/{path}/kernel_lora_a"] = np.stack(a, axis=1)
+            want[f"decoder/layers/{path}/kernel_lora_b"] = np.stack(b, axis=1)
+        else:
+            for i in range(layers):
+                want[f"decoder/layers_{i}/{path}/kernel_lora_a"] = a[i]
+                want[f"decoder/layers_{i}/{path}/kernel_lora_b"] = b[i]
+    assert set(got) == set(want)
+    for k in want:
+        assert got[k].dtype == np.float32 and got[k].shape == want[k].shape, k
+        np.testing.assert_array_equal(got[k], want[k], err_msg=k)
+    meta = json.loads((out / "0" / "_CHECKPOINT_METADATA").read_text())["custom_metadata"]
+    assert meta["scan_layers"] is scan
+    assert meta["lora"]["lora_rank"] == 4 and meta["lora"]["lora_alpha"] == 8.0
+    assert meta["lora"]["enable_lora"] is True
+
+
+def _ulps(a: np.ndarray, b: np.ndarray) -> int:
+    bits = {2: np.int16, 4: np.int32}[a.dtype.itemsize]
+    return int(np.abs(a.view(bits).astype(np.int64) - b.view(bits).astype(np.int64)).max())
+
+
+@pytest.mark.parametrize("kind,scan,dtype", [("qwen3", True, "float32"), ("qwen3", False, "bfloat16"),
+                                             ("llama", True, "float32"), ("llama", False, "bfloat16")])
+def test_adapter_round_trip(tiny, tmp_path, kind, scan, dtype):
+    """PEFT -> MaxText -> PEFT: bit-exact where B is only permuted; Llama's query B (1/sqrt(D) folded in, D=16, a
+    power of two) exact too; the adapter_config.json comes back as it was."""
+    base, adapter = tiny(kind, dtype=dtype, rslora=True)
+    mt, back = tmp_path / "mt", tmp_path / "back"
+    out_dtype = "f32" if dtype == "float32" else "bf16"
+    hf_to_maxtext(str(base), mt, ToMaxTextOptions(scan_layers=scan, dtype=out_dtype, lora=str(adapter),
+                                                  lora_only=True))
+    maxtext_to_hf(str(mt), back, ToHFOptions(lora_only=True))
+    want = load_file(str(adapter / "adapter_model.safetensors"))
+    got = load_file(str(back / "adapter_model.safetensors"))
+    assert sorted(got) == sorted(want)
+    for k in want:
+        assert got[k].dtype == want[k].dtype and got[k].shape == want[k].shape
+        assert _ulps(got[k], want[k]) == 0, k
+    assert json.loads((back / "adapter_config.json").read_text()) == json.loads(
+        (adapter / "adapter_config.json").read_text())
+
+
+def test_rslora_alpha_is_recorded_for_maxtexts_alpha_over_r(tiny, tmp_path):
+    base, adapter = tiny("qwen3", rslora=True, r=4, alpha=8.0)
+    out = tmp_path / "mt"
+    hf_to_maxtext(str(base), out, ToMaxTextOptions(dtype="f32", lora=str(adapter), lora_only=True))
+    lora = json.loads((out / "0" / "_CHECKPOINT_METADATA").read_text())["custom_metadata"]["lora"]
+    assert lora["lora_alpha"] / lora["lora_rank"] == 8.0 / math.sqrt(4)
+
+
+def _reference_model(base: Path, adapter: Path, scale: float) -> dict[str, np.ndarray]:
+    """The base weights with every adapted weight replaced by W + scale·B·A (float64, rounded once)."""
+    weights = load_file(str(base / "model.safetensors"))
+    peft = load_file(str(adapter / "adapter_model.safetensors"))
+    out = {}
+    for name, w in weights.items():
+        stem = "base_model.model." + name.removesuffix(".weight")
+        if stem + ".lora_A.weight" in peft:
+            out[name] = reference_merge(w, peft[stem + ".lora_A.weight"], peft[stem + ".lora_B.weight"], scale)
+        else:
+            out[name] = w.astype(np.float64)
+    return out
+
+
+@pytest.mark.parametrize("kind,scan", [("qwen3", True), ("llama", False)])
+def test_merged_both_ways_match_the_reference_merge(tiny, tmp_path, kind, scan):
+    """hf-to-maxtext --lora (merged), then maxtext-to-hf: each weight W + s·B·A rounded once to float32 (bit-exact
+    vs the float64 reference); and maxtext-to-hf BASE --lora LORA_CKPT gives the same merged model."""
+    base, adapter = tiny(kind, rslora=True)
+    scale = 8.0 / math.sqrt(4)
+    merged_mt, merged_hf = tmp_path / "merged-mt", tmp_path / "merged-hf"
+    hf_to_maxtext(str(base), merged_mt, ToMaxTextOptions(scan_layers=scan, dtype="f32", lora=str(adapter)))
+    maxtext_to_hf(str(merged_mt), merged_hf, ToHFOptions())
+    want = _reference_model(base, adapter, scale)
+    got = load_file(str(merged_hf / "model.safetensors"))
+    assert sorted(got) == sorted(want)
+    for k in want:
+        ref = want[k].astype(np.float32)
+        limit = 1 if (kind == "llama" and "q_proj" in k) else 0     # the folded query scale and back
+        assert _ulps(got[k], ref) <= limit, k
+
+    base_mt, lora_mt, merged2 = tmp_path / "base-mt", tmp_path / "lora-mt", tmp_path / "merged2"
+    hf_to_maxtext(str(base), base_mt, ToMaxTextOptions(scan_layers=scan, dtype="f32"))
+    hf_to_maxtext(str(base), lora_mt, ToMaxTextOptions(scan_layers=scan, dtype="f32", lora=str(adapter),
+                                                       lora_only=True))
+    maxtext_to_hf(str(base_mt), merged2, ToHFOptions(lora=str(lora_mt)))
+    got2 = load_file(str(merged2 / "model.safetensors"))
+    for k in want:
+        limit = 1 if (kind == "llama" and "q_proj" in k) else 0
+        assert _ulps(got2[k], want[k].astype(np.float32)) <= limit, k
+
+
+def test_peft_loads_the_exported_adapter_and_merges_alike(tiny, tmp_path):
+    """peft's PeftModel.from_pretrained loads the maxtext-to-hf --lora-only folder on the HF base, and its
+    merge_and_unload agrees with ckpt's merge: peft rounds B·A, the scaling and the sum in float32 (so an element
+    where W and the delta nearly cancel is many of its own ulps off), ckpt rounds once from float64; every element
+    is within 4 float32 epsilons of the tensor's largest magnitude (unadapted weights: identical)."""
+    peft = pytest.importorskip("peft")
+    import torch
+    import transformers as tf
+
+    base, adapter = tiny("llama")
+    mt, back, merged = tmp_path / "mt", tmp_path / "back", tmp_path / "merged"
+    hf_to_maxtext(str(base), mt, ToMaxTextOptions(dtype="f32", lora=str(adapter), lora_only=True))
+    maxtext_to_hf(str(mt), back, ToHFOptions(lora_only=True))
+    model = peft.PeftModel.from_pretrained(tf.AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32),
+                                           str(back))
+    merged_sd = {k: v.detach().numpy() for k, v in model.merge_and_unload().state_dict().items()}
+    hf_to_maxtext(str(base), tmp_path / "mmt", ToMaxTextOptions(dtype="f32", lora=str(adapter)))
+    maxtext_to_hf(str(tmp_path / "mmt"), merged, ToHFOptions())
+    ours = load_file(str(merged / "model.safetensors"))
+    adapted = {k for k in ours if any(m in k for m in MODULES)}
+    assert adapted
+    for k in ours:
+        if k in adapted:
+            bound = 4 * np.finfo(np.float32).eps * np.abs(ours[k]).max()
+            assert np.abs(ours[k].astype(np.float64) - merged_sd[k]).max() <= bound, k
+        else:
+            assert _ulps(ours[k], merged_sd[k]) == 0, k
+
+
+def _peft_names(adapter: Path) -> dict[str, np.ndarray]:
+    return load_file(str(adapter / "adapter_model.safetensors"))
+
+
+def _rewrite(adapter: Path, dest: Path, tensors: dict | None = None, **config) -> Path:
+    from safetensors.numpy import save_file
+
+    dest.mkdir()
+    save_file(tensors if tensors is not None else _peft_names(adapter), str(dest / "adapter_model.safetensors"))
+    cfg = json.loads((adapter / "adapter_config.json").read_text()) | config
+    (dest / "adapter_config.json").write_text(json.dumps(cfg))
+    return dest
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"use_dora": True}, "use_dora = True: MaxText 0.2.5's LoRA has one rank and alpha"),
+    ({"rank_pattern": {"q_proj": 8}}, "rank_pattern"),
+    ({"peft_type": "IA3"}, "peft_type 'IA3': only LoRA adapters convert"),
+    ({"r": 0}, "r must be a positive integer"),
+])
+def test_adapter_config_refusals(tiny, tmp_path, change, message):
+    base, adapter = tiny("qwen3")
+    bad = _rewrite(adapter, tmp_path / "bad", **change)
+    result = run("convert", "hf-to-maxtext", base, "--lora", bad, "--lora-only", "--out", tmp_path / "out")
+    assert result.exit_code != 0
+    assert message in error_line(result)
+    assert not (tmp_path / "out").exists()
+
+
+def test_adapter_on_unsupported_weights_is_refused(tiny, tmp_path):
+    """An adapter on the LM head (PEFT can) has no MaxText 0.2.5 LoRA leaf: one line naming the tensor."""
+    base, adapter = tiny("qwen3")
+    tensors = _peft_names(adapter) | {
+        "base_model.model.lm_head.lora_A.weight": np.zeros((4, 64), np.float32),
+        "base_model.model.lm_head.lora_B.weight": np.zeros((128, 4), np.float32)}
+    bad = _rewrite(adapter, tmp_path / "bad", tensors)
+    result = run("convert", "hf-to-maxtext", base, "--lora", bad, "--out", tmp_path / "out")
+    assert result.exit_code != 0
+    line = error_line(result)
+    assert "base_model.model.lm_head.lora_A.weight" in line and "no LoRA leaf" in line
+
+
+def test_expert_adapters_are_refused(tmp_path):
+    """Qwen3 MoE experts: MaxText 0.2.5 puts no LoRA beside expert weights."""
+    base = save_model(make_hf_model("qwen3-moe"), tmp_path / "moe", False)
+    adapter = make_adapter(base, tmp_path / "adapter", modules=("q_proj", "gate_proj"))
+    result = run("convert", "hf-to-maxtext", base, "--lora", adapter, "--lora-only", "--out", tmp_path / "out")
+    assert result.exit_code != 0
+    line = error_line(result)
+    assert "experts" in line and "no LoRA leaf" in line
+
+
+def test_partial_layer_adapters_are_refused(tiny, tmp_path):
+    base, adapter = tiny("qwen3")
+    tensors = {k: v for k, v in _peft_names(adapter).items() if "layers.1.self_attn.q_proj" not in k}
+    bad = _rewrite(adapter, tmp_path / "bad", tensors)
+    result = run("convert", "hf-to-maxtext", base, "--lora", bad, "--lora-only", "--out", tmp_path / "out")
+    assert result.exit_code != 0
+    assert "some layers only" in error_line(result)
+
+
+def test_wrong_shaped_adapter_tensor_is_one_line(tiny, tmp_path):
+    base, adapter = tiny("qwen3")
+    tensors = _peft_names(adapter)
+    name = "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"
+    tensors[name] = np.zeros((64, 5), np.float32)
+    bad = _rewrite(adapter, tmp_path / "bad", tensors)
+    result = run("convert", "hf-to-maxtext", base, "--lora", bad, "--lora-only", "--out", tmp_path / "out")
+    assert result.exit_code != 0
+    assert name in error_line(result)
+
+
+def test_flag_misuse_is_a_usage_error(tiny, tmp_path):
+    base, adapter = tiny("qwen3")
+    result = run("convert", "hf-to-maxtext", base, "--lora-only", "--out", tmp_path / "out")
+    assert result.exit_code == 2 and "--lora-only needs --lora" in result.stderr
+    result = run("convert", "maxtext-to-hf", tmp_path, "--lora", tmp_path, "--lora-only", "--out", tmp_path / "o")
+    assert result.exit_code == 2
+
+
+def test_base_checkpoint_as_lora_only_source_is_one_line(tiny, tmp_path):
+    base, _ = tiny("qwen3")
+    mt = tmp_path / "mt"
+    hf_to_maxtext(str(base), mt, ToMaxTextOptions(dtype="f32"))
+    result = run("convert", "maxtext-to-hf", mt, "--lora-only", "--out", tmp_path / "out")
+    assert result.exit_code != 0
+    assert "no LoRA leaves" in error_line(result)
