@@ -204,3 +204,66 @@ def merged_reader(base_reader, lora_ckpt, arch, scan: bool, features=frozenset()
             f"{module_path_regex(targets)}")
     return reader, note
 
+
+
+class LoraParams:
+    """A verify ParamSource: the base checkpoint's params with each adapted kernel of every layer read as
+    W + scale·A·B (MaxText's layout, float64 then float32): the forward MaxText runs with the adapter applied."""
+
+    def __init__(self, base, lora_ckpt, family: Family, cfg: dict, scan: bool, progress=None):
+        from ckpt_cli.verify.params import OrbaxParams, check_tree
+
+        rank, alpha, targets = checkpoint_lora(lora_ckpt, family, cfg, scan)
+        fam = lora_family(family, rank, targets)
+        check_tree(lora_ckpt, fam, cfg, scan)
+        self.base, self.scale, self.targets = base, alpha / rank, targets
+        self.lora = OrbaxParams(lora_ckpt, fam, cfg, scan, progress=progress)
+
+    def __getattr__(self, name: str):
+        return getattr(self.base, name)
+
+    def layer(self, i: int) -> dict[str, np.ndarray]:
+        leaves = self.base.layer(i)
+        adapter = self.lora.layer(i)
+        for kernel in self.targets:
+            stem = kernel[: -len("kernel")]
+            w = leaves[kernel]
+            d = delta(adapter[stem + A_SUFFIX], adapter[stem + B_SUFFIX], self.scale).reshape(w.shape)
+            leaves[kernel] = (w.astype(np.float64) + d).astype(np.float32)
+        return leaves
+
+
+def apply_peft(model, adapter: Path, say=None):
+    """The HF model with a PEFT adapter applied: peft's own PeftModel when peft is installed, else each adapted
+    Linear's weight replaced by W + scale·B·A (float64, rounded once), read by module name from the adapter."""
+    from ckpt_cli.lora import resolve_adapter
+
+    spec = resolve_adapter(adapter)
+    try:
+        import peft
+    except ImportError:
+        peft = None
+    if peft is not None:
+        return peft.PeftModel.from_pretrained(model, str(spec.folder)).eval()
+    import torch
+    from safetensors.numpy import load_file
+
+    if say:
+        say("peft is not installed: the adapter is merged into the HF weights (W + scale·B·A) instead")
+    tensors = load_file(str(spec.weights))
+    modules = dict(model.named_modules())
+    with torch.no_grad():
+        for name in tensors:
+            if not name.endswith(".lora_A.weight"):
+                continue
+            stem = name.removesuffix(".lora_A.weight").removeprefix("base_model.model.")
+            if stem not in modules:
+                raise SourceError(f"adapter tensor {name}: the HF model has no module {stem}")
+            w = modules[stem].weight
+            merged = w.detach().double().numpy() + delta(tensors[stem_b(name)], tensors[name], spec.scale)
+            w.copy_(torch.from_numpy(merged).to(w.dtype))
+    return model
+
+
+def stem_b(a_name: str) -> str:
+    return a_name.removesuffix(".lora_A.weight") + ".lora_B.weight"

@@ -303,3 +303,25 @@ def test_base_checkpoint_as_lora_only_source_is_one_line(tiny, tmp_path):
     result = run("convert", "maxtext-to-hf", mt, "--lora-only", "--out", tmp_path / "out")
     assert result.exit_code != 0
     assert "no LoRA leaves" in error_line(result)
+
+
+@pytest.mark.parametrize("kind,scan", [("qwen3", True), ("llama", False)])
+def test_verify_logits_with_the_adapter(tiny, tmp_path, kind, scan):
+    """The MaxText forward with the LoRA checkpoint applied vs the HF model with the PEFT adapter (peft's own
+    PeftModel when installed): max KL < 1e-6 in float32; and a merged checkpoint against the same reference."""
+    base, adapter = tiny(kind)
+    mt, lora_mt, merged = tmp_path / "mt", tmp_path / "lora", tmp_path / "merged"
+    hf_to_maxtext(str(base), mt, ToMaxTextOptions(scan_layers=scan, dtype="f32"))
+    hf_to_maxtext(str(base), lora_mt, ToMaxTextOptions(scan_layers=scan, dtype="f32", lora=str(adapter),
+                                                       lora_only=True))
+    result = run("verify-logits", "--maxtext", mt, "--lora", lora_mt, "--hf", base, "--max-kl", "1e-6", "--json")
+    assert result.exit_code == 0, result.stderr
+    record = json.loads(result.stdout)
+    assert record["passed"] and record["summary"]["kl_max"] < 1e-6 and record["lora"] == str(lora_mt)
+    assert record["reference"]["lora"] == str(adapter.resolve())
+    without = run("verify-logits", "--maxtext", mt, "--hf", base, "--hf-lora", adapter, "--max-kl", "1e-6", "--json")
+    assert without.exit_code == 1      # the base alone is not the adapted model
+    hf_to_maxtext(str(base), merged, ToMaxTextOptions(scan_layers=scan, dtype="f32", lora=str(adapter)))
+    result = run("verify-logits", "--maxtext", merged, "--hf", base, "--hf-lora", adapter, "--max-kl", "1e-6",
+                 "--json")
+    assert result.exit_code == 0, result.stderr
