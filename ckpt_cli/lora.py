@@ -290,6 +290,7 @@ def merge_pairs(adapter_plan) -> dict[str, tuple[str, str]]:
 
 def adapter_summary(adapter: Adapter, targets: Collection[str]) -> dict:
     """What provenance records of an adapter (and `inspect` shows)."""
-    return {"source": adapter.label, "folder": str(adapter.folder.resolve()), "r": adapter.rank, "lora_alpha": adapter.alpha, "use_rslora": adapter.rslora,
+    return {"source": adapter.label, "folder": str(adapter.folder.resolve()), "r": adapter.rank,
+            "lora_alpha": adapter.alpha, "use_rslora": adapter.rslora,
             "scale": adapter.scale, "targets": sorted(t.removesuffix("/kernel") for t in targets),
             "adapter_config": adapter.config}
