@@ -294,3 +294,40 @@ def adapter_summary(adapter: Adapter, targets: Collection[str]) -> dict:
             "lora_alpha": adapter.alpha, "use_rslora": adapter.rslora,
             "scale": adapter.scale, "targets": sorted(t.removesuffix("/kernel") for t in targets),
             "adapter_config": adapter.config}
+
+
+def describe_peft(folder: Path, headers: dict) -> dict | None:
+    """What `inspect` shows of a PEFT LoRA adapter folder (None for any other folder): rank, alpha, scale, the
+    modules its tensors adapt, tensor count and bytes."""
+    path = folder / CONFIG_NAME
+    if not path.is_file():
+        return None
+    try:
+        cfg = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise SourceError(f"{path}: not valid JSON ({exc})") from None
+    r, alpha, rslora = check_adapter_config(cfg, str(path))
+    adapter = Adapter(folder, cfg, r, alpha, rslora, str(folder))
+    names = [n for n in headers if n.endswith((".lora_A.weight", ".lora_B.weight"))]
+    modules = sorted({n.rsplit(".", 3)[-3] for n in names})
+    return {"format": "peft", "r": r, "lora_alpha": alpha, "use_rslora": rslora, "scale": adapter.scale,
+            "target_modules": cfg.get("target_modules"), "modules": modules,
+            "base_model": cfg.get("base_model_name_or_path"), "tensors": len(names),
+            "bytes": sum(headers[n].nbytes for n in names)}
+
+
+def describe_checkpoint(ckpt) -> dict | None:
+    """What `inspect` shows of the LoRA leaves of a MaxText checkpoint (None when it has none)."""
+    leaves = sorted(p for p in ckpt.paths if p.endswith((A_SUFFIX, B_SUFFIX)))
+    if not leaves:
+        return None
+    meta = ckpt.custom_metadata.get("lora")
+    meta = meta if isinstance(meta, dict) else {}
+    rank = int(ckpt.describe(next(p for p in leaves if p.endswith(A_SUFFIX)))[0][-1])
+    alpha = meta.get("lora_alpha")
+    kernels = sorted({p.rsplit("/", 1)[0] for p in leaves})
+    modules = sorted({"/".join(k.split("/")[-2:]) for k in kernels})
+    return {"format": "maxtext", "r": rank, "lora_alpha": alpha,
+            "scale": alpha / rank if isinstance(alpha, (int, float)) and alpha else None, "modules": modules,
+            "kernels": len(kernels), "tensors": len(leaves),
+            "bytes": sum(math.prod(s) * np.dtype(d).itemsize for s, d in map(ckpt.describe, leaves))}

@@ -325,3 +325,37 @@ def test_verify_logits_with_the_adapter(tiny, tmp_path, kind, scan):
     result = run("verify-logits", "--maxtext", merged, "--hf", base, "--hf-lora", adapter, "--max-kl", "1e-6",
                  "--json")
     assert result.exit_code == 0, result.stderr
+
+
+def test_inspect_shows_both_adapter_trees(tiny, tmp_path):
+    base, adapter = tiny("qwen3")
+    peft = json.loads(run("inspect", adapter, "--json").stdout)
+    adapter_bytes = sum(v.nbytes for v in _peft_names(adapter).values())
+    assert peft["lora"] == {
+        "format": "peft", "r": 4, "lora_alpha": 8.0, "use_rslora": False, "scale": 2.0,
+        "target_modules": sorted(MODULES), "base_model": str(base),
+        "modules": ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"],
+        "tensors": 28, "bytes": adapter_bytes}
+    mt = tmp_path / "mt"
+    hf_to_maxtext(str(base), mt, ToMaxTextOptions(dtype="bf16", lora=str(adapter), lora_only=True))
+    record = json.loads(run("inspect", mt, "--json").stdout)
+    assert record["lora"] == {"format": "maxtext", "r": 4, "lora_alpha": 8.0, "scale": 2.0,
+                              "modules": sorted(MODULES.values()), "kernels": 7, "tensors": 14,
+                              "bytes": adapter_bytes // 2}
+    text = run("inspect", mt).stdout
+    assert "r 4, alpha 8 (scale 2) on mlp/wi_0" in text
+
+
+def test_plan_prices_the_adapter(tiny, tmp_path):
+    base, adapter = tiny("qwen3")
+    record = json.loads(run("plan", "hf-to-maxtext", base, "--lora", adapter, "--lora-only", "--dtype", "f32",
+                            "--json").stdout)
+    adapter_bytes = sum(v.nbytes for v in _peft_names(adapter).values())
+    assert record["tensors"] == 14 and record["bytes"]["written"] == adapter_bytes
+    merged = json.loads(run("plan", "hf-to-maxtext", base, "--lora", adapter, "--json").stdout)
+    assert merged["tensors"] == json.loads(run("plan", "hf-to-maxtext", base, "--json").stdout)["tensors"]
+    assert any("merged (W + 2·B·A) into 14 weight(s)" in n for n in merged["notes"])
+    mt = tmp_path / "mt"
+    hf_to_maxtext(str(base), mt, ToMaxTextOptions(dtype="f32", lora=str(adapter), lora_only=True))
+    back = json.loads(run("plan", "maxtext-to-hf", mt, "--lora-only", "--json").stdout)
+    assert back["tensors"] == 28 and back["bytes"]["written"] == adapter_bytes
