@@ -42,6 +42,9 @@ A_SUFFIX, B_SUFFIX = "kernel_lora_a", "kernel_lora_b"
 # Transforms of a kernel's output columns, and what its LoRA B gets for each (B's columns are a flat N*D axis).
 _OUT_SIDE = {"rope-interleave": "rope-interleave-heads", "query-scale": "query-scale",
              "query-pre-attn-scale": "query-pre-attn-scale"}
+# The kernels MaxText 0.2.5's LoRA module paths (configs/post_train/lora_module_path.yml) reach: attention
+# query/key/value/out (MLA: query, wkv_a, wkv_b, out) and the dense or shared-expert MLP's wi_0/wi_1/wo.
+LORA_MODULES = frozenset({"query", "key", "value", "out", "wkv_a", "wkv_b", "wi_0", "wi_1", "wo"})
 # adapter_config.json fields that change what the adapter computes, and the value that means "not used"
 _REFUSED = {"use_dora": (False, None), "bias": ("none", None), "lora_bias": (False, None),
             "modules_to_save": (None, []), "layers_to_transform": (None, []), "layers_pattern": (None, [], ""),
@@ -128,10 +131,12 @@ def resolve_adapter(arg: str | Path, revision: str | None = None) -> Adapter:
 def lora_rules(rule: Rule) -> tuple[Rule, Rule] | None:
     """The A and B rules of a kernel rule MaxText 0.2.5 can put LoRA beside, or None.
 
-    LoRA-able: one HF Linear weight `(out, in)` per layer (no experts, parts or variables), transposed into a
-    `.../kernel`, then only transforms of its output columns.
+    LoRA-able: a kernel of one of the LORA_MODULES, from one HF Linear weight `(out, in)` per layer (no experts,
+    parts or variables), transposed into the kernel, then only transforms of its output columns.
     """
-    if (not rule.maxtext.endswith("/kernel") or not rule.hf.endswith(".weight") or rule.experts or rule.part
+    parts = rule.maxtext.split("/")
+    if (len(parts) < 2 or parts[-2] not in LORA_MODULES or parts[-1] != "kernel" or not rule.hf.endswith(".weight")
+            or rule.experts or rule.part
             or rule.collection or len(rule.hf_shape) != 2 or not rule.steps or rule.steps[0] != "transpose"
             or not set(rule.steps[1:]) <= set(_OUT_SIDE)):
         return None
@@ -185,8 +190,9 @@ def adapter_targets(family: Family, cfg: dict, names: Collection[str],
         n = unknown[0]
         raise UnsupportedError(
             f"adapter tensor {n}{f' (and {len(unknown) - 1} more)' if len(unknown) > 1 else ''}: MaxText 0.2.5 has "
-            f"no LoRA leaf for it in a {family.name} tree (LoRA sits beside the attention and dense MLP kernels "
-            "only: not expert, router, embedding, head or norm weights)")
+            f"no LoRA leaf for it in a {family.name} tree (its LoRA module paths reach the attention query/key/"
+            "value/out (MLA: wkv_a/wkv_b) and dense or shared-expert MLP kernels only: not expert, router, "
+            "embedding, head, norm or other projection weights)")
     hit: dict[str, set[tuple[int, str]]] = {}
     for n in names:
         path, layer, kind = known[n]

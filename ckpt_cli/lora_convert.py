@@ -224,9 +224,14 @@ class LoraParams:
 
     def layer(self, i: int) -> dict[str, np.ndarray]:
         leaves = self.base.layer(i)
+        if i not in self.lora.layer_sources:      # a layer none of whose kernels is adapted (Qwen3-Next's DeltaNet)
+            return leaves
         adapter = self.lora.layer(i)
-        for kernel in self.targets:
-            stem = kernel[: -len("kernel")]
+        for name in adapter:
+            if not name.endswith(A_SUFFIX):
+                continue
+            stem = name[: -len(A_SUFFIX)]
+            kernel = stem + "kernel"
             w = leaves[kernel]
             d = delta(adapter[stem + A_SUFFIX], adapter[stem + B_SUFFIX], self.scale).reshape(w.shape)
             leaves[kernel] = (w.astype(np.float64) + d).astype(np.float32)
@@ -243,14 +248,26 @@ def apply_peft(model, adapter: Path, say=None):
         import peft
     except ImportError:
         peft = None
-    if peft is not None:
-        return peft.PeftModel.from_pretrained(model, str(spec.folder)).eval()
-    import torch
     from safetensors.numpy import load_file
 
-    if say:
-        say("peft is not installed: the adapter is merged into the HF weights (W + scale·B·A) instead")
     tensors = load_file(str(spec.weights))
+    stems = {n.removesuffix(".lora_A.weight").removeprefix("base_model.model.") for n in tensors
+             if n.endswith(".lora_A.weight")}
+    if peft is not None:
+        wrapped = peft.PeftModel.from_pretrained(model, str(spec.folder)).eval()
+        adapted = {n.removeprefix("base_model.model.") for n, m in wrapped.named_modules()
+                   if isinstance(m, peft.tuners.lora.Linear)}
+        if stems <= adapted:
+            return wrapped
+        missed = sorted(stems - adapted)
+        model = wrapped.unload()
+        if say:
+            say(f"peft left {len(missed)} adapted module(s) alone (e.g. {missed[0]}; with transformers 5 it matches "
+                "such names to the fused experts instead): the adapter is merged by module name instead")
+    elif say:
+        say("peft is not installed: the adapter is merged into the HF weights (W + scale·B·A) instead")
+    import torch
+
     modules = dict(model.named_modules())
     with torch.no_grad():
         for name in tensors:

@@ -13,9 +13,11 @@ MLP = ("gate_proj", "up_proj", "down_proj")
 
 
 def make_adapter(base: Path, folder: Path, modules=ATTENTION + MLP, r: int = 4, alpha: float = 8.0,
-                 rslora: bool = False, seed: int = 1, dtype: str = "float32", extra: dict | None = None) -> Path:
+                 rslora: bool = False, seed: int = 1, dtype: str = "float32", extra: dict | None = None,
+                 skip: str = r"\.experts\.\d+\.") -> Path:
     """A PEFT LoRA adapter for the tiny model in `base`: lora_A (r, in) and lora_B (out, r) for every Linear
-    weight whose module name is one of `modules`, every value distinct and random (B non-zero)."""
+    weight whose module name is one of `modules` (but those whose name `skip` finds: routed experts), every value
+    distinct and random (B non-zero)."""
     import torch
     from safetensors.torch import save_file
 
@@ -25,7 +27,7 @@ def make_adapter(base: Path, folder: Path, modules=ATTENTION + MLP, r: int = 4, 
     tensors = {}
     for name, info in sorted(SafetensorsFolder(base).tensors.items()):
         m = re.fullmatch(r"(.*\.(\w+))\.weight", name)
-        if not m or m.group(2) not in modules or len(info.shape) != 2:
+        if not m or m.group(2) not in modules or len(info.shape) != 2 or (skip and re.search(skip, name)):
             continue
         out, inp = info.shape
         stem = "base_model.model." + m.group(1)
