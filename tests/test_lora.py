@@ -419,3 +419,34 @@ def test_every_family_adapter_round_trips_and_verifies(tmp_path, kind):
     result = run("verify-logits", "--maxtext", mt, "--lora", lora_mt, "--hf", base, "--max-kl", "1e-6", "--json")
     assert result.exit_code == 0, result.stderr[-2000:]
     assert json.loads(result.stdout)["summary"]["kl_max"] < 1e-6
+
+
+@pytest.mark.parametrize("layout", ["to_maxtext", "nnx_root"])
+def test_lora_leaves_wrapped_as_nnx_variables_are_read(tiny, tmp_path, layout):
+    """MaxText 0.2.5's to_maxtext adapter mode writes `params/params/.../kernel_lora_a/value`; an NNX state saved
+    whole (Tunix's model_params) has `decoder/.../kernel_lora_a/value` at the root: both read as ckpt's own tree."""
+    import orbax.checkpoint as ocp
+
+    base, adapter = tiny("qwen3")
+    ours = tmp_path / "ours"
+    hf_to_maxtext(str(base), ours, ToMaxTextOptions(dtype="f32", lora=str(adapter), lora_only=True))
+    tree: dict = {}
+    for path, value in restore(ours).items():
+        node = tree
+        for key in path.split("/"):
+            node = node.setdefault(key, {})
+        node["value"] = value
+    theirs = tmp_path / "theirs"
+    ocp.PyTreeCheckpointer().save(str(theirs / "0" / "items"),
+                                  {"params": {"params": tree}} if layout == "to_maxtext" else tree)
+    meta = json.loads((ours / "0" / "_CHECKPOINT_METADATA").read_text())
+    meta["custom_metadata"] = {"lora": meta["custom_metadata"]["lora"]}     # no ckpt provenance
+    (theirs / "0" / "_CHECKPOINT_METADATA").write_text(json.dumps(meta))
+    back = tmp_path / "back"
+    result = run("convert", "maxtext-to-hf", theirs, "--lora-only", "--hf-config", base / "config.json",
+                 "--out", back)
+    assert result.exit_code == 0, result.stderr
+    want, got = _peft_names(adapter), load_file(str(back / "adapter_model.safetensors"))
+    assert sorted(got) == sorted(want) and all(_ulps(got[k], want[k]) == 0 for k in want)
+    cfg = json.loads((back / "adapter_config.json").read_text())
+    assert cfg["r"] == 4 and cfg["lora_alpha"] == 8.0 and cfg["target_modules"] == sorted(MODULES)
