@@ -214,7 +214,8 @@ def hf_to_maxtext(source_arg: str, out: Path, opts: ToMaxTextOptions, progress=N
         bucket.check_output(out, opts.overwrite, opts.resume)
         return _hf_to_maxtext(source, out, opts, progress, on_plan)
     target = outdir.output_path(out)
-    outdir.check_not_overlapping(target, source_paths(source))
+    adapter = [Path(opts.lora).expanduser()] if opts.lora and Path(opts.lora).expanduser().exists() else []
+    outdir.check_not_overlapping(target, [*source_paths(source), *adapter])
     with outdir.OutputLock(target):
         outdir.check_output(target, opts.overwrite)
         result = _hf_to_maxtext(source, target, opts, progress, on_plan)

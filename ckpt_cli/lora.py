@@ -273,7 +273,9 @@ class MergedHFReader:
             return x
         a = self.adapter.read(SourceSlice(pair[0]))
         b = self.adapter.read(SourceSlice(pair[1], rows=source.rows))
-        return (x.astype(np.float64) + delta(b, a, self.scale)).astype(np.float32)
+        merged = delta(b, a, self.scale)
+        merged += x             # in place: one float64 array of the slice at a time
+        return merged.astype(np.float32)
 
 
 def plan_adapter(family: Family, hf_config: dict, adapter: Adapter, scan: bool, dtype,

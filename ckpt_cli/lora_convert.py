@@ -176,7 +176,8 @@ class MergedMaxTextReader:
             idx = [slice(None)] * d.ndim
             idx[axis] = slice(*source.rows)
             d = d[tuple(idx)]
-        return (x.astype(np.float64) + d).astype(np.float32)
+        d = d + x               # a new float64 array (d may be a view of the layer's delta)
+        return d.astype(np.float32)
 
 
 def merged_reader(base_reader, lora_ckpt, arch, scan: bool, features=frozenset()):

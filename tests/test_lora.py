@@ -450,3 +450,10 @@ def test_lora_leaves_wrapped_as_nnx_variables_are_read(tiny, tmp_path, layout):
     assert sorted(got) == sorted(want) and all(_ulps(got[k], want[k]) == 0 for k in want)
     cfg = json.loads((back / "adapter_config.json").read_text())
     assert cfg["r"] == 4 and cfg["lora_alpha"] == 8.0 and cfg["target_modules"] == sorted(MODULES)
+
+
+def test_out_inside_the_adapter_folder_is_refused(tiny, tmp_path):
+    base, adapter = tiny("qwen3")
+    result = run("convert", "hf-to-maxtext", base, "--lora", adapter, "--lora-only", "--out", adapter / "mt")
+    assert result.exit_code != 0
+    assert "mt" in error_line(result) and not (adapter / "mt").exists()
