@@ -18,6 +18,7 @@ from safetensors.numpy import load_file
 from ckpt_cli.convert import ToHFOptions, ToMaxTextOptions, hf_to_maxtext, maxtext_to_hf
 from tests.cli_helpers import error_line, run
 from tests.conftest import make_hf_model, save_model
+from tests.hub_server import fake_hub  # noqa: F401 (fixture)
 from tests.lora_helpers import make_adapter, reference_merge
 
 FAMILY_KIND = {"qwen3": "qwen3", "llama3.1": "llama"}
@@ -457,3 +458,24 @@ def test_out_inside_the_adapter_folder_is_refused(tiny, tmp_path):
     result = run("convert", "hf-to-maxtext", base, "--lora", adapter, "--lora-only", "--out", adapter / "mt")
     assert result.exit_code != 0
     assert "mt" in error_line(result) and not (adapter / "mt").exists()
+
+
+def test_adapter_from_a_hub_repo(tiny, tmp_path, fake_hub):  # noqa: F811 (fixture)
+    """--lora org/adapter fetches only adapter_config.json and adapter_model.safetensors through the hub client."""
+    import shutil
+
+    base, adapter = tiny("qwen3")
+    hub, _ = fake_hub
+    repo = shutil.copytree(adapter, tmp_path / "repo")
+    (repo / "README.md").write_text("an adapter card, not fetched")
+    hub.add_repo("org/tiny-adapter", repo)
+    out = tmp_path / "mt"
+    result = run("convert", "hf-to-maxtext", base, "--lora", "org/tiny-adapter", "--lora-only", "--dtype", "f32",
+                 "--out", out)
+    assert result.exit_code == 0, result.stderr
+    fetched = {path.rsplit("/", 1)[-1] for method, path, _ in hub.requests if method == "GET" and "/resolve/" in path}
+    assert fetched == {"adapter_config.json", "adapter_model.safetensors"}
+    local = tmp_path / "local"
+    hf_to_maxtext(str(base), local, ToMaxTextOptions(dtype="f32", lora=str(adapter), lora_only=True))
+    got, want = restore(out), restore(local)
+    assert sorted(got) == sorted(want) and all(np.array_equal(got[k], want[k]) for k in want)
