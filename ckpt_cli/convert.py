@@ -250,7 +250,7 @@ def _hf_to_maxtext(source: hf.HFSource, out: Path | BucketURL, opts: ToMaxTextOp
     elif local and partial_dir(out).exists():
         notes.append(f"an interrupted run's {partial_dir(out)} was removed: starting afresh")
     stream = (remote_stream.ShardStream(reader.files, plan, reader, opts.max_disk, skip=done or frozenset())
-              if source.remote else None)
+              if source.remote and not opts.lora_only else None)     # --lora-only reads no base shard
     if stream:
         notes += stream.prepare(near, plan.output_bytes if local else 0)     # refuses an impossible --max-disk up front
     elif opts.max_disk is not None:

@@ -479,3 +479,12 @@ def test_adapter_from_a_hub_repo(tiny, tmp_path, fake_hub):  # noqa: F811 (fixtu
     hf_to_maxtext(str(base), local, ToMaxTextOptions(dtype="f32", lora=str(adapter), lora_only=True))
     got, want = restore(out), restore(local)
     assert sorted(got) == sorted(want) and all(np.array_equal(got[k], want[k]) for k in want)
+
+    hub.add_repo("org/tiny-base", base)            # the base from the hub too: --lora-only reads no shard of it
+    hub.reset_counters()
+    result = run("convert", "hf-to-maxtext", "org/tiny-base", "--lora", "org/tiny-adapter", "--lora-only",
+                 "--dtype", "f32", "--out", tmp_path / "mt2")
+    assert result.exit_code == 0, result.stderr
+    assert restore(tmp_path / "mt2").keys() == want.keys()
+    assert not any("model.safetensors" in path and rng is None for method, path, rng in hub.requests
+                   if method == "GET" and "/resolve/" in path and "tiny-base" in path)
