@@ -488,3 +488,10 @@ def test_adapter_from_a_hub_repo(tiny, tmp_path, fake_hub):  # noqa: F811 (fixtu
     assert restore(tmp_path / "mt2").keys() == want.keys()
     assert not any("model.safetensors" in path and rng is None for method, path, rng in hub.requests
                    if method == "GET" and "/resolve/" in path and "tiny-base" in path)
+    merged_remote, merged_local = tmp_path / "merged-remote", tmp_path / "merged-local"
+    result = run("convert", "hf-to-maxtext", "org/tiny-base", "--lora", "org/tiny-adapter", "--dtype", "f32",
+                 "--out", merged_remote)
+    assert result.exit_code == 0, result.stderr
+    hf_to_maxtext(str(base), merged_local, ToMaxTextOptions(dtype="f32", lora=str(adapter)))
+    got, want = restore(merged_remote), restore(merged_local)
+    assert sorted(got) == sorted(want) and all(np.array_equal(got[k], want[k]) for k in want)
