@@ -47,6 +47,8 @@ class ToMaxTextOptions:
     resume: bool = False            # take up an interrupted run's OUT.partial when it was the same conversion
     allow_unused: bool = False      # a config declaring fewer layers than the files hold is meant (else refused)
     target_mesh: TargetMesh | None = None  # the mesh read chunks are cut for (None: up to 16 hosts per axis)
+    lora: str | None = None         # a PEFT adapter (folder or hub repo): merged into the base, or alone
+    lora_only: bool = False         # with lora: write the adapter's MaxText LoRA tree only
 
 
 @dataclass
@@ -175,6 +177,11 @@ def progress_key(plan: ConversionPlan, source: hf.HFSource, opts: ToMaxTextOptio
         for f in sorted(Path(source.folder).glob("*.safetensors")):
             st = f.stat()
             files[f.name] = [st.st_size, st.st_mtime_ns]
+    if opts.lora:           # the adapter's files too: a merged run's plan is the base's own
+        folder = Path(opts.lora).expanduser()
+        files["lora"] = [opts.lora, opts.lora_only, *([[f.name, f.stat().st_size, f.stat().st_mtime_ns]
+                                                        for f in sorted(folder.glob("adapter_*"))]
+                                                      if folder.is_dir() else [])]
     ident = {"tool": __version__, "source": source.label, "files": files,
              "storage": dataclasses.asdict(opts.storage), "load_method": opts.load_method,
              "plan": [[t.target, list(t.shape), np.dtype(t.dtype).name, list(t.chunk_shape), t.read_chunk,
@@ -228,7 +235,8 @@ def hf_to_maxtext(source_arg: str, out: Path, opts: ToMaxTextOptions, progress=N
         bucket.check_output(out, opts.overwrite, opts.resume)
         return _hf_to_maxtext(source, out, opts, progress, on_plan)
     target = outdir.output_path(out)
-    outdir.check_not_overlapping(target, source_paths(source))
+    adapter = [Path(opts.lora).expanduser()] if opts.lora and Path(opts.lora).expanduser().exists() else []
+    outdir.check_not_overlapping(target, [*source_paths(source), *adapter])
     with outdir.OutputLock(target):
         outdir.check_output(target, opts.overwrite)
         result = _hf_to_maxtext(source, target, opts, progress, on_plan)
@@ -240,6 +248,9 @@ def _hf_to_maxtext(source: hf.HFSource, out: Path | BucketURL, opts: ToMaxTextOp
     plan = plan_to_maxtext(source, opts)
     reader = open_reader(source, opts.load_method, plan.dtype)
     plan = with_source_names(plan, source, reader.names)
+    lora_meta: dict = {}
+    if opts.lora:
+        plan, reader, lora_meta = with_adapter(plan, reader, source, opts)
     engine.validate(plan, reader)
     used = {task.source.name for t in plan.tensors for task in t.tasks}
     used |= {extra for name in used for extra in getattr(reader, "consumed_with", lambda n: [])(name)}
@@ -266,7 +277,7 @@ def _hf_to_maxtext(source: hf.HFSource, out: Path | BucketURL, opts: ToMaxTextOp
     elif local and partial_dir(out).exists():
         notes.append(f"an interrupted run's {partial_dir(out)} was removed: starting afresh")
     stream = (remote_stream.ShardStream(reader.files, plan, reader, opts.max_disk, skip=done or frozenset())
-              if source.remote else None)
+              if source.remote and not opts.lora_only else None)     # --lora-only reads no base shard
     if stream:
         notes += stream.prepare(near, plan.output_bytes if local else 0)     # refuses an impossible --max-disk up front
     elif opts.max_disk is not None:
@@ -285,7 +296,8 @@ def _hf_to_maxtext(source: hf.HFSource, out: Path | BucketURL, opts: ToMaxTextOp
             stream.start(near)
         stats = engine.execute(plan, reader, stream.track(writer) if stream else writer, progress=progress,
                                workers=opts.workers, skip=writer.done)
-        writer.finalize({"scan_layers": plan.scan_layers, "ckpt": provenance(plan, source, opts)})
+        writer.finalize({"scan_layers": plan.scan_layers, "ckpt": provenance(plan, source, opts) | lora_meta.get(
+            "ckpt", {}), **{k: v for k, v in lora_meta.items() if k != "ckpt"}})
     except KeyboardInterrupt as exc:
         if writer.abort(keep=True):
             again = "again" if local else "with --resume"
@@ -309,6 +321,29 @@ def _hf_to_maxtext(source: hf.HFSource, out: Path | BucketURL, opts: ToMaxTextOp
     return Result(plan, stats, out, source.label, notes)
 
 
+def with_adapter(plan: ConversionPlan, reader, source: hf.HFSource, opts: ToMaxTextOptions):
+    """(plan, reader, metadata) for --lora: the adapter's own plan and file with --lora-only (metadata: MaxText's
+    `lora` entry and the provenance's), else the base plan reading W + scale·B·A for each targeted weight."""
+    from ckpt_cli import lora
+
+    adapter = lora.resolve_adapter(opts.lora, opts.revision if opts.lora == source.label else None)
+    areader = lora.adapter_reader(adapter)
+    aplan, targets = lora.plan_adapter(family_named(plan.family), source.config, adapter, plan.scan_layers,
+                                       plan.dtype, plan.features, opts.target_mesh, areader.files.tensors)
+    engine.validate(aplan, areader)
+    summary = lora.adapter_summary(adapter, targets)
+    if opts.lora_only:
+        notes = (*plan.notes, f"LoRA adapter {adapter.label}: r={adapter.rank}, alpha={adapter.alpha:g}"
+                 + (f" (rsLoRA: recorded as MaxText alpha {adapter.maxtext_alpha:g})" if adapter.rslora else "")
+                 + f", on {', '.join(summary['targets'])}")
+        return (dataclasses.replace(aplan, notes=notes), areader,
+                {"lora": lora.lora_metadata(adapter, targets), "ckpt": {"lora": summary, "lora_only": True}})
+    notes = (*plan.notes, f"LoRA adapter {adapter.label} merged (W + {adapter.scale:g}·B·A) into "
+             f"{len(lora.merge_pairs(aplan))} weight(s)")
+    merged = lora.MergedHFReader(reader, areader, lora.merge_pairs(aplan), adapter.scale)
+    return dataclasses.replace(plan, notes=notes), merged, {"ckpt": {"merged_lora": summary}}
+
+
 @dataclass(frozen=True)
 class ToHFOptions:
     """Options of maxtext-to-hf; the CLI flags map one to one."""
@@ -321,6 +356,8 @@ class ToHFOptions:
     overwrite: bool = False
     workers: int = 2
     resume: bool = False                # take up an interrupted run's OUT.partial when it was the same conversion
+    lora: str | None = None             # a MaxText LoRA checkpoint merged into SOURCE
+    lora_only: bool = False             # SOURCE is a LoRA checkpoint: write it as a PEFT adapter folder
 
 
 @dataclass
@@ -430,20 +467,34 @@ def maxtext_to_hf(source_arg: str | BucketURL, out: Path, opts: ToHFOptions, pro
 
             raise UnsupportedError(f"--overwrite {out}: ckpt does not replace a folder in a bucket (an object store "
                                    f"cannot swap it atomically); delete it first or choose another --out")
+        if opts.lora or opts.lora_only:
+            from ckpt_cli.errors import UnsupportedError
+
+            raise UnsupportedError(f"--out {out}: LoRA conversions (--lora, --lora-only) write a local folder; "
+                                   "convert to a local --out, then copy it to the bucket")
         if overlapping(out, source_arg):
             raise OutputError(f"--out {out} overlaps the checkpoint {source_arg}: choose another --out")
         return _maxtext_to_hf(ckpt, source_arg, out, opts, progress, on_plan)
     target = outdir.output_path(out)
     reads = [] if remote else [Path(source_arg), ckpt.items]
+    lora_ckpt = OrbaxCheckpoint(Path(opts.lora)) if opts.lora else None
+    if lora_ckpt is not None:
+        reads += [Path(opts.lora), lora_ckpt.items]
     outdir.check_not_overlapping(target, [*reads, *([opts.hf_config] if opts.hf_config else [])])
     with outdir.OutputLock(target):
         outdir.check_output(target, opts.overwrite)
-        result = _maxtext_to_hf(ckpt, source_arg, target, opts, progress, on_plan)
+        if opts.lora_only:
+            from ckpt_cli.lora_convert import maxtext_adapter_to_peft
+
+            result = maxtext_adapter_to_peft(ckpt, target, opts, progress, on_plan)
+        else:
+            result = _maxtext_to_hf(ckpt, source_arg, target, opts, progress, on_plan, lora_ckpt)
     result.out = Path(out)
     return result
 
 
-def _maxtext_to_hf(ckpt, source_arg: str, out: Path, opts: ToHFOptions, progress, on_plan) -> HFResult:
+def _maxtext_to_hf(ckpt, source_arg: str, out: Path, opts: ToHFOptions, progress, on_plan,
+                   lora_ckpt=None) -> HFResult:
     from ckpt_cli import to_hf
     from ckpt_cli.io.hf_writer import HFFolderWriter
     from ckpt_cli.io.hf_writer import read_progress as read_hf_progress
@@ -454,6 +505,13 @@ def _maxtext_to_hf(ckpt, source_arg: str, out: Path, opts: ToHFOptions, progress
     plan, arch = plan_to_hf(ckpt, opts)
     engine.validate(plan, ckpt)
     notes = list(plan.notes)
+    merge = None
+    if lora_ckpt is not None:
+        from ckpt_cli.lora_convert import merged_reader
+
+        merge = lambda reader: merged_reader(reader, lora_ckpt, arch, plan.scan_layers, plan.features)  # noqa: E731
+        notes.append(merge(ckpt)[1])          # checks the LoRA checkpoint before anything is written
+        json_lora = {"lora": [str(Path(opts.lora).resolve()), checkpoint_files(lora_ckpt.items)]}
     if arch.origin != "carried":
         notes.append(f"architecture from {arch.origin}")
     if arch.config.get("quantization_config"):
@@ -472,7 +530,7 @@ def _maxtext_to_hf(ckpt, source_arg: str, out: Path, opts: ToHFOptions, progress
         copies["generation_config.json"] = generation
     if not isinstance(out, BucketURL):
         outdir.check_not_overlapping(out, copies.values())
-    key = hf_progress_key(plan, ckpt, opts, json_files, copies)
+    key = hf_progress_key(plan, ckpt, opts, {**json_files, **(json_lora if merge else {})}, copies)
     if isinstance(out, BucketURL):
         return _maxtext_to_hf_bucket(plan, ckpt, source_arg, out, opts, key, notes, json_files, copies, arch,
                                      progress, on_plan)
@@ -500,6 +558,8 @@ def _maxtext_to_hf(ckpt, source_arg: str, out: Path, opts: ToHFOptions, progress
         if on_plan:
             on_plan(plan, notes)
         reader = BlockReader(ckpt)
+        if merge is not None:
+            reader = merge(reader)[0]
         stats = engine.execute(plan, reader, writer, progress=progress, workers=opts.workers, skip=writer.done)
         files = writer.finalize(json_files, copies)
     except KeyboardInterrupt as exc:

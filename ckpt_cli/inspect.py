@@ -154,7 +154,16 @@ def open_hf_folder(folder: Path) -> Target:
     headers = SafetensorsFolder(folder, files).tensors
     config = load_config(folder) if (folder / "config.json").exists() else None
     where = {"folder": str(folder), "repo_id": None, "revision": None, "commit": None}
-    return _hf_target("hf", str(folder), config, headers, where, {f.name: f.stat().st_size for f in files})
+    t = _hf_target("hf", str(folder), config, headers, where, {f.name: f.stat().st_size for f in files})
+    from ckpt_cli.lora import describe_peft
+
+    adapter = describe_peft(folder, headers)
+    if adapter is not None:
+        t.info["lora"] = adapter
+        t.notes = [n for n in t.notes if not n.startswith("no config.json")]
+        t.notes.append("a PEFT LoRA adapter: hf-to-maxtext BASE --lora converts it (merged, or alone with "
+                       "--lora-only)")
+    return t
 
 
 def _hf_target(kind: str, label: str, config: dict | None, headers: dict[str, TensorInfo], source: dict,
@@ -218,6 +227,11 @@ def open_orbax(path) -> Target:
                        f"{elsewhere[0]} is {ckpt.stored_at(elsewhere[0])}" + (" ..." if len(elsewhere) > 1 else ""))
     if not prov:
         t.notes.append("no ckpt provenance (not written by ckpt): family unknown unless compared with --model")
+    from ckpt_cli.lora import describe_checkpoint
+
+    lora = describe_checkpoint(ckpt)
+    if lora is not None:
+        info["lora"] = lora
     return t
 
 

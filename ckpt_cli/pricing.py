@@ -276,6 +276,8 @@ def plan_hf_to_maxtext(source_arg: str | None, opts) -> tuple[ConversionPlan, So
     plan = convert.plan_to_maxtext(src, opts)
     reader = convert.open_reader(src, "safetensors", plan.dtype)
     plan = convert.with_source_names(plan, src, reader.names)
+    if getattr(opts, "lora", None):     # the adapter's own plan and file, or the base's reading W + s·B·A
+        plan, reader, _ = convert.with_adapter(plan, reader, src, opts)
     engine.validate(plan, reader)
     tensors = reader.files.tensors
     itemsize: dict[str, float] = {name: info.dtype.itemsize for name, info in tensors.items()}
@@ -348,7 +350,19 @@ def plan_maxtext_to_hf(source_arg: str | None, opts, scan: bool = True) -> tuple
 
     where = location(source_arg, "SOURCE", buckets=True)
     ckpt = OrbaxCheckpoint(where)
-    plan, _ = convert.plan_to_hf(ckpt, opts)
+    extra: list[str] = []
+    if getattr(opts, "lora_only", False):      # a LoRA checkpoint priced as the PEFT adapter it becomes
+        from ckpt_cli import to_hf
+        from ckpt_cli.lora_convert import plan_adapter_to_hf
+
+        plan = plan_adapter_to_hf(ckpt, to_hf.resolve_architecture(ckpt, opts.model, opts.hf_config), opts.dtype)[0]
+    else:
+        plan, arch = convert.plan_to_hf(ckpt, opts)
+        if getattr(opts, "lora", None):
+            from ckpt_cli.lora_convert import merged_reader
+
+            extra.append(merged_reader(ckpt, OrbaxCheckpoint(Path(opts.lora)), arch, plan.scan_layers,
+                                       plan.features)[1] + " (its leaves are read beside each layer's kernels)")
     engine.validate(plan, ckpt)
     itemsize = {p: ckpt.describe(p)[1].itemsize for p in ckpt.paths}
     if isinstance(where, BucketURL):    # in a bucket: the arrays' bytes, and no local file to probe
@@ -358,7 +372,7 @@ def plan_maxtext_to_hf(source_arg: str | None, opts, scan: bool = True) -> tuple
         largest = max(files, key=lambda f: f.stat().st_size) if files else None
         total = sum(f.stat().st_size for f in files)
     return plan, Source(str(source_arg), "orbax", itemsize, 2, total, probe_file=largest, order_key=ckpt.order_key,
-                        reader_held=READER_FIXED + _block_bytes(plan, ckpt), raw_copy=True), list(plan.notes)
+                        reader_held=READER_FIXED + _block_bytes(plan, ckpt), raw_copy=True), [*plan.notes, *extra]
 
 
 def _block_bytes(plan: ConversionPlan, ckpt) -> int:

@@ -99,17 +99,27 @@ class GroupedLinear(Transform):
 class RopeInterleave(Transform):
     """Last axis: HF rotate-half order -> MaxText interleaved pairs (Llama 3.1 q/k).
 
-    `new[..., 2i] = old[..., i]`, `new[..., 2i+1] = old[..., D/2 + i]`.
+    `new[..., 2i] = old[..., i]`, `new[..., 2i+1] = old[..., D/2 + i]`. With `head` set, the last axis holds
+    whole heads of that many dims, one after another (a LoRA B kernel `(r, N*D)`), each permuted alike.
     """
 
+    head: int | None = None
     name = "rope-interleave"
 
     def to_maxtext(self, x: np.ndarray, shape: Shape) -> np.ndarray:
-        d = x.shape[-1]
-        return np.stack([x[..., : d // 2], x[..., d // 2:]], axis=-1).reshape(x.shape)
+        y = self._heads(x)
+        d = y.shape[-1]
+        return np.stack([y[..., : d // 2], y[..., d // 2:]], axis=-1).reshape(x.shape)
 
     def to_hf(self, x: np.ndarray, shape: Shape) -> np.ndarray:
-        return np.concatenate([x[..., 0::2], x[..., 1::2]], axis=-1)
+        y = self._heads(x)
+        return np.concatenate([y[..., 0::2], y[..., 1::2]], axis=-1).reshape(x.shape)
+
+    def _heads(self, x: np.ndarray) -> np.ndarray:
+        return x if self.head is None else x.reshape(*x.shape[:-1], -1, self.head)
+
+    def describe(self) -> str:
+        return self.name if self.head is None else f"{self.name}(heads of {self.head})"
 
 
 @dataclass(frozen=True)

@@ -81,3 +81,14 @@ def test_chain_inverse_order_and_exactness_flag():
     mt = c.to_maxtext(q, (6, 2, 8))
     assert np.allclose(c.to_hf(mt, (16, 6)), q, rtol=1e-6)
     assert c.describe() == "transpose > rope-interleave > scale(1/sqrt(8))"
+
+
+def test_rope_interleave_on_flat_heads_permutes_each_head_alike():
+    """A LoRA B kernel `(r, N*D)`: the RoPE permutation of each head of D on the flat axis, as on `(r, N, D)`."""
+    x = np.arange(3 * 4 * 8, dtype=np.float32).reshape(3, 32)
+    flat = T.RopeInterleave(head=8)
+    y = flat.to_maxtext(x, x.shape)
+    per_head = T.RopeInterleave().to_maxtext(x.reshape(3, 4, 8), (3, 4, 8)).reshape(3, 32)
+    assert np.array_equal(y, per_head) and not np.array_equal(y, x)
+    assert np.array_equal(flat.to_hf(y, x.shape), x)
+    assert T.chain(T.Linear(), flat).exact

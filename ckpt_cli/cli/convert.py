@@ -74,6 +74,8 @@ def hf_to_maxtext(
     mtp: O.MtpOpt = False,
     max_disk: O.MaxDiskOpt = None,
     allow_unused: O.AllowUnusedOpt = False,
+    lora: O.LoraOpt = None,
+    lora_only: O.LoraOnlyOpt = False,
     resume: O.ResumeOpt = False,
     restart: O.RestartOpt = False,
     overwrite: O.OverwriteOpt = False,
@@ -84,6 +86,9 @@ def hf_to_maxtext(
     help_: O.HelpOpt = False,
 ) -> None:
     """Convert a Hugging Face safetensors checkpoint into a MaxText (Orbax) checkpoint, streaming.
+
+    --lora ADAPTER (a PEFT folder or hub repo) merges the adapter into the base weights; with --lora-only
+    only the adapter's MaxText LoRA tree is written (kernel_lora_a / kernel_lora_b beside each kernel).
 
     A hub repo is not downloaded first: its shards are fetched while converting, in the order read.
     --max-disk bounds the local space they take (each shard is deleted once converted).
@@ -99,6 +104,8 @@ def hf_to_maxtext(
       ckpt convert hf-to-maxtext meta-llama/Llama-3.1-8B --model llama3.1-8b --out ./l31 --json
 
       ckpt convert hf-to-maxtext Qwen/Qwen3-8B --out ./q8 --max-disk 8GB
+
+      ckpt convert hf-to-maxtext Qwen/Qwen3-8B --lora ./my-adapter --lora-only --out ./q8-lora
     """
     from ckpt_cli import convert
     from ckpt_cli.io.location import BucketURL, location
@@ -108,6 +115,8 @@ def hf_to_maxtext(
     src = location(source, "SOURCE", buckets=True)
     source = src if isinstance(src, BucketURL) else source      # an HF folder in gs:// or s3://: ranged reads
     out_path = location(out, "--out", buckets=True)
+    if lora_only and not lora:
+        raise typer.BadParameter("--lora-only needs --lora ADAPTER", param_hint="--lora-only")
     outp = Output(json_out, quiet, wide)
     opts = convert.ToMaxTextOptions(
         model=model, scan_layers=scan, dtype=dtype, load_method=load_method, revision=revision,
@@ -115,7 +124,7 @@ def hf_to_maxtext(
         target_mesh=O.target_mesh(target_mesh),
         overwrite=overwrite, workers=resolve_workers(workers), mtp=mtp,
         max_disk=parse_size(max_disk) if max_disk else None, resume=take_up(resume, restart, out_path),
-        allow_unused=allow_unused)
+        allow_unused=allow_unused, lora=lora, lora_only=lora_only)
 
     with outp.bytes_progress("hf → maxtext") as progress:
         result = convert.hf_to_maxtext(source, out_path, opts, progress=progress,
@@ -155,6 +164,9 @@ PushOpt = Annotated[str | None, typer.Option(
 PrivateOpt = Annotated[bool, O.flag("--private", help="With --push-to-hub: create the repo private.")]
 PushRevisionOpt = Annotated[str | None, typer.Option(
     "--revision", metavar="BRANCH", help="With --push-to-hub: push to this branch (created from main if missing).")]
+MaxTextLoraOpt = Annotated[str | None, typer.Option(
+    "--lora", metavar="CKPT", help="A MaxText LoRA checkpoint (kernel_lora_a / kernel_lora_b leaves) to merge into "
+                                   "SOURCE: the output is the merged full model.")]
 
 
 @app.command("maxtext-to-hf")
@@ -168,6 +180,8 @@ def maxtext_to_hf(
     dtype: OutDtypeOpt = None,
     shard_size: ShardSizeOpt = "5GB",
     tokenizer: TokenizerOpt = None,
+    lora: MaxTextLoraOpt = None,
+    lora_only: O.LoraOnlyOpt = False,
     workers: O.WorkersOpt = None,
     resume: O.ResumeOpt = False,
     restart: O.RestartOpt = False,
@@ -189,6 +203,8 @@ def maxtext_to_hf(
     The output folder loads with transformers' from_pretrained.
     Interrupted (Ctrl-C, SIGTERM) after its first progress snapshot, a run keeps OUT.partial;
     the same command run again finishes it (--restart starts afresh).
+    --lora-only reads SOURCE as a LoRA checkpoint and writes a PEFT adapter folder (adapter_config.json +
+    adapter_model.safetensors) that peft loads on the HF base; --lora CKPT merges a LoRA checkpoint into SOURCE.
 
     Examples:
 
@@ -199,6 +215,10 @@ def maxtext_to_hf(
       ckpt convert maxtext-to-hf ./mt --out s3://bucket/hf/qwen3-8b
 
       ckpt convert maxtext-to-hf ./mt/0/items --hf-config ./config.json --dtype f32 --shard-size 2GB --out ./hf
+
+      ckpt convert maxtext-to-hf ./run/checkpoints/500 --lora-only --model qwen3-8b --out ./my-adapter
+
+      ckpt convert maxtext-to-hf ./qwen3-8b-mt --lora ./run/checkpoints/500 --out ./qwen3-8b-merged
     """
     from ckpt_cli import convert
     from ckpt_cli.io.location import BucketURL, local_path, location, source_arg
@@ -217,10 +237,15 @@ def maxtext_to_hf(
             raise typer.BadParameter("--push-to-hub uploads a local --out folder, not a bucket",
                                      param_hint="--push-to-hub")
         check_push(push_to_hub)
+    if lora and lora_only:
+        raise typer.BadParameter("--lora merges a LoRA checkpoint into SOURCE; --lora-only converts SOURCE, a LoRA "
+                                 "checkpoint, alone: give one", param_hint="--lora-only")
     outp = Output(json_out, quiet, wide)
     opts = convert.ToHFOptions(model=model, hf_config=local_path(hf_config, "--hf-config"), dtype=dtype,
                                shard_size=shard_bytes(shard_size), tokenizer=tokenizer, overwrite=overwrite,
-                               workers=resolve_workers(workers), resume=take_up(resume, restart, out_path))
+                               workers=resolve_workers(workers), resume=take_up(resume, restart, out_path),
+                               lora=local_path(lora, "--lora", what="a LoRA checkpoint in a bucket is not "
+                                               "supported yet") if lora else None, lora_only=lora_only)
 
     with outp.bytes_progress("maxtext → hf") as progress:
         result = convert.maxtext_to_hf(source, out_path, opts, progress=progress,

@@ -185,6 +185,8 @@ def _rows(r: dict, pattern: str | None) -> dict[str, str]:
     else:
         rows["repo"] = r["repo_id"]
         rows["layout"] = f"{'scanned' if r['scan_layers'] else 'unscanned'}, {r['dtype']}"
+    if r.get("lora"):
+        rows["LoRA"] = _lora_line(r["lora"])
     label = f" matching {pattern}" if pattern else ""
     rows["tensors"] = f"{tot['tensors']}{label}"
     rows["parameters"] = human_params(tot["parameters"])
@@ -195,6 +197,15 @@ def _rows(r: dict, pattern: str | None) -> dict[str, str]:
         rows["fetched"] = (f"{human_bytes(f['bytes'])} in {f['requests']} request(s): config, index and headers, "
                            f"no tensor data")
     return rows
+
+
+def _lora_line(lora: dict) -> str:
+    """rank, alpha, scale, the modules adapted, tensors and bytes of an adapter (PEFT or MaxText)."""
+    alpha = "?" if lora["lora_alpha"] is None else f"{lora['lora_alpha']:g}"
+    scale = "?" if lora["scale"] is None else f"{lora['scale']:g}"
+    rs = ", rsLoRA" if lora.get("use_rslora") else ""
+    return (f"r {lora['r']}, alpha {alpha} (scale {scale}{rs}) on {', '.join(lora['modules'])}: "
+            f"{lora['tensors']} tensors, {human_bytes(lora['bytes'])}")
 
 
 def _config_line(c: dict) -> str:

@@ -108,3 +108,8 @@ MaxDiskOpt = Annotated[str | None, typer.Option(
 AllowUnusedOpt = Annotated[bool, flag(
     "--allow-unused", help="Convert although config.json declares fewer decoder layers than the files hold (the "
                            "extra layers are dropped); without it that is refused as a mismatched config.")]
+LoraOpt = Annotated[str | None, typer.Option(
+    "--lora", metavar="ADAPTER",
+    help="A LoRA adapter: merged into the base (W + scale·B·A), or alone with --lora-only.")]
+LoraOnlyOpt = Annotated[bool, flag("--lora-only", help="Write the LoRA adapter alone (needs --lora, or for "
+                                                       "maxtext-to-hf a LoRA checkpoint as SOURCE).")]

@@ -9,7 +9,15 @@ from typing import Annotated
 import typer
 
 from ckpt_cli.cli import options as O
-from ckpt_cli.cli.convert import ArchModelOpt, HFConfigOpt, OutDtypeOpt, ShardSizeOpt, resolve_workers, shard_bytes
+from ckpt_cli.cli.convert import (
+    ArchModelOpt,
+    HFConfigOpt,
+    MaxTextLoraOpt,
+    OutDtypeOpt,
+    ShardSizeOpt,
+    resolve_workers,
+    shard_bytes,
+)
 from ckpt_cli.cli.errors import guarded
 from ckpt_cli.cli.output import Output
 from ckpt_cli.cli.report import dtype_name, human_params, summary_table
@@ -61,6 +69,8 @@ def plan_hf_to_maxtext(
     mtp: O.MtpOpt = False,
     max_disk: O.MaxDiskOpt = None,
     allow_unused: O.AllowUnusedOpt = False,
+    lora: O.LoraOpt = None,
+    lora_only: O.LoraOnlyOpt = False,
     overwrite: O.OverwriteOpt = False,
     read_gbps: ReadGbpsOpt = None,
     write_gbps: WriteGbpsOpt = None,
@@ -83,6 +93,8 @@ def plan_hf_to_maxtext(
       ckpt plan hf-to-maxtext Qwen/Qwen3-8B --max-disk 10GB --json
 
       ckpt plan hf-to-maxtext --model llama3.1-70b --no-scan --write-gbps 0.4
+
+      ckpt plan hf-to-maxtext Qwen/Qwen3-8B --lora ./my-adapter --lora-only --json
     """
     from ckpt_cli import convert, pricing, registry
     from ckpt_cli.errors import RemoteError
@@ -100,7 +112,12 @@ def plan_hf_to_maxtext(
         storage=StorageOptions(use_ocdbt=ocdbt, use_zarr3=zarr3, compression=compression),
         target_mesh=O.target_mesh(target_mesh),
         overwrite=overwrite, workers=workers, mtp=mtp, max_disk=parse_size(max_disk) if max_disk else None,
-        allow_unused=allow_unused)
+        allow_unused=allow_unused, lora=lora, lora_only=lora_only)
+    if lora_only and not lora:
+        raise typer.BadParameter("--lora-only needs --lora ADAPTER", param_hint="--lora-only")
+    if lora and source is None:
+        raise typer.BadParameter("--lora needs a SOURCE (the base model the adapter was trained on)",
+                                 param_hint="--lora")
     try:
         plan, src, notes = pricing.plan_hf_to_maxtext(source, opts)
     except RemoteError as exc:
@@ -132,6 +149,8 @@ def plan_maxtext_to_hf(
     scan: Annotated[bool, O.flag("--scan/--no-scan", help="With --model and no SOURCE: price a scanned or "
                                  "unscanned checkpoint (a SOURCE's own layout is read from it).")] = True,
     workers: O.WorkersOpt = None,
+    lora: MaxTextLoraOpt = None,
+    lora_only: O.LoraOnlyOpt = False,
     overwrite: O.OverwriteOpt = False,
     read_gbps: ReadGbpsOpt = None,
     write_gbps: WriteGbpsOpt = None,
@@ -155,8 +174,13 @@ def plan_maxtext_to_hf(
     out = location(out, "--out", buckets=True) if out is not None else None
     hf_config = local_path(hf_config, "--hf-config")
     workers = resolve_workers(workers)
+    if (lora or lora_only) and source is None:
+        raise typer.BadParameter("--lora / --lora-only need a SOURCE checkpoint", param_hint="--lora")
+    if lora and lora_only:
+        raise typer.BadParameter("give --lora or --lora-only, not both", param_hint="--lora-only")
     opts = convert.ToHFOptions(model=model, hf_config=hf_config, dtype=dtype, shard_size=shard_bytes(shard_size),
-                               overwrite=overwrite, workers=workers)
+                               overwrite=overwrite, workers=workers, lora=local_path(lora, "--lora"),
+                               lora_only=lora_only)
     plan, src, notes = pricing.plan_maxtext_to_hf(source, opts, scan)
     reads = []
     if source and not remote:

@@ -37,6 +37,12 @@ GoldenOpt = Annotated[str | None, typer.Option(
 SaveGoldenOpt = Annotated[str | None, typer.Option(
     "--save-golden", metavar="FILE",
     help="Also write the HF logits, tokens and prompts to FILE (.npz exact; .jsonl: MaxText's).")]
+LoraCkptOpt = Annotated[str | None, typer.Option(
+    "--lora", metavar="CKPT", help="A MaxText LoRA checkpoint (kernel_lora_a / kernel_lora_b) applied in the "
+                                   "MaxText forward; the HF model gets the PEFT adapter it was converted from.")]
+HFLoraOpt = Annotated[str | None, typer.Option(
+    "--hf-lora", metavar="ADAPTER", help="A PEFT LoRA adapter folder applied to the HF model (peft's PeftModel when "
+                                         "installed); default: the adapter --lora was converted from.")]
 HFLoadOpt = Annotated[O.HFLoadChoice, typer.Option(
     "--hf-load", help="auto: the whole HF model if it fits in RAM, else layer-streamed; full; stream.")]
 
@@ -54,6 +60,8 @@ def verify_logits(
     save_golden: SaveGoldenOpt = None,
     hf_load: HFLoadOpt = "auto",
     revision: O.RevisionOpt = None,
+    lora: LoraCkptOpt = None,
+    hf_lora: HFLoraOpt = None,
     wide: O.WideOpt = False,
     json_out: O.JsonOpt = False,
     quiet: O.QuietOpt = False,
@@ -74,6 +82,8 @@ def verify_logits(
       ckpt verify-logits --maxtext ./mt --hf ./Qwen3-0.6B --tokens "1,2,3;4,5,6,7" --save-golden golden.npz
 
       ckpt verify-logits --maxtext ./mt --golden golden.npz --max-kl 1e-6 --json
+
+      ckpt verify-logits --maxtext ./qwen3-mt --lora ./qwen3-lora-mt --hf ./Qwen3-0.6B --hf-lora ./my-adapter
     """
     from ckpt_cli.io.location import local_path, location, source_arg
     from ckpt_cli.verify.prompts import parse_token_lists
@@ -85,7 +95,7 @@ def verify_logits(
     outp = Output(json_out, quiet, wide)
     opts = VerifyOptions(maxtext=maxtext, hf=hf, tokens=parse_token_lists(tokens or []),
                          prompts=tuple(prompt or ()), max_kl=max_kl, top_k=top_k, dtype=dtype, golden=golden,
-                         save_golden=save_golden, hf_load=hf_load, revision=revision)
+                         save_golden=save_golden, hf_load=hf_load, revision=revision, lora=lora, hf_lora=hf_lora)
     with outp.bytes_progress("maxtext forward") as progress:
         result = run_verify(opts, note=outp.note, progress=progress)
     for n in result.notes:

@@ -410,8 +410,8 @@ def tiles(spans: Sequence[tuple[int, int]], step: int) -> bool:
 
 # Steps that act on each element alone (safe on any rows of a tensor).
 ELEMENTWISE_STEPS = frozenset({"embedding-scale", "embedding-scale-f32", "offset+1"})
-STEP_NAMES = frozenset({"transpose", "group-transpose", "reshape", "rope-interleave", "query-scale",
-                        "query-pre-attn-scale", "pad-rows", *ELEMENTWISE_STEPS})
+STEP_NAMES = frozenset({"transpose", "group-transpose", "reshape", "rope-interleave", "rope-interleave-heads",
+                        "query-scale", "query-pre-attn-scale", "pad-rows", *ELEMENTWISE_STEPS})
 
 
 def resolve_steps(names: Sequence[str], dims: Dims) -> T.Chain:
@@ -426,6 +426,8 @@ def resolve_steps(names: Sequence[str], dims: Dims) -> T.Chain:
             steps.append(T.Reshape())
         elif name == "rope-interleave":
             steps.append(T.RopeInterleave())
+        elif name == "rope-interleave-heads":      # the last axis holds whole heads of D (a LoRA B kernel)
+            steps.append(T.RopeInterleave(head=dims["D"]))
         elif name == "query-scale":
             steps.append(T.query_scale(dims["D"]))
         elif name == "offset+1":

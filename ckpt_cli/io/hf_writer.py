@@ -62,18 +62,19 @@ class HFFolderWriter:
     """The engine's Writer for an HF folder: one StreamingSafetensorsWriter per shard.
 
     `progress_key` turns on progress snapshots; `done` (the writes `read_progress` found for that key)
-    takes up the interrupted run's OUT.partial instead of starting afresh.
+    takes up the interrupted run's OUT.partial instead of starting afresh. `names` names the shards when there
+    are that many (e.g. a PEFT adapter's one `adapter_model.safetensors`).
     """
 
     def __init__(self, out: Path, tensors: list[PlannedTensor], shard_bytes: int, overwrite: bool = False,
-                 progress_key: str | None = None, done: set[tuple] | None = None):
+                 progress_key: str | None = None, done: set[tuple] | None = None, names: list[str] | None = None):
         self.out = output_path(out)
         self.overwrite = overwrite
         check_output(self.out, overwrite)
         self.tmp = partial_dir(self.out)
         self.planned = {t.name: t for t in tensors}
         self.shards = assign_shards(tensors, shard_bytes)
-        self.files = shard_file_names(len(self.shards))
+        self.files = names if names and len(names) == len(self.shards) else shard_file_names(len(self.shards))
         self.weight_map = {t.name: f for f, shard in zip(self.files, self.shards, strict=True) for t in shard}
         self.writers: dict[str, StreamingSafetensorsWriter] = {}
         self.closed: set[str] = set()

@@ -415,8 +415,19 @@ NNX_AUX = ("nnx_aux", "model")
 _RNG_KEYS = frozenset({"rngs", "dropout"})   # RNG streams NNX keeps in nnx_aux: state, not weights
 
 
+_LORA_LEAVES = ("kernel_lora_a", "kernel_lora_b")
+
+
 def _param_path(keys: tuple[str, ...]) -> tuple[int, str] | None:
-    """(precedence, parameter path) of a leaf of the state tree, or None when it is no model weight."""
+    """(precedence, parameter path) of a leaf of the state tree, or None when it is no model weight.
+
+    A LoRA leaf wrapped as an NNX variable (`.../kernel_lora_a/value`: MaxText 0.2.5's to_maxtext adapter mode, and
+    an NNX state saved whole, as Tunix saves `model_params`, at the root: `decoder/.../kernel_lora_a/value`) is
+    read at its parameter path."""
+    if len(keys) > 1 and keys[-1] == "value" and keys[-2] in _LORA_LEAVES:
+        keys = keys[:-1]
+        if keys[0] == "decoder":
+            return 0, "/".join(keys)
     if len(keys) > 2 and keys[:2] == ROOT_KEYS:
         return 0, "/".join(keys[2:])
     if len(keys) > 2 and keys[0] == "params":

@@ -170,17 +170,25 @@ def choose_load(load: str, est: MemoryEstimate, dtype: str) -> str:
 
 
 def hf_logits(folder: Path, cfg: dict, prompts: Sequence[Prompt], dtype: str, load: str = "auto",
-              note: Callable[[str], None] | None = None) -> tuple[list[np.ndarray], dict]:
-    """(T_n, V) float32 logits of transformers' forward for each prompt, and how the model was held."""
+              note: Callable[[str], None] | None = None, adapter: Path | None = None
+              ) -> tuple[list[np.ndarray], dict]:
+    """(T_n, V) float32 logits of transformers' forward for each prompt, and how the model was held; with
+    `adapter`, of the model with that PEFT LoRA adapter applied (the whole model in memory)."""
     import torch
 
     est = estimate_memory(folder, cfg, prompts, dtype)
     mode = choose_load(load, est, dtype)
+    if adapter is not None and mode != "full":
+        raise CkptError("a LoRA adapter is applied to the whole HF model in memory: pass --hf-load full")
     if note:
         note(f"running the Hugging Face model with transformers ({'float32' if dtype == 'f32' else 'bfloat16'}, "
              f"eager attention, {'whole model' if mode == 'full' else 'layer-streamed'}, "
              f"~{human_bytes(est.full if mode == 'full' else est.stream or 0)} needed)")
     model = _load_full(folder, dtype) if mode == "full" else StreamedModel(folder, dtype)
+    if adapter is not None:
+        from ckpt_cli.lora_convert import apply_peft
+
+        model = apply_peft(model, adapter, note)
     length = max(len(p.ids) for p in prompts)
     batch = torch.zeros((len(prompts), length), dtype=torch.long)
     for n, p in enumerate(prompts):

@@ -49,6 +49,8 @@ class VerifyOptions:
     save_golden: Path | None = None
     hf_load: str = "auto"
     revision: str | None = None
+    lora: Path | None = None        # a MaxText LoRA checkpoint applied in the MaxText forward
+    hf_lora: str | None = None      # a PEFT adapter applied to the HF model (default: the one --lora came from)
 
 
 @dataclass
@@ -134,7 +136,8 @@ class VerifyResult:
             })
         return {
             "command": "verify-logits", "version": __version__, "passed": self.passed, "verdict": self.verdict(),
-            "maxtext": str(o.maxtext), "family": self.family, "scan_layers": self.scan_layers,
+            "maxtext": str(o.maxtext), **({"lora": str(o.lora)} if o.lora else {}), "family": self.family,
+            "scan_layers": self.scan_layers,
             "config_source": self.config_source, "reference": self.reference, "dtype": o.dtype,
             "max_kl_threshold": o.max_kl, "kl_definition": KL_DEFINITION, "vocab_compared": self.vocab_compared,
             "summary": {
@@ -329,6 +332,8 @@ def verify_logits(opts: VerifyOptions, note: Callable[[str], None] | None = None
     family, fcfg = forward_config(cfg, model)
     scan = detect_scan(ckpt)
     layout_notes = check_tree(ckpt, family, cfg, scan)
+    lora_ckpt = OrbaxCheckpoint(Path(opts.lora)) if opts.lora else None
+    hf_adapter = _hf_adapter(opts, lora_ckpt) if golden is None else None
     prompts = _prompts(opts, hf_folder, golden, fcfg.vocab)
     token_text = TokenText.find(hf_folder)
     timings["setup"] = time.perf_counter() - t0
@@ -341,7 +346,9 @@ def verify_logits(opts: VerifyOptions, note: Callable[[str], None] | None = None
     else:
         from ckpt_cli.verify.reference import hf_logits
 
-        ref_logits, info = hf_logits(hf_folder, cfg, prompts, opts.dtype, opts.hf_load, say)
+        ref_logits, info = hf_logits(hf_folder, cfg, prompts, opts.dtype, opts.hf_load, say, adapter=hf_adapter)
+        if hf_adapter is not None:
+            info["lora"] = str(hf_adapter)
         reference = {"kind": "hf", "path": str(hf_folder), "hf_dtype": opts.dtype, **info}
         if opts.save_golden:
             meta = {"hf": opts.hf, "dtype": opts.dtype, "family": family.name, "hf_config": cfg,
@@ -355,6 +362,10 @@ def verify_logits(opts: VerifyOptions, note: Callable[[str], None] | None = None
     say(f"running the MaxText forward in JAX ({COMPUTE_DTYPES[opts.dtype]}, {family.name}, "
         f"{'scanned' if scan else 'unscanned'}, one layer at a time)")
     params = OrbaxParams(ckpt, family, cfg, scan, progress=progress)
+    if lora_ckpt is not None:
+        from ckpt_cli.lora_convert import LoraParams
+
+        params = LoraParams(params, lora_ckpt, family, cfg, scan)
     mt_logits, notes = maxtext_forward(params, fcfg, prompts, opts.dtype)
     notes = [*layout_notes, *family.check_config(cfg), *notes]   # layout notes; what MaxText computes differently
     timings["maxtext"] = time.perf_counter() - t
@@ -368,6 +379,20 @@ def verify_logits(opts: VerifyOptions, note: Callable[[str], None] | None = None
     timings["total"] = time.perf_counter() - t0
     return VerifyResult(opts, family.name, scan, config_source, reference, results, vocab, timings,
                         peak_rss_bytes(), params.bytes_read, token_text, notes)
+
+
+def _hf_adapter(opts: VerifyOptions, lora_ckpt: OrbaxCheckpoint | None) -> Path | None:
+    """The PEFT adapter for the HF side: --hf-lora, else the folder the --lora checkpoint was converted from."""
+    if opts.hf_lora:
+        return Path(opts.hf_lora)
+    if lora_ckpt is None:
+        return None
+    carried = lora_ckpt.provenance.get("lora")
+    source = carried.get("folder") if isinstance(carried, dict) else None
+    if source and Path(source).is_dir():
+        return Path(source)
+    raise CkptError(f"{lora_ckpt.items}: give --hf-lora ADAPTER (the PEFT adapter the HF model runs with); the "
+                    "checkpoint names no adapter folder that still exists")
 
 
 def _hf_folder(hf: str, revision: str | None) -> Path:
