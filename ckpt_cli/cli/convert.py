@@ -137,8 +137,9 @@ ArchModelOpt = Annotated[str | None, typer.Option(
 HFConfigOpt = Annotated[str | None, typer.Option(
     "--hf-config", metavar="FILE",
     help="config.json (or a folder with one) describing the checkpoint; wins over a carried one.")]
-OutDtypeOpt = Annotated[O.DtypeChoice | None, typer.Option(
-    "--dtype", help="Stored dtype (cast per slice). Default: the checkpoint's own (else the config's, else bf16).")]
+OutDtypeOpt = Annotated[O.StoreDtypeChoice | None, typer.Option(
+    "--dtype", help="Stored dtype (cast per slice). Default: the checkpoint's own (else the config's, else bf16); "
+                    "fp8 weights kept with their scales are written back as they are.")]
 ShardSizeOpt = Annotated[str, typer.Option(
     "--shard-size", metavar="SIZE", help="Most tensor bytes per safetensors shard, with a unit (5GB, 500MB, "
                                          "2GiB ...); one shard -> model.safetensors.")]
