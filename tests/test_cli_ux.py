@@ -54,10 +54,10 @@ def test_root_and_group_help_show_no_bool_but_typer_completion_installers():
 
 
 @pytest.mark.parametrize("command,flag,choices", [
-    (["convert", "hf-to-maxtext"], "--dtype", "bf16|f32"),
+    (["convert", "hf-to-maxtext"], "--dtype", "bf16|f32|fp8"),
     (["convert", "hf-to-maxtext"], "--compression", "none|zstd"),
     (["convert", "hf-to-maxtext"], "--load-method", "safetensors|transformers"),
-    (["convert", "maxtext-to-hf"], "--dtype", "bf16|f32"),
+    (["convert", "maxtext-to-hf"], "--dtype", "bf16|f32|fp8"),
     (["verify-logits"], "--hf-load", "auto|full|stream"),
     (["verify-logits"], "--dtype", "bf16|f32"),
 ])
