@@ -64,8 +64,9 @@ def validate(plan: ConversionPlan, reader: Reader) -> None:
         for task in tensor.tasks:
             shape, dtype = reader.describe(task.source.name)
             got = source_slice_shape(shape, task.source)
-            if got != tensor.source_shape:
-                raise ShapeMismatchError(f"tensor {task.source.name}: expected shape {tensor.source_shape} "
+            want = task.source.shape or tensor.source_shape
+            if got != want:
+                raise ShapeMismatchError(f"tensor {task.source.name}: expected shape {want} "
                                          f"for {tensor.target}, found {got}")
             if not is_float(dtype):
                 raise ShapeMismatchError(f"tensor {task.source.name}: expected a float dtype, found {dtype}")

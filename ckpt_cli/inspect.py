@@ -315,8 +315,8 @@ def maxtext_tree(t: Target, scan: bool, dtype: str | None = None) -> tuple[dict[
                 continue
             if shape is None:
                 missing.append(name)
-            elif source_slice_shape(shape, source) != tuple(tensor.source_shape):   # per expert when stacked
-                misshaped.append(f"{name} is {shape}, expected {tuple(tensor.source_shape)}"
+            elif source_slice_shape(shape, source) != tuple(source.shape or tensor.source_shape):   # per expert
+                misshaped.append(f"{name} is {shape}, expected {tuple(source.shape or tensor.source_shape)}"
                                  + (" per index of axis 0" if source.axes else ""))
         dtype_name = np.dtype(tensor.dtype).name
         if missing:

@@ -51,6 +51,8 @@ class SourceSlice:
     rows: tuple[int, int] | None = None   # a range on axis `rows_axis` of the source (full coordinates)
     rows_axis: int = 0
     part: Part | None = None              # then only this part (strided or a block) of the slice is used
+    shape: Shape | None = None            # the source's full shape, where it is not the tensor's `source_shape`
+                                          # (a leaf joined from several HF tensors: see families.base.Join)
     raw: bool = False                     # read as stored (fp8 weights kept fp8: not dequantized)
 
     def select(self, x: np.ndarray) -> np.ndarray:
@@ -318,7 +320,7 @@ def _span_axis(rule: Rule, shape: Shape, stack_axes: tuple[int, ...], dims: Dims
     (attention out, LM head): HF rows are the target's last axis.
     """
     free = [a for a in range(len(shape)) if a not in stack_axes]
-    if len(rule.hf_shape) != 2 or len(free) < 2 or rule.part is not None or rule.hf_expert_axis:
+    if len(rule.hf_shape) != 2 or len(free) < 2 or rule.part is not None or rule.hf_expert_axis or rule.join:
         return None
     if set(rule.steps) <= _ROWWISE_STEPS:     # copies, scaled, offset or padded (Gemma embeddings)
         return (free[0], 1) if len(free) == 2 else None
@@ -349,6 +351,29 @@ def _tasks(rule: Rule, block: Block | None, dims: Dims) -> tuple[SliceTask, ...]
         else:
             source = SourceSlice(name, part=rule.part)
         tasks.append(SliceTask(index, source))
+    return tuple(tasks)
+
+
+def _joined_tasks(rule: Rule, block: Block | None, dims: Dims) -> tuple[SliceTask, ...]:
+    """A joined leaf's tasks: per layer, one per row range of one of its HF tensors (`Join.layout`), written at the
+    next range of the joined axis (the tensor's span axis)."""
+    join = rule.join
+    assert join is not None
+    rest = eval_shape(rule.hf_shape[1:], dims)
+    shapes = {name: (rows, *rest) for name, rows in join.rows(dims).items()}
+    if block is None:
+        layers: list[tuple[tuple[int, ...], int | None]] = [((), None)]
+    elif block.stacked:
+        layers = [(block.stack_index(s), hf) for s, hf in enumerate(block.hf_layers)]
+    else:
+        layers = [((), block.hf_layers[0])]
+    tasks = []
+    for index, hf_layer in layers:
+        at = 0
+        for name, first, rows in join.layout(dims):
+            source = SourceSlice(name.format(layer=hf_layer), rows=(first, first + rows), shape=shapes[name])
+            tasks.append(SliceTask(index, source, span=(at, at + rows)))
+            at += rows
     return tuple(tasks)
 
 
@@ -386,7 +411,7 @@ def build_to_maxtext(family: Family, hf_config: dict, scan_layers: bool, dtype: 
         slice_shape = eval_shape(rule.maxtext_shape, dims)
         source_shape = _source_shape(rule, dims)
         shape, axes = _stacked(slice_shape, rule, block, dims)
-        tasks = _tasks(rule, block, dims)
+        tasks = _tasks(rule, block, dims) if rule.join is None else _joined_tasks(rule, block, dims)
         if keep:
             tasks = tuple(dataclasses.replace(t, source=dataclasses.replace(t.source, raw=True)) for t in tasks)
         chunks = chunk_shape(shape, axes, itemsize)
@@ -401,7 +426,9 @@ def build_to_maxtext(family: Family, hf_config: dict, scan_layers: bool, dtype: 
             rows = min(shape[span_axis], source_shape[0] // unit)   # fewer than the target's when padded
             align = read_chunk_shape(shape, whole, roles, itemsize, mesh)[span_axis]
             pieces = _split_rows(rows, unit * source_shape[1] * 4, align)
-        if pieces:
+        if rule.join is not None:   # row ranges of several HF tensors, each written at its range of the joined axis
+            span_axis = len(shape) + rule.join.axis
+        elif pieces:
             pieces[-1] = (pieces[-1][0], shape[span_axis])          # padding rows go with the last piece
             tasks = tuple(SliceTask(t.index, SourceSlice(t.source.name, rows=(a * unit, min(b, rows) * unit),
                                                          raw=keep), span=(a, b)) for t in tasks for a, b in pieces)
@@ -573,7 +600,8 @@ def build_to_hf(family: Family, hf_config: dict, scan_layers: bool, dtype: np.dt
         axes = jobs[0][1].source.axes
         if any(task.source.axes != axes for _, task in jobs):
             raise AssertionError(f"{name}: read with different stacked axes")
-        shape = list(t.source_shape)
+        source_shape = jobs[0][1].source.shape or t.source_shape   # a joined leaf's tensors have their own
+        shape = list(source_shape)
         for k, axis in enumerate(axes):   # stacked HF axes (experts on axis 0): as many as the indices seen
             shape.insert(axis, 1 + max(task.source.index[k] for _, task in jobs))
         reverse_tasks = [
@@ -583,7 +611,7 @@ def build_to_hf(family: Family, hf_config: dict, scan_layers: bool, dtype: np.dt
             for u, task in jobs]
         span_axis = 0 if reverse_tasks[0].span is not None else None
         tensors.append(TensorPlan(
-            target=name, shape=tuple(shape), dtype=t.dtype if t.quant else base, slice_shape=t.source_shape,
+            target=name, shape=tuple(shape), dtype=t.dtype if t.quant else base, slice_shape=source_shape,
             source_shape=t.slice_shape, stack_axes=axes, chain=t.chain, tasks=tuple(reverse_tasks),
             chunk_shape=tuple(shape), span_axis=span_axis, quant=t.quant))
     tensors.sort(key=lambda x: x.target)

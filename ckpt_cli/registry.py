@@ -58,6 +58,25 @@ def _qwen3_next(name: str, repo: str) -> ModelSpec:
     })
 
 
+def _qwen3_5(name: str, repo: str, e: int, n: int, layers: int, value_heads: int, experts: int, top_k: int,
+             m: int) -> ModelSpec:
+    """The language model of a Qwen3.5 MoE release (its config.json's text_config, as MaxText's
+    configs/models/NAME.yml and checkpoint_conversion/utils/hf_model_configs.py give it); the repos are multimodal."""
+    return ModelSpec(name, "qwen3_5", repo, {
+        "architectures": ["Qwen3_5MoeForCausalLM"], "model_type": "qwen3_5_moe_text", "hidden_size": e,
+        "num_attention_heads": n, "num_key_value_heads": 2, "head_dim": 256, "moe_intermediate_size": m,
+        "shared_expert_intermediate_size": m, "num_experts": experts, "num_experts_per_tok": top_k,
+        "mlp_only_layers": [], "num_hidden_layers": layers, "full_attention_interval": 4,
+        "layer_types": ["full_attention" if (i + 1) % 4 == 0 else "linear_attention" for i in range(layers)],
+        "linear_num_key_heads": 16, "linear_num_value_heads": value_heads, "linear_key_head_dim": 128,
+        "linear_value_head_dim": 128, "linear_conv_kernel_dim": 4, "vocab_size": 248320, "tie_word_embeddings": False,
+        "rms_norm_eps": 1e-6, "attn_output_gate": True, "attention_bias": False, "hidden_act": "silu",
+        "max_position_embeddings": 262144, "eos_token_id": 248044, "torch_dtype": "bfloat16",
+        "rope_parameters": {"mrope_interleaved": True, "mrope_section": [11, 11, 10], "rope_type": "default",
+                            "rope_theta": 10000000, "partial_rotary_factor": 0.25},
+    })
+
+
 def _mixtral(name: str, repo: str, e: int, n: int, m: int, layers: int, vocab: int, max_positions: int
              ) -> ModelSpec:
     return ModelSpec(name, "mixtral", repo, {
@@ -295,6 +314,8 @@ MODELS: dict[str, ModelSpec] = {m.name: m for m in (
     _deepseek("deepseek3.2-671b", "deepseek-ai/DeepSeek-V3.2", "deepseek_v32", True),
     *_OLMO3,
     _qwen3_next("qwen3-next-80b-a3b", "Qwen/Qwen3-Next-80B-A3B-Instruct"),
+    _qwen3_5("qwen3.5-35b-a3b", "Qwen/Qwen3.5-35B-A3B", 2048, 16, 40, 32, 256, 8, 512),
+    _qwen3_5("qwen3.5-397b-a17b", "Qwen/Qwen3.5-397B-A17B", 4096, 32, 60, 64, 512, 10, 1024),
 )}
 
 

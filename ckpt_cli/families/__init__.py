@@ -13,6 +13,7 @@ from ckpt_cli.families import (
     mixtral,
     olmo3,
     qwen3,
+    qwen3_5,
     qwen3_moe,
     qwen3_next,
 )
@@ -21,7 +22,8 @@ from ckpt_cli.families.base import Family, config_int
 FAMILIES: dict[str, Family] = {f.name: f for f in (qwen3.FAMILY, llama3.FAMILY, deepseek.FAMILY, qwen3_moe.FAMILY,
                                                    mixtral.FAMILY, gemma3.FAMILY, gpt_oss.FAMILY,
                                                    llama3.LLAMA2, llama3.MISTRAL, qwen3.QWEN2, olmo3.FAMILY,
-                                                   gemma.FAMILY, gemma.FAMILY2, qwen3_next.FAMILY, llama4.FAMILY)}
+                                                   gemma.FAMILY, gemma.FAMILY2, qwen3_next.FAMILY, llama4.FAMILY,
+                                                   qwen3_5.FAMILY)}
 
 
 def family_named(name: str) -> Family:

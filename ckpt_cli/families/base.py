@@ -56,6 +56,47 @@ class Part:
 
 
 @dataclass(frozen=True)
+class Join:
+    """A leaf axis assembled from row ranges of several HF tensors (and split back into them).
+
+    The per-layer MaxText axis `axis` (counting from the end) is `groups` equal groups; each group is, in order, the
+    next 1/groups of each piece's rows, and a piece is the next `rows` rows of its HF tensor (consecutive pieces of
+    one tensor take consecutive rows of it, and together all of them). E.g. Qwen3.5's `in_proj_qkvz`, grouped per key
+    head: pieces (in_proj_qkv, HK*DK) for q, (in_proj_qkv, HK*DK) for k, (in_proj_qkv, HV*DV) for v, (in_proj_z,
+    HV*DV) for z: group h is [q_h, k_h, v_h, z_h]. Each row range moves as its own task (the row's `steps` map an HF
+    row range to a range of the axis, e.g. `transpose`), so the leaf still streams one layer at a time and nothing is
+    read twice. The rule's `hf` is the first piece's tensor and `hf_shape` the pieces stacked (their total rows).
+    """
+
+    groups: str
+    pieces: tuple[tuple[str, str], ...]   # (HF name template, rows: a dim expression), in group order
+    axis: int = -1
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """The HF tensors, in order of first use."""
+        return tuple(dict.fromkeys(name for name, _ in self.pieces))
+
+    def layout(self, dims: Dims) -> list[tuple[str, int, int]]:
+        """Every row range, in order along the leaf's axis: (HF name template, first row, rows)."""
+        groups = dims[self.groups]
+        sizes = [eval_dim(rows, dims) for _, rows in self.pieces]
+        offsets, seen = [], {}
+        for (name, _), size in zip(self.pieces, sizes, strict=True):
+            offsets.append(seen.get(name, 0))
+            seen[name] = offsets[-1] + size
+        return [(name, off + g * (size // groups), size // groups)
+                for g in range(groups) for (name, _), off, size in zip(self.pieces, offsets, sizes, strict=True)]
+
+    def rows(self, dims: Dims) -> dict[str, int]:
+        """Rows of each HF tensor."""
+        total: dict[str, int] = {}
+        for (name, rows) in self.pieces:
+            total[name] = total.get(name, 0) + eval_dim(rows, dims)
+        return total
+
+
+@dataclass(frozen=True)
 class Rule:
     """One MaxText leaf and where it comes from in HF, per layer (or global)."""
 
@@ -71,6 +112,7 @@ class Rule:
     collection: str | None = None   # the Flax collection MaxText keeps a non-parameter variable in (e.g.
                                     # "MoEBiasVar"); ckpt writes it under params/params, where MaxText's loaders
                                     # also look, but it stacks its layer axis at 0 as MaxText does for variables
+    join: Join | None = None        # the leaf is assembled from row ranges of several HF tensors (see Join)
 
     @property
     def scan_axis(self) -> int:
@@ -81,7 +123,13 @@ class Rule:
 
     @property
     def slots(self) -> frozenset[str]:
-        return frozenset(f for _, f, _, _ in string.Formatter().parse(self.hf) if f)
+        names = self.join.names if self.join else (self.hf,)
+        return frozenset(f for name in names for _, f, _, _ in string.Formatter().parse(name) if f)
+
+    @property
+    def hf_names(self) -> tuple[str, ...]:
+        """The HF tensor templates this rule reads (several for a joined leaf)."""
+        return self.join.names if self.join else (self.hf,)
 
     @property
     def hf_expert_axis(self) -> bool:
@@ -90,10 +138,12 @@ class Rule:
 
 
 def row(maxtext: str, hf: str, maxtext_shape: str, hf_shape: str, steps: str = "", experts: str | None = None,
-        part: Part | None = None, dtype: str | None = None, collection: str | None = None) -> Rule:
+        part: Part | None = None, dtype: str | None = None, collection: str | None = None,
+        join: Join | None = None) -> Rule:
     """Table-row shorthand: shapes and steps as comma-separated strings."""
     split = lambda s: tuple(p.strip() for p in s.split(",") if p.strip())  # noqa: E731
-    return Rule(maxtext, hf, split(maxtext_shape), split(hf_shape), split(steps), experts, part, dtype, collection)
+    return Rule(maxtext, hf, split(maxtext_shape), split(hf_shape), split(steps), experts, part, dtype, collection,
+                join)
 
 
 @dataclass(frozen=True)
@@ -263,7 +313,10 @@ def validate_rules(rules: Iterable[Rule], dims: Dims) -> None:
         if r.maxtext in seen_mt:
             raise AssertionError(f"{r.maxtext} / {r.hf}: mapping is not one-to-one")
         seen_mt.add(r.maxtext)
-        by_hf.setdefault(r.hf, []).append(r)
+        for name in r.hf_names:
+            by_hf.setdefault(name, []).append(r)
+        if r.join is not None:
+            _check_join(r, dims)
         hf_shape = eval_shape(r.hf_shape, dims)
         hf_count = math.prod(hf_shape) // (hf_shape[0] if r.hf_expert_axis else 1)
         if r.part is not None:
@@ -288,6 +341,23 @@ def validate_rules(rules: Iterable[Rule], dims: Dims) -> None:
                                  "'params', on a leaf with no experts axis")
     for hf, group in by_hf.items():
         _check_shared(hf, group)
+
+
+def _check_join(r: Rule, dims: Dims) -> None:
+    """A joined leaf: its first tensor is `hf`, the pieces add up to `hf_shape`'s rows and split evenly into the
+    groups, the axis exists, and no part, expert axis or row-mixing step comes with it."""
+    j = r.join
+    assert j is not None
+    groups = dims[j.groups]
+    rows = [eval_dim(n, dims) for _, n in j.pieces]
+    mt_shape = eval_shape(r.maxtext_shape, dims)
+    if (j.names[0] != r.hf or sum(rows) != eval_dim(r.hf_shape[0], dims) or any(n % groups for n in rows)
+            or not -len(mt_shape) <= j.axis < 0 or mt_shape[j.axis] != sum(rows)):
+        raise AssertionError(f"{r.maxtext}: joined pieces must start with {r.hf}, add up to {r.hf_shape[0]} rows (the "
+                             f"size of axis {j.axis}) and divide into {j.groups} groups")
+    if r.part is not None or r.experts is not None or set(r.steps) - {"transpose", *ELEMENTWISE_STEPS}:
+        raise AssertionError(f"{r.maxtext}: a joined leaf takes no part, no experts axis and only transpose or "
+                             "elementwise steps")
 
 
 def _check_part(r: Rule, hf_shape: tuple[int, ...]) -> None:
