@@ -21,7 +21,18 @@ from ckpt_cli import transforms as T
 from ckpt_cli.dtypes import BF16, FP8
 from ckpt_cli.errors import UnsupportedError
 from ckpt_cli.families import Family
-from ckpt_cli.families.base import ELEMENTWISE_STEPS, Block, Dims, Fp8Tree, Part, Rule, eval_shape, resolve_steps
+from ckpt_cli.families.base import (
+    ELEMENTWISE_STEPS,
+    Block,
+    Dims,
+    Fp8Tree,
+    Join,
+    Part,
+    Rule,
+    eval_dim,
+    eval_shape,
+    resolve_steps,
+)
 
 Shape = tuple[int, ...]
 TO_MAXTEXT = "hf-to-maxtext"
@@ -396,6 +407,9 @@ def build_to_maxtext(family: Family, hf_config: dict, scan_layers: bool, dtype: 
     fp8_block = fp8_tree = None
     if np.dtype(dtype) == FP8:
         fp8_tree, fp8_block = fp8_layout(family, hf_config)
+        # carried with the model's config (a multimodal release's text config has none): maxtext-to-hf writes it back
+        quant = hf_config["quantization_config"]
+        hf_config = {**family.model_config(hf_config), "quantization_config": quant}
     hf_config = family.model_config(hf_config)
     notes = tuple(family.check_config(hf_config, frozenset(features)))
     dims = family.dims(hf_config)
@@ -442,7 +456,7 @@ def build_to_maxtext(family: Family, hf_config: dict, scan_layers: bool, dtype: 
             span_axis=span_axis, collection=rule.collection, read_chunk=read if read != chunks else None,
             roles=tuple(roles), quant="fp8" if keep else None))
         if keep:
-            tensors.append(_scale_plan(rule, block, path, dims, fp8_tree, fp8_block, roles, mesh))
+            tensors.append(_scale_plan(rule, block, path, dims, fp8_block, roles, mesh))
     check_coverage(tensors)
     return ConversionPlan(TO_MAXTEXT, family.name, scan_layers, np.dtype(dtype), tuple(tensors), dict(hf_config),
                           dims, notes, frozenset(features))
@@ -475,8 +489,8 @@ def fp8_scale_shape(shape: Shape, block: int) -> Shape:
     return tuple(d // block if d >= block else d for d in shape)
 
 
-def _scale_plan(rule: Rule, block: Block | None, path: str, dims: Dims, tree: Fp8Tree, size: int,
-                roles: list[str | None], mesh: TargetMesh | None) -> TensorPlan:
+def _scale_plan(rule: Rule, block: Block | None, path: str, dims: Dims, size: int, roles: list[str | None],
+                mesh: TargetMesh | None) -> TensorPlan:
     """The block scale beside a kernel kept fp8: MaxText `<leaf>_scale` from HF `<weight>_scale_inv` (the same
     numbers: MaxText multiplies, as HF does), through the kernel's transforms at block granularity."""
     hf_shape = eval_shape(rule.hf_shape, dims)
@@ -490,19 +504,31 @@ def _scale_plan(rule: Rule, block: Block | None, path: str, dims: Dims, tree: Fp
     rows, cols = hf_shape
     source_shape = (-(-rows // size), -(-cols // size))
     slice_shape = fp8_scale_shape(mt_shape, size)
-    if rows % size or cols % size or not _blocks_follow(rule, mt_shape, cols, size, slice_shape, source_shape):
+    pieces = [eval_dim(n, dims) for _, n in rule.join.pieces] if rule.join else []
+    groups = dims[rule.join.groups] if rule.join else 1
+    if (rows % size or cols % size or any(n % (size * groups) for n in pieces)
+            or not _blocks_follow(rule, mt_shape, cols, size, slice_shape, source_shape)):
         raise UnsupportedError(f"--dtype fp8: the {size}x{size} blocks of {rule.hf} {hf_shape} do not map to "
                                f"MaxText's block scale of {path} {mt_shape}")
     shape, axes = _stacked(slice_shape, rule, block, dims)
-    tasks = tuple(dataclasses.replace(t, source=SourceSlice(t.source.name + "_scale_inv"))
-                  for t in _tasks(rule, block, dims))
+    span_axis = None
+    if rule.join:   # the same join of the pieces' scale rows, in blocks (0.2.5's concat_qkvz_scales_and_transpose)
+        scale_join = Join(rule.join.groups, tuple((name + "_scale_inv", str(n // size))
+                                                  for (name, _), n in zip(rule.join.pieces, pieces, strict=True)),
+                          rule.join.axis)
+        scale_rule = dataclasses.replace(rule, hf=rule.hf + "_scale_inv", join=scale_join,
+                                         hf_shape=tuple(str(n) for n in source_shape))
+        tasks = _joined_tasks(scale_rule, block, dims)
+        span_axis = len(shape) + rule.join.axis
+    else:
+        tasks = tuple(dataclasses.replace(t, source=SourceSlice(t.source.name + "_scale_inv"))
+                      for t in _tasks(rule, block, dims))
     chunks = chunk_shape(shape, axes, 4)
     read = read_chunk_shape(shape, chunks, roles, 4, mesh)
     return TensorPlan(
         target=path + "_scale", shape=shape, dtype=np.dtype(np.float32), slice_shape=slice_shape,
-        source_shape=source_shape, stack_axes=axes, chain=resolve_steps(rule.steps, tree.scale_dims(dims, size)),
-        tasks=tasks, chunk_shape=chunks, read_chunk=read if read != chunks else None, roles=tuple(roles),
-        quant="scale")
+        source_shape=source_shape, stack_axes=axes, chain=chain, tasks=tasks, chunk_shape=chunks,
+        span_axis=span_axis, read_chunk=read if read != chunks else None, roles=tuple(roles), quant="scale")
 
 
 def _blocks_follow(rule: Rule, mt_shape: Shape, cols: int, size: int, scale: Shape, source: Shape) -> bool:

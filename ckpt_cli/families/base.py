@@ -199,12 +199,11 @@ class Fp8Tree:
     none of its path components is one of `unquantized`; its scale is the leaf path + `_scale` (`kernel_scale`,
     `wi_0_scale`), read from the HF `<weight>_scale_inv` and multiplied in (MaxText's `dequantize_weight`). Every
     other leaf is bf16 (MaxText's compute `dtype`). The scale gets the kernel's own transforms at block
-    granularity: `scale_dims` gives the dimension table they are resolved with (each dim the transforms use, in
-    blocks), for transforms that need dims; plain transposes and reshapes need none.
+    granularity (plan.py, `_scale_plan`): a transpose (and reshape) of the block grid, and for a joined leaf
+    (`Join`) the same join of the pieces' scale rows, each piece's rows counted in blocks.
     """
 
     unquantized: frozenset[str]
-    scale_dims: Callable[[Dims, int], Dims] = lambda dims, block: dims
 
     def keeps(self, rule: Rule) -> bool:
         """Whether MaxText's fp8 tree stores this leaf float8_e4m3fn with a scale."""
