@@ -10,6 +10,7 @@ index math and MaxText's own dequantization rule (`dequantize_weight`: each scal
 from __future__ import annotations
 
 import json
+import re
 
 import ml_dtypes
 import numpy as np
@@ -186,3 +187,135 @@ def test_a_weight_the_tree_keeps_bf16_but_the_source_holds_fp8_is_refused(fp8_so
     monkeypatch.setitem(qwen3_next.FAMILY.extra, "fp8_tree", Fp8Tree(UNQUANTIZED | {"shared_expert"}))
     with pytest.raises(UnsupportedError, match=r"shared_expert\.gate_proj\.weight is fp8 in the source"):
         hf_to_maxtext(str(folder), tmp_path / "mt", ToMaxTextOptions(dtype="fp8"))
+
+
+# ------------------------------------------------------------------------------------- Qwen3.5 (the -fp8 names)
+
+QWEN35_TINY = dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_hidden_layers=8,
+                   vocab_size=128, max_position_embeddings=256, moe_intermediate_size=32,
+                   shared_expert_intermediate_size=16, num_experts=4, num_experts_per_tok=2, linear_num_key_heads=2,
+                   linear_num_value_heads=4, linear_key_head_dim=8, linear_value_head_dim=8, linear_conv_kernel_dim=4,
+                   tie_word_embeddings=False, rms_norm_eps=1e-6)
+# the release's quantized weights: the DeltaNet's in_proj_qkv / in_proj_z / out_proj, attention q/k/v/o, experts
+QWEN35_QUANTIZED = ("in_proj_qkv", "in_proj_z", "out_proj", "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                    "up_proj", "down_proj")
+TEXT = "model.language_model."
+
+
+def _save_release(folder, tensors: dict, scales: dict, cfg: dict) -> None:
+    save_file(tensors, str(folder / "model-00001-of-00002.safetensors"), metadata={"format": "pt"})
+    save_file(scales, str(folder / "model-00002-of-00002.safetensors"), metadata={"format": "pt"})
+    weight_map = {k: "model-00001-of-00002.safetensors" for k in tensors} | {
+        k: "model-00002-of-00002.safetensors" for k in scales}
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    (folder / "config.json").write_text(json.dumps(cfg))
+
+
+@pytest.fixture(scope="module")
+def qwen35_fp8(tmp_path_factory):
+    """A tiny Qwen3.5 MoE fp8 release, laid out as Qwen/Qwen3.5-35B-A3B-FP8 is: multimodal config (qwen3_5_moe, the
+    text model in text_config, quantization_config at the top), `model.language_model.*` tensors, e4m3 weights with
+    float32 `weight_scale_inv` (8x8 blocks) in another shard, a vision and an MTP tensor that are not converted.
+
+    Returns (folder, stored tensors, their float32 dequantization, the same folder with each fp8 weight replaced by
+    its byte codes as float32 numbers)."""
+    import torch
+    import transformers as tf
+
+    torch.manual_seed(0)
+    model = tf.Qwen3_5MoeForCausalLM(tf.Qwen3_5MoeTextConfig(**QWEN35_TINY))
+    with torch.no_grad():
+        for _, p in model.named_parameters():
+            p.copy_(1.0 + 0.1 * torch.randn_like(p) if p.ndim == 1 else 0.05 * torch.randn_like(p))
+    base = tmp_path_factory.mktemp("qwen35-f32")
+    model.save_pretrained(base)
+    text_cfg = read_config(base)
+    stored, scales, dequantized, as_codes = {}, {}, {}, {}
+    for name, w in load_hf(base).items():
+        name = TEXT + name.removeprefix("model.") if name.startswith("model.") else name
+        if w.ndim == 2 and name.split(".")[-2] in QWEN35_QUANTIZED:
+            q, s = quantize_fp8(w, BLOCK)
+            stored[name], scales[name + "_scale_inv"] = q, s
+            dequantized[name], as_codes[name] = reference_dequantize(q, s), codes(q)
+        else:
+            stored[name] = w.astype(ml_dtypes.bfloat16)
+            dequantized[name] = as_codes[name] = stored[name].astype(np.float32)
+    extra = {"model.visual.patch_embed.proj.weight": np.ones((8, 8), ml_dtypes.bfloat16),
+             "mtp.fc.weight": np.ones((64, 128), np.float32).astype(ml_dtypes.float8_e4m3fn)}
+    cfg = {"architectures": ["Qwen3_5MoeForConditionalGeneration"], "model_type": "qwen3_5_moe",
+           "text_config": text_cfg, "vision_config": {"depth": 1}, "tie_word_embeddings": False,
+           "quantization_config": QCFG}
+    folders = {}
+    for kind, tensors, sc in (("fp8", stored | extra, scales | {"mtp.fc.weight_scale_inv": np.ones((8, 16),
+                                                                                                    np.float32)}),
+                              ("dequantized", dequantized, {}), ("codes", as_codes, {})):
+        folders[kind] = tmp_path_factory.mktemp(f"qwen35-{kind}")
+        _save_release(folders[kind], tensors, sc, {k: v for k, v in cfg.items()
+                                                   if kind == "fp8" or k != "quantization_config"})
+    return folders, stored | scales
+
+
+@pytest.mark.parametrize("scan", [True, False], ids=["scan", "noscan"])
+def test_qwen35_fp8_release_keeps_maxtexts_fp8_tree(qwen35_fp8, tmp_path, scan):
+    """The kept tree of a Qwen3.5 fp8 release: each fp8 leaf holds the source bytes moved exactly as the f32
+    conversion moves them (the byte codes converted as numbers), MaxText's dequantization of leaf and `_scale` equals
+    the f32 conversion of the reference dequantization, every other leaf is bf16 and equals it; the joined
+    in_proj_qkvz's scale interleaves q, k, v, z blocks per key head."""
+    folders, _ = qwen35_fp8
+    r = hf_to_maxtext(str(folders["fp8"]), tmp_path / "fp8", ToMaxTextOptions(scan_layers=scan, dtype="fp8"))
+    assert any("model.visual" in n for n in r.notes)
+    hf_to_maxtext(str(folders["dequantized"]), tmp_path / "ref", ToMaxTextOptions(scan_layers=scan, dtype="f32"))
+    hf_to_maxtext(str(folders["codes"]), tmp_path / "codes", ToMaxTextOptions(scan_layers=scan, dtype="f32"))
+    got = flatten(restore(tmp_path / "fp8")["params"]["params"])
+    ref = flatten(restore(tmp_path / "ref")["params"]["params"])
+    want_codes = flatten(restore(tmp_path / "codes")["params"]["params"])
+    kept = {p for p in got if p + "_scale" in got}
+    assert set(got) == set(ref) | {p + "_scale" for p in kept}
+    leaves = {re.sub(r"^decoder/layers(/layer_\d+|_\d+)/", "", p) for p in kept}
+    assert leaves == {"attention/in_proj_qkvz/kernel", "attention/out_proj/kernel", "mlp/routed_experts/wi_0",
+                      "mlp/routed_experts/wi_1", "mlp/routed_experts/wo", "mlp/shared_expert/wi_0/kernel",
+                      "mlp/shared_expert/wi_1/kernel", "mlp/shared_expert/wo/kernel",
+                      "attention/attention/query/kernel", "attention/attention/key/kernel",
+                      "attention/attention/value/kernel", "attention/attention/out/kernel"}
+    for path, x in ref.items():
+        if path in kept:
+            assert got[path].dtype == ml_dtypes.float8_e4m3fn, path
+            assert np.array_equal(got[path].view(np.uint8), np.asarray(want_codes[path]).astype(np.uint8)), path
+            assert got[path + "_scale"].dtype == np.float32, path
+            assert np.array_equal(maxtext_dequantize(got[path], got[path + "_scale"]), x), path
+        else:
+            assert got[path].dtype == ml_dtypes.bfloat16, path
+            assert_bits_equal(got[path], np.asarray(x).astype(ml_dtypes.bfloat16), path)
+    if scan:   # 0.2.5's shapes: E/8 blocks, per key head [q 1, k 1, v 2, z 2] blocks -> 12; 4 query heads kept whole
+        assert got["decoder/layers/layer_0/attention/in_proj_qkvz/kernel_scale"].shape == (8, 2, 12)
+        assert got["decoder/layers/layer_3/attention/attention/query/kernel_scale"].shape == (8, 2, 4, 4)
+        assert got["decoder/layers/layer_1/mlp/routed_experts/wo_scale"].shape == (4, 2, 4, 8)
+
+
+@pytest.mark.parametrize("scan", [True, False], ids=["scan", "noscan"])
+def test_qwen35_fp8_round_trip_is_byte_identical(qwen35_fp8, tmp_path, scan):
+    """maxtext-to-hf of the kept checkpoint writes the language model's fp8 weights and weight_scale_inv (and the bf16
+    rest) byte for byte, under the text model's names, with the source's quantization_config."""
+    folders, stored = qwen35_fp8
+    hf_to_maxtext(str(folders["fp8"]), tmp_path / "mt", ToMaxTextOptions(scan_layers=scan, dtype="fp8"))
+    maxtext_to_hf(str(tmp_path / "mt"), tmp_path / "hf", ToHFOptions())
+    back = load_hf_any(tmp_path / "hf")
+    want = {("model." + n.removeprefix(TEXT)) if n.startswith(TEXT) else n: x for n, x in stored.items()}
+    assert sorted(back) == sorted(want)
+    for name, x in want.items():
+        assert back[name].dtype == x.dtype and back[name].tobytes() == x.tobytes(), name
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert config["quantization_config"] == QCFG
+    assert config["architectures"] == ["Qwen3_5MoeForCausalLM"]
+
+
+def test_qwen35_fp8_dequantizes_in_one_pass_like_the_reference(qwen35_fp8, tmp_path):
+    """--dtype f32 from the fp8 release: the DeepSeek on-the-fly dequantization, equal to the test's reference."""
+    folders, _ = qwen35_fp8
+    hf_to_maxtext(str(folders["fp8"]), tmp_path / "fp8", ToMaxTextOptions(dtype="f32"))
+    hf_to_maxtext(str(folders["dequantized"]), tmp_path / "ref", ToMaxTextOptions(dtype="f32"))
+    got = flatten(restore(tmp_path / "fp8")["params"]["params"])
+    ref = flatten(restore(tmp_path / "ref")["params"]["params"])
+    assert set(got) == set(ref)
+    for path, x in ref.items():
+        assert_bits_equal(got[path], x, path)
