@@ -36,7 +36,7 @@ class ToMaxTextOptions:
 
     model: str | None = None
     scan_layers: bool = True
-    dtype: str = "bf16"
+    dtype: str | None = None        # None: bf16, or fp8 for a model name whose MaxText tree keeps fp8 (-fp8 names)
     load_method: str = "safetensors"
     revision: str | None = None
     storage: StorageOptions = field(default_factory=StorageOptions)
@@ -100,8 +100,15 @@ def plan_to_maxtext(source: hf.HFSource, opts: ToMaxTextOptions) -> ConversionPl
                                       f"a {family.name} model")
         registry.check_against(spec, family.model_config(source.config), family.reference_keys)
     features = frozenset({"mtp"}) if opts.mtp else frozenset()
-    return build_to_maxtext(family, source.config, opts.scan_layers, output_dtype(opts.dtype), features,
-                            mesh=opts.target_mesh)
+    return build_to_maxtext(family, source.config, opts.scan_layers, output_dtype(store_dtype(opts, model_name)),
+                            features, mesh=opts.target_mesh)
+
+
+def store_dtype(opts: ToMaxTextOptions, model_name: str | None) -> str:
+    """--dtype, or when not given bf16, or fp8 for a model name whose MaxText 0.2.5 tree keeps fp8 weights."""
+    if opts.dtype is not None:
+        return opts.dtype
+    return (registry.lookup(model_name).dtype if model_name else None) or "bf16"
 
 
 def with_source_names(plan: ConversionPlan, source: hf.HFSource, names: Collection[str]) -> ConversionPlan:

@@ -39,10 +39,11 @@ from pathlib import Path
 import numpy as np
 
 from ckpt_cli import engine
+from ckpt_cli.dtypes import FP8
 from ckpt_cli.io import orbax as orbax_io
 from ckpt_cli.io.remote_stream import DiskNeed
 from ckpt_cli.machine import Machine, Rates
-from ckpt_cli.plan import TO_MAXTEXT, ConversionPlan
+from ckpt_cli.plan import TO_MAXTEXT, ConversionPlan, build_to_maxtext
 
 BASELINE_RSS = 80 * 10**6
 WRITER_FIXED = 120 * 10**6        # tensorstore's own working set while committing (fitted, see above)
@@ -259,8 +260,8 @@ def plan_hf_to_maxtext(source_arg: str | None, opts) -> tuple[ConversionPlan, So
     if source_arg is None:
         spec = registry.lookup(_require_model(opts.model))
         config = registry.reference_config(spec.name)
-        plan = build_to_maxtext(family_named(spec.family), config, opts.scan_layers, output_dtype(opts.dtype),
-                                features)
+        plan = build_to_maxtext(family_named(spec.family), config, opts.scan_layers,
+                                output_dtype(convert.store_dtype(opts, spec.name)), features)
         size = _config_itemsize(config)
         itemsize, fp8 = _released_fp8(plan, family_named(spec.family), config)
         total = sum(_source_elements(t) * size for t in plan.tensors) + round(sum(
@@ -376,9 +377,18 @@ def _released_fp8(plan: ConversionPlan, family, config: dict) -> tuple[dict[str,
     weights as stored (one e4m3 byte plus a float32 scale per block, ragged edge blocks included), and their
     names (dequantized through float32). Empty for other models."""
     released = family.extra.get("fp8_released")
+    quant = config.get("quantization_config") or {}
+    if released is None and family.extra.get("fp8_tree") and quant.get("quant_method") == "fp8":
+        if np.dtype(plan.dtype) == FP8:     # weights kept fp8: read as one byte, their scales as float32 tensors
+            kept = {task.source.name: 1.0 for t in plan.tensors if t.quant == "fp8" for task in t.tasks}
+            return kept | {task.source.name: 4.0 for t in plan.tensors if t.quant == "scale" for task in t.tasks}, \
+                frozenset()
+        kept_plan = build_to_maxtext(family, config, plan.scan_layers, FP8)   # which weights the release stores fp8
+        names = {task.source.name for t in kept_plan.tensors if t.quant == "fp8" for task in t.tasks}
+        released = lambda cfg, name: name in names   # noqa: E731
     if released is None:
         return {}, frozenset()
-    bh, bw = (config.get("quantization_config") or {}).get("weight_block_size") or (128, 128)
+    bh, bw = quant.get("weight_block_size") or (128, 128)
     itemsize: dict[str, float] = {}
     for t in plan.tensors:
         for task in t.tasks:

@@ -225,7 +225,7 @@ def test_completion_of_model_names_and_choices():
 
     assert {"qwen3-8b", "qwen3-0.6b"} <= set(complete("ckpt convert hf-to-maxtext qwen3-"))
     assert "llama3.1-70b" in complete("ckpt plan hf-to-maxtext --model llama3.1-")
-    assert complete("ckpt convert hf-to-maxtext x --dtype ") == ["bf16", "f32"]
+    assert complete("ckpt convert hf-to-maxtext x --dtype ") == ["bf16", "f32", "fp8"]
     assert complete("ckpt convert hf-to-maxtext ./") == []      # paths: the shell completes files
 
 

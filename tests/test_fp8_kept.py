@@ -17,10 +17,11 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
-from ckpt_cli.convert import ToHFOptions, ToMaxTextOptions, hf_to_maxtext, maxtext_to_hf
+from ckpt_cli.convert import ToHFOptions, ToMaxTextOptions, hf_to_maxtext, maxtext_to_hf, store_dtype
 from ckpt_cli.errors import UnsupportedError
 from ckpt_cli.families import qwen3_next
 from ckpt_cli.families.base import Fp8Tree
+from tests.cli_helpers import error_line, run
 from tests.conftest import read_config
 from tests.expectations import assert_bits_equal, flatten
 from tests.families.test_deepseek import quantize_fp8
@@ -319,3 +320,42 @@ def test_qwen35_fp8_dequantizes_in_one_pass_like_the_reference(qwen35_fp8, tmp_p
     assert set(got) == set(ref)
     for path, x in ref.items():
         assert_bits_equal(got[path], x, path)
+
+
+def test_cli_refuses_fp8_for_a_model_with_no_fp8_tree_in_one_line(hf_models, tmp_path):
+    r = run("convert", "hf-to-maxtext", hf_models("qwen3", "bfloat16"), "--out", tmp_path / "mt", "--dtype", "fp8")
+    assert r.exit_code == 2
+    line = error_line(r)
+    assert "--dtype fp8: MaxText 0.2.5 has no fp8 tree for qwen3 models" in line
+    assert "qwen3.5-35b-a3b-fp8, qwen3.5-397b-a17b-fp8" in line
+    assert not (tmp_path / "mt").exists()
+
+
+def test_a_fp8_model_name_keeps_fp8_when_no_dtype_is_given():
+    """`--model qwen3.5-35b-a3b-fp8` (or that name as SOURCE) means MaxText's fp8 tree; --dtype still decides."""
+    assert store_dtype(ToMaxTextOptions(dtype=None), "qwen3.5-35b-a3b-fp8") == "fp8"
+    assert store_dtype(ToMaxTextOptions(dtype=None), "qwen3.5-35b-a3b") == "bf16"
+    assert store_dtype(ToMaxTextOptions(dtype=None), None) == "bf16"
+    assert store_dtype(ToMaxTextOptions(dtype="bf16"), "qwen3.5-397b-a17b-fp8") == "bf16"
+
+
+def test_plan_prices_the_kept_tree_as_written(qwen35_fp8, tmp_path):
+    """`plan --dtype fp8` prices one byte an fp8 element plus the scales' own bytes: what the conversion writes."""
+    folders, _ = qwen35_fp8
+    plan = run("plan", "hf-to-maxtext", folders["fp8"], "--dtype", "fp8", "--json")
+    assert plan.exit_code == 0, plan.output
+    record = json.loads(plan.stdout)
+    hf_to_maxtext(str(folders["fp8"]), tmp_path / "mt", ToMaxTextOptions(dtype="fp8"))
+    got = flatten(restore(tmp_path / "mt")["params"]["params"])
+    assert record["dtype"] == "float8_e4m3fn"
+    assert record["bytes"]["written"] == sum(x.nbytes for x in got.values())
+    assert sum(x.nbytes for x in got.values() if x.dtype == ml_dtypes.float8_e4m3fn) == sum(
+        x.size for x in got.values() if x.dtype == ml_dtypes.float8_e4m3fn)
+
+
+def test_maxtext_to_hf_of_a_kept_checkpoint_refuses_a_dequantizing_dtype(fp8_tree, fp8_source, tmp_path):
+    folder, _, _ = fp8_source
+    hf_to_maxtext(str(folder), tmp_path / "mt", ToMaxTextOptions(dtype="fp8"))
+    r = run("convert", "maxtext-to-hf", tmp_path / "mt", "--out", tmp_path / "hf", "--dtype", "bf16")
+    assert r.exit_code == 2 and "keeps fp8 weights with block scales" in error_line(r)
+    assert not (tmp_path / "hf").exists()

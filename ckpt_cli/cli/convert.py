@@ -63,7 +63,7 @@ def hf_to_maxtext(
     out: O.OutOpt,
     model: O.ModelOpt = None,
     scan: O.ScanOpt = True,
-    dtype: O.DtypeOpt = "bf16",
+    dtype: O.DtypeOpt = None,
     load_method: LoadMethodOpt = "safetensors",
     revision: O.RevisionOpt = None,
     ocdbt: O.OcdbtOpt = True,

@@ -53,9 +53,9 @@ ModelOpt = Annotated[str | None, typer.Option(
     help="MaxText model name (e.g. qwen3-8b, llama3.1-8b; see `ckpt models`): check the config against it.")]
 ScanOpt = Annotated[bool, flag(
     "--scan/--no-scan", help="Scanned layout (layers stacked on axis 1, MaxText's default) or layers_<i>.")]
-DtypeOpt = Annotated[StoreDtypeChoice, typer.Option(
-    "--dtype", help="Stored dtype (cast per slice); fp8: keep an fp8 source's e4m3 weights and block scales as "
-                    "MaxText's -fp8 models store them, the rest bf16.")]
+DtypeOpt = Annotated[StoreDtypeChoice | None, typer.Option(
+    "--dtype", help="Stored dtype (cast per slice; default bf16, fp8 for a -fp8 model name); fp8: keep an fp8 "
+                    "source's e4m3 weights and block scales as MaxText's -fp8 models store them, the rest bf16.")]
 RevisionOpt = Annotated[str | None, typer.Option("--revision", metavar="REV",
                                                  help="Hub revision (branch, tag or commit).")]
 JsonOpt = Annotated[bool, flag("--json", help="Print the result as JSON on stdout (no progress, no ANSI).")]
