@@ -359,3 +359,29 @@ def test_maxtext_to_hf_of_a_kept_checkpoint_refuses_a_dequantizing_dtype(fp8_tre
     r = run("convert", "maxtext-to-hf", tmp_path / "mt", "--out", tmp_path / "hf", "--dtype", "bf16")
     assert r.exit_code == 2 and "keeps fp8 weights with block scales" in error_line(r)
     assert not (tmp_path / "hf").exists()
+
+
+# ------------------------------------------------------------------------------------------------ verify-logits
+
+
+@pytest.mark.parametrize("scan", [True, False], ids=["scan", "noscan"])
+def test_verify_logits_dequantizes_kept_fp8_per_layer(fp8_tree, fp8_source, tmp_path, monkeypatch, scan):
+    """The forward reads an fp8-kept checkpoint one layer at a time, dequantizing each weight with its scale as
+    MaxText does: its f32 logits equal transformers' on the dequantized model (KL < 1e-6); with the scales left
+    out, the same check fails (scanned)."""
+    from ckpt_cli.verify import params as verify_params
+    from tests.verify.test_verify_logits import assert_fails, verify_json
+
+    folder, stored, dequantized = fp8_source
+    reference = tmp_path / "dequantized"
+    reference.mkdir()
+    save_file(dict(dequantized), str(reference / "model.safetensors"), metadata={"format": "pt"})
+    cfg = read_config(folder)
+    cfg.pop("quantization_config")
+    (reference / "config.json").write_text(json.dumps(cfg | {"torch_dtype": "float32"}))
+    hf_to_maxtext(str(folder), tmp_path / "mt", ToMaxTextOptions(scan_layers=scan, dtype="fp8"))
+    data = verify_json("--maxtext", str(tmp_path / "mt"), "--hf", str(reference), "--max-kl", "1e-6")
+    assert data["passed"] and data["summary"]["kl_max"] < 1e-6
+    if scan:
+        monkeypatch.setattr(verify_params, "dequantize", lambda w, scale: w.astype(np.float32))
+        assert_fails(tmp_path / "mt", reference)
