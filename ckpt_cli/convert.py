@@ -61,17 +61,23 @@ class Result:
 _LAYER_NAME = re.compile(r"(?:^|\.)(?:model|language_model)\.layers\.(\d+)\.")
 
 
+def file_tensor_names(source: hf.HFSource) -> Collection[str] | None:
+    """The tensor names a source's safetensors files hold (headers only); None without safetensors files."""
+    if source.remote is not None:
+        return source.remote.tensors
+    if any(Path(source.folder).glob("*.safetensors")):
+        return SafetensorsFolder(source.folder).tensors
+    return None
+
+
 def check_layer_count(source: hf.HFSource, allow_unused: bool = False) -> None:
     """The config's decoder layer count against the layers the source's files hold (headers only), before
     anything is built per layer: more layers than the files hold is refused at once (a config saying
     10,000,000 layers never allocates a plan), fewer is refused unless `allow_unused` says it is meant."""
     family = detect_family(source.config)
     cfg = family.model_config(source.config)
-    if source.remote is not None:
-        names: Collection[str] = source.remote.tensors
-    elif any(Path(source.folder).glob("*.safetensors")):
-        names = SafetensorsFolder(source.folder).tensors
-    else:
+    names = file_tensor_names(source)
+    if names is None:
         return                  # e.g. .bin weights for --load-method transformers: nothing to count cheaply
     found = {int(m.group(1)) for n in names if (m := _LAYER_NAME.search(n))}
     if not found:
@@ -100,6 +106,7 @@ def plan_to_maxtext(source: hf.HFSource, opts: ToMaxTextOptions) -> ConversionPl
                                       f"a {family.name} model")
         registry.check_against(spec, family.model_config(source.config), family.reference_keys)
     features = frozenset({"mtp"}) if opts.mtp else frozenset()
+    features |= family.source_layouts(source.config, file_tensor_names(source) or ())   # e.g. fused experts
     return build_to_maxtext(family, source.config, opts.scan_layers, output_dtype(store_dtype(opts, model_name)),
                             features, mesh=opts.target_mesh)
 
@@ -153,6 +160,7 @@ def provenance(plan: ConversionPlan, source: hf.HFSource, opts: ToMaxTextOptions
         "revision": source.revision, "dtype": np.dtype(plan.dtype).name, "scan_layers": plan.scan_layers,
         "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"), "hf_config": plan.hf_config,
         "target_mesh": (opts.target_mesh or TargetMesh()).describe(),
+        "source_layouts": sorted(plan.features & family_named(plan.family).layouts),   # written back alike
     }
 
 
@@ -319,6 +327,7 @@ def plan_to_hf(ckpt, opts: ToHFOptions):
     arch = to_hf.resolve_architecture(ckpt, opts.model, opts.hf_config)
     scan = to_hf.detect_scan(ckpt)
     features = to_hf.detect_features(arch, ckpt, scan)
+    features |= frozenset(ckpt.provenance.get("source_layouts") or ()) & arch.family.layouts   # the source's own
     kept = fp8.kept_in(ckpt)
     if kept and opts.dtype not in (None, "fp8"):
         raise UnsupportedError(f"--dtype {opts.dtype}: this checkpoint keeps fp8 weights with block scales, and "

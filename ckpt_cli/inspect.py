@@ -296,7 +296,8 @@ def maxtext_tree(t: Target, scan: bool, dtype: str | None = None) -> tuple[dict[
     if not t.config:
         raise SourceError(f"{t.label}: no config.json, so its MaxText paths are unknown")
     family = detect_family(t.config, t.model_name)
-    plan: ConversionPlan = build_to_maxtext(family, t.config, scan, output_dtype(dtype or "bf16"))
+    plan: ConversionPlan = build_to_maxtext(family, t.config, scan, output_dtype(dtype or "bf16"),
+                                            family.source_layouts(t.config, t.headers))
     rename, _ = family.source_names(t.config, t.headers)   # e.g. a multimodal release's text-model prefix
     if rename is not None:
         plan = rename_sources(plan, rename)

@@ -401,7 +401,7 @@ def build_to_maxtext(family: Family, hf_config: dict, scan_layers: bool, dtype: 
     `features` asks for optional parts the family offers (e.g. {"mtp"} for DeepSeek-V3's MTP layer);
     `mesh` the mesh the read chunks are cut for (default: TargetMesh()).
     """
-    unknown = set(features) - set(family.features)
+    unknown = set(features) - set(family.features) - set(family.layouts)
     if unknown:
         raise UnsupportedError(f"{family.name} has no optional part {', '.join(sorted(unknown))}")
     fp8_block = fp8_tree = None

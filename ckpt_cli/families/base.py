@@ -234,6 +234,11 @@ class Family:
     # (plan name -> file name, or None when the names agree; notes).
     source_names: Callable[[dict, Collection[str]], tuple[Callable[[str], str] | None, list[str]]] = (
         lambda cfg, names: (None, []))
+    # Source layouts the family reads besides its table's own, decided by the files' tensor names, never asked for:
+    # (source config, file tensor names) -> names from `layouts`, passed to `blocks` with the features (e.g.
+    # Qwen3.5's experts fused in one tensor per layer, as its bf16 releases store them).
+    source_layouts: Callable[[dict, Collection[str]], frozenset[str]] = lambda cfg, names: frozenset()
+    layouts: frozenset[str] = frozenset()
     extra: dict = field(default_factory=dict)
 
 

@@ -31,8 +31,11 @@ router, shared-expert gate, conv1d, in_proj_ba, A_log, dt_bias (the releases kee
 
 Scanned, MaxText 0.2.5 scans whole cycles (Qwen3_5ScannableBlock): `decoder/layers/layer_<p>/...` holds cycle
 position p of every cycle (HF layer `interval*b + p` at scan index b; the last position is full attention).
-Unscanned: `decoder/layers_<i>`. Routed experts as the per-expert tensors transformers writes
-(`mlp.experts.<e>.gate_proj.weight` ...), stacked on axis 0.
+Unscanned: `decoder/layers_<i>`. Routed experts, stacked on axis 0 (transposed), from either layout of the files:
+one tensor per expert (`mlp.experts.<e>.gate_proj.weight` ..., as transformers' save_pretrained and the fp8 releases
+write them), or, as the bf16 releases store them and 0.2.5 maps them, fused per layer: `mlp.experts.gate_up_proj`
+(X, 2M, E), the gate's M rows then the up projection's, and `mlp.experts.down_proj` (X, E, M). The layout is read
+from the files' names (`source_layouts`); maxtext-to-hf writes the layout the checkpoint was converted from.
 """
 
 from __future__ import annotations
@@ -41,7 +44,7 @@ from collections.abc import Callable, Collection
 
 from ckpt_cli.errors import SourceError, UnsupportedError
 from ckpt_cli.families import qwen3, qwen3_next
-from ckpt_cli.families.base import Block, Dims, Family, Fp8Tree, Join, row
+from ckpt_cli.families.base import Block, Dims, Family, Fp8Tree, Join, Part, Rule, row
 
 P = qwen3_next.P
 LA = qwen3_next.LA
@@ -57,6 +60,20 @@ LINEAR = (
 )
 LOCAL_LAYER = LINEAR + qwen3_next.SHARED
 GLOBAL_LAYER = qwen3_next.GLOBAL_LAYER
+FUSED = "fused-experts"   # the bf16 releases' layout: one gate_up_proj and one down_proj per layer, experts on axis 0
+FUSED_EXPERTS = (   # gate_up_proj (X, 2M, E): the gate's M rows, then the up projection's (0.2.5's process_wi_0_wi_1)
+    row("mlp/routed_experts/wi_0", P + "mlp.experts.gate_up_proj", "E,M", "X,2*M,E", "transpose", "X",
+        part=Part(-2, 0, 2, blocked=True)),
+    row("mlp/routed_experts/wi_1", P + "mlp.experts.gate_up_proj", "E,M", "X,2*M,E", "transpose", "X",
+        part=Part(-2, 1, 2, blocked=True)),
+    row("mlp/routed_experts/wo", P + "mlp.experts.down_proj", "M,E", "X,E,M", "transpose", "X"),
+)
+
+
+def fused(rules: tuple[Rule, ...]) -> tuple[Rule, ...]:
+    """A layer table reading the routed experts from the fused per-layer tensors instead of one per expert."""
+    by_leaf = {r.maxtext: r for r in FUSED_EXPERTS}
+    return tuple(by_leaf.get(r.maxtext, r) for r in rules)
 MODEL_TYPES = ("qwen3_5_moe", "qwen3_5_moe_text")
 
 
@@ -101,14 +118,21 @@ def blocks(d: Dims, cfg: dict, scan: bool, features: frozenset[str] = frozenset(
     """Unscanned: `decoder/layers_<i>`. Scanned: `decoder/layers/layer_<p>` stacks cycle position p of every cycle."""
     cfg = model_config(cfg)
     n, cycle = d["L"], qwen3_next.interval(cfg)
+    local, full = (fused(LOCAL_LAYER), fused(GLOBAL_LAYER)) if FUSED in features else (LOCAL_LAYER, GLOBAL_LAYER)
     if not scan:
-        return [Block(f"decoder/layers_{i}", (i,), False,
-                      GLOBAL_LAYER if qwen3_next.is_full(i, cfg) else LOCAL_LAYER) for i in range(n)]
+        return [Block(f"decoder/layers_{i}", (i,), False, full if qwen3_next.is_full(i, cfg) else local)
+                for i in range(n)]
     if n % cycle:
         raise UnsupportedError(f"config.json has {n} layers: scanned, MaxText's qwen3_5 stacks whole cycles of "
                                f"{cycle} layers; convert with --no-scan")
-    return [Block(f"decoder/layers/layer_{p}", tuple(range(p, n, cycle)), True,
-                  GLOBAL_LAYER if p == cycle - 1 else LOCAL_LAYER) for p in range(cycle)]
+    return [Block(f"decoder/layers/layer_{p}", tuple(range(p, n, cycle)), True, full if p == cycle - 1 else local)
+            for p in range(cycle)]
+
+
+def source_layouts(cfg: dict, names: Collection[str]) -> frozenset[str]:
+    """{"fused-experts"} for files that hold the routed experts fused per layer (`mlp.experts.gate_up_proj`, as the
+    bf16 releases do), else nothing (one tensor per expert, as transformers' save_pretrained and the fp8 releases)."""
+    return frozenset({FUSED}) if any(n.endswith(".mlp.experts.gate_up_proj") for n in names) else frozenset()
 
 
 def check_config(cfg: dict, features: frozenset[str] = frozenset()) -> list[str]:
@@ -132,6 +156,7 @@ FAMILY = Family(
     name="qwen3_5", model_types=MODEL_TYPES, dims=dims, top_rules=top_rules, blocks=blocks,
     check_config=check_config,
     reference_keys=qwen3_next.FAMILY.reference_keys, model_config=model_config, source_names=source_names,
+    source_layouts=source_layouts, layouts=frozenset({FUSED}),
     extra={"tied": lambda cfg: qwen3.tied(model_config(cfg)), "layer_rules": LOCAL_LAYER + qwen3_next.FULL,
            "top_table": (*qwen3.TOP, qwen3.HEAD),
            "fp8_tree": FP8_TREE},

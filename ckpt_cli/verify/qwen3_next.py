@@ -1,5 +1,8 @@
 """MaxText's Qwen3-Next forward (models/qwen3.py, decoder_block qwen3_next) in JAX over a MaxText tree, layer by layer.
 
+Also Qwen3.5's (decoder_block qwen3_5: models/qwen3_5.py subclasses these layers; its tree differs only in where the
+layers sit, which `params.layer(i)` reads from the family's blocks; the router always renormalises, see verify/run.py).
+
 Composed from the blocks of `verify/blocks.py` (RMSNorm with `offset`, partial rotate-half RoPE, GQA attention, the
 causal mask, L2 norm, softmax top-k routing, streamed routed experts, SwiGLU, final logits); what is Qwen3-Next's
 own:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import gc
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -160,8 +160,12 @@ def resolve_config(ckpt: OrbaxCheckpoint, hf_folder: Path | None, golden: golden
     carried = ckpt.provenance.get("hf_config")
     folder_cfg = load_config(hf_folder) if hf_folder is not None else None
     if carried and folder_cfg:
+        try:        # the model converted: a multimodal config's text part (the checkpoint carries that one)
+            model_cfg = detect_family(folder_cfg).model_config(folder_cfg)
+        except CkptError:
+            model_cfg = folder_cfg
         for key in _MATCH_KEYS:
-            a, b = carried.get(key), folder_cfg.get(key)
+            a, b = carried.get(key), model_cfg.get(key)
             if a is not None and b is not None and a != b:
                 raise ConfigMismatchError(f"{key} = {b} in {hf_folder}/config.json, but the checkpoint was "
                                           f"converted from a model with {key} = {a}")
@@ -197,10 +201,12 @@ def forward_config(cfg: dict, model: str | None = None):
             from ckpt_cli.verify.olmo3 import Olmo3Config
 
             return family, Olmo3Config.from_hf_config(cfg)
-        if family.name == "qwen3_next":
+        if family.name in ("qwen3_next", "qwen3_5"):
             from ckpt_cli.verify.qwen3_next import Qwen3NextConfig
 
-            return family, Qwen3NextConfig.from_hf_config(cfg)
+            fcfg = Qwen3NextConfig.from_hf_config(family.model_config(cfg))
+            # Qwen3.5 (MaxText's qwen3_5 = its Qwen3-Next layers) always renormalises the top-k router weights
+            return family, replace(fcfg, norm_topk_prob=True) if family.name == "qwen3_5" else fcfg
         if family.name == "llama4":
             from ckpt_cli.verify.llama4 import Llama4Config
 
