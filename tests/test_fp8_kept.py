@@ -21,7 +21,7 @@ from ckpt_cli.convert import ToHFOptions, ToMaxTextOptions, hf_to_maxtext, maxte
 from ckpt_cli.errors import UnsupportedError
 from ckpt_cli.families import qwen3_next
 from ckpt_cli.families.base import Fp8Tree
-from tests.cli_helpers import error_line, run
+from tests.cli_helpers import error_line, run, with_config
 from tests.conftest import read_config
 from tests.expectations import assert_bits_equal, flatten
 from tests.families.test_deepseek import quantize_fp8
@@ -65,9 +65,9 @@ def fp8_source(hf_models, tmp_path_factory):
     return folder, stored | scales, dequantized
 
 
-def reference_dequantize(q: np.ndarray, scale_inv: np.ndarray) -> np.ndarray:
+def reference_dequantize(q: np.ndarray, scale_inv: np.ndarray, block: int = BLOCK) -> np.ndarray:
     """HF's block fp8: w[i, j] = q[i, j] * scale_inv[i // B, j // B], in float32."""
-    rows, cols = np.arange(q.shape[0]) // BLOCK, np.arange(q.shape[1]) // BLOCK
+    rows, cols = np.arange(q.shape[0]) // block, np.arange(q.shape[1]) // block
     return q.astype(np.float32) * scale_inv.astype(np.float32)[rows][:, cols]
 
 
@@ -192,15 +192,12 @@ def test_a_weight_the_tree_keeps_bf16_but_the_source_holds_fp8_is_refused(fp8_so
 
 # ------------------------------------------------------------------------------------- Qwen3.5 (the -fp8 names)
 
-QWEN35_TINY = dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_hidden_layers=8,
-                   vocab_size=128, max_position_embeddings=256, moe_intermediate_size=32,
-                   shared_expert_intermediate_size=16, num_experts=4, num_experts_per_tok=2, linear_num_key_heads=2,
-                   linear_num_value_heads=4, linear_key_head_dim=8, linear_value_head_dim=8, linear_conv_kernel_dim=4,
-                   tie_word_embeddings=False, rms_norm_eps=1e-6)
 # the release's quantized weights: the DeltaNet's in_proj_qkv / in_proj_z / out_proj, attention q/k/v/o, experts
 QWEN35_QUANTIZED = ("in_proj_qkv", "in_proj_z", "out_proj", "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
                     "up_proj", "down_proj")
 TEXT = "model.language_model."
+QWEN35_BLOCK = 8     # divides every per-head width (a key head's values: 2 heads of 12); 4 query heads < 8 stay whole
+QWEN35_QCFG = QCFG | {"weight_block_size": [QWEN35_BLOCK, QWEN35_BLOCK]}
 
 
 def _save_release(folder, tensors: dict, scales: dict, cfg: dict) -> None:
@@ -208,52 +205,46 @@ def _save_release(folder, tensors: dict, scales: dict, cfg: dict) -> None:
     save_file(scales, str(folder / "model-00002-of-00002.safetensors"), metadata={"format": "pt"})
     weight_map = {k: "model-00001-of-00002.safetensors" for k in tensors} | {
         k: "model-00002-of-00002.safetensors" for k in scales}
-    (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    total = sum(x.nbytes for x in (tensors | scales).values())
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total},
+                                                                     "weight_map": weight_map}))
     (folder / "config.json").write_text(json.dumps(cfg))
 
 
 @pytest.fixture(scope="module")
 def qwen35_fp8(tmp_path_factory):
-    """A tiny Qwen3.5 MoE fp8 release, laid out as Qwen/Qwen3.5-35B-A3B-FP8 is: multimodal config (qwen3_5_moe, the
-    text model in text_config, quantization_config at the top), `model.language_model.*` tensors, e4m3 weights with
-    float32 `weight_scale_inv` (8x8 blocks) in another shard, a vision and an MTP tensor that are not converted.
+    """A tiny Qwen3.5 MoE fp8 release, laid out as Qwen/Qwen3.5-35B-A3B-FP8 is: the multimodal model (qwen3_5_moe,
+    `model.language_model.*`, a one-block vision tower kept bf16, tests/families/test_qwen3_5.py's "mm"), the
+    language model's projections e4m3 with float32 `weight_scale_inv` (8x8 blocks) in another shard,
+    quantization_config at the top, and an fp8 MTP tensor that is not converted.
 
-    Returns (folder, stored tensors, their float32 dequantization, the same folder with each fp8 weight replaced by
-    its byte codes as float32 numbers)."""
-    import torch
-    import transformers as tf
+    Returns ({"fp8": the release, "dequantized": the same model with each fp8 weight replaced by its float32
+    dequantization, "codes": ... by its byte codes as float32 numbers}, the release's language-model tensors)."""
+    from tests.families.test_qwen3_5 import make_model
 
-    torch.manual_seed(0)
-    model = tf.Qwen3_5MoeForCausalLM(tf.Qwen3_5MoeTextConfig(**QWEN35_TINY))
-    with torch.no_grad():
-        for _, p in model.named_parameters():
-            p.copy_(1.0 + 0.1 * torch.randn_like(p) if p.ndim == 1 else 0.05 * torch.randn_like(p))
     base = tmp_path_factory.mktemp("qwen35-f32")
-    model.save_pretrained(base)
-    text_cfg = read_config(base)
+    make_model("mm").save_pretrained(base)
+    cfg = read_config(base)
     stored, scales, dequantized, as_codes = {}, {}, {}, {}
     for name, w in load_hf(base).items():
-        name = TEXT + name.removeprefix("model.") if name.startswith("model.") else name
-        if w.ndim == 2 and name.split(".")[-2] in QWEN35_QUANTIZED:
-            q, s = quantize_fp8(w, BLOCK)
+        if w.ndim == 2 and name.startswith(TEXT) and name.split(".")[-2] in QWEN35_QUANTIZED:
+            q, s = quantize_fp8(w, QWEN35_BLOCK)
             stored[name], scales[name + "_scale_inv"] = q, s
-            dequantized[name], as_codes[name] = reference_dequantize(q, s), codes(q)
+            dequantized[name], as_codes[name] = reference_dequantize(q, s, QWEN35_BLOCK), codes(q)
         else:
             stored[name] = w.astype(ml_dtypes.bfloat16)
             dequantized[name] = as_codes[name] = stored[name].astype(np.float32)
-    extra = {"model.visual.patch_embed.proj.weight": np.ones((8, 8), ml_dtypes.bfloat16),
-             "mtp.fc.weight": np.ones((64, 128), np.float32).astype(ml_dtypes.float8_e4m3fn)}
-    cfg = {"architectures": ["Qwen3_5MoeForConditionalGeneration"], "model_type": "qwen3_5_moe",
-           "text_config": text_cfg, "vision_config": {"depth": 1}, "tie_word_embeddings": False,
-           "quantization_config": QCFG}
+    assert sum(x.dtype == ml_dtypes.float8_e4m3fn for x in stored.values()) > 100
+    mtp = {"mtp.fc.weight": np.ones((64, 128), np.float32).astype(ml_dtypes.float8_e4m3fn)}
     folders = {}
-    for kind, tensors, sc in (("fp8", stored | extra, scales | {"mtp.fc.weight_scale_inv": np.ones((8, 16),
-                                                                                                    np.float32)}),
-                              ("dequantized", dequantized, {}), ("codes", as_codes, {})):
+    for kind, tensors, sc, qcfg in (
+            ("fp8", stored | mtp, scales | {"mtp.fc.weight_scale_inv": np.ones((8, 16), np.float32)},
+             {"quantization_config": QWEN35_QCFG}),
+            ("dequantized", dequantized, {}, {}), ("codes", as_codes, {}, {})):
         folders[kind] = tmp_path_factory.mktemp(f"qwen35-{kind}")
-        _save_release(folders[kind], tensors, sc, {k: v for k, v in cfg.items()
-                                                   if kind == "fp8" or k != "quantization_config"})
-    return folders, stored | scales
+        _save_release(folders[kind], tensors, sc, cfg | qcfg)
+    language = {n: x for n, x in (stored | scales).items() if not n.startswith("model.visual.")}
+    return folders, language
 
 
 @pytest.mark.parametrize("scan", [True, False], ids=["scan", "noscan"])
@@ -287,8 +278,8 @@ def test_qwen35_fp8_release_keeps_maxtexts_fp8_tree(qwen35_fp8, tmp_path, scan):
         else:
             assert got[path].dtype == ml_dtypes.bfloat16, path
             assert_bits_equal(got[path], np.asarray(x).astype(ml_dtypes.bfloat16), path)
-    if scan:   # 0.2.5's shapes: E/8 blocks, per key head [q 1, k 1, v 2, z 2] blocks -> 12; 4 query heads kept whole
-        assert got["decoder/layers/layer_0/attention/in_proj_qkvz/kernel_scale"].shape == (8, 2, 12)
+    if scan:   # 0.2.5's shapes: E/8 blocks, per key head [q 1, k 1, v 3, z 3] blocks -> 16; 4 query heads kept whole
+        assert got["decoder/layers/layer_0/attention/in_proj_qkvz/kernel_scale"].shape == (8, 2, 16)
         assert got["decoder/layers/layer_3/attention/attention/query/kernel_scale"].shape == (8, 2, 4, 4)
         assert got["decoder/layers/layer_1/mlp/routed_experts/wo_scale"].shape == (4, 2, 4, 8)
 
@@ -306,7 +297,7 @@ def test_qwen35_fp8_round_trip_is_byte_identical(qwen35_fp8, tmp_path, scan):
     for name, x in want.items():
         assert back[name].dtype == x.dtype and back[name].tobytes() == x.tobytes(), name
     config = json.loads((tmp_path / "hf" / "config.json").read_text())
-    assert config["quantization_config"] == QCFG
+    assert config["quantization_config"] == QWEN35_QCFG
     assert config["architectures"] == ["Qwen3_5MoeForCausalLM"]
 
 
@@ -385,3 +376,25 @@ def test_verify_logits_dequantizes_kept_fp8_per_layer(fp8_tree, fp8_source, tmp_
     if scan:
         monkeypatch.setattr(verify_params, "dequantize", lambda w, scale: w.astype(np.float32))
         assert_fails(tmp_path / "mt", reference)
+
+
+def test_qwen35_verify_logits_of_the_kept_release(qwen35_fp8, tmp_path):
+    """verify-logits on the kept fp8 Qwen3.5 checkpoint (the Qwen3.5 forward, weights dequantized per layer) matches
+    transformers on the dequantized release at f32 KL < 1e-6."""
+    from tests.verify.test_verify_logits import verify_json
+
+    folders, _ = qwen35_fp8
+    hf_to_maxtext(str(folders["fp8"]), tmp_path / "mt", ToMaxTextOptions(dtype="fp8"))
+    data = verify_json("--maxtext", str(tmp_path / "mt"), "--hf", str(folders["dequantized"]), "--max-kl", "1e-6")
+    assert data["passed"] and data["family"] == "qwen3_5" and data["summary"]["kl_max"] < 1e-6
+
+
+def test_blocks_that_do_not_map_to_maxtexts_scale_layout_are_refused(qwen35_fp8, tmp_path):
+    """4x4 blocks: the 4 query heads are not shorter than a block, so MaxText's scale would cut the head axis
+    (4 // 4) where HF's blocks run across heads: refused in one line, before anything is written."""
+    folders, _ = qwen35_fp8
+    src = with_config(folders["fp8"], tmp_path / "src", quantization_config=QCFG | {"weight_block_size": [4, 4]})
+    r = run("convert", "hf-to-maxtext", src, "--out", tmp_path / "mt", "--dtype", "fp8")
+    assert r.exit_code == 2
+    assert "the 4x4 blocks of model.layers.{layer}.self_attn.q_proj.weight (128, 64) do not map" in error_line(r)
+    assert not (tmp_path / "mt").exists()
