@@ -321,12 +321,14 @@ def plan_maxtext_to_hf(source_arg: str | None, opts, scan: bool = True) -> tuple
     if source_arg is None:
         spec = registry.lookup(_require_model(opts.model))
         config = registry.reference_config(spec.name)
-        plan = build_to_hf(family_named(spec.family), config, scan, output_dtype(opts.dtype or "bf16"))
-        total = sum(_source_elements(t) * 2 for t in plan.tensors)
+        plan = build_to_hf(family_named(spec.family), config, scan, output_dtype(opts.dtype or spec.dtype or "bf16"))
+        # a -fp8 name's checkpoint keeps its e4m3 weights (one byte) and float32 scales; the rest bf16
+        itemsize = {task.source.name: np.dtype(t.dtype).itemsize for t in plan.tensors if t.quant for task in t.tasks}
+        total = sum(_source_elements(t) * (np.dtype(t.dtype).itemsize if t.quant else 2) for t in plan.tensors)
         notes = [f"no data read: {spec.name}'s reference config, as a {'scanned' if scan else 'unscanned'} "
-                 f"bf16 MaxText checkpoint", *plan.notes]
-        return plan, Source(f"{spec.name} (reference config)", "model", {}, 2, total, reader_held=READER_FIXED,
-                            raw_copy=True), notes
+                 f"{'fp8' if itemsize else 'bf16'} MaxText checkpoint", *plan.notes]
+        return plan, Source(f"{spec.name} (reference config)", "model", itemsize, 2, total,
+                            reader_held=READER_FIXED, raw_copy=True), notes
     from ckpt_cli.io.location import BucketURL, location
 
     where = location(source_arg, "SOURCE", buckets=True)

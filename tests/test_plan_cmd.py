@@ -48,6 +48,10 @@ def test_every_registered_model_is_priced_without_data(name):
         assert count["float8_e4m3fn"] > params / 2 and sum(count.values()) == params
         kept = count["float8_e4m3fn"] + 4 * count["float32"] + 2 * count["bfloat16"]
         assert b["written"] == plan.output_bytes == kept == b["download"] == src.total_bytes == b["read"]
+        if params < 10**11:    # and back: the same bytes, written as the release holds them
+            back, back_src, _ = pricing.plan_maxtext_to_hf(None, ToHFOptions(model=name))
+            back_bytes = pricing.price(back, back_src, RATES, BIG_BOX)["bytes"]
+            assert back_bytes["written"] == back_bytes["read"] == back_src.total_bytes == kept
         return
     # Gemma / Gemma 2: MaxText's table has 128 zero rows more than the HF one (HF's 256000 -> 256128)
     hf_params = params - (128 * registry.reference_config(name)["hidden_size"]
