@@ -398,3 +398,17 @@ def test_blocks_that_do_not_map_to_maxtexts_scale_layout_are_refused(qwen35_fp8,
     assert r.exit_code == 2
     assert "the 4x4 blocks of model.layers.{layer}.self_attn.q_proj.weight (128, 64) do not map" in error_line(r)
     assert not (tmp_path / "mt").exists()
+
+
+def test_kept_fp8_restores_from_every_storage_layout(fp8_tree, fp8_source, tmp_path):
+    """zarr v2 without OCDBT too (MaxText's checkpoint_storage_use_zarr3/ocdbt false): the same fp8 bytes."""
+    from ckpt_cli.io.orbax import StorageOptions
+
+    folder, _, _ = fp8_source
+    hf_to_maxtext(str(folder), tmp_path / "a", ToMaxTextOptions(dtype="fp8"))
+    hf_to_maxtext(str(folder), tmp_path / "b", ToMaxTextOptions(
+        dtype="fp8", storage=StorageOptions(use_ocdbt=False, use_zarr3=False)))
+    a, b = (flatten(restore(tmp_path / x)["params"]["params"]) for x in "ab")
+    assert set(a) == set(b) and any(x.dtype == ml_dtypes.float8_e4m3fn for x in b.values())
+    for path, x in a.items():
+        assert b[path].dtype == x.dtype and b[path].tobytes() == x.tobytes(), path
