@@ -90,13 +90,14 @@ def main() -> None:
     ap.add_argument("--keep", action="store_true")
     ap.add_argument("--model", default="qwen3-0.6b")
     ap.add_argument("--layers", type=int, default=None, help="keep only the first N decoder layers (full width)")
+    ap.add_argument("--dtype", default=None, help="convert with --dtype (fp8: a -fp8 name's weights kept)")
     args = ap.parse_args()
     small = args.model == "qwen3-0.6b" and args.layers is None
     root = args.dir or Path(tempfile.mkdtemp(prefix="ckpt-bench-"))
     name = args.model + (f"-{args.layers}-layers" if args.layers else "")
     src = root / ("Qwen3-0.6B-synthetic" if small else f"{name}-synthetic")
     if not any(src.glob("*.safetensors")):
-        print(f"writing synthetic {name} (bf16, random) ...", flush=True)
+        print(f"writing synthetic {name} (random) ...", flush=True)
         write_synthetic(src, args.model, shard_bytes=0 if small else 4_000_000_000, layers=args.layers)
     size = sum(f.stat().st_size for f in src.iterdir())
     warm(src)
@@ -114,7 +115,7 @@ def main() -> None:
         subprocess.run(["sync"], check=True)
         warm(src)
         r = run_measured([sys.executable, "-m", "ckpt_cli", "convert", "hf-to-maxtext", str(src), "--out", str(out),
-                          scan, "--json"])
+                          scan, "--json", *(["--dtype", args.dtype] if args.dtype else [])])
         assert r.returncode == 0, r.stdout
         results[scan] = r
     identical = same_arrays(root / "out--scan", root / "out--no-scan", json.loads((src / "config.json").read_text()))
@@ -126,7 +127,8 @@ def main() -> None:
         baseline = run_measured([sys.executable, str(Path(__file__).parent / "maxtext_like.py"), str(src), str(out)])
         assert baseline.returncode == 0
 
-    print(f"\ninput: {gb(size)} {name}-shaped bf16 checkpoint (page-cached)")
+    how = f", converted --dtype {args.dtype}" if args.dtype else ""
+    print(f"\ninput: {gb(size)} {name}-shaped checkpoint (page-cached){how}")
     print(f"cp -r                     : {cp.wall_s:6.2f} s  peak RSS {gb(cp.peak_rss)}")
     print(f"cp -r + sync (durable)    : {durable.wall_s:6.2f} s  (the disk's floor for writing this output)")
     if baseline:

@@ -234,6 +234,9 @@ def hf_to_maxtext(source_arg: str, out: Path, opts: ToMaxTextOptions, progress=N
 
 def _hf_to_maxtext(source: hf.HFSource, out: Path | BucketURL, opts: ToMaxTextOptions, progress, on_plan) -> Result:
     plan = plan_to_maxtext(source, opts)
+    if fp8.is_fp8(plan) and opts.load_method != "safetensors":
+        raise UnsupportedError(f"--dtype fp8 keeps the e4m3 bytes and scales of the safetensors files; --load-method "
+                               f"{opts.load_method} cannot keep them (use the default, safetensors)")
     reader = open_reader(source, opts.load_method, plan.dtype)
     plan = with_source_names(plan, source, reader.names)
     engine.validate(plan, reader)

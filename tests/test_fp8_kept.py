@@ -178,6 +178,12 @@ def test_no_fp8_tree_is_refused_in_one_line(fp8_source, tmp_path):
     assert not (tmp_path / "mt").exists()
 
 
+def test_fp8_through_transformers_is_refused(fp8_tree, fp8_source, tmp_path):
+    folder, _, _ = fp8_source
+    with pytest.raises(UnsupportedError, match="--load-method transformers cannot keep them"):
+        hf_to_maxtext(str(folder), tmp_path / "mt", ToMaxTextOptions(dtype="fp8", load_method="transformers"))
+
+
 def test_a_source_that_is_not_fp8_is_refused(fp8_tree, hf_models, tmp_path):
     with pytest.raises(UnsupportedError, match="no quantization_config with quant_method fp8"):
         hf_to_maxtext(str(hf_models("qwen3-next", "bfloat16")), tmp_path / "mt", ToMaxTextOptions(dtype="fp8"))
