@@ -48,14 +48,18 @@ def same_arrays(scanned: Path, unscanned: Path, config: dict) -> bool:
     blocks = family.blocks(family.dims(config), config, True, frozenset())
     flat = family.blocks(family.dims(config), config, False, frozenset())
 
+    def leaves(b) -> set[str]:
+        """A block's leaves, and the block scales beside them (fp8 kept)."""
+        return {leaf for r in b.rules for leaf in (r.maxtext, r.maxtext + "_scale")}
+
     def owner(blocks_, path: str):
         """(block, leaf) of the block that writes `path` (Gemma 2's local and global blocks share a prefix)."""
         return next(((b, path.removeprefix(b.prefix + "/")) for b in blocks_ if path.startswith(b.prefix + "/")
-                     and path.removeprefix(b.prefix + "/") in {r.maxtext for r in b.rules}), (None, path))
+                     and path.removeprefix(b.prefix + "/") in leaves(b)), (None, path))
 
     def unscanned_path(hf_layer: int, leaf: str) -> str:
         """Where the unscanned checkpoint holds HF layer `hf_layer`'s `leaf` (Gemma 2: layers_<hf_layer // 2>)."""
-        b = next(b for b in flat if b.hf_layers == (hf_layer,) and leaf in {r.maxtext for r in b.rules})
+        b = next(b for b in flat if b.hf_layers == (hf_layer,) and leaf in leaves(b))
         return f"{b.prefix}/{leaf}"
 
     meta = json.loads((scanned / "0" / "items" / "_METADATA").read_text())["tree_metadata"]
@@ -70,15 +74,15 @@ def same_arrays(scanned: Path, unscanned: Path, config: dict) -> bool:
             for s in (0, len(block.hf_layers) - 1):   # HF layer hf_layers[s]: at stack_index(s)
                 b = open_leaf(unscanned, unscanned_path(block.hf_layers[s], leaf))
                 part = a[(slice(None), *block.stack_index(s))]
-                if not np.array_equal(part.read().result().view(np.uint16), b.read().result().view(np.uint16)):
+                if not np.array_equal(part.read().result().view(np.uint8), b.read().result().view(np.uint8)):
                     return False
         elif block is not None:                       # an unstacked remainder layer (Gemma3)
             b = open_leaf(unscanned, unscanned_path(block.hf_layers[0], leaf))
-            if not np.array_equal(a.read().result().view(np.uint16), b.read().result().view(np.uint16)):
+            if not np.array_equal(a.read().result().view(np.uint8), b.read().result().view(np.uint8)):
                 return False
         else:
-            if not np.array_equal(a.read().result().view(np.uint16),
-                                  open_leaf(unscanned, path).read().result().view(np.uint16)):
+            if not np.array_equal(a.read().result().view(np.uint8),
+                                  open_leaf(unscanned, path).read().result().view(np.uint8)):
                 return False
     return True
 
