@@ -74,18 +74,21 @@ def fused(rules: tuple[Rule, ...]) -> tuple[Rule, ...]:
     """A layer table reading the routed experts from the fused per-layer tensors instead of one per expert."""
     by_leaf = {r.maxtext: r for r in FUSED_EXPERTS}
     return tuple(by_leaf.get(r.maxtext, r) for r in rules)
-MODEL_TYPES = ("qwen3_5_moe", "qwen3_5_moe_text")
+MODEL_TYPES = ("qwen3_5_moe", "qwen3_5_moe_text", "qwen3_5", "qwen3_5_text")   # the dense ones only to refuse them
+MULTIMODAL = {   # a release's model_type -> its text model's model_type and class
+    "qwen3_5_moe": ("qwen3_5_moe_text", "Qwen3_5MoeForCausalLM"), "qwen3_5": ("qwen3_5_text", "Qwen3_5ForCausalLM")}
 
 
 def model_config(cfg: dict) -> dict:
     """The text model's config: a multimodal `qwen3_5_moe` config's `text_config`, relabelled `qwen3_5_moe_text` /
     Qwen3_5MoeForCausalLM (what the MaxText checkpoint holds and maxtext-to-hf writes back); else the config."""
-    if cfg.get("model_type") != "qwen3_5_moe":
+    if cfg.get("model_type") not in MULTIMODAL:
         return cfg
     text = cfg.get("text_config")
     if not isinstance(text, dict):
-        raise SourceError("config.json (model_type qwen3_5_moe) has no text_config")
-    out = {**text, "model_type": "qwen3_5_moe_text", "architectures": ["Qwen3_5MoeForCausalLM"]}
+        raise SourceError(f"config.json (model_type {cfg.get('model_type')}) has no text_config")
+    model_type, arch = MULTIMODAL[cfg["model_type"]]
+    out = {**text, "model_type": text.get("model_type") or model_type, "architectures": [arch]}
     for key in ("torch_dtype", "dtype", "tie_word_embeddings"):
         if cfg.get(key) is not None and out.get(key) is None:
             out[key] = cfg[key]
@@ -139,6 +142,9 @@ def check_config(cfg: dict, features: frozenset[str] = frozenset()) -> list[str]
     """Qwen3-Next's checks on the text model (every layer MoE with a shared expert, MaxText's layer pattern), and the
     gated attention MaxText computes (`attn_output_gate`)."""
     cfg = model_config(cfg)
+    if cfg.get("model_type") != "qwen3_5_moe_text":
+        raise UnsupportedError(f"config.json describes a {cfg.get('model_type')} model (dense Qwen3.5): MaxText 0.2.5 "
+                               "defines only the MoE Qwen3.5 models (qwen3.5-35b-a3b, qwen3.5-397b-a17b)")
     if cfg.get("attn_output_gate") is False:
         raise UnsupportedError("config.json sets attn_output_gate false: MaxText's qwen3_5 attention always gates "
                                "its output (the query kernel holds each head's gate)")

@@ -363,3 +363,45 @@ def test_fused_experts_of_the_bf16_releases(q35_models, tmp_path, scan):
     assert sorted(back) == sorted(want)
     for name, x in want.items():
         assert_bits_equal(back[name], x, name)
+
+
+@pytest.mark.parametrize("kind", ["mm", "fused"])
+def test_inspect_against_the_converted_checkpoint(q35_models, tmp_path, kind):
+    """`inspect SOURCE --against OUT` maps the release's files (either expert layout) onto MaxText's paths: nothing
+    missing or mis-shaped; the vision tower is named as mapping to no MaxText path."""
+    src = q35_models(kind, "float32")
+    hf_to_maxtext(str(src), tmp_path / "mt", ToMaxTextOptions(dtype="f32"))
+    r = run("inspect", src, "--against", tmp_path / "mt", "--json")
+    assert r.exit_code == 0, r.output
+    data = json.loads(r.stdout)
+    assert data["missing"] == data["extra"] == data["mismatched"] == [] and data["identical"]
+    assert data["unmapped"] and all(n.startswith("model.visual.") for n in data["unmapped"])
+
+
+def test_dense_qwen3_5_is_refused_in_one_line():
+    """MaxText 0.2.5 has no dense Qwen3.5 name: a dense config (multimodal or text) is the family's, refused."""
+    text = {k: v for k, v in registry.reference_config("qwen3.5-35b-a3b").items() if "expert" not in k}
+    for cfg in ({"model_type": "qwen3_5", "text_config": text | {"model_type": "qwen3_5_text"}},
+                text | {"model_type": "qwen3_5_text"}):
+        family = detect_family(cfg)
+        assert family.name == "qwen3_5"
+        with pytest.raises(UnsupportedError, match="defines only the MoE Qwen3.5 models") as exc:
+            family.check_config(cfg)
+        assert "\n" not in str(exc.value)
+
+
+def test_a_release_config_checks_against_its_model_name():
+    """The release's config.json (multimodal: text_config nested, tie_word_embeddings at the top) matches its
+    registered name; a different width does not."""
+    from ckpt_cli.errors import ConfigMismatchError
+
+    spec = registry.lookup("qwen3.5-397b-a17b")
+    text = {k: v for k, v in spec.config.items() if k not in ("architectures", "tie_word_embeddings")}
+    release = {"architectures": ["Qwen3_5MoeForConditionalGeneration"], "model_type": "qwen3_5_moe",
+               "tie_word_embeddings": False, "text_config": text | {"model_type": "qwen3_5_moe_text"},
+               "vision_config": {"depth": 27}}
+    family = detect_family(release, "qwen3.5-397b-a17b")
+    registry.check_against(spec, family.model_config(release), family.reference_keys)
+    with pytest.raises(ConfigMismatchError, match="hidden_size"):
+        bad = release | {"text_config": release["text_config"] | {"hidden_size": 2048}}
+        registry.check_against(spec, family.model_config(bad), family.reference_keys)
