@@ -407,10 +407,10 @@ def build_to_maxtext(family: Family, hf_config: dict, scan_layers: bool, dtype: 
     fp8_block = fp8_tree = None
     if np.dtype(dtype) == FP8:
         fp8_tree, fp8_block = fp8_layout(family, hf_config)
-        # carried with the model's config (a multimodal release's text config has none): maxtext-to-hf writes it back
-        quant = hf_config["quantization_config"]
-        hf_config = {**family.model_config(hf_config), "quantization_config": quant}
+    quant = hf_config.get("quantization_config")
     hf_config = family.model_config(hf_config)
+    if fp8_tree:    # carried with the model's config (a multimodal release's text config has none): written back
+        hf_config = {**hf_config, "quantization_config": quant}
     notes = tuple(family.check_config(hf_config, frozenset(features)))
     dims = family.dims(hf_config)
     entries: list[tuple[Rule, Block | None, str]] = [(r, None, r.maxtext) for r in family.top_rules(dims, hf_config)]
@@ -469,7 +469,7 @@ def fp8_layout(family: Family, hf_config: dict) -> tuple[Fp8Tree, int]:
     if tree is None:
         from ckpt_cli import registry
 
-        names = ", ".join(sorted(n for n, s in registry.MODELS.items() if getattr(s, "dtype", None) == "fp8"))
+        names = ", ".join(sorted(n for n, spec in registry.MODELS.items() if spec.dtype == "fp8"))
         raise UnsupportedError(f"--dtype fp8: MaxText 0.2.5 has no fp8 tree for {family.name} models (its -fp8 model "
                                f"names: {names or 'none registered'}); use --dtype bf16 or f32, which dequantize")
     quant = hf_config.get("quantization_config") or {}
@@ -507,7 +507,7 @@ def _scale_plan(rule: Rule, block: Block | None, path: str, dims: Dims, size: in
     pieces = [eval_dim(n, dims) for _, n in rule.join.pieces] if rule.join else []
     groups = dims[rule.join.groups] if rule.join else 1
     if (rows % size or cols % size or any(n % (size * groups) for n in pieces)
-            or not _blocks_follow(rule, mt_shape, cols, size, slice_shape, source_shape)):
+            or not _blocks_follow(rule, mt_shape, hf_shape, size, slice_shape, source_shape)):
         raise UnsupportedError(f"--dtype fp8: the {size}x{size} blocks of {rule.hf} {hf_shape} do not map to "
                                f"MaxText's block scale of {path} {mt_shape}")
     shape, axes = _stacked(slice_shape, rule, block, dims)
@@ -531,17 +531,18 @@ def _scale_plan(rule: Rule, block: Block | None, path: str, dims: Dims, size: in
         span_axis=span_axis, read_chunk=read if read != chunks else None, roles=tuple(roles), quant="scale")
 
 
-def _blocks_follow(rule: Rule, mt_shape: Shape, cols: int, size: int, scale: Shape, source: Shape) -> bool:
-    """Whether the kernel's transforms, applied to the block grid, give MaxText's scale grid: the same count, and
-    for a transpose `(out, in) -> (in..., out...)`, in each of the in and out groups every axis but the last
-    shorter than a block (kept whole, e.g. heads) and the last a whole number of blocks (e.g. a head's dims)."""
-    if math.prod(scale) != math.prod(source):
+def _blocks_follow(rule: Rule, mt_shape: Shape, hf_shape: Shape, size: int, scale: Shape, source: Shape) -> bool:
+    """Whether the kernel's transforms, applied to the block grid, give MaxText's scale grid: the same count; a copy
+    of the same shape; or a transpose `(out, in) -> (in..., out...)` where, in each of the in and out groups, every
+    axis but the last is shorter than a block (kept whole, e.g. heads) and the last a whole number of blocks (e.g. a
+    head's dims). Other steps (a RoPE permutation within a head) do not move whole blocks: refused."""
+    if math.prod(scale) != math.prod(source) or set(rule.steps) - {"transpose", "reshape"}:
         return False
-    if set(rule.steps) - {"transpose", "reshape"}:
-        return True                     # the family's own block-level dims (Fp8Tree.scale_dims) say it
-    split = next((k for k in range(len(mt_shape) + 1) if math.prod(mt_shape[:k]) == cols), None)
-    if split is None or "transpose" not in rule.steps:
-        return split is not None or len(mt_shape) == 1
+    if "transpose" not in rule.steps:
+        return tuple(mt_shape) == tuple(hf_shape)
+    split = next((k for k in range(len(mt_shape) + 1) if math.prod(mt_shape[:k]) == hf_shape[1]), None)
+    if split is None:
+        return False
     groups = (mt_shape[:split], mt_shape[split:])
     return all(g and all(d < size for d in g[:-1]) and g[-1] % size == 0 for g in groups)
 

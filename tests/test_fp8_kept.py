@@ -418,3 +418,23 @@ def test_kept_fp8_restores_from_every_storage_layout(fp8_tree, fp8_source, tmp_p
     assert set(a) == set(b) and any(x.dtype == ml_dtypes.float8_e4m3fn for x in b.values())
     for path, x in a.items():
         assert b[path].dtype == x.dtype and b[path].tobytes() == x.tobytes(), path
+
+
+def test_a_permutation_within_heads_is_not_a_move_of_blocks(monkeypatch):
+    """Llama 3.1's key is RoPE-interleaved inside each head: a permutation of elements, not of whole blocks, so its
+    block scales have no MaxText layout; the (rescaled) query cannot stay fp8 at all. Both refused, from the plan."""
+    import transformers as tf
+
+    from ckpt_cli.families import llama3
+    from ckpt_cli.plan import build_to_maxtext
+    from tests.conftest import LLAMA_ROPE, TINY
+
+    cfg = tf.LlamaConfig(**TINY, rope_scaling=dict(LLAMA_ROPE), tie_word_embeddings=False).to_dict()
+    cfg["quantization_config"] = QCFG
+    family = llama3.FAMILY
+    monkeypatch.setitem(family.extra, "fp8_tree", Fp8Tree(frozenset({"token_embedder", "logits_dense", "query"})))
+    with pytest.raises(UnsupportedError, match=r"blocks of model\.layers\.\{layer\}\.self_attn\.k_proj\.weight"):
+        build_to_maxtext(family, cfg, True, np.dtype(ml_dtypes.float8_e4m3fn))
+    monkeypatch.setitem(family.extra, "fp8_tree", Fp8Tree(frozenset({"token_embedder", "logits_dense"})))
+    with pytest.raises(UnsupportedError, match="query/kernel is transpose > rope-interleave > scale"):
+        build_to_maxtext(family, cfg, True, np.dtype(ml_dtypes.float8_e4m3fn))
