@@ -48,14 +48,18 @@ def same_arrays(scanned: Path, unscanned: Path, config: dict) -> bool:
     blocks = family.blocks(family.dims(config), config, True, frozenset())
     flat = family.blocks(family.dims(config), config, False, frozenset())
 
+    def leaves(b) -> set[str]:
+        """A block's leaves, and the block scales beside them (fp8 kept)."""
+        return {leaf for r in b.rules for leaf in (r.maxtext, r.maxtext + "_scale")}
+
     def owner(blocks_, path: str):
         """(block, leaf) of the block that writes `path` (Gemma 2's local and global blocks share a prefix)."""
         return next(((b, path.removeprefix(b.prefix + "/")) for b in blocks_ if path.startswith(b.prefix + "/")
-                     and path.removeprefix(b.prefix + "/") in {r.maxtext for r in b.rules}), (None, path))
+                     and path.removeprefix(b.prefix + "/") in leaves(b)), (None, path))
 
     def unscanned_path(hf_layer: int, leaf: str) -> str:
         """Where the unscanned checkpoint holds HF layer `hf_layer`'s `leaf` (Gemma 2: layers_<hf_layer // 2>)."""
-        b = next(b for b in flat if b.hf_layers == (hf_layer,) and leaf in {r.maxtext for r in b.rules})
+        b = next(b for b in flat if b.hf_layers == (hf_layer,) and leaf in leaves(b))
         return f"{b.prefix}/{leaf}"
 
     meta = json.loads((scanned / "0" / "items" / "_METADATA").read_text())["tree_metadata"]
@@ -70,15 +74,15 @@ def same_arrays(scanned: Path, unscanned: Path, config: dict) -> bool:
             for s in (0, len(block.hf_layers) - 1):   # HF layer hf_layers[s]: at stack_index(s)
                 b = open_leaf(unscanned, unscanned_path(block.hf_layers[s], leaf))
                 part = a[(slice(None), *block.stack_index(s))]
-                if not np.array_equal(part.read().result().view(np.uint16), b.read().result().view(np.uint16)):
+                if not np.array_equal(part.read().result().view(np.uint8), b.read().result().view(np.uint8)):
                     return False
         elif block is not None:                       # an unstacked remainder layer (Gemma3)
             b = open_leaf(unscanned, unscanned_path(block.hf_layers[0], leaf))
-            if not np.array_equal(a.read().result().view(np.uint16), b.read().result().view(np.uint16)):
+            if not np.array_equal(a.read().result().view(np.uint8), b.read().result().view(np.uint8)):
                 return False
         else:
-            if not np.array_equal(a.read().result().view(np.uint16),
-                                  open_leaf(unscanned, path).read().result().view(np.uint16)):
+            if not np.array_equal(a.read().result().view(np.uint8),
+                                  open_leaf(unscanned, path).read().result().view(np.uint8)):
                 return False
     return True
 
@@ -90,13 +94,14 @@ def main() -> None:
     ap.add_argument("--keep", action="store_true")
     ap.add_argument("--model", default="qwen3-0.6b")
     ap.add_argument("--layers", type=int, default=None, help="keep only the first N decoder layers (full width)")
+    ap.add_argument("--dtype", default=None, help="convert with --dtype (fp8: a -fp8 name's weights kept)")
     args = ap.parse_args()
     small = args.model == "qwen3-0.6b" and args.layers is None
     root = args.dir or Path(tempfile.mkdtemp(prefix="ckpt-bench-"))
     name = args.model + (f"-{args.layers}-layers" if args.layers else "")
     src = root / ("Qwen3-0.6B-synthetic" if small else f"{name}-synthetic")
     if not any(src.glob("*.safetensors")):
-        print(f"writing synthetic {name} (bf16, random) ...", flush=True)
+        print(f"writing synthetic {name} (random) ...", flush=True)
         write_synthetic(src, args.model, shard_bytes=0 if small else 4_000_000_000, layers=args.layers)
     size = sum(f.stat().st_size for f in src.iterdir())
     warm(src)
@@ -114,7 +119,7 @@ def main() -> None:
         subprocess.run(["sync"], check=True)
         warm(src)
         r = run_measured([sys.executable, "-m", "ckpt_cli", "convert", "hf-to-maxtext", str(src), "--out", str(out),
-                          scan, "--json"])
+                          scan, "--json", *(["--dtype", args.dtype] if args.dtype else [])])
         assert r.returncode == 0, r.stdout
         results[scan] = r
     identical = same_arrays(root / "out--scan", root / "out--no-scan", json.loads((src / "config.json").read_text()))
@@ -126,7 +131,8 @@ def main() -> None:
         baseline = run_measured([sys.executable, str(Path(__file__).parent / "maxtext_like.py"), str(src), str(out)])
         assert baseline.returncode == 0
 
-    print(f"\ninput: {gb(size)} {name}-shaped bf16 checkpoint (page-cached)")
+    how = f", converted --dtype {args.dtype}" if args.dtype else ""
+    print(f"\ninput: {gb(size)} {name}-shaped checkpoint (page-cached){how}")
     print(f"cp -r                     : {cp.wall_s:6.2f} s  peak RSS {gb(cp.peak_rss)}")
     print(f"cp -r + sync (durable)    : {durable.wall_s:6.2f} s  (the disk's floor for writing this output)")
     if baseline:

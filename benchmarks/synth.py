@@ -20,17 +20,20 @@ import ml_dtypes
 import numpy as np
 
 from ckpt_cli import registry
+from ckpt_cli.dtypes import FP8
 from ckpt_cli.families import detect_family
 from ckpt_cli.io.safetensors import PlannedTensor, StreamingSafetensorsWriter
 from ckpt_cli.plan import build_to_hf
 
 
-def hf_tensors(config: dict) -> list[PlannedTensor]:
-    """Every HF tensor the plan for this config reads, with its shape, as bf16."""
+def hf_tensors(config: dict, fp8: bool = False) -> list[PlannedTensor]:
+    """Every HF tensor the plan for this config reads, with its shape, as bf16; with `fp8` (a -fp8 name) the weights
+    MaxText's fp8 tree keeps are float8_e4m3fn with their float32 `weight_scale_inv`, as the releases store them."""
     # The reverse plan's targets are the HF tensors whole (a per-task source shape is one expert of a fused
     # expert tensor, or one part of it).
-    plan = build_to_hf(detect_family(config), config, True, np.dtype(np.float32))
-    return [PlannedTensor(t.target, np.dtype(ml_dtypes.bfloat16), t.shape) for t in plan.tensors]
+    plan = build_to_hf(detect_family(config), config, True, np.dtype(FP8 if fp8 else np.float32))
+    return [PlannedTensor(t.target, np.dtype(t.dtype) if t.quant else np.dtype(ml_dtypes.bfloat16), t.shape)
+            for t in plan.tensors]
 
 
 def write_synthetic(folder: Path, model: str, shard_bytes: int = 0, seed: int = 0, layers: int | None = None) -> Path:
@@ -43,7 +46,7 @@ def write_synthetic(folder: Path, model: str, shard_bytes: int = 0, seed: int = 
         if config.get("layer_types"):
             config["layer_types"] = config["layer_types"][:layers]
     (folder / "config.json").write_text(json.dumps(config, indent=2))
-    tensors = sorted(hf_tensors(config), key=lambda t: t.name)
+    tensors = sorted(hf_tensors(config, registry.lookup(model).dtype == "fp8"), key=lambda t: t.name)
     shards: list[list[PlannedTensor]] = [[]]
     size = 0
     for t in tensors:
@@ -59,7 +62,7 @@ def write_synthetic(folder: Path, model: str, shard_bytes: int = 0, seed: int = 
     for name, shard in zip(names, shards, strict=True):
         writer = StreamingSafetensorsWriter(folder / name, shard, {"format": "pt"})
         for t in shard:
-            writer.write(t.name, random_bf16(rng, t.shape))
+            writer.write(t.name, random_like(rng, t))
             weight_map[t.name] = name
         writer.close()
     if len(shards) > 1:
@@ -67,6 +70,17 @@ def write_synthetic(folder: Path, model: str, shard_bytes: int = 0, seed: int = 
         (folder / "model.safetensors.index.json").write_text(
             json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
     return folder
+
+
+def random_like(rng: np.random.Generator, t: PlannedTensor) -> np.ndarray:
+    """Random weights of the tensor's dtype: bf16 (below), e4m3 bytes (NaN codes avoided) or float32 block scales."""
+    if t.dtype == FP8:
+        x = rng.integers(0, 256, t.shape, dtype=np.uint8)
+        x[(x & 0x7F) == 0x7F] ^= 1
+        return x.view(FP8)
+    if t.dtype == np.float32:
+        return rng.uniform(1e-4, 1e-3, t.shape).astype(np.float32)
+    return random_bf16(rng, t.shape)
 
 
 def random_bf16(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:

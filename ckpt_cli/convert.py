@@ -17,9 +17,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ckpt_cli import __version__, engine, registry
-from ckpt_cli.dtypes import output_dtype
-from ckpt_cli.errors import ConfigMismatchError, DiskFull, Interrupted, OutputError, SourceError
+from ckpt_cli import __version__, engine, fp8, registry
+from ckpt_cli.dtypes import BF16, FP8, output_dtype
+from ckpt_cli.errors import ConfigMismatchError, DiskFull, Interrupted, OutputError, SourceError, UnsupportedError
 from ckpt_cli.families import detect_family, family_named
 from ckpt_cli.families.base import config_int
 from ckpt_cli.io import hf, int4, outdir, remote_stream
@@ -36,7 +36,7 @@ class ToMaxTextOptions:
 
     model: str | None = None
     scan_layers: bool = True
-    dtype: str = "bf16"
+    dtype: str | None = None        # None: bf16, or fp8 for a model name whose MaxText tree keeps fp8 (-fp8 names)
     load_method: str = "safetensors"
     revision: str | None = None
     storage: StorageOptions = field(default_factory=StorageOptions)
@@ -111,8 +111,15 @@ def plan_to_maxtext(source: hf.HFSource, opts: ToMaxTextOptions) -> ConversionPl
         registry.check_against(spec, family.model_config(source.config), family.reference_keys)
     features = frozenset({"mtp"}) if opts.mtp else frozenset()
     features |= family.source_layouts(source.config, file_tensor_names(source) or ())   # e.g. fused experts
-    return build_to_maxtext(family, source.config, opts.scan_layers, output_dtype(opts.dtype), features,
-                            mesh=opts.target_mesh)
+    return build_to_maxtext(family, source.config, opts.scan_layers, output_dtype(store_dtype(opts, model_name)),
+                            features, mesh=opts.target_mesh)
+
+
+def store_dtype(opts: ToMaxTextOptions, model_name: str | None) -> str:
+    """--dtype, or when not given bf16, or fp8 for a model name whose MaxText 0.2.5 tree keeps fp8 weights."""
+    if opts.dtype is not None:
+        return opts.dtype
+    return (registry.lookup(model_name).dtype if model_name else None) or "bf16"
 
 
 def with_source_names(plan: ConversionPlan, source: hf.HFSource, names: Collection[str]) -> ConversionPlan:
@@ -123,6 +130,8 @@ def with_source_names(plan: ConversionPlan, source: hf.HFSource, names: Collecti
 
 
 def open_reader(source: hf.HFSource, load_method: str, dtype: np.dtype | None = None):
+    if dtype is not None and np.dtype(dtype) == FP8:
+        dtype = BF16            # --dtype fp8: what is not kept fp8 is bf16 (kept weights are read raw)
     if load_method == "safetensors":
         qcfg = source.config.get("quantization_config") or {}
         block = tuple(qcfg.get("weight_block_size") or (128, 128))
@@ -246,12 +255,16 @@ def hf_to_maxtext(source_arg: str, out: Path, opts: ToMaxTextOptions, progress=N
 
 def _hf_to_maxtext(source: hf.HFSource, out: Path | BucketURL, opts: ToMaxTextOptions, progress, on_plan) -> Result:
     plan = plan_to_maxtext(source, opts)
+    if fp8.is_fp8(plan) and opts.load_method != "safetensors":
+        raise UnsupportedError(f"--dtype fp8 keeps the e4m3 bytes and scales of the safetensors files; --load-method "
+                               f"{opts.load_method} cannot keep them (use the default, safetensors)")
     reader = open_reader(source, opts.load_method, plan.dtype)
     plan = with_source_names(plan, source, reader.names)
     lora_meta: dict = {}
     if opts.lora:
         plan, reader, lora_meta = with_adapter(plan, reader, source, opts)
     engine.validate(plan, reader)
+    plan = fp8.match_source(plan, reader)
     used = {task.source.name for t in plan.tensors for task in t.tasks}
     used |= {extra for name in used for extra in getattr(reader, "consumed_with", lambda n: [])(name)}
     ignored = sorted(set(reader.names) - used)
@@ -378,16 +391,23 @@ def plan_to_hf(ckpt, opts: ToHFOptions):
     scan = to_hf.detect_scan(ckpt)
     features = to_hf.detect_features(arch, ckpt, scan)
     features |= frozenset(ckpt.provenance.get("source_layouts") or ()) & arch.family.layouts   # the source's own
-    forward = build_to_maxtext(arch.family, arch.config, scan, output_dtype(opts.dtype or "bf16"), features)
+    kept = fp8.kept_in(ckpt)
+    if kept and opts.dtype not in (None, "fp8"):
+        raise UnsupportedError(f"--dtype {opts.dtype}: this checkpoint keeps fp8 weights with block scales, and "
+                               "maxtext-to-hf writes them as they are (fp8 + weight_scale_inv); leave out --dtype")
+    if opts.dtype == "fp8" and not kept:
+        raise UnsupportedError("--dtype fp8: this checkpoint holds no fp8 weights with block scales to write back")
+    forward = build_to_maxtext(arch.family, arch.config, scan, output_dtype("fp8" if kept else opts.dtype or "bf16"),
+                               features)
     notes = tuple(to_hf.check_checkpoint(forward, ckpt))
-    name = opts.dtype
+    name = "fp8" if kept else opts.dtype
     if name is None:   # the checkpoint's own dtype; the config's only when the checkpoint's is neither bf16 nor f32
         said, stored = to_hf.default_dtype(arch.config), to_hf.stored_dtype(forward, ckpt)
         name = stored or said
         if stored and stored != said:
             notes += (f"the checkpoint stores {stored}: writing {stored} (the config says {said}; --dtype {said} "
                       f"casts)",)
-    plan = build_to_hf(arch.family, arch.config, scan, output_dtype(name), features)
+    plan = fp8.match_checkpoint(build_to_hf(arch.family, arch.config, scan, output_dtype(name), features), ckpt)
     return dataclasses.replace(plan, notes=(*plan.notes, *notes)), arch
 
 
@@ -514,7 +534,7 @@ def _maxtext_to_hf(ckpt, source_arg: str, out: Path, opts: ToHFOptions, progress
         json_lora = {"lora": [str(Path(opts.lora).resolve()), checkpoint_files(lora_ckpt.items)]}
     if arch.origin != "carried":
         notes.append(f"architecture from {arch.origin}")
-    if arch.config.get("quantization_config"):
+    if arch.config.get("quantization_config") and not fp8.is_fp8(plan):
         notes.append(f"config.json drops quantization_config: the weights are written as plain "
                      f"{np.dtype(plan.dtype).name}")
     big = [t.target for t in plan.tensors if t.nbytes > opts.shard_size]

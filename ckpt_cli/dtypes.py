@@ -18,8 +18,12 @@ SAFETENSORS_DTYPES: dict[str, np.dtype] = {
 }
 SAFETENSORS_NAMES: dict[np.dtype, str] = {v: k for k, v in SAFETENSORS_DTYPES.items()}
 
-# user-facing output dtype names -> numpy dtype
-OUTPUT_DTYPES: dict[str, np.dtype] = {"bf16": np.dtype(ml_dtypes.bfloat16), "f32": np.dtype(np.float32)}
+FP8 = np.dtype(ml_dtypes.float8_e4m3fn)
+BF16 = np.dtype(ml_dtypes.bfloat16)
+
+# user-facing output dtype names -> numpy dtype ("fp8": block-scaled e4m3 weights kept fp8 with their scales, the
+# other leaves bf16, as MaxText 0.2.5's -fp8 model names store them)
+OUTPUT_DTYPES: dict[str, np.dtype] = {"bf16": BF16, "f32": np.dtype(np.float32), "fp8": FP8}
 
 
 def numpy_dtype_of_safetensors(name: str, tensor: str) -> np.dtype:
@@ -31,10 +35,10 @@ def numpy_dtype_of_safetensors(name: str, tensor: str) -> np.dtype:
 
 
 def output_dtype(name: str) -> np.dtype:
-    """'bf16' | 'f32' (also 'bfloat16' | 'float32') -> numpy dtype."""
-    key = {"bfloat16": "bf16", "float32": "f32"}.get(name, name)
+    """'bf16' | 'f32' | 'fp8' (also 'bfloat16' | 'float32' | 'float8_e4m3fn') -> numpy dtype."""
+    key = {"bfloat16": "bf16", "float32": "f32", "float8_e4m3fn": "fp8"}.get(name, name)
     if key not in OUTPUT_DTYPES:
-        raise CkptError(f"unknown dtype {name!r}: choose bf16 or f32")
+        raise CkptError(f"unknown dtype {name!r}: choose bf16, f32 or fp8")
     return OUTPUT_DTYPES[key]
 
 

@@ -236,11 +236,12 @@ def open_orbax(path) -> Target:
 
 
 def open_model(name: str, scan: bool, dtype: str | None = None, mesh: TargetMesh | None = None) -> Target:
-    """The tree MaxText expects for a registered model (reference config through the HF -> MaxText plan), chunked
-    as `convert --target-mesh` would write it for `mesh`."""
+    """The tree MaxText expects for a registered model (reference config through the HF -> MaxText plan; a -fp8
+    name's fp8 tree unless `dtype` says otherwise), chunked as `convert --target-mesh` would write it for `mesh`."""
     spec = registry.lookup(name)
     config = registry.reference_config(spec.name)
-    plan = build_to_maxtext(family_named(spec.family), config, scan, output_dtype(dtype or "bf16"), mesh=mesh)
+    plan = build_to_maxtext(family_named(spec.family), config, scan, output_dtype(dtype or spec.dtype or "bf16"),
+                            mesh=mesh)
     leaves = [Leaf(t.target, t.shape, np.dtype(t.dtype).name, t.nbytes, None, t.chunk_shape, t.read_chunk)
               for t in plan.tensors]
     info = {"model": spec.name, "repo_id": spec.repo_id, "scan_layers": scan, "dtype": np.dtype(plan.dtype).name}

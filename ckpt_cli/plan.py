@@ -18,14 +18,18 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ckpt_cli import transforms as T
+from ckpt_cli.dtypes import BF16, FP8
 from ckpt_cli.errors import UnsupportedError
 from ckpt_cli.families import Family
 from ckpt_cli.families.base import (
     ELEMENTWISE_STEPS,
     Block,
     Dims,
+    Fp8Tree,
+    Join,
     Part,
     Rule,
+    eval_dim,
     eval_shape,
     resolve_steps,
     tiles,
@@ -61,6 +65,7 @@ class SourceSlice:
     part: Part | None = None              # then only this part (strided or a block) of the slice is used
     shape: Shape | None = None            # the source's full shape, where it is not the tensor's `source_shape`
                                           # (a leaf joined from several HF tensors: see families.base.Join)
+    raw: bool = False                     # read as stored (fp8 weights kept fp8: not dequantized)
 
     def select(self, x: np.ndarray) -> np.ndarray:
         """The part of a read slice this source stands for (a view; the whole slice without a part)."""
@@ -97,6 +102,7 @@ class TensorPlan:
     roles: tuple[str | None, ...] = ()  # per axis, the mesh role MaxText shards it on ("fsdp", "tensor", None)
     fill: float | None = None   # no source: every task writes this constant (a MaxText leaf HF has no tensor for)
     hf_dtype: np.dtype | None = None  # the HF side's fixed non-float dtype (integers read exactly into floats)
+    quant: str | None = None    # "fp8": a weight kept float8_e4m3fn; "scale": its block scale (--dtype fp8)
 
     @property
     def nbytes(self) -> int:
@@ -406,21 +412,31 @@ def build_to_maxtext(family: Family, hf_config: dict, scan_layers: bool, dtype: 
     unknown = set(features) - set(family.features) - set(family.layouts)
     if unknown:
         raise UnsupportedError(f"{family.name} has no optional part {', '.join(sorted(unknown))}")
+    fp8_block = fp8_tree = None
+    if np.dtype(dtype) == FP8:
+        fp8_tree, fp8_block = fp8_layout(family, hf_config)
+    quant = hf_config.get("quantization_config")
     hf_config = family.model_config(hf_config)
+    if fp8_tree:    # carried with the model's config (a multimodal release's text config has none): written back
+        hf_config = {**hf_config, "quantization_config": quant}
     notes = tuple(family.check_config(hf_config, frozenset(features)))
     dims = family.dims(hf_config)
     entries: list[tuple[Rule, Block | None, str]] = [(r, None, r.maxtext) for r in family.top_rules(dims, hf_config)]
     for block in family.blocks(dims, hf_config, scan_layers, frozenset(features)):
         entries += [(r, block, f"{block.prefix}/{r.maxtext}") for r in block.rules]
     tensors = []
+    base = BF16 if fp8_tree else np.dtype(dtype)       # --dtype fp8: every leaf not kept fp8 is bf16
     for rule, block, path in entries:
-        stored = np.dtype(np.float32) if rule.dtype == "f32" else np.dtype(dtype)
+        keep = fp8_tree is not None and fp8_tree.keeps(rule)
+        stored = FP8 if keep else np.dtype(np.float32) if rule.dtype == "f32" else base
         fixed = {"hf_dtype": np.dtype(rule.hf_dtype)} if rule.hf_dtype else {}
         itemsize = stored.itemsize
         slice_shape = eval_shape(rule.maxtext_shape, dims)
         source_shape = _source_shape(rule, dims)
         shape, axes = _stacked(slice_shape, rule, block, dims)
         tasks = _tasks(rule, block, dims) if rule.join is None else _joined_tasks(rule, block, dims)
+        if keep:
+            tasks = tuple(dataclasses.replace(t, source=dataclasses.replace(t.source, raw=True)) for t in tasks)
         chunks = chunk_shape(shape, axes, itemsize)
         roles = list(axis_roles(rule.maxtext_shape))
         for a in axes:
@@ -437,8 +453,8 @@ def build_to_maxtext(family: Family, hf_config: dict, scan_layers: bool, dtype: 
             span_axis = len(shape) + rule.join.axis
         elif pieces:
             pieces[-1] = (pieces[-1][0], shape[span_axis])          # padding rows go with the last piece
-            tasks = tuple(SliceTask(t.index, SourceSlice(t.source.name, rows=(a * unit, min(b, rows) * unit)),
-                                    span=(a, b)) for t in tasks for a, b in pieces)
+            tasks = tuple(SliceTask(t.index, SourceSlice(t.source.name, rows=(a * unit, min(b, rows) * unit),
+                                                         raw=keep), span=(a, b)) for t in tasks for a, b in pieces)
             chunks = tuple(pieces[0][1] if a == span_axis else n for a, n in enumerate(whole))
         else:
             span_axis = None
@@ -447,10 +463,97 @@ def build_to_maxtext(family: Family, hf_config: dict, scan_layers: bool, dtype: 
             target=path, shape=shape, dtype=stored, slice_shape=slice_shape, source_shape=source_shape,
             stack_axes=axes, chain=resolve_steps(rule.steps, dims), tasks=tasks, chunk_shape=chunks,
             span_axis=span_axis, collection=rule.collection, read_chunk=read if read != chunks else None,
-            roles=tuple(roles), fill=rule.fill, **fixed))
+            roles=tuple(roles), fill=rule.fill, quant="fp8" if keep else None, **fixed))
+        if keep:
+            tensors.append(_scale_plan(rule, block, path, dims, fp8_block, roles, mesh))
     check_coverage(tensors)
     return ConversionPlan(TO_MAXTEXT, family.name, scan_layers, np.dtype(dtype), tuple(tensors), dict(hf_config),
                           dims, notes, frozenset(features))
+
+
+def fp8_layout(family: Family, hf_config: dict) -> tuple[Fp8Tree, int]:
+    """The family's fp8 tree and the source's block size, for `--dtype fp8`; a one-line refusal when MaxText 0.2.5
+    has no fp8 tree for the family, when the source is not block-scaled fp8, or its blocks are not square."""
+    tree = family.extra.get("fp8_tree")
+    if tree is None:
+        from ckpt_cli import registry
+
+        names = ", ".join(sorted(n for n, spec in registry.MODELS.items() if spec.dtype == "fp8"))
+        raise UnsupportedError(f"--dtype fp8: MaxText 0.2.5 has no fp8 tree for {family.name} models (its -fp8 model "
+                               f"names: {names or 'none registered'}); use --dtype bf16 or f32, which dequantize")
+    quant = hf_config.get("quantization_config") or {}
+    if quant.get("quant_method") != "fp8" or not quant.get("weight_block_size"):
+        raise UnsupportedError("--dtype fp8 keeps the block-scaled e4m3 weights of an fp8 source as they are; this "
+                               "config.json has no quantization_config with quant_method fp8 and weight_block_size")
+    block = quant["weight_block_size"]
+    if len(block) != 2 or block[0] != block[1] or not isinstance(block[0], int) or block[0] < 1:
+        raise UnsupportedError(f"--dtype fp8: weight_block_size {block} is not square (MaxText's weight_block_size "
+                               "is one size for both axes)")
+    return tree, block[0]
+
+
+def fp8_scale_shape(shape: Shape, block: int) -> Shape:
+    """MaxText's block-scale shape of a kernel (per layer and expert): each axis in blocks, an axis shorter than a
+    block (e.g. a head count) kept whole (layers/linears.py DenseGeneral, layers/moe.py)."""
+    return tuple(d // block if d >= block else d for d in shape)
+
+
+def _scale_plan(rule: Rule, block: Block | None, path: str, dims: Dims, size: int, roles: list[str | None],
+                mesh: TargetMesh | None) -> TensorPlan:
+    """The block scale beside a kernel kept fp8: MaxText `<leaf>_scale` from HF `<weight>_scale_inv` (the same
+    numbers: MaxText multiplies, as HF does), through the kernel's transforms at block granularity."""
+    hf_shape = eval_shape(rule.hf_shape, dims)
+    mt_shape = eval_shape(rule.maxtext_shape, dims)
+    if rule.hf_expert_axis or len(hf_shape) != 2 or rule.part is not None:
+        raise UnsupportedError(f"--dtype fp8: {rule.hf} is not one 2-D weight; its block scale cannot be kept")
+    chain = resolve_steps(rule.steps, dims)
+    if not chain.exact:
+        raise UnsupportedError(f"--dtype fp8: {path} is {chain.describe()} of {rule.hf}; fp8 weights can only be "
+                               "moved, not rescaled")
+    rows, cols = hf_shape
+    source_shape = (-(-rows // size), -(-cols // size))
+    slice_shape = fp8_scale_shape(mt_shape, size)
+    pieces = [eval_dim(n, dims) for _, n in rule.join.pieces] if rule.join else []
+    groups = dims[rule.join.groups] if rule.join else 1
+    if (rows % size or cols % size or any(n % (size * groups) for n in pieces)
+            or not _blocks_follow(rule, mt_shape, hf_shape, size, slice_shape, source_shape)):
+        raise UnsupportedError(f"--dtype fp8: the {size}x{size} blocks of {rule.hf} {hf_shape} do not map to "
+                               f"MaxText's block scale of {path} {mt_shape}")
+    shape, axes = _stacked(slice_shape, rule, block, dims)
+    span_axis = None
+    if rule.join:   # the same join of the pieces' scale rows, in blocks (0.2.5's concat_qkvz_scales_and_transpose)
+        scale_join = Join(rule.join.groups, tuple((name + "_scale_inv", str(n // size))
+                                                  for (name, _), n in zip(rule.join.pieces, pieces, strict=True)),
+                          rule.join.axis)
+        scale_rule = dataclasses.replace(rule, hf=rule.hf + "_scale_inv", join=scale_join,
+                                         hf_shape=tuple(str(n) for n in source_shape))
+        tasks = _joined_tasks(scale_rule, block, dims)
+        span_axis = len(shape) + rule.join.axis
+    else:
+        tasks = tuple(dataclasses.replace(t, source=SourceSlice(t.source.name + "_scale_inv"))
+                      for t in _tasks(rule, block, dims))
+    chunks = chunk_shape(shape, axes, 4)
+    read = read_chunk_shape(shape, chunks, roles, 4, mesh)
+    return TensorPlan(
+        target=path + "_scale", shape=shape, dtype=np.dtype(np.float32), slice_shape=slice_shape,
+        source_shape=source_shape, stack_axes=axes, chain=chain, tasks=tasks, chunk_shape=chunks,
+        span_axis=span_axis, read_chunk=read if read != chunks else None, roles=tuple(roles), quant="scale")
+
+
+def _blocks_follow(rule: Rule, mt_shape: Shape, hf_shape: Shape, size: int, scale: Shape, source: Shape) -> bool:
+    """Whether the kernel's transforms, applied to the block grid, give MaxText's scale grid: the same count; a copy
+    of the same shape; or a transpose `(out, in) -> (in..., out...)` where, in each of the in and out groups, every
+    axis but the last is shorter than a block (kept whole, e.g. heads) and the last a whole number of blocks (e.g. a
+    head's dims). Other steps (a RoPE permutation within a head) do not move whole blocks: refused."""
+    if math.prod(scale) != math.prod(source) or set(rule.steps) - {"transpose", "reshape"}:
+        return False
+    if "transpose" not in rule.steps:
+        return tuple(mt_shape) == tuple(hf_shape)
+    split = next((k for k in range(len(mt_shape) + 1) if math.prod(mt_shape[:k]) == hf_shape[1]), None)
+    if split is None:
+        return False
+    groups = (mt_shape[:split], mt_shape[split:])
+    return all(g and all(d < size for d in g[:-1]) and g[-1] % size == 0 for g in groups)
 
 
 def rename_sources(plan: ConversionPlan, rename: Callable[[str], str], notes: Sequence[str] = ()) -> ConversionPlan:
@@ -520,6 +623,7 @@ def build_to_hf(family: Family, hf_config: dict, scan_layers: bool, dtype: np.dt
     read parts of one HF tensor (GPT-OSS's gate/up) become one HF tensor written by all their tasks.
     """
     forward = build_to_maxtext(family, hf_config, scan_layers, np.dtype(dtype), features)
+    base = BF16 if np.dtype(dtype) == FP8 else np.dtype(dtype)   # fp8: kept weights and scales as stored
     by_name: dict[str, list[tuple[TensorPlan, SliceTask]]] = {}
     for t in forward.tensors:
         if t.fill is not None:    # a constant MaxText leaf: nothing on the HF side to write it to
@@ -546,9 +650,10 @@ def build_to_hf(family: Family, hf_config: dict, scan_layers: bool, dtype: np.dt
             for u, task in jobs]
         span_axis = 0 if reverse_tasks[0].span is not None else None
         tensors.append(TensorPlan(
-            target=name, shape=tuple(shape), dtype=t.hf_dtype or np.dtype(dtype), slice_shape=source_shape,
+            target=name, shape=tuple(shape), dtype=t.dtype if t.quant else (t.hf_dtype or base),
+            slice_shape=source_shape,
             source_shape=t.slice_shape, stack_axes=axes, chain=t.chain, tasks=tuple(reverse_tasks),
-            chunk_shape=tuple(shape), span_axis=span_axis))
+            chunk_shape=tuple(shape), span_axis=span_axis, quant=t.quant))
     tensors.sort(key=lambda x: x.target)
     check_coverage(tensors)
     return ConversionPlan(TO_HF, family.name, scan_layers, np.dtype(dtype), tuple(tensors), dict(hf_config),

@@ -39,10 +39,11 @@ from pathlib import Path
 import numpy as np
 
 from ckpt_cli import engine
+from ckpt_cli.dtypes import FP8
 from ckpt_cli.io import orbax as orbax_io
 from ckpt_cli.io.remote_stream import DiskNeed
 from ckpt_cli.machine import Machine, Rates
-from ckpt_cli.plan import TO_MAXTEXT, ConversionPlan
+from ckpt_cli.plan import TO_MAXTEXT, ConversionPlan, build_to_maxtext
 
 BASELINE_RSS = 80 * 10**6
 WRITER_FIXED = 120 * 10**6        # tensorstore's own working set while committing (fitted, see above)
@@ -260,8 +261,8 @@ def plan_hf_to_maxtext(source_arg: str | None, opts) -> tuple[ConversionPlan, So
     if source_arg is None:
         spec = registry.lookup(_require_model(opts.model))
         config = registry.reference_config(spec.name)
-        plan = build_to_maxtext(family_named(spec.family), config, opts.scan_layers, output_dtype(opts.dtype),
-                                features)
+        plan = build_to_maxtext(family_named(spec.family), config, opts.scan_layers,
+                                output_dtype(convert.store_dtype(opts, spec.name)), features)
         size = _config_itemsize(config)
         itemsize, fp8 = _released_fp8(plan, family_named(spec.family), config)
         total = sum(_source_elements(t) * size for t in plan.tensors) + round(sum(
@@ -334,18 +335,21 @@ def plan_maxtext_to_hf(source_arg: str | None, opts, scan: bool = True) -> tuple
     if source_arg is None:
         spec = registry.lookup(_require_model(opts.model))
         config = registry.reference_config(spec.name)
+        dtype = output_dtype(opts.dtype or spec.dtype or "bf16")
         try:
-            plan = build_to_hf(family_named(spec.family), config, scan, output_dtype(opts.dtype or "bf16"))
+            plan = build_to_hf(family_named(spec.family), config, scan, dtype)
         except UnsupportedError:
             if not scan:
                 raise
             scan = False                # a model ckpt (and MaxText 0.2.5) writes unscanned only: gemma4-e2b, -e4b
-            plan = build_to_hf(family_named(spec.family), config, scan, output_dtype(opts.dtype or "bf16"))
-        total = sum(_source_elements(t) * 2 for t in plan.tensors)
+            plan = build_to_hf(family_named(spec.family), config, scan, dtype)
+        # a -fp8 name's checkpoint keeps its e4m3 weights (one byte) and float32 scales; the rest bf16
+        itemsize = {task.source.name: np.dtype(t.dtype).itemsize for t in plan.tensors if t.quant for task in t.tasks}
+        total = sum(_source_elements(t) * (np.dtype(t.dtype).itemsize if t.quant else 2) for t in plan.tensors)
         notes = [f"no data read: {spec.name}'s reference config, as {'a scanned' if scan else 'an unscanned'} "
-                 f"bf16 MaxText checkpoint", *plan.notes]
-        return plan, Source(f"{spec.name} (reference config)", "model", {}, 2, total, reader_held=READER_FIXED,
-                            raw_copy=True), notes
+                 f"{'fp8' if itemsize else 'bf16'} MaxText checkpoint", *plan.notes]
+        return plan, Source(f"{spec.name} (reference config)", "model", itemsize, 2, total,
+                            reader_held=READER_FIXED, raw_copy=True), notes
     from ckpt_cli.io.location import BucketURL, location
 
     where = location(source_arg, "SOURCE", buckets=True)
@@ -413,9 +417,18 @@ def _released_fp8(plan: ConversionPlan, family, config: dict) -> tuple[dict[str,
                     if t.fill is None and (b := per_element(config, task.source.name, t.source_shape)) is not None}
         return itemsize, frozenset(n for n, b in itemsize.items() if b < 2)     # the quantized ones
     released = family.extra.get("fp8_released")
+    quant = config.get("quantization_config") or {}
+    if released is None and family.extra.get("fp8_tree") and quant.get("quant_method") == "fp8":
+        if np.dtype(plan.dtype) == FP8:     # weights kept fp8: read as one byte, their scales as float32 tensors
+            kept = {task.source.name: 1.0 for t in plan.tensors if t.quant == "fp8" for task in t.tasks}
+            return kept | {task.source.name: 4.0 for t in plan.tensors if t.quant == "scale" for task in t.tasks}, \
+                frozenset()
+        kept_plan = build_to_maxtext(family, config, plan.scan_layers, FP8)   # which weights the release stores fp8
+        names = {task.source.name for t in kept_plan.tensors if t.quant == "fp8" for task in t.tasks}
+        released = lambda cfg, name: name in names   # noqa: E731
     if released is None:
         return {}, frozenset()
-    bh, bw = (config.get("quantization_config") or {}).get("weight_block_size") or (128, 128)
+    bh, bw = quant.get("weight_block_size") or (128, 128)
     itemsize: dict[str, float] = {}
     for t in plan.tensors:
         for task in t.tasks:

@@ -18,6 +18,7 @@ class ModelSpec:
     family: str
     repo_id: str
     config: dict = field(hash=False)
+    dtype: str | None = None        # "fp8": MaxText's tree for the name keeps fp8 weights (the default --dtype)
 
 
 def _qwen3(name: str, repo: str, e: int, n: int, f: int, layers: int, tied: bool, theta: float = 1e6) -> ModelSpec:
@@ -75,6 +76,13 @@ def _qwen3_5(name: str, repo: str, e: int, n: int, layers: int, value_heads: int
         "rope_parameters": {"mrope_interleaved": True, "mrope_section": [11, 11, 10], "rope_type": "default",
                             "rope_theta": 10000000, "partial_rotary_factor": 0.25},
     })
+
+
+def _fp8(spec: ModelSpec) -> ModelSpec:
+    """The fp8 release of a model (MaxText's `-fp8` names: weight_dtype float8_e4m3fn, weight_block_size 128): its
+    config with the releases' quantization_config, and fp8 (weights kept, with their block scales) as its dtype."""
+    quant = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": [128, 128]}
+    return ModelSpec(spec.name, spec.family, spec.repo_id, {**spec.config, "quantization_config": quant}, dtype="fp8")
 
 
 def _mixtral(name: str, repo: str, e: int, n: int, m: int, layers: int, vocab: int, max_positions: int
@@ -316,6 +324,8 @@ MODELS: dict[str, ModelSpec] = {m.name: m for m in (
     _qwen3_next("qwen3-next-80b-a3b", "Qwen/Qwen3-Next-80B-A3B-Instruct"),
     _qwen3_5("qwen3.5-35b-a3b", "Qwen/Qwen3.5-35B-A3B", 2048, 16, 40, 32, 256, 8, 512),
     _qwen3_5("qwen3.5-397b-a17b", "Qwen/Qwen3.5-397B-A17B", 4096, 32, 60, 64, 512, 10, 1024),
+    _fp8(_qwen3_5("qwen3.5-35b-a3b-fp8", "Qwen/Qwen3.5-35B-A3B-FP8", 2048, 16, 40, 32, 256, 8, 512)),
+    _fp8(_qwen3_5("qwen3.5-397b-a17b-fp8", "Qwen/Qwen3.5-397B-A17B-FP8", 4096, 32, 60, 64, 512, 10, 1024)),
 )}
 
 

@@ -213,11 +213,15 @@ def changed_constants(forward: ConversionPlan, ckpt: OrbaxCheckpoint) -> list[st
 
 def output_config(cfg: dict, dtype: np.dtype) -> dict:
     """config.json for the output: the source config with `dtype` (and `torch_dtype` if present) set, no
-    `quantization_config` (the weights written are plain bf16/f32, e.g. after fp8 sources were dequantized),
+    `quantization_config` (the weights written are plain bf16/f32, e.g. after fp8 sources were dequantized) unless
+    fp8 weights are written back as they were kept (`dtype` float8_e4m3fn: then the source's, and bf16),
     and an `architectures` entry (the causal-LM class of its model_type) when it has none."""
     out = dict(cfg)
-    out.pop("quantization_config", None)
     name = dtype_name(dtype)
+    if name == "float8_e4m3fn":     # fp8 weights written back as the source held them: its quantization_config too
+        name = "bfloat16"
+    else:
+        out.pop("quantization_config", None)
     out["dtype"] = name
     if "torch_dtype" in out:
         out["torch_dtype"] = name

@@ -58,10 +58,10 @@ def test_root_and_group_help_show_no_bool_but_typer_completion_installers():
 
 
 @pytest.mark.parametrize("command,flag,choices", [
-    (["convert", "hf-to-maxtext"], "--dtype", "bf16|f32"),
+    (["convert", "hf-to-maxtext"], "--dtype", "bf16|f32|fp8"),
     (["convert", "hf-to-maxtext"], "--compression", "none|zstd"),
     (["convert", "hf-to-maxtext"], "--load-method", "safetensors|transformers"),
-    (["convert", "maxtext-to-hf"], "--dtype", "bf16|f32"),
+    (["convert", "maxtext-to-hf"], "--dtype", "bf16|f32|fp8"),
     (["verify-logits"], "--hf-load", "auto|full|stream"),
     (["verify-logits"], "--dtype", "bf16|f32"),
 ])
@@ -288,7 +288,7 @@ COMPLETIONS = [     # (what was typed, what TAB must offer: exactly, or at least
     ("ckpt inspect x --against qwen3-0", ["qwen3-0.6b"]),
     ("ckpt verify-logits --hf qwen3-0", ["qwen3-0.6b"]),
     ("ckpt models --family qwen3", sorted(f for f in FAMILIES if f.startswith("qwen3"))),
-    ("ckpt convert hf-to-maxtext x --dtype ", ["bf16", "f32"]),
+    ("ckpt convert hf-to-maxtext x --dtype ", ["bf16", "f32", "fp8"]),
     ("ckpt convert maxtext-to-hf x --dtype ", ["bf16", "f32"]),
     ("ckpt plan hf-to-maxtext --dtype b", ["bf16"]),
     ("ckpt inspect --dtype ", ["bf16", "f32"]),

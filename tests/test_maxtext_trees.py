@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from ckpt_cli import registry
@@ -41,7 +42,7 @@ def maxtext_collections(name: str, scan: bool) -> dict[str, str]:
 
 def planned_plan(name: str, scan: bool):
     cfg = registry.reference_config(name)
-    return build_to_maxtext(detect_family(cfg), cfg, scan, output_dtype("bf16"))
+    return build_to_maxtext(detect_family(cfg), cfg, scan, output_dtype(registry.lookup(name).dtype or "bf16"))
 
 
 def _diff(want: dict, got: dict) -> str:
@@ -66,12 +67,21 @@ def test_planned_tree_equals_maxtext_0_2_5(name, scan):
     assert {t.target: t.collection for t in plan.tensors if t.collection} == maxtext_collections(name, scan)
 
 
+@pytest.mark.parametrize("scan", [True, False], ids=["scan", "noscan"])
+@pytest.mark.parametrize("name", sorted(n for n, s in registry.MODELS.items() if s.dtype == "fp8"))
+def test_fp8_names_plan_maxtexts_dtypes_leaf_by_leaf(name, scan):
+    """A -fp8 name's tree fixes every dtype (MaxText's weight_dtype float8_e4m3fn, compute dtype bfloat16 for the
+    unquantized modules, float32 block scales): the planned tree has them all."""
+    path = _trees_dir() / f"{name}.{'scan' if scan else 'noscan'}.json"
+    want = {key: value[1] for key, value in json.loads(path.read_text()).items()}
+    got = {t.target: np.dtype(t.dtype).name for t in planned_plan(name, scan).tensors}
+    assert got == want
+    assert {"float8_e4m3fn", "float32", "bfloat16"} == set(got.values())
+
+
 def test_every_tree_file_names_a_registered_model_or_a_known_gap():
     """Every model name MaxText 0.2.5 defines a tree for is either registered or listed here as not yet done."""
-    not_yet = {
-        # issue 13: Qwen3-Next and Qwen3.5
-        "qwen3.5-35b-a3b-fp8", "qwen3.5-397b-a17b-fp8",
-    }
+    not_yet: set[str] = set()      # none left: every name MaxText 0.2.5 has a tree for is registered
     names = {p.name.split(".scan.json")[0].split(".noscan.json")[0] for p in _trees_dir().glob("*.json")}
     registered = set(registry.MODELS)
     assert names - registered - not_yet == set(), "MaxText 0.2.5 names neither registered nor listed as a gap"

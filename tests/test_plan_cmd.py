@@ -69,6 +69,17 @@ def test_every_registered_model_is_priced_without_data(name):
     figures = pricing.price(plan, src, RATES, BIG_BOX)
     params = sum(math.prod(t.shape) for t in plan.tensors)
     b, m = figures["bytes"], figures["memory"]
+    if registry.lookup(name).dtype == "fp8":   # MaxText's -fp8 tree: the release's e4m3 weights kept (one byte),
+        count = {d: sum(math.prod(t.shape) for t in plan.tensors if t.dtype.name == d)   # their float32 block
+                 for d in ("float8_e4m3fn", "float32", "bfloat16")}                    # scales, the rest bf16
+        assert count["float8_e4m3fn"] > params / 2 and sum(count.values()) == params
+        kept = count["float8_e4m3fn"] + 4 * count["float32"] + 2 * count["bfloat16"]
+        assert b["written"] == plan.output_bytes == kept == b["download"] == src.total_bytes == b["read"]
+        if params < 10**11:    # and back: the same bytes, written as the release holds them
+            back, back_src, _ = pricing.plan_maxtext_to_hf(None, ToHFOptions(model=name))
+            back_bytes = pricing.price(back, back_src, RATES, BIG_BOX)["bytes"]
+            assert back_bytes["written"] == back_bytes["read"] == back_src.total_bytes == kept
+        return
     # Gemma / Gemma 2: MaxText's table has 128 zero rows more than the HF one (HF's 256000 -> 256128)
     hf_params = params - (128 * registry.reference_config(name)["hidden_size"]
                           if plan.family in ("gemma", "gemma2") else 0)

@@ -63,7 +63,7 @@ def hf_to_maxtext(
     out: O.OutOpt,
     model: O.ModelOpt = None,
     scan: O.ScanOpt = True,
-    dtype: O.DtypeOpt = "bf16",
+    dtype: O.DtypeOpt = None,
     load_method: LoadMethodOpt = "safetensors",
     revision: O.RevisionOpt = None,
     ocdbt: O.OcdbtOpt = True,
@@ -146,8 +146,9 @@ ArchModelOpt = Annotated[str | None, typer.Option(
 HFConfigOpt = Annotated[str | None, typer.Option(
     "--hf-config", metavar="FILE",
     help="config.json (or a folder with one) describing the checkpoint; wins over a carried one.")]
-OutDtypeOpt = Annotated[O.DtypeChoice | None, typer.Option(
-    "--dtype", help="Stored dtype (cast per slice). Default: the checkpoint's own (else the config's, else bf16).")]
+OutDtypeOpt = Annotated[O.StoreDtypeChoice | None, typer.Option(
+    "--dtype", help="Stored dtype (cast per slice). Default: the checkpoint's own (else the config's, else bf16); "
+                    "fp8 weights kept with their scales are written back as they are.")]
 ShardSizeOpt = Annotated[str, typer.Option(
     "--shard-size", metavar="SIZE", help="Most tensor bytes per safetensors shard, with a unit (5GB, 500MB, "
                                          "2GiB ...); one shard -> model.safetensors.")]

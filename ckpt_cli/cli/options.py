@@ -12,6 +12,7 @@ from typing import Annotated, Literal
 import typer
 
 DtypeChoice = Literal["bf16", "f32"]
+StoreDtypeChoice = Literal["bf16", "f32", "fp8"]   # fp8: an fp8 source's block-scaled weights kept, with their scales
 CompressionChoice = Literal["none", "zstd"]
 LoadMethodChoice = Literal["safetensors", "transformers"]
 HFLoadChoice = Literal["auto", "full", "stream"]
@@ -59,7 +60,9 @@ ModelOpt = Annotated[str | None, typer.Option(
     help="MaxText model name (e.g. qwen3-8b, llama3.1-8b; see `ckpt models`): check the config against it.")]
 ScanOpt = Annotated[bool, flag(
     "--scan/--no-scan", help="Scanned layout (layers stacked on axis 1, MaxText's default) or layers_<i>.")]
-DtypeOpt = Annotated[DtypeChoice, typer.Option("--dtype", help="Stored dtype (cast per slice).")]
+DtypeOpt = Annotated[StoreDtypeChoice | None, typer.Option(
+    "--dtype", help="Stored dtype (cast per slice; default bf16, fp8 for a -fp8 model name); fp8: keep an fp8 "
+                    "source's e4m3 weights and block scales as MaxText's -fp8 models store them, the rest bf16.")]
 RevisionOpt = Annotated[str | None, typer.Option("--revision", metavar="REV",
                                                  help="Hub revision (branch, tag or commit).")]
 JsonOpt = Annotated[bool, flag("--json", help="Print the result as JSON on stdout (no progress, no ANSI).")]

@@ -59,7 +59,7 @@ def plan_hf_to_maxtext(
     out: PlanOutOpt = None,
     model: O.ModelOpt = None,
     scan: O.ScanOpt = True,
-    dtype: O.DtypeOpt = "bf16",
+    dtype: O.DtypeOpt = None,
     revision: O.RevisionOpt = None,
     ocdbt: O.OcdbtOpt = True,
     zarr3: O.Zarr3Opt = True,

@@ -207,6 +207,28 @@ class Block:
 
 
 @dataclass(frozen=True)
+class Fp8Tree:
+    """The tree MaxText 0.2.5's `-fp8` model names keep (`weight_dtype: float8_e4m3fn`, `weight_block_size`): which
+    leaves are float8_e4m3fn with a float block scale beside them, as its `unquantized_modules` decides.
+
+    A leaf is kept fp8 when it is a kernel (`.../kernel`) or routed-expert weight (a rule with an experts axis) and
+    none of its path components is one of `unquantized`; its scale is the leaf path + `_scale` (`kernel_scale`,
+    `wi_0_scale`), read from the HF `<weight>_scale_inv` and multiplied in (MaxText's `dequantize_weight`). Every
+    other leaf is bf16 (MaxText's compute `dtype`). The scale gets the kernel's own transforms at block
+    granularity (plan.py, `_scale_plan`): a transpose (and reshape) of the block grid, and for a joined leaf
+    (`Join`) the same join of the pieces' scale rows, each piece's rows counted in blocks.
+    """
+
+    unquantized: frozenset[str]
+
+    def keeps(self, rule: Rule) -> bool:
+        """Whether MaxText's fp8 tree stores this leaf float8_e4m3fn with a scale."""
+        parts = rule.maxtext.split("/")
+        weight = rule.experts is not None or parts[-1] == "kernel"
+        return weight and not any(p in self.unquantized for p in parts)
+
+
+@dataclass(frozen=True)
 class Family:
     """Everything the planner needs from one model family."""
 

@@ -20,6 +20,15 @@ tensors are `model.language_model.*` (and `lm_head.weight`); the vision tower (`
 (`mtp.*`) are not converted (MaxText use_multimodal: false; 0.2.5 converts no MTP layer), and maxtext-to-hf writes
 the text model (`Qwen3_5MoeForCausalLM`, `model.*`). A text-only source (`qwen3_5_moe_text`) converts as it is.
 
+fp8 (`--dtype fp8`, MaxText 0.2.5's qwen3.5-35b-a3b-fp8 and qwen3.5-397b-a17b-fp8: `weight_dtype: float8_e4m3fn`,
+`weight_block_size: 128`, `unquantized_modules` as `FP8_TREE`): the releases' block-scaled e4m3 weights are kept, each
+with `<leaf>_scale` (float32 in 0.2.5's tree; the source's own scale dtype is kept) = HF `weight_scale_inv`, the
+same numbers (both multiply). Each scale gets its kernel's transform at block granularity: q/k/v `reshape_kernel`
+(transpose, then (E/128, heads, head_dim/128): heads < 128 stay whole), `o_proj`, `out_proj`, the shared expert and
+every routed expert a transpose, `in_proj_qkvz` the same per-key-head join of in_proj_qkv's and in_proj_z's scale
+rows (q, k, v, z blocks of each key head: 0.2.5's `concat_qkvz_scales_and_transpose`). bf16: embedding, head, norms,
+router, shared-expert gate, conv1d, in_proj_ba, A_log, dt_bias (the releases keep those unquantized too).
+
 Scanned, MaxText 0.2.5 scans whole cycles (Qwen3_5ScannableBlock): `decoder/layers/layer_<p>/...` holds cycle
 position p of every cycle (HF layer `interval*b + p` at scan index b; the last position is full attention).
 Unscanned: `decoder/layers_<i>`. Routed experts, stacked on axis 0 (transposed), from either layout of the files:
@@ -35,7 +44,7 @@ from collections.abc import Callable, Collection
 
 from ckpt_cli.errors import SourceError, UnsupportedError
 from ckpt_cli.families import qwen3, qwen3_next
-from ckpt_cli.families.base import Block, Dims, Family, Join, Part, Rule, row
+from ckpt_cli.families.base import Block, Dims, Family, Fp8Tree, Join, Part, Rule, row
 
 P = qwen3_next.P
 LA = qwen3_next.LA
@@ -144,11 +153,17 @@ def check_config(cfg: dict, features: frozenset[str] = frozenset()) -> list[str]
     return qwen3_next.check_config({**cfg, "norm_topk_prob": True}, features)
 
 
+# configs/models/qwen3.5-*-fp8.yml, unquantized_modules: every other kernel and routed expert is float8_e4m3fn
+FP8_TREE = Fp8Tree(frozenset({"token_embedder", "logits_dense", "gate", "shared_expert_gate", "conv1d", "in_proj_ba",
+                              "A_log", "dt_bias", "norm"}))
+
+
 FAMILY = Family(
     name="qwen3_5", model_types=MODEL_TYPES, dims=dims, top_rules=top_rules, blocks=blocks,
     check_config=check_config,
     reference_keys=qwen3_next.FAMILY.reference_keys, model_config=model_config, source_names=source_names,
     source_layouts=source_layouts, layouts=frozenset({FUSED}),
     extra={"tied": lambda cfg: qwen3.tied(model_config(cfg)), "layer_rules": LOCAL_LAYER + qwen3_next.FULL,
-           "top_table": (*qwen3.TOP, qwen3.HEAD)},
+           "top_table": (*qwen3.TOP, qwen3.HEAD),
+           "fp8_tree": FP8_TREE},
 )

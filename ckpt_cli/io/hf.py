@@ -211,7 +211,7 @@ class SafetensorsReader:
             return x
         x = self.files.read(source.name, source.rows)
         scale_name = self.scale_name(source.name)
-        if scale_name is None:
+        if scale_name is None or source.raw:      # raw: an fp8 weight kept fp8 (its scale is a source of its own)
             return x
         return dequantize_blocks(x, self.files.read(scale_name), (source.rows or (0, 0))[0], self.block,
                                  self.dequant_dtype)

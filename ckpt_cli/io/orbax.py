@@ -107,7 +107,10 @@ def array_spec(items_dir: Path, name: str, shape: tuple[int, ...], dtype: np.dty
 
 
 def _zarr2_dtype(dtype: np.dtype) -> str:
-    return "bfloat16" if dtype_name(dtype) == "bfloat16" else np.dtype(dtype).str
+    """zarr v2's dtype: numpy's type string, or tensorstore's name for the ml_dtypes types numpy has none for
+    (their `.str` is a void type)."""
+    name = dtype_name(dtype)
+    return name if name in ("bfloat16", "float8_e4m3fn", "float8_e5m2") else np.dtype(dtype).str
 
 
 def _leaf_metadata(keys: tuple[str, ...], value_type: str, skip: bool = False) -> dict:

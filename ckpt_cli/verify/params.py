@@ -3,7 +3,8 @@
 Scanned checkpoints stack every per-layer leaf under `decoder/layers/<leaf>` with the layer on axis 1
 (maxtext-layout.md §1.3): layer i is the slice `[:, i]` of each of them; a non-parameter variable (DeepSeek-V3's
 router bias) has its layers on axis 0. Unscanned checkpoints keep
-`decoder/layers_<i>/<leaf>`. Top-level arrays (embedding, final norm, LM head) are read whole.
+`decoder/layers_<i>/<leaf>`. Top-level arrays (embedding, final norm, LM head) are read whole. An fp8 leaf kept
+with its block scale (`--dtype fp8`, MaxText's -fp8 trees) is dequantized as MaxText does, when its layer is read.
 Before any data is read, the checkpoint's tree is checked against the conversion plan for the config
 (every leaf present with its planned shape), so a wrong checkpoint fails with one line naming the leaf.
 """
@@ -22,6 +23,7 @@ from ckpt_cli.families import Family
 from ckpt_cli.io.orbax import OrbaxCheckpoint
 from ckpt_cli.plan import SourceSlice, build_to_maxtext
 
+SCALE = "_scale"     # an fp8 leaf's block scale beside it (MaxText's -fp8 trees: `kernel_scale`, `wi_0_scale`)
 _VOCAB_LEAVES = {"token_embedder/embedding": 0, "decoder/logits_dense/kernel": 1}  # axis that may be padded
 
 
@@ -85,9 +87,11 @@ class OrbaxParams:
             for s, hf_layer in enumerate(block.hf_layers):
                 leaves = self.layer_sources.setdefault(hf_layer, {})
                 for rule in block.rules:
-                    path = f"{block.prefix}/{rule.maxtext}"
-                    leaves[rule.maxtext] = SourceSlice(path, index=block.stack_index(s), axes=block.axes_for(rule)) if (
-                        block.stacked) else SourceSlice(path)
+                    for leaf in (rule.maxtext, rule.maxtext + SCALE):   # an fp8 leaf's block scale too
+                        path = f"{block.prefix}/{leaf}"
+                        if leaf == rule.maxtext or path in ckpt.paths:
+                            leaves[leaf] = SourceSlice(path, index=block.stack_index(s), axes=block.axes_for(
+                                rule)) if block.stacked else SourceSlice(path)
         self.num_layers = len(self.layer_sources)
 
     def _read(self, source: SourceSlice) -> np.ndarray:
@@ -99,6 +103,8 @@ class OrbaxParams:
         return arr
 
     def top(self, path: str) -> np.ndarray:
+        if path + SCALE in self.ckpt.paths:
+            return dequantize(self._read(SourceSlice(path)), self._read(SourceSlice(path + SCALE)))
         return self._read(SourceSlice(path))
 
     def has_top(self, path: str) -> bool:
@@ -116,7 +122,22 @@ class OrbaxParams:
             raise IndexError(f"layer {i} out of range (the checkpoint has {self.num_layers})")
         sources = self.layer_sources[i]
         with ThreadPoolExecutor(self.workers) as pool:
-            return dict(zip(sources, pool.map(self._read, sources.values()), strict=True))
+            leaves = dict(zip(sources, pool.map(self._read, sources.values()), strict=True))
+        for leaf in [k for k in leaves if k + SCALE in leaves]:    # fp8 kept: dequantized here, one layer at a time
+            leaves[leaf] = dequantize(leaves[leaf], leaves.pop(leaf + SCALE))
+        return leaves
+
+
+def dequantize(w: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """An fp8 leaf as MaxText 0.2.5 computes with it (layers/quantizations.py `dequantize_weight`): each axis of the
+    block scale spans `w.shape[a] // scale.shape[a]` elements of the weight, and the value is `w * scale`; float32."""
+    if scale.ndim != w.ndim or any(s < 1 or d % s for d, s in zip(w.shape, scale.shape, strict=True)):
+        raise ShapeMismatchError(f"block scale of shape {scale.shape} does not divide an fp8 weight of {w.shape}")
+    blocks = tuple(d // s for d, s in zip(w.shape, scale.shape, strict=True))
+    grid = tuple(x for s, b in zip(scale.shape, blocks, strict=True) for x in (s, b))
+    expanded = w.astype(np.float32).reshape(grid) * scale.astype(np.float32).reshape(
+        tuple(x for s in scale.shape for x in (s, 1)))
+    return expanded.reshape(w.shape)
 
 
 def _nbytes(shape: tuple[int, ...], dtype: np.dtype) -> int:
