@@ -101,7 +101,7 @@ def test_usage_error_of_the_installed_script_is_one_line(tmp_path):
     r = subprocess.run(["ckpt", "convert", "hf-to-maxtext", str(tmp_path), "--out", str(tmp_path / "o"), "--dtype",
                         "f16"], capture_output=True, text=True, env=os.environ | {"COLUMNS": "80"}, timeout=120)
     assert r.returncode == 2 and r.stdout == ""
-    assert r.stderr == "error: Invalid value for '--dtype': 'f16' is not one of 'bf16', 'f32'.\n", r.stderr
+    assert r.stderr == "error: Invalid value for '--dtype': 'f16' is not one of 'bf16', 'f32', 'fp8'.\n", r.stderr
 
 
 # ------------------------------------------------------------------------------------------------------- tables
@@ -289,7 +289,7 @@ COMPLETIONS = [     # (what was typed, what TAB must offer: exactly, or at least
     ("ckpt verify-logits --hf qwen3-0", ["qwen3-0.6b"]),
     ("ckpt models --family qwen3", sorted(f for f in FAMILIES if f.startswith("qwen3"))),
     ("ckpt convert hf-to-maxtext x --dtype ", ["bf16", "f32", "fp8"]),
-    ("ckpt convert maxtext-to-hf x --dtype ", ["bf16", "f32"]),
+    ("ckpt convert maxtext-to-hf x --dtype ", ["bf16", "f32", "fp8"]),
     ("ckpt plan hf-to-maxtext --dtype b", ["bf16"]),
     ("ckpt inspect --dtype ", ["bf16", "f32"]),
     ("ckpt verify-logits --dtype ", ["bf16", "f32"]),
