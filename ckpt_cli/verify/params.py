@@ -4,12 +4,17 @@ Scanned checkpoints stack every per-layer leaf under `decoder/layers/<leaf>` wit
 (maxtext-layout.md §1.3): layer i is the slice `[:, i]` of each of them; a non-parameter variable (DeepSeek-V3's
 router bias) has its layers on axis 0. Unscanned checkpoints keep
 `decoder/layers_<i>/<leaf>`. Top-level arrays (embedding, final norm, LM head) are read whole.
+A MoE block's stacked routed experts (`wi_0`, `wi_1`, `wo`, their biases: experts on axis 0) are not read with
+the layer: `layer(i)` gives an `ExpertLeaf` for each, which reads just the experts asked for (tensorstore slices
+on the expert axis, whole chunks, as ckpt writes one chunk per expert and layer), so a layer's experts are never
+in memory at once.
 Before any data is read, the checkpoint's tree is checked against the conversion plan for the config
 (every leaf present with its planned shape), so a wrong checkpoint fails with one line naming the leaf.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import threading
 from collections.abc import Callable
@@ -21,6 +26,7 @@ from ckpt_cli.errors import ShapeMismatchError, SourceError
 from ckpt_cli.families import Family
 from ckpt_cli.io.orbax import OrbaxCheckpoint
 from ckpt_cli.plan import SourceSlice, build_to_maxtext
+from ckpt_cli.verify.blocks import is_expert_leaf
 
 _VOCAB_LEAVES = {"token_embedder/embedding": 0, "decoder/logits_dense/kernel": 1}  # axis that may be padded
 
@@ -69,8 +75,12 @@ class OrbaxParams:
     """
 
     def __init__(self, ckpt: OrbaxCheckpoint, family: Family, hf_config: dict, scan: bool,
-                 progress: Callable[[int, int], None] | None = None, workers: int = 4):
+                 progress: Callable[[int, int], None] | None = None, workers: int = 4,
+                 expert_group: int | None = None):
+        """`expert_group`: the experts an `ExpertLeaf` of a MoE layer reads at a time (None: experts are read
+        with their layer, whole)."""
         self.ckpt = ckpt
+        self.expert_group = expert_group
         self.scan_layers = scan
         self.progress = progress
         self.workers = workers
@@ -104,13 +114,70 @@ class OrbaxParams:
     def has_top(self, path: str) -> bool:
         return path in self.ckpt.paths
 
+    def _leaf_shape(self, source: SourceSlice) -> tuple[tuple[int, ...], np.dtype]:
+        """Shape and dtype of one layer's slice of a leaf (the stacked axes dropped)."""
+        full, dtype = self.ckpt.describe(source.name)
+        return tuple(d for a, d in enumerate(full) if a not in source.axes), dtype
+
+    def layer_bytes(self, i: int) -> tuple[int, int, int]:
+        """(bytes of layer i without its routed experts, bytes of one expert (all its leaves), experts): metadata
+        only; experts 0 for a layer without streamed experts."""
+        dense = expert = experts = 0
+        for name, source in self.layer_sources[i].items():
+            shape, dtype = self._leaf_shape(source)
+            if is_expert_leaf(name) and shape:
+                experts = max(experts, shape[0])
+                expert += _nbytes(shape[1:], dtype)
+            else:
+                dense += _nbytes(shape, dtype)
+        return dense, expert, experts
+
     def layer(self, i: int) -> dict[str, np.ndarray]:
-        """Every leaf of decoder layer i, unstacked; the reads run concurrently (tensorstore drops the GIL)."""
+        """Every leaf of decoder layer i, unstacked; the reads run concurrently (tensorstore drops the GIL). With
+        an `expert_group`, the routed experts are `ExpertLeaf`s, read later a few experts at a time."""
         if i not in self.layer_sources:
             raise IndexError(f"layer {i} out of range (the checkpoint has {self.num_layers})")
         sources = self.layer_sources[i]
+        lazy = {n: s for n, s in sources.items() if self.expert_group and is_expert_leaf(n)}
+        eager = {n: s for n, s in sources.items() if n not in lazy}
         with ThreadPoolExecutor(self.workers) as pool:
-            return dict(zip(sources, pool.map(self._read, sources.values()), strict=True))
+            leaves = dict(zip(eager, pool.map(self._read, eager.values()), strict=True))
+        for name, source in lazy.items():
+            shape, dtype = self._leaf_shape(source)
+            leaves[name] = OrbaxExpertLeaf(self, source, shape, dtype, self.expert_group)
+        return {n: leaves[n] for n in sources}
+
+
+class OrbaxExpertLeaf:
+    """One layer's stacked (X, ...) routed-expert leaf, left in the checkpoint: `read_experts(xs)` reads experts
+    `xs` only (each run of consecutive experts one tensorstore slice of the expert axis, concurrently)."""
+
+    def __init__(self, params: OrbaxParams, source: SourceSlice, shape: tuple[int, ...], dtype: np.dtype,
+                 group: int):
+        self.params, self.source, self.shape, self.dtype, self.group = params, source, shape, np.dtype(dtype), group
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    def read_experts(self, xs) -> np.ndarray:
+        xs = [int(x) for x in xs]
+        if any(not 0 <= x < self.shape[0] for x in xs):
+            raise IndexError(f"{self.source.name}: experts {xs} out of range (it has {self.shape[0]})")
+        runs: list[tuple[int, int]] = []
+        for x in xs:
+            if runs and runs[-1][1] == x:
+                runs[-1] = (runs[-1][0], x + 1)
+            else:
+                runs.append((x, x + 1))
+        axis = next(a for a in range(len(self.shape) + len(self.source.axes)) if a not in self.source.axes)
+        slices = [dataclasses.replace(self.source, rows=run, rows_axis=axis) for run in runs]
+        with ThreadPoolExecutor(min(self.params.workers, len(slices))) as pool:
+            parts = list(pool.map(self.params._read, slices))
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+    def __getitem__(self, x: int) -> np.ndarray:
+        return self.read_experts([x])[0]
 
 
 def _nbytes(shape: tuple[int, ...], dtype: np.dtype) -> int:

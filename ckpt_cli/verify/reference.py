@@ -14,8 +14,19 @@ real positions). Two ways to hold the weights, chosen by `load`:
   `mlp`), each layer's file tensors go through transformers' own load-time conversion
   (`transformers.conversion_mapping`), the one `from_pretrained` applies. Non-persistent buffers
   computed from the config (RoPE frequencies, Gemma3's embedding scale) are rebuilt.
+  A MoE layer's routed experts are not loaded with their layer: the layer's experts module (transformers'
+  `*Experts` class) runs its own forward a group of hit experts at a time (`expert_group`; the group's file
+  tensors read and converted as above, then dropped), each group on the (token, slot) pairs routed into it, the
+  outputs added expert by expert in the order its eager loop adds them. So a layer larger than memory runs, with
+  transformers' own expert math: one group gives the whole layer's bits; several give the same figures up to
+  float32 rounding (the per-expert products are the same; only where they are summed is split). Llama 4's experts
+  (a dense batched matmul over every expert) run a group of experts' rows at a time, the experts no token reaches
+  (all-zero input, so zero output) skipped.
+  fp8 weights (DeepSeek-V3 / Kimi K2: e4m3 with a float32 `weight_scale_inv` per 128x128 block) are read through
+  ckpt's own reader and dequantized on the fly (in float32, then the compute dtype), as MXFP4 and int4 weights are.
 * `auto` (default): `full` when the estimate fits in the available memory, else `stream`; when
-  even streaming does not fit, a one-line error instead of running out of memory.
+  even streaming does not fit, a one-line error instead of running out of memory. A quantized (fp8) source is
+  always streamed: its weights are dequantized by ckpt's reader, which `from_pretrained` does not use.
 """
 
 from __future__ import annotations
@@ -32,6 +43,7 @@ import numpy as np
 
 from ckpt_cli.errors import CkptError, SourceError
 from ckpt_cli.io.safetensors import SafetensorsFolder
+from ckpt_cli.plan import SourceSlice
 from ckpt_cli.units import human_bytes
 from ckpt_cli.verify.prompts import Prompt
 
@@ -40,6 +52,8 @@ LAYERS_PREFIX = "model.layers."
 OVERHEAD_BYTES = 512 * 1024 * 1024   # interpreter, torch, transformers, allocator slack
 FIT_FRACTION = 0.85                  # use at most this share of the available memory
 PER_EXPERT = re.compile(r"\.experts\.\d+\.")   # released per-expert tensors (transformers 5 fuses them)
+EXPERT_NUMBER = re.compile(r"\.experts\.(\d+)\.")
+ROUTED_EXPERTS = re.compile(r"\.experts\.")    # a routed expert's tensor, fused (X, ...) or per expert
 
 
 class NotEnoughMemory(CkptError):
@@ -48,11 +62,24 @@ class NotEnoughMemory(CkptError):
 
 @dataclass(frozen=True)
 class MemoryEstimate:
-    """Bytes the HF forward needs, loaded whole or layer-streamed, and the bytes available."""
+    """Bytes the HF forward needs, loaded whole or layer-streamed, and the bytes available.
+
+    Streamed, a MoE layer's routed experts are loaded a group at a time: `stream_fixed` plus, per expert of the
+    group, twice `expert_bytes` (the tensors read and the stacked copies); `stream` is the need with one expert a
+    time (`stream_with(group)` with more). `quantized`: the folder holds fp8 weights (streamed only)."""
 
     full: int
     stream: int | None          # None when the folder cannot be streamed (no safetensors)
     available: int
+    stream_fixed: int = 0
+    expert_bytes: int = 0       # one routed expert of one layer in the compute dtype
+    experts: int = 0            # routed experts of a MoE layer
+    quantized: bool = False
+
+    def stream_with(self, group: int | None) -> int | None:
+        if self.stream is None or not self.experts:
+            return self.stream
+        return self.stream_fixed + 2 * self.expert_bytes * max(1, min(group or self.experts, self.experts))
 
 
 def available_memory() -> int:
@@ -96,26 +123,44 @@ def estimate_memory(folder: Path, cfg: dict, prompts: Sequence[Prompt], dtype: s
         stored = 2 if str(cfg.get("dtype") or cfg.get("torch_dtype")) in ("bfloat16", "float16") else 4
         return MemoryEstimate(size * itemsize // stored + activations + OVERHEAD_BYTES, None, available_memory())
     layer_bytes: dict[int, int] = {}
+    expert_bytes: dict[int, int] = {}
+    expert_ids: dict[int, set[int]] = {}
+    fused_experts = 0
     other = largest_read = 0
-    per_expert = False
+    quantized = False
     for name, info in files.tensors.items():
+        if info.dtype.itemsize == 1 and info.dtype.name.startswith("float8"):
+            quantized = True
+        if name.endswith("_scale_inv"):
+            continue   # an fp8 weight's block scales: read with it, not held
         n = int(np.prod(info.shape, dtype=np.int64)) * itemsize
-        largest_read = max(largest_read, info.nbytes)
+        largest_read = max(largest_read, n if info.dtype.itemsize == 1 else info.nbytes)
         if name.startswith(LAYERS_PREFIX):
             i = int(name[len(LAYERS_PREFIX):].split(".", 1)[0])
-            layer_bytes[i] = layer_bytes.get(i, 0) + n
-            per_expert = per_expert or PER_EXPERT.search(name) is not None
+            if ROUTED_EXPERTS.search(name):
+                number = EXPERT_NUMBER.search(name)
+                if number:
+                    expert_ids.setdefault(i, set()).add(int(number.group(1)))
+                    expert_bytes[i] = expert_bytes.get(i, 0) + n
+                else:   # fused (X, ...) in the file
+                    fused_experts = max(fused_experts, info.shape[0])
+                    expert_bytes[i] = expert_bytes.get(i, 0) + n
+            else:
+                layer_bytes[i] = layer_bytes.get(i, 0) + n
         else:
             other += n
+    experts = max([len(v) for v in expert_ids.values()] + [fused_experts], default=0)
+    per_expert = max(expert_bytes.values(), default=0) // experts if experts else 0
     # from_pretrained maps the safetensors files while it copies out of them: their pages count in RSS then
     stored = sum(info.nbytes for info in files.tensors.values())
-    full = other + sum(layer_bytes.values()) + stored + activations + OVERHEAD_BYTES
-    # streaming: one layer live (the previous one is dropped first) plus one tensor being read and cast; where
-    # transformers stacks per-expert file tensors into fused ones, the read tensors and the stacked copies of a
-    # layer coexist while it is built (at most about twice the layer)
+    whole = other + sum(layer_bytes.values()) + sum(expert_bytes.values())
+    full = whole + stored + activations + OVERHEAD_BYTES
+    # streaming: one layer without its experts live (the previous one is dropped first) plus one tensor being read
+    # and cast, and a group of experts: the tensors read and transformers' stacked copies coexist while it is built
     layer = max(layer_bytes.values(), default=0)
-    stream = other + layer * (2 if per_expert else 1) + largest_read + activations + OVERHEAD_BYTES
-    return MemoryEstimate(full, stream, available_memory())
+    fixed = other + layer + largest_read + activations + OVERHEAD_BYTES
+    stream = fixed + 2 * per_expert
+    return MemoryEstimate(full, stream, available_memory(), fixed, per_expert, experts, quantized)
 
 
 def choose_load(load: str, est: MemoryEstimate, dtype: str) -> str:
@@ -123,7 +168,7 @@ def choose_load(load: str, est: MemoryEstimate, dtype: str) -> str:
     if load not in LOAD_MODES:
         raise CkptError(f"unknown --hf-load {load!r}: choose {', '.join(LOAD_MODES)}")
     budget = int(est.available * FIT_FRACTION)
-    fits_full = est.full <= budget
+    fits_full = est.full <= budget and not est.quantized
     fits_stream = est.stream is not None and est.stream <= budget
     if load == "full" and fits_full or load == "auto" and fits_full:
         return "full"
@@ -132,6 +177,9 @@ def choose_load(load: str, est: MemoryEstimate, dtype: str) -> str:
     precision = "float32" if dtype == "f32" else "bfloat16"
     if load == "stream" and est.stream is None:
         raise CkptError("--hf-load stream needs safetensors weights in the HF folder")
+    if load == "full" and est.quantized:
+        raise CkptError("--hf-load full cannot run fp8 weights on this machine: use --hf-load stream (ckpt "
+                        "dequantizes them as it reads each layer)")
     need = est.full if load == "full" or est.stream is None else est.stream
     how = "loaded whole" if need == est.full else "streamed layer by layer"
     hints = "--golden FILE made with --save-golden on a larger machine"
@@ -144,17 +192,22 @@ def choose_load(load: str, est: MemoryEstimate, dtype: str) -> str:
 
 
 def hf_logits(folder: Path, cfg: dict, prompts: Sequence[Prompt], dtype: str, load: str = "auto",
-              note: Callable[[str], None] | None = None) -> tuple[list[np.ndarray], dict]:
-    """(T_n, V) float32 logits of transformers' forward for each prompt, and how the model was held."""
+              note: Callable[[str], None] | None = None, expert_group: int | None = None,
+              est: MemoryEstimate | None = None) -> tuple[list[np.ndarray], dict]:
+    """(T_n, V) float32 logits of transformers' forward for each prompt, and how the model was held.
+
+    `expert_group`: streamed, the routed experts a MoE layer loads at a time (None: all its hit experts)."""
     import torch
 
-    est = estimate_memory(folder, cfg, prompts, dtype)
+    est = est or estimate_memory(folder, cfg, prompts, dtype)
     mode = choose_load(load, est, dtype)
+    need = est.full if mode == "full" else est.stream_with(expert_group) or 0
     if note:
+        experts = f", experts {expert_group} at a time" if mode == "stream" and est.experts and expert_group else ""
         note(f"running the Hugging Face model with transformers ({'float32' if dtype == 'f32' else 'bfloat16'}, "
-             f"eager attention, {'whole model' if mode == 'full' else 'layer-streamed'}, "
-             f"~{human_bytes(est.full if mode == 'full' else est.stream or 0)} needed)")
-    model = _load_full(folder, dtype) if mode == "full" else StreamedModel(folder, dtype)
+             f"eager attention, {'whole model' if mode == 'full' else 'layer-streamed'}{experts}, "
+             f"~{human_bytes(need)} needed)")
+    model = _load_full(folder, dtype) if mode == "full" else StreamedModel(folder, dtype, expert_group)
     length = max(len(p.ids) for p in prompts)
     batch = torch.zeros((len(prompts), length), dtype=torch.long)
     for n, p in enumerate(prompts):
@@ -163,8 +216,9 @@ def hf_logits(folder: Path, cfg: dict, prompts: Sequence[Prompt], dtype: str, lo
         out = model(input_ids=batch, use_cache=False).logits
         logits = [out[n, : len(p.ids)].float().numpy().copy() for n, p in enumerate(prompts)]
     del model, out
-    info = {"load": mode, "estimated_bytes": est.full if mode == "full" else est.stream,
-            "available_bytes": est.available}
+    info = {"load": mode, "estimated_bytes": need, "available_bytes": est.available}
+    if mode == "stream" and est.experts:
+        info["expert_group"] = expert_group or est.experts
     return logits, info
 
 
@@ -261,11 +315,16 @@ class WeightMap:
     def keys_under(self, prefix: str) -> list[str]:
         return [k for k in self.groups if k.startswith(prefix)]
 
-    def build(self, keys, read: Callable[[str], object]) -> dict:
-        """The model's tensors for the group `keys`, made from the file tensors `read(name)` gives."""
+    def build(self, keys, read: Callable[[str], object], experts: Sequence[int] | None = None) -> dict:
+        """The model's tensors for the group `keys`, made from the file tensors `read(name)` gives; `experts`: of
+        per-expert file tensors (`.experts.<e>.`), only those experts' (the result stacks just them, in order)."""
         out = {}
         for key in keys:
             converter, sources = self.groups[key]
+            if experts is not None:
+                chosen = set(experts)
+                sources = [(n, p) for n, p in sources
+                           if (m := EXPERT_NUMBER.search(n)) is None or int(m.group(1)) in chosen]
             if converter is None:
                 out[key] = read(sources[0][0])
                 continue
@@ -290,12 +349,16 @@ def _conversion_api():
 class StreamedModel:
     """A transformers causal LM whose decoder layers are loaded from safetensors only while they run."""
 
-    def __init__(self, folder: Path, dtype: str):
+    def __init__(self, folder: Path, dtype: str, expert_group: int | None = None):
         import torch
         from transformers import AutoModelForCausalLM
 
+        from ckpt_cli.io.hf import SafetensorsReader
+
         self.files = SafetensorsFolder(folder)
+        self.reader = SafetensorsReader(self.files)   # fp8 block-scaled weights dequantized on the fly (float32)
         self.dtype = _torch_dtype(dtype)
+        self.expert_group = expert_group
         config = hf_config(folder)
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(config, dtype=self.dtype, attn_implementation="eager")
@@ -304,8 +367,20 @@ class StreamedModel:
             raise CkptError(f"{type(model).__name__} has no {LAYERS_PREFIX.rstrip('.')}: cannot stream it; "
                             f"use --hf-load full")
         cls = type(model).__name__
-        self.map = WeightMap(model, list(self.files.tensors))
+        companions = {c for name in self.files.tensors for c in self.reader.consumed_with(name)}
+        self.map = WeightMap(model, [n for n in self.files.tensors if n not in companions])
         self.layer_groups = [self.map.keys_under(f"{LAYERS_PREFIX}{i}.") for i in range(len(layers))]
+        # each layer's routed experts module (transformers' *Experts class): its tensors load a group at a time
+        self.expert_keys: list[list[str]] = []
+        for i, layer in enumerate(layers):
+            keys: list[str] = []
+            for name, module in layer.named_modules():
+                if name and type(module).__name__.endswith("Experts") and not name.endswith("shared_experts"):
+                    prefix = f"{LAYERS_PREFIX}{i}.{name}."
+                    keys += [k for k in self.layer_groups[i] if k.startswith(prefix)]
+                    module.forward = self._experts_forward(module, prefix, i)
+            self.expert_keys.append(keys)
+            self.layer_groups[i] = [k for k in self.layer_groups[i] if k not in keys]
         for i, layer in enumerate(layers):
             unbuilt = [k for k in layer.state_dict() if f"{LAYERS_PREFIX}{i}.{k}" not in self.map.produced]
             if unbuilt:   # e.g. experts stored in a layout transformers' load-time conversion does not know
@@ -333,7 +408,95 @@ class StreamedModel:
         self.model = model.eval()
 
     def _read(self, name: str):
-        return _to_torch(self.files.read(name), self.dtype)
+        return _to_torch(self.reader.read(SourceSlice(name)), self.dtype)
+
+    def _read_experts(self, name: str, experts: Sequence[int]):
+        """Experts `experts` of a fused (X, ...) file tensor, stacked (one expert read at a time)."""
+        import torch
+
+        return torch.cat([_to_torch(self.reader.read(SourceSlice(name, rows=(x, x + 1))), self.dtype)
+                          for x in experts])
+
+    def _expert_tensors(self, i: int, prefix: str, experts: list[int]) -> dict:
+        """The experts module's tensors for `experts` only (each (len(experts), ...)), by parameter name."""
+        keys = [k for k in self.expert_keys[i] if k.startswith(prefix)]
+
+        def read(name: str):
+            return self._read(name) if EXPERT_NUMBER.search(name) else self._read_experts(name, experts)
+
+        return {k.removeprefix(prefix): v for k, v in self.map.build(keys, read, experts).items()}
+
+    def _experts_forward(self, module, prefix: str, i: int):
+        """The experts module's forward, its tensors loaded a group of hit experts at a time (see the module doc).
+
+        Called as transformers calls it: `(hidden (BT,E), top_k_index (BT,k), top_k_weights (BT,k))`, or Llama 4's
+        `(routed_in (X·BT, E))`. Each group runs the class's own forward (its experts implementation) on a module
+        holding just that group: the routed case on the (token, slot) pairs sent into the group, one slot a row,
+        in the order the eager loop gathers them (slot-major per expert), the rows then added into the output one
+        expert at a time, as that loop adds them.
+        """
+        import torch
+
+        forward = type(module).forward
+        meta = dict(module.named_parameters(recurse=False))
+        size = self.expert_group
+
+        def install(experts: list[int]) -> None:
+            for name, value in self._expert_tensors(i, prefix, experts).items():
+                module._parameters[name] = torch.nn.Parameter(value, requires_grad=False)
+            module.num_experts = len(experts)
+
+        def restore() -> None:
+            module._parameters.update(meta)
+            module.num_experts = total
+
+        def groups(hit: list[int]) -> list[list[int]]:
+            step = max(1, size or len(hit) or 1)
+            return [hit[a:a + step] for a in range(0, len(hit), step)]
+
+        total = module.num_experts
+
+        def routed(hidden, top_k_index, top_k_weights):
+            final = torch.zeros_like(hidden)
+            for experts in groups(torch.unique(top_k_index).tolist()):
+                picks = []
+                for x in experts:
+                    slot, token = torch.where((top_k_index == x).T)
+                    picks.append((token, slot))
+                tokens = torch.cat([t for t, _ in picks])
+                local = torch.cat([torch.full_like(t, j) for j, (t, _) in enumerate(picks)])[:, None]
+                weights = torch.cat([top_k_weights[t, s] for t, s in picks])[:, None]
+                install(experts)
+                try:
+                    rows = forward(module, hidden[tokens], local, weights)
+                finally:
+                    restore()
+                start = 0
+                for token, _ in picks:
+                    final.index_add_(0, token, rows[start:start + len(token)])
+                    start += len(token)
+                del rows
+            return final
+
+        def dense(routed_in):
+            per = routed_in.view(total, -1, routed_in.shape[-1])
+            out = torch.zeros_like(per)
+            hit = [x for x in range(total) if bool(per[x].any())]
+            for experts in groups(hit):
+                install(experts)
+                try:
+                    rows = forward(module, per[experts].reshape(-1, per.shape[-1]))
+                finally:
+                    restore()
+                out[experts] = rows.view(len(experts), -1, per.shape[-1])
+                del rows
+            return out.view(-1, per.shape[-1])
+
+        def stream(*args, **kwargs):
+            args = (*args, *kwargs.values())
+            return dense(*args) if len(args) == 1 else routed(*args)
+
+        return stream
 
     @staticmethod
     def _rebuild_buffers(model, config) -> None:
@@ -358,7 +521,13 @@ class StreamedModel:
 
         def hook(module, args):
             weights = self.map.build(self.layer_groups[i], self._read)
-            module.load_state_dict({k.removeprefix(prefix): v for k, v in weights.items()}, strict=True, assign=True)
+            missing, _ = module.load_state_dict({k.removeprefix(prefix): v for k, v in weights.items()},
+                                                strict=False, assign=True)
+            streamed = {k.removeprefix(prefix) for k in self.expert_keys[i]}
+            left = [k for k in missing if k not in streamed and not any(k.startswith(s.rsplit(".", 1)[0] + ".")
+                                                                         for s in streamed)]
+            if left:
+                raise CkptError(f"cannot stream: {prefix}{left[0]} was not loaded; use --hf-load full")
 
         return hook
 

@@ -49,6 +49,7 @@ class VerifyOptions:
     save_golden: Path | None = None
     hf_load: str = "auto"
     revision: str | None = None
+    expert_group: int | None = None   # routed experts a MoE layer reads at a time (None: from the memory budget)
 
 
 @dataclass
@@ -73,6 +74,7 @@ class VerifyResult:
     maxtext_bytes_read: int
     token_text: TokenText | None = field(default=None, repr=False)
     notes: list[str] = field(default_factory=list)
+    memory_plan: dict | None = None
 
     @property
     def kl_max(self) -> float:
@@ -146,6 +148,7 @@ class VerifyResult:
             },
             "prompts": prompts, "timings_s": {k: round(v, 3) for k, v in self.timings.items()},
             "maxtext_bytes_read": self.maxtext_bytes_read, "peak_rss": self.peak_rss, "notes": self.notes,
+            "memory_plan": self.memory_plan,
         }
 
 
@@ -303,6 +306,22 @@ def verify_logits(opts: VerifyOptions, note: Callable[[str], None] | None = None
     token_text = TokenText.find(hf_folder)
     timings["setup"] = time.perf_counter() - t0
 
+    if opts.expert_group is not None and opts.expert_group < 1:
+        raise CkptError("--expert-group must be at least 1")
+    params = OrbaxParams(ckpt, family, cfg, scan, progress=progress)   # metadata only so far
+    hf_est = hf_mode = None
+    if golden is None:
+        from ckpt_cli.verify.reference import choose_load, estimate_memory
+
+        hf_est = estimate_memory(hf_folder, cfg, prompts, opts.dtype)
+        hf_mode = choose_load(opts.hf_load, hf_est, opts.dtype)
+    from ckpt_cli.verify.budget import plan_memory
+
+    plan = plan_memory(params, prompts, opts.dtype, hf_est, hf_mode, opts.expert_group)
+    for line in plan.lines():
+        say(line)
+    params.expert_group = plan.group or None
+
     t = time.perf_counter()
     if golden is not None:
         ref_logits = golden.logits
@@ -311,7 +330,7 @@ def verify_logits(opts: VerifyOptions, note: Callable[[str], None] | None = None
     else:
         from ckpt_cli.verify.reference import hf_logits
 
-        ref_logits, info = hf_logits(hf_folder, cfg, prompts, opts.dtype, opts.hf_load, say)
+        ref_logits, info = hf_logits(hf_folder, cfg, prompts, opts.dtype, hf_mode, say, plan.group or None, hf_est)
         reference = {"kind": "hf", "path": str(hf_folder), "hf_dtype": opts.dtype, **info}
         if opts.save_golden:
             meta = {"hf": opts.hf, "dtype": opts.dtype, "family": family.name, "hf_config": cfg,
@@ -323,8 +342,8 @@ def verify_logits(opts: VerifyOptions, note: Callable[[str], None] | None = None
 
     t = time.perf_counter()
     say(f"running the MaxText forward in JAX ({COMPUTE_DTYPES[opts.dtype]}, {family.name}, "
-        f"{'scanned' if scan else 'unscanned'}, one layer at a time)")
-    params = OrbaxParams(ckpt, family, cfg, scan, progress=progress)
+        f"{'scanned' if scan else 'unscanned'}, one layer at a time"
+        f"{f', experts {plan.group} at a time' if plan.group else ''})")
     mt_logits, notes = maxtext_forward(params, fcfg, prompts, opts.dtype)
     notes = [*layout_notes, *family.check_config(cfg), *notes]   # layout notes; what MaxText computes differently
     timings["maxtext"] = time.perf_counter() - t
@@ -337,7 +356,7 @@ def verify_logits(opts: VerifyOptions, note: Callable[[str], None] | None = None
                for p, r, m in zip(prompts, ref_logits, mt_logits, strict=True)]
     timings["total"] = time.perf_counter() - t0
     return VerifyResult(opts, family.name, scan, config_source, reference, results, vocab, timings,
-                        peak_rss_bytes(), params.bytes_read, token_text, notes)
+                        peak_rss_bytes(), params.bytes_read, token_text, notes, plan.record())
 
 
 def _hf_folder(hf: str, revision: str | None) -> Path:

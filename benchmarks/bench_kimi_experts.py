@@ -1,0 +1,165 @@
+"""Kimi K2 (kimi-k2-1t) at full width, cut to a few layers, from a synthetic fp8 source like the release.
+
+hidden 7168, 384 routed experts of width 2048 (+1 shared), vocabulary 163840, 64 MLA heads; the first layer
+dense, the others MoE. Every attention and MLP projection is float8_e4m3fn with a float32 `weight_scale_inv`
+per 128x128 block (as moonshotai/Kimi-K2-Instruct stores them), the rest bf16. The source is written streaming,
+one tensor at a time (never whole in RAM).
+
+Measures, in one run:
+
+1. `cp -r` of the source, then `sync` (durable, as the conversion is): the baseline;
+2. `ckpt convert hf-to-maxtext SOURCE --out OUT` (bf16, scanned), wall time and peak RSS;
+3. `ckpt verify-logits --maxtext OUT --hf SOURCE --dtype bf16` (MoE layers stream their experts), wall time,
+   peak RSS and the memory plan it prints up front.
+
+Everything generated is deleted at the end (also on failure). Usage:
+
+    python benchmarks/bench_kimi_experts.py --dir /tmp/kimi-bench --layers 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import ml_dtypes
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.synth import du, gb, hf_tensors, random_bf16, run_measured  # noqa: E402
+from ckpt_cli import registry  # noqa: E402
+from ckpt_cli.families.deepseek import fp8_released  # noqa: E402
+from ckpt_cli.io.safetensors import PlannedTensor, StreamingSafetensorsWriter  # noqa: E402
+
+E4M3 = np.dtype(ml_dtypes.float8_e4m3fn)
+BLOCK = 128
+
+
+def random_e4m3(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
+    """Random e4m3 values of magnitude 2^-4..2^1 (random sign and mantissa; exponent field 3..8: never NaN)."""
+    out = np.empty(shape, dtype=np.uint8)
+    flat = out.reshape(-1)
+    step = 64 << 20
+    for i in range(0, flat.size, step):
+        n = min(step, flat.size - i)
+        r = rng.integers(0, 1 << 8, n, dtype=np.uint8)
+        exponent = (r >> np.uint8(3)) % np.uint8(6) + np.uint8(3)
+        flat[i:i + n] = (r & np.uint8(0x87)) | (exponent << np.uint8(3))
+    return out.view(E4M3)
+
+
+def write_source(folder: Path, layers: int, shard_bytes: int = 5 * 10**9, seed: int = 0) -> dict:
+    """config.json + safetensors shards of the kimi-k2-1t reference config cut to `layers` decoder layers."""
+    folder.mkdir(parents=True)
+    config = registry.reference_config("kimi-k2-1t") | {"num_hidden_layers": layers}
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    planned: list[PlannedTensor] = []
+    for t in hf_tensors(config):
+        if fp8_released(config, t.name):
+            rows, cols = t.shape
+            planned.append(PlannedTensor(t.name, E4M3, t.shape))
+            planned.append(PlannedTensor(t.name + "_scale_inv", np.dtype(np.float32),
+                                         (math.ceil(rows / BLOCK), math.ceil(cols / BLOCK))))
+        else:
+            planned.append(t)
+    planned.sort(key=lambda t: t.name)
+    shards: list[list[PlannedTensor]] = [[]]
+    size = 0
+    for t in planned:
+        if size + t.nbytes > shard_bytes and shards[-1]:
+            shards.append([])
+            size = 0
+        shards[-1].append(t)
+        size += t.nbytes
+    rng = np.random.default_rng(seed)
+    names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    weight_map = {}
+    for name, shard in zip(names, shards, strict=True):
+        writer = StreamingSafetensorsWriter(folder / name, shard, {"format": "pt"})
+        for t in shard:
+            if t.dtype == E4M3:
+                value = random_e4m3(rng, t.shape)
+            elif t.name.endswith("_scale_inv"):
+                value = rng.uniform(0.005, 0.02, t.shape).astype(np.float32)
+            elif t.name.endswith("e_score_correction_bias"):
+                value = rng.uniform(-0.01, 0.01, t.shape).astype(np.float32).astype(t.dtype)
+            else:
+                value = random_bf16(rng, t.shape)
+            writer.write(t.name, value)
+            weight_map[t.name] = name
+            del value
+        writer.close()
+    total = sum(t.nbytes for t in planned)
+    (folder / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
+    return config
+
+
+def load() -> str:
+    return "load average " + " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--dir", type=Path, default=Path("/tmp/kimi-experts-bench"))
+    ap.add_argument("--layers", type=int, default=2, help="decoder layers kept (the first is dense)")
+    ap.add_argument("--keep", action="store_true", help="keep the generated data")
+    ap.add_argument("--skip-verify", action="store_true")
+    args = ap.parse_args()
+    if args.dir.exists():
+        raise SystemExit(f"{args.dir} exists: give a new --dir")
+    src, copy, out = args.dir / "src", args.dir / "src-copy", args.dir / "mt"
+    ckpt = [sys.executable, "-m", "ckpt_cli"]
+    figures: dict = {"layers": args.layers}
+    try:
+        t = time.perf_counter()
+        write_source(src, args.layers)
+        figures["generate_s"] = round(time.perf_counter() - t, 1)
+        figures["source_bytes"] = du(src)
+        print(f"source: {gb(figures['source_bytes'])} in {figures['generate_s']} s ({load()})", flush=True)
+
+        subprocess.run(["sync"], check=True)
+        t = time.perf_counter()
+        subprocess.run(["cp", "-r", str(src), str(copy)], check=True)
+        subprocess.run(["sync"], check=True)
+        figures["cp_s"] = round(time.perf_counter() - t, 1)
+        print(f"cp -r + sync: {figures['cp_s']} s ({gb(figures['source_bytes'] / figures['cp_s'])}/s) ({load()})",
+              flush=True)
+        shutil.rmtree(copy)
+        subprocess.run(["sync"], check=True)
+
+        r = run_measured([*ckpt, "convert", "hf-to-maxtext", str(src), "--out", str(out), "--dtype", "bf16",
+                          "--json", "-q"])
+        if r.returncode:
+            raise SystemExit(f"convert failed ({r.returncode})")
+        figures |= {"convert_s": round(r.wall_s, 1), "convert_peak_rss": r.peak_rss, "out_bytes": du(out)}
+        print(f"convert: {r.wall_s:.1f} s ({gb(figures['source_bytes'] / r.wall_s)}/s read, "
+              f"{gb(figures['out_bytes'] / r.wall_s)}/s written), peak RSS {gb(r.peak_rss)}, "
+              f"{r.wall_s / figures['cp_s']:.2f}x cp -r ({load()})", flush=True)
+
+        if not args.skip_verify:
+            r = run_measured([*ckpt, "verify-logits", "--maxtext", str(out), "--hf", str(src), "--dtype", "bf16",
+                              "--json"])
+            data = json.loads(r.stdout) if r.stdout.strip() else {}
+            figures |= {"verify_s": round(r.wall_s, 1), "verify_peak_rss": r.peak_rss,
+                        "verify_rc": r.returncode, "verdict": data.get("verdict"),
+                        "memory_plan": data.get("memory_plan"), "reference": data.get("reference"),
+                        "timings_s": data.get("timings_s")}
+            print(f"verify-logits: {r.wall_s:.1f} s, peak RSS {gb(r.peak_rss)}, exit {r.returncode}: "
+                  f"{data.get('verdict')} ({load()})", flush=True)
+    finally:
+        if not args.keep:
+            shutil.rmtree(args.dir, ignore_errors=True)
+    print(json.dumps(figures, indent=1))
+
+
+if __name__ == "__main__":
+    main()
