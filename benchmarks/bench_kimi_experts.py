@@ -43,17 +43,39 @@ E4M3 = np.dtype(ml_dtypes.float8_e4m3fn)
 BLOCK = 128
 
 
-def random_e4m3(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
-    """Random e4m3 values of magnitude 2^-4..2^1 (random sign and mantissa; exponent field 3..8: never NaN)."""
-    out = np.empty(shape, dtype=np.uint8)
-    flat = out.reshape(-1)
-    step = 64 << 20
-    for i in range(0, flat.size, step):
-        n = min(step, flat.size - i)
-        r = rng.integers(0, 1 << 8, n, dtype=np.uint8)
-        exponent = (r >> np.uint8(3)) % np.uint8(6) + np.uint8(3)
-        flat[i:i + n] = (r & np.uint8(0x87)) | (exponent << np.uint8(3))
-    return out.view(E4M3)
+class RandomPool:
+    """Random values made once (64 MB) and handed out as consecutive windows of a cycle through them: tensors of
+    random-looking values at memory-copy speed, each tensor (each expert) a different window. On a machine shared
+    by many (2 cores), drawing 17 GB of fresh random values would take a large part of the benchmark's time."""
+
+    def __init__(self, values: np.ndarray):
+        self.pool = values.reshape(-1)
+        self.pos = 0
+        self.step = 4099   # coprime with the pool size: successive windows start at different offsets
+
+    def take(self, shape: tuple[int, ...]) -> np.ndarray:
+        n = int(np.prod(shape))
+        out = np.empty(n, dtype=self.pool.dtype)
+        done = 0
+        while done < n:
+            k = min(n - done, self.pool.size - self.pos)
+            out[done:done + k] = self.pool[self.pos:self.pos + k]
+            done += k
+            self.pos = (self.pos + k) % self.pool.size
+        self.pos = (self.pos + self.step) % self.pool.size
+        return out.reshape(shape)
+
+
+def e4m3_pool(rng: np.random.Generator, size: int = 64 << 20) -> RandomPool:
+    """e4m3 values of magnitude 2^-4..2^1 (random sign and mantissa; exponent field 3..8: never NaN)."""
+    r = rng.integers(0, 1 << 8, size, dtype=np.uint8)
+    exponent = (r >> np.uint8(3)) % np.uint8(6) + np.uint8(3)
+    return RandomPool(((r & np.uint8(0x87)) | (exponent << np.uint8(3))).view(E4M3))
+
+
+def bf16_pool(rng: np.random.Generator, size: int = 32 << 20) -> RandomPool:
+    """bf16 weights of magnitude ~1e-5..0.06, as `synth.random_bf16` makes them."""
+    return RandomPool(random_bf16(rng, (size,)))
 
 
 def write_source(folder: Path, layers: int, shard_bytes: int = 5 * 10**9, seed: int = 0) -> dict:
@@ -80,19 +102,20 @@ def write_source(folder: Path, layers: int, shard_bytes: int = 5 * 10**9, seed: 
         shards[-1].append(t)
         size += t.nbytes
     rng = np.random.default_rng(seed)
+    fp8_values, bf16_values = e4m3_pool(rng), bf16_pool(rng)
     names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
     weight_map = {}
     for name, shard in zip(names, shards, strict=True):
         writer = StreamingSafetensorsWriter(folder / name, shard, {"format": "pt"})
         for t in shard:
             if t.dtype == E4M3:
-                value = random_e4m3(rng, t.shape)
+                value = fp8_values.take(t.shape)
             elif t.name.endswith("_scale_inv"):
                 value = rng.uniform(0.005, 0.02, t.shape).astype(np.float32)
             elif t.name.endswith("e_score_correction_bias"):
                 value = rng.uniform(-0.01, 0.01, t.shape).astype(np.float32).astype(t.dtype)
             else:
-                value = random_bf16(rng, t.shape)
+                value = bf16_values.take(t.shape)
             writer.write(t.name, value)
             weight_map[t.name] = name
             del value

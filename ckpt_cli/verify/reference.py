@@ -15,13 +15,14 @@ real positions). Two ways to hold the weights, chosen by `load`:
   (`transformers.conversion_mapping`), the one `from_pretrained` applies. Non-persistent buffers
   computed from the config (RoPE frequencies, Gemma3's embedding scale) are rebuilt.
   A MoE layer's routed experts are not loaded with their layer: the layer's experts module (transformers'
-  `*Experts` class) runs its own forward a group of hit experts at a time (`expert_group`; the group's file
-  tensors read and converted as above, then dropped), each group on the (token, slot) pairs routed into it, the
-  outputs added expert by expert in the order its eager loop adds them. So a layer larger than memory runs, with
-  transformers' own expert math: one group gives the whole layer's bits; several give the same figures up to
-  float32 rounding (the per-expert products are the same; only where they are summed is split). Llama 4's experts
-  (a dense batched matmul over every expert) run a group of experts' rows at a time, the experts no token reaches
-  (all-zero input, so zero output) skipped.
+  `*Experts` class) runs its own forward (its configured experts implementation, `grouped_mm` by default) a
+  group of hit experts at a time (`expert_group`; the group's file tensors read and converted as above, then
+  dropped), as one expert-parallel rank of transformers would: the group's experts renumbered 0..G-1, the slots
+  routed elsewhere given transformers' EP sentinel G. So a layer larger than memory runs with transformers' own
+  expert math: one group (every hit expert) gives the whole layer's bits; several give the same figures up to
+  rounding (the groups' outputs, each cast to the compute dtype by transformers, are added in float32). Llama 4's
+  experts (a batched matmul over every expert) run a group of experts' rows at a time, the experts no token
+  reaches (all-zero input, so zero output) skipped.
   fp8 weights (DeepSeek-V3 / Kimi K2: e4m3 with a float32 `weight_scale_inv` per 128x128 block) are read through
   ckpt's own reader and dequantized on the fly (in float32, then the compute dtype), as MXFP4 and int4 weights are.
 * `auto` (default): `full` when the estimate fits in the available memory, else `stream`; when
@@ -430,10 +431,11 @@ class StreamedModel:
         """The experts module's forward, its tensors loaded a group of hit experts at a time (see the module doc).
 
         Called as transformers calls it: `(hidden (BT,E), top_k_index (BT,k), top_k_weights (BT,k))`, or Llama 4's
-        `(routed_in (X·BT, E))`. Each group runs the class's own forward (its experts implementation) on a module
-        holding just that group: the routed case on the (token, slot) pairs sent into the group, one slot a row,
-        in the order the eager loop gathers them (slot-major per expert), the rows then added into the output one
-        expert at a time, as that loop adds them.
+        `(routed_in (X·BT, E))`. Each group runs the class's own forward (its configured experts implementation) on
+        the module holding just that group's experts, renumbered 0..G-1, as one expert-parallel rank of
+        transformers: the slots routed elsewhere carry its sentinel (G) and contribute nothing. One group (every
+        hit expert) is exactly the whole layer's computation; with several, the groups' outputs are added in
+        float32, then cast once.
         """
         import torch
 
@@ -449,40 +451,37 @@ class StreamedModel:
         def restore() -> None:
             module._parameters.update(meta)
             module.num_experts = total
+            module._is_expert_parallel = parallel
 
-        def groups(hit: list[int]) -> list[list[int]]:
+        def split(hit: list[int]) -> list[list[int]]:
             step = max(1, size or len(hit) or 1)
             return [hit[a:a + step] for a in range(0, len(hit), step)]
 
-        total = module.num_experts
+        total, parallel = module.num_experts, getattr(module, "_is_expert_parallel", False)
 
         def routed(hidden, top_k_index, top_k_weights):
-            final = torch.zeros_like(hidden)
-            for experts in groups(torch.unique(top_k_index).tolist()):
-                picks = []
-                for x in experts:
-                    slot, token = torch.where((top_k_index == x).T)
-                    picks.append((token, slot))
-                tokens = torch.cat([t for t, _ in picks])
-                local = torch.cat([torch.full_like(t, j) for j, (t, _) in enumerate(picks)])[:, None]
-                weights = torch.cat([top_k_weights[t, s] for t, s in picks])[:, None]
+            groups = split(torch.unique(top_k_index).tolist())
+            total_out = None
+            for experts in groups:
+                local = torch.full_like(top_k_index, len(experts))   # transformers' expert-parallel sentinel
+                for j, x in enumerate(experts):
+                    local[top_k_index == x] = j
                 install(experts)
+                module._is_expert_parallel = len(groups) > 1
                 try:
-                    rows = forward(module, hidden[tokens], local, weights)
+                    out = forward(module, hidden, local, top_k_weights)
                 finally:
                     restore()
-                start = 0
-                for token, _ in picks:
-                    final.index_add_(0, token, rows[start:start + len(token)])
-                    start += len(token)
-                del rows
-            return final
+                if len(groups) == 1:
+                    return out
+                total_out = out.float() if total_out is None else total_out + out.float()
+            return torch.zeros_like(hidden) if total_out is None else total_out.to(hidden.dtype)
 
         def dense(routed_in):
             per = routed_in.view(total, -1, routed_in.shape[-1])
             out = torch.zeros_like(per)
             hit = [x for x in range(total) if bool(per[x].any())]
-            for experts in groups(hit):
+            for experts in split(hit):
                 install(experts)
                 try:
                     rows = forward(module, per[experts].reshape(-1, per.shape[-1]))
