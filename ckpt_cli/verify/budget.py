@@ -19,9 +19,13 @@ printed before anything heavy runs and carried in ``--json`` as ``memory_plan``.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 
+import numpy as np
+
 from ckpt_cli.units import human_bytes
+from ckpt_cli.verify.blocks import EMBEDDING, FINAL_NORM, LM_HEAD
 from ckpt_cli.verify.reference import FIT_FRACTION, OVERHEAD_BYTES, MemoryEstimate, available_memory
 
 BASE_BYTES = OVERHEAD_BYTES   # interpreter, jax, allocator slack (as the reference's estimate counts them)
@@ -90,19 +94,14 @@ def plan_memory(params, prompts, dtype: str, hf_est: MemoryEstimate | None = Non
     moe = [(d, e, x) for d, e, x in layers if x]
     expert = max((e for _, e, _ in moe), default=0)
     experts = max((x for _, _, x in moe), default=0)
-    tops = [params.ckpt.describe(p) for p in params.ckpt.paths if p.startswith("token_embedder/")
-            or p in ("decoder/decoder_norm/scale", "decoder/logits_dense/kernel")]
-    from ckpt_cli.verify.params import _nbytes
-
-    top_sizes = [_nbytes(s, d) for s, d in tops]
-    stored = max((d.itemsize for _, d in tops), default=2)
+    tops = {p: params.ckpt.describe(p) for p in (EMBEDDING, FINAL_NORM, LM_HEAD) if p in params.ckpt.paths}
+    top_sizes = {p: math.prod(shape) * np.dtype(dtype_).itemsize for p, (shape, dtype_) in tops.items()}
+    stored = max((np.dtype(d).itemsize for _, d in tops.values()), default=2)
     ratio = COMPUTE_ITEMSIZE[dtype] / stored
     batch, length = len(prompts), max(len(p.ids) for p in prompts)
-    embedding = dict(zip([p for p in params.ckpt.paths if p.startswith("token_embedder/")
-                          or p in ("decoder/decoder_norm/scale", "decoder/logits_dense/kernel")], tops, strict=True))
-    vocab, hidden = embedding.get("token_embedder/embedding", ((0, 0), None))[0][:2]
-    activations = batch * length * (vocab * 12 + 32 * hidden * 4)
-    fixed, slope = _maxtext_needs(dense, expert, max(top_sizes, default=0), ratio, activations)
+    vocab, hidden = tops[EMBEDDING][0][:2] if EMBEDDING in tops else (0, 0)
+    activations = batch * length * (vocab * 12 + 32 * hidden * 4)   # logits (f32 and a copy), hidden states
+    fixed, slope = _maxtext_needs(dense, expert, max(top_sizes.values(), default=0), ratio, activations)
     hf_fixed = hf_slope = 0
     if hf_load == "stream" and hf_est is not None:
         hf_fixed, hf_slope = hf_est.stream_fixed, 2 * hf_est.expert_bytes
@@ -118,10 +117,10 @@ def plan_memory(params, prompts, dtype: str, hf_est: MemoryEstimate | None = Non
     hf_peak = None
     if hf_est is not None and hf_load is not None:
         hf_peak = hf_est.full if hf_load == "full" else hf_est.stream_fixed + 2 * hf_est.expert_bytes * max(group, 1)
-    read = sum(d + e * x for d, e, x in layers) + sum(top_sizes)
-    if "token_embedder/embedding" in params.ckpt.paths and "decoder/logits_dense/kernel" not in params.ckpt.paths:
-        read += top_sizes[0] if top_sizes else 0   # a tied table is read again as the head
+    read = sum(d + e * x for d, e, x in layers) + sum(top_sizes.values())
+    if LM_HEAD not in tops:
+        read += top_sizes.get(EMBEDDING, 0)   # a tied table is read again as the head
     return MemoryPlan(available=available, budget=budget, group=group, group_forced=forced, experts=experts,
                       moe_layers=len(moe), expert_bytes=expert, layer_bytes=dense,
-                      moe_layer_bytes=max((d + e * x for d, e, x in moe), default=0), top_bytes=sum(top_sizes),
+                      moe_layer_bytes=max((d + e * x for d, e, x in moe), default=0), top_bytes=sum(top_sizes.values()),
                       read_bytes=read, maxtext_peak=peak, hf_load=hf_load, hf_peak=hf_peak)

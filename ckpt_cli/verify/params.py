@@ -156,10 +156,6 @@ class OrbaxExpertLeaf:
                  group: int):
         self.params, self.source, self.shape, self.dtype, self.group = params, source, shape, np.dtype(dtype), group
 
-    @property
-    def ndim(self) -> int:
-        return len(self.shape)
-
     def read_experts(self, xs) -> np.ndarray:
         xs = [int(x) for x in xs]
         if any(not 0 <= x < self.shape[0] for x in xs):
