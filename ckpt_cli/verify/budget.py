@@ -7,10 +7,12 @@ The group is the largest that fits both sides in ``FIT_FRACTION`` of the availab
 after the other, the reference first), from metadata alone:
 
 * MaxText side: ``base`` + the largest of (a) the embedding or head read, its device copy and its compute-dtype
-  cast, and (b) a layer without its experts (host copy, device copy, cast) plus one expert the same way plus two
-  groups of experts on the host (the group being applied and the next one being read);
+  cast, and (b) a layer without its experts (host copy, device copy, cast) plus one expert the same way plus a
+  group of experts ``EXPERT_COPIES`` times on the host (the group being applied, the next one being read, slack:
+  2.6 measured on a full-width Kimi K2 layer);
 * Hugging Face side (layer-streamed): embedding, head and a layer without its experts in the compute dtype, the
-  largest tensor read, and a group of experts twice (the tensors read and transformers' stacked copies); loaded
+  largest tensor read, and a group of experts ``EXPERT_COPIES`` times (the tensors read, transformers' stacked
+  copies, allocator slack); loaded
   whole (``--hf-load full``) it does not constrain the group.
 
 ``--expert-group N`` forces a group (tests, or a machine whose free memory is known better than ours); the plan is
@@ -26,7 +28,7 @@ import numpy as np
 
 from ckpt_cli.units import human_bytes
 from ckpt_cli.verify.blocks import EMBEDDING, FINAL_NORM, LM_HEAD
-from ckpt_cli.verify.reference import FIT_FRACTION, OVERHEAD_BYTES, MemoryEstimate, available_memory
+from ckpt_cli.verify.reference import EXPERT_COPIES, FIT_FRACTION, OVERHEAD_BYTES, MemoryEstimate, available_memory
 
 BASE_BYTES = OVERHEAD_BYTES   # interpreter, jax, allocator slack (as the reference's estimate counts them)
 COMPUTE_ITEMSIZE = {"f32": 4, "bf16": 2}
@@ -78,7 +80,7 @@ def _maxtext_needs(layer: int, expert: int, top_largest: int, ratio: float, acti
     """(fixed bytes, bytes per expert of the group) of the MaxText forward."""
     top_peak = int(top_largest * (2 + ratio))
     layer_peak = int(layer * (2 + ratio) + expert * (2 + ratio))
-    return BASE_BYTES + max(top_peak, layer_peak) + activations, 2 * expert
+    return BASE_BYTES + max(top_peak, layer_peak) + activations, EXPERT_COPIES * expert
 
 
 def plan_memory(params, prompts, dtype: str, hf_est: MemoryEstimate | None = None, hf_load: str | None = None,
@@ -104,7 +106,7 @@ def plan_memory(params, prompts, dtype: str, hf_est: MemoryEstimate | None = Non
     fixed, slope = _maxtext_needs(dense, expert, max(top_sizes.values(), default=0), ratio, activations)
     hf_fixed = hf_slope = 0
     if hf_load == "stream" and hf_est is not None:
-        hf_fixed, hf_slope = hf_est.stream_fixed, 2 * hf_est.expert_bytes
+        hf_fixed, hf_slope = hf_est.stream_fixed, EXPERT_COPIES * hf_est.expert_bytes
     group = 0
     forced = expert_group is not None
     if experts:
@@ -116,7 +118,7 @@ def plan_memory(params, prompts, dtype: str, hf_est: MemoryEstimate | None = Non
     peak = fixed + slope * group
     hf_peak = None
     if hf_est is not None and hf_load is not None:
-        hf_peak = hf_est.full if hf_load == "full" else hf_est.stream_fixed + 2 * hf_est.expert_bytes * max(group, 1)
+        hf_peak = hf_est.full if hf_load == "full" else hf_est.stream_with(group)
     read = sum(d + e * x for d, e, x in layers) + sum(top_sizes.values())
     if LM_HEAD not in tops:
         read += top_sizes.get(EMBEDDING, 0)   # a tied table is read again as the head

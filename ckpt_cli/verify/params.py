@@ -168,9 +168,14 @@ class OrbaxExpertLeaf:
                 runs.append((x, x + 1))
         axis = next(a for a in range(len(self.shape) + len(self.source.axes)) if a not in self.source.axes)
         slices = [dataclasses.replace(self.source, rows=run, rows_axis=axis) for run in runs]
-        with ThreadPoolExecutor(min(self.params.workers, len(slices))) as pool:
-            parts = list(pool.map(self.params._read, slices))
-        return parts[0] if len(parts) == 1 else np.concatenate(parts)
+        if len(slices) == 1:
+            return self.params._read(slices[0])
+        out = np.empty((len(xs), *self.shape[1:]), dtype=self.dtype)
+        starts = np.cumsum([0] + [b - a for a, b in runs])
+        with ThreadPoolExecutor(min(self.params.workers, len(slices))) as pool:   # each run copied in, then freed
+            for start, part in zip(starts, pool.map(self.params._read, slices), strict=False):
+                out[start:start + len(part)] = part
+        return out
 
     def __getitem__(self, x: int) -> np.ndarray:
         return self.read_experts([x])[0]

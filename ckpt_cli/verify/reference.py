@@ -52,6 +52,9 @@ LOAD_MODES = ("auto", "full", "stream")
 LAYERS_PREFIX = "model.layers."
 OVERHEAD_BYTES = 512 * 1024 * 1024   # interpreter, torch, transformers, allocator slack
 FIT_FRACTION = 0.85                  # use at most this share of the available memory
+# Bytes held per expert of a streamed group, in units of the expert's own bytes: the file tensors read, the stacked
+# copies and allocator slack (measured 2.6 on a full-width Kimi K2 MoE layer, benchmarks/bench_kimi_experts.py).
+EXPERT_COPIES = 3
 PER_EXPERT = re.compile(r"\.experts\.\d+\.")   # released per-expert tensors (transformers 5 fuses them)
 EXPERT_NUMBER = re.compile(r"\.experts\.(\d+)\.")
 ROUTED_EXPERTS = re.compile(r"\.experts\.")    # a routed expert's tensor, fused (X, ...) or per expert
@@ -66,7 +69,8 @@ class MemoryEstimate:
     """Bytes the HF forward needs, loaded whole or layer-streamed, and the bytes available.
 
     Streamed, a MoE layer's routed experts are loaded a group at a time: `stream_fixed` plus, per expert of the
-    group, twice `expert_bytes` (the tensors read and the stacked copies); `stream` is the need with one expert a
+    group, `EXPERT_COPIES` times `expert_bytes` (the tensors read, the stacked copies, slack); `stream` is the need
+    with one expert a
     time (`stream_with(group)` with more). `quantized`: the folder holds fp8 weights (streamed only)."""
 
     full: int
@@ -80,7 +84,7 @@ class MemoryEstimate:
     def stream_with(self, group: int | None) -> int | None:
         if self.stream is None or not self.experts:
             return self.stream
-        return self.stream_fixed + 2 * self.expert_bytes * max(1, min(group or self.experts, self.experts))
+        return self.stream_fixed + EXPERT_COPIES * self.expert_bytes * max(1, min(group or self.experts, self.experts))
 
 
 def available_memory() -> int:
@@ -160,7 +164,7 @@ def estimate_memory(folder: Path, cfg: dict, prompts: Sequence[Prompt], dtype: s
     # and cast, and a group of experts: the tensors read and transformers' stacked copies coexist while it is built
     layer = max(layer_bytes.values(), default=0)
     fixed = other + layer + largest_read + activations + OVERHEAD_BYTES
-    stream = fixed + 2 * per_expert
+    stream = fixed + EXPERT_COPIES * per_expert
     return MemoryEstimate(full, stream, available_memory(), fixed, per_expert, experts, quantized)
 
 

@@ -150,7 +150,7 @@ def test_expert_group_is_the_largest_that_fits_the_budget(moe, monkeypatch):
     assert roomy.group == experts == 4 and roomy.moe_layers == 2 and not roomy.group_forced
     dense, expert, x = params.layer_bytes(0)
     assert x == 4 and expert == roomy.expert_bytes == 3 * 64 * 32 * 4   # wi_0, wi_1, wo of one expert, f32
-    slope = 2 * roomy.expert_bytes
+    slope = reference.EXPERT_COPIES * roomy.expert_bytes
     fixed = roomy.maxtext_peak - slope * roomy.group
     for k in (1, 2, 3):
         available = int((fixed + k * slope) / reference.FIT_FRACTION) + 1
@@ -165,16 +165,16 @@ def test_expert_group_is_the_largest_that_fits_the_budget(moe, monkeypatch):
 
 
 def test_the_hf_side_can_be_the_tighter_constraint(moe, monkeypatch):
-    """Streamed, the reference holds a group of experts twice (read and stacked): when its fixed part is the larger,
+    """Streamed, the reference holds a group of experts several times (read, stacked): when its fixed part is larger,
     the group is what fits it."""
     src, mt = moe("qwen3-moe")
     est = reference.estimate_memory(src, read_config(src), PROMPTS, "f32")
     assert est.experts == 4 and est.expert_bytes == 3 * 64 * 32 * 4
-    assert est.stream_with(3) - est.stream_with(1) == 2 * 2 * est.expert_bytes
+    assert est.stream_with(3) - est.stream_with(1) == reference.EXPERT_COPIES * 2 * est.expert_bytes
     monkeypatch.setattr(budget, "available_memory", lambda: 1 << 40)
     roomy, _ = _plan(mt, 1 << 40)
     hf_fixed = roomy.maxtext_peak + (10 << 20)      # the MaxText side's whole need, and then some
-    available = int((hf_fixed + 2 * 2 * est.expert_bytes) / reference.FIT_FRACTION) + 1
+    available = int((hf_fixed + reference.EXPERT_COPIES * 2 * est.expert_bytes) / reference.FIT_FRACTION) + 1
     tight = reference.MemoryEstimate(est.full, est.stream, available, hf_fixed, est.expert_bytes, 4)
     plan, _ = _plan(mt, available, tight, "stream")
     assert plan.group == 2 and plan.hf_peak == tight.stream_with(2) <= plan.budget and plan.hf_load == "stream"
@@ -194,8 +194,9 @@ def test_memory_budget_picks_the_group_end_to_end(moe, monkeypatch):
     monkeypatch.setattr(budget, "available_memory", lambda: 1 << 40)
     roomy, _ = _plan(mt, 1 << 40)
     est = reference.estimate_memory(src, read_config(src), PROMPTS, "f32")
-    mt_fixed = roomy.maxtext_peak - 2 * roomy.expert_bytes * roomy.group
-    need = max(mt_fixed + 2 * 2 * roomy.expert_bytes, est.stream_fixed + 2 * 2 * est.expert_bytes)
+    copies = reference.EXPERT_COPIES
+    mt_fixed = roomy.maxtext_peak - copies * roomy.expert_bytes * roomy.group
+    need = max(mt_fixed + copies * 2 * roomy.expert_bytes, est.stream_fixed + copies * 2 * est.expert_bytes)
     available = int(need / reference.FIT_FRACTION) + 1
     monkeypatch.setattr(reference, "available_memory", lambda: available)
     tokens = [",".join(map(str, p.ids)) for p in PROMPTS]
