@@ -45,6 +45,10 @@ HFLoraOpt = Annotated[str | None, typer.Option(
                                          "installed); default: the adapter --lora was converted from.")]
 HFLoadOpt = Annotated[O.HFLoadChoice, typer.Option(
     "--hf-load", help="auto: the whole HF model if it fits in RAM, else layer-streamed; full; stream.")]
+ExpertGroupOpt = Annotated[int | None, typer.Option(
+    "--expert-group", min=1, metavar="N",
+    help="Routed experts a MoE layer reads and applies at a time (both sides); default: the most that fit in "
+         "the available memory.")]
 
 
 @guarded
@@ -62,6 +66,7 @@ def verify_logits(
     revision: O.RevisionOpt = None,
     lora: LoraCkptOpt = None,
     hf_lora: HFLoraOpt = None,
+    expert_group: ExpertGroupOpt = None,
     wide: O.WideOpt = False,
     json_out: O.JsonOpt = False,
     quiet: O.QuietOpt = False,
@@ -72,6 +77,8 @@ def verify_logits(
     KL(p_hf || p_maxtext) is at most --max-kl, 1 when it is not.
 
     Without --tokens or --prompt, three built-in prompts of 8, 16 and 40 token ids (fixed seed) are used.
+    MoE layers read their routed experts a group at a time, so a layer larger than memory runs; the memory plan
+    (peak estimate, bytes to read, the group size) is printed before the forwards run.
 
     Examples:
 
@@ -95,7 +102,8 @@ def verify_logits(
     outp = Output(json_out, quiet, wide)
     opts = VerifyOptions(maxtext=maxtext, hf=hf, tokens=parse_token_lists(tokens or []),
                          prompts=tuple(prompt or ()), max_kl=max_kl, top_k=top_k, dtype=dtype, golden=golden,
-                         save_golden=save_golden, hf_load=hf_load, revision=revision, lora=lora, hf_lora=hf_lora)
+                         save_golden=save_golden, hf_load=hf_load, revision=revision, lora=lora, hf_lora=hf_lora,
+                         expert_group=expert_group)
     with outp.bytes_progress("maxtext forward") as progress:
         result = run_verify(opts, note=outp.note, progress=progress)
     for n in result.notes:

@@ -32,7 +32,9 @@ Blocks (all pure functions of arrays; ``dtype`` is the compute dtype, norm stati
   logits, softmax over those: GPT-OSS), :func:`route_topk_sigmoid` (top-k logits, sigmoid of each: Llama 4),
   :func:`route_sigmoid` (select on sigmoid + correction bias, weigh by
   the pre-bias scores, optionally group-limited and renormalised: DeepSeek V3). Experts: :func:`routed_experts`
-  streams a layer's experts one at a time to the device and computes each only on the tokens routed to it, with
+  reads only a layer's hit experts, a group at a time (:class:`ExpertLeaf`: straight from the checkpoint, so a MoE
+  layer is never whole in memory), sends them one at a time to the device and computes each only on the tokens
+  routed to it, with
   any expert FFN (:func:`swiglu_expert` or a family's own, a hashable callable ``ffn(h, w)``), the routing weight
   scaling its output or (``scale_input``, Llama 4) its input; :func:`moe_shapes`.
 * Embedding and logits: :func:`embed_tokens` (checked lookup), :func:`lm_head` (tied or untied head),
@@ -80,6 +82,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from typing import Protocol
 
@@ -496,29 +499,82 @@ def _bucket(n: int, cap: int) -> int:
     return min(max(1 << max(n - 1, 0).bit_length(), 256), cap)
 
 
+# The stacked routed-expert leaves of a MaxText MoE block (``<block>/wi_0``; a dense MLP's are ``.../wi_0/kernel``).
+EXPERT_LEAVES = ("wi_0", "wi_1", "wo", "wi_0_bias", "wi_1_bias", "wo_bias")
+
+
+class ExpertLeaf(Protocol):
+    """A stacked (X, ...) expert leaf left in the checkpoint: ``read_experts(xs)`` reads just those experts."""
+
+    shape: tuple[int, ...]
+    group: int
+
+    def read_experts(self, xs: Sequence[int]) -> np.ndarray: ...
+
+
+def is_expert_leaf(path: str) -> bool:
+    """Whether a layer leaf's path names a MoE block's stacked routed experts."""
+    return path.rsplit("/", 1)[-1] in EXPERT_LEAVES
+
+
+def take_experts(leaf, xs: Sequence[int]) -> np.ndarray:
+    """Experts ``xs`` of a stacked leaf, as one (len(xs), ...) array: read from the checkpoint for an
+    :class:`ExpertLeaf`, copied out of an array otherwise."""
+    if hasattr(leaf, "read_experts"):
+        return leaf.read_experts(xs)
+    return np.stack([np.asarray(leaf[x]) for x in xs])
+
+
+def expert_groups(hit: np.ndarray, experts: Mapping[str, object], group: int | None) -> list[np.ndarray]:
+    """The hit experts cut into groups of ``group`` (else the leaves' own ``group``, else one group), in order."""
+    if group is None:
+        group = min((getattr(v, "group", 0) for v in experts.values()), default=0) or len(hit)
+    group = max(1, int(group))
+    return [hit[a:a + group] for a in range(0, len(hit), group)]
+
+
 def routed_experts(out: jax.Array, h: jax.Array, ids: np.ndarray, weights: np.ndarray,
                    experts: Mapping[str, np.ndarray], dtype: str, ffn: Callable = swiglu_expert,
-                   scale_input: bool = False) -> jax.Array:
+                   scale_input: bool = False, group: int | None = None) -> jax.Array:
     """``out`` (BT,E) plus every hit expert's weighted output, in expert order; each expert is computed only on the
     tokens routed to it, its weights on the device alone. ``experts`` maps the names ``ffn`` reads to the layer's
-    stacked (X, ...) arrays; ``ffn(h, w)`` must be hashable (a function, or a frozen dataclass). ``scale_input``:
-    the routing weight scales the expert's input instead of its output (Llama 4).
+    stacked (X, ...) leaves: arrays, or :class:`ExpertLeaf` s still in the checkpoint; ``ffn(h, w)`` must be hashable
+    (a function, or a frozen dataclass). ``scale_input``: the routing weight scales the expert's input instead of
+    its output (Llama 4).
+
+    Expert streaming: only the hit experts are read, ``group`` at a time (default: the leaves' ``group``, chosen
+    from the memory budget; arrays: all at once), the next group read while this one is applied, so the host holds
+    at most two groups of experts, never the layer. The math per expert and its order do not depend on the group:
+    any group size gives the same bits.
 
     Each expert's slice is copied before the transfer: jaxlib on CPU may keep the numpy source of a transfer
-    referenced a while after the device copy is deleted, and a view would keep the whole stacked array alive past
-    the next layer's fetch; a copy pins only itself.
+    referenced a while after the device copy is deleted, and a view would keep the whole group alive past the
+    next group's read; a copy pins only itself.
     """
     rows_total = h.shape[0]
-    for x in np.unique(ids):
-        rows, slots = np.nonzero(ids == x)
-        size = _bucket(len(rows), rows_total)
-        padded = np.full(size, rows_total, dtype=np.int32)
-        padded[: len(rows)] = rows
-        coef = np.zeros(size, dtype=np.float32)
-        coef[: len(rows)] = weights[rows, slots]
-        w = jax.block_until_ready({k: jax.device_put(np.array(v[x])) for k, v in experts.items()})
-        out = _expert_add(out, h, padded, coef, w, ffn=ffn, dtype=dtype, scale_input=scale_input)
-        release(w, flush=False)
+    groups = expert_groups(np.unique(ids), experts, group)
+    if not groups:
+        return out
+
+    def fetch(xs: np.ndarray) -> dict[str, np.ndarray]:
+        return {k: take_experts(v, [int(x) for x in xs]) for k, v in experts.items()}
+
+    with ThreadPoolExecutor(1) as pool:
+        pending = pool.submit(fetch, groups[0])
+        for n, xs in enumerate(groups):
+            host = pending.result()
+            pending = pool.submit(fetch, groups[n + 1]) if n + 1 < len(groups) else None
+            for j, x in enumerate(xs):
+                rows, slots = np.nonzero(ids == x)
+                size = _bucket(len(rows), rows_total)
+                padded = np.full(size, rows_total, dtype=np.int32)
+                padded[: len(rows)] = rows
+                coef = np.zeros(size, dtype=np.float32)
+                coef[: len(rows)] = weights[rows, slots]
+                w = jax.block_until_ready({k: jax.device_put(np.array(v[j])) for k, v in host.items()})
+                out = _expert_add(out, h, padded, coef, w, ffn=ffn, dtype=dtype, scale_input=scale_input)
+                release(w, flush=False)
+            del host
     return out
 
 

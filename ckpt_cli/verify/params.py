@@ -5,12 +5,17 @@ Scanned checkpoints stack every per-layer leaf under `decoder/layers/<leaf>` wit
 router bias) has its layers on axis 0. Unscanned checkpoints keep
 `decoder/layers_<i>/<leaf>`. Top-level arrays (embedding, final norm, LM head) are read whole. An fp8 leaf kept
 with its block scale (`--dtype fp8`, MaxText's -fp8 trees) is dequantized as MaxText does, when its layer is read.
+A MoE block's stacked routed experts (`wi_0`, `wi_1`, `wo`, their biases: experts on axis 0) are not read with
+the layer: `layer(i)` gives an `ExpertLeaf` for each, which reads just the experts asked for (tensorstore slices
+on the expert axis, whole chunks, as ckpt writes one chunk per expert and layer), so a layer's experts are never
+in memory at once.
 Before any data is read, the checkpoint's tree is checked against the conversion plan for the config
 (every leaf present with its planned shape), so a wrong checkpoint fails with one line naming the leaf.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import threading
 from collections.abc import Callable
@@ -22,6 +27,7 @@ from ckpt_cli.errors import ShapeMismatchError, SourceError
 from ckpt_cli.families import Family
 from ckpt_cli.io.orbax import OrbaxCheckpoint
 from ckpt_cli.plan import SourceSlice, build_to_maxtext
+from ckpt_cli.verify.blocks import is_expert_leaf
 
 SCALE = "_scale"     # an fp8 leaf's block scale beside it (MaxText's -fp8 trees: `kernel_scale`, `wi_0_scale`)
 _VOCAB_LEAVES = {"token_embedder/embedding": 0, "decoder/logits_dense/kernel": 1}  # axis that may be padded
@@ -71,8 +77,12 @@ class OrbaxParams:
     """
 
     def __init__(self, ckpt: OrbaxCheckpoint, family: Family, hf_config: dict, scan: bool,
-                 progress: Callable[[int, int], None] | None = None, workers: int = 4):
+                 progress: Callable[[int, int], None] | None = None, workers: int = 4,
+                 expert_group: int | None = None):
+        """`expert_group`: the experts an `ExpertLeaf` of a MoE layer reads at a time (None: experts are read
+        with their layer, whole)."""
         self.ckpt = ckpt
+        self.expert_group = expert_group
         self.scan_layers = scan
         self.progress = progress
         self.workers = workers
@@ -115,17 +125,41 @@ class OrbaxParams:
         with ThreadPoolExecutor(self.workers) as pool:
             parts = list(pool.map(lambda r: self._read(SourceSlice(path, rows=(int(r), int(r) + 1))), rows))
         return np.concatenate(parts, axis=0)
+    def _leaf_shape(self, source: SourceSlice) -> tuple[tuple[int, ...], np.dtype]:
+        """Shape and dtype of one layer's slice of a leaf (the stacked axes dropped)."""
+        full, dtype = self.ckpt.describe(source.name)
+        return tuple(d for a, d in enumerate(full) if a not in source.axes), dtype
+
+    def layer_bytes(self, i: int) -> tuple[int, int, int]:
+        """(bytes of layer i without its routed experts, bytes of one expert (all its leaves), experts): metadata
+        only; experts 0 for a layer without streamed experts."""
+        dense = expert = experts = 0
+        for name, source in self.layer_sources[i].items():
+            shape, dtype = self._leaf_shape(source)
+            if is_expert_leaf(name) and shape:
+                experts = max(experts, shape[0])
+                expert += _nbytes(shape[1:], dtype)
+            else:
+                dense += _nbytes(shape, dtype)
+        return dense, expert, experts
 
     def layer(self, i: int) -> dict[str, np.ndarray]:
-        """Every leaf of decoder layer i, unstacked; the reads run concurrently (tensorstore drops the GIL)."""
+        """Every leaf of decoder layer i, unstacked; the reads run concurrently (tensorstore drops the GIL). With
+        an `expert_group`, the routed experts are `ExpertLeaf`s, read later a few experts at a time."""
         if i not in self.layer_sources:
             raise IndexError(f"layer {i} out of range (the checkpoint has {self.num_layers})")
         sources = self.layer_sources[i]
+        lazy = {n: s for n, s in sources.items() if self.expert_group and is_expert_leaf(n)}
+        eager = {n: s for n, s in sources.items() if n not in lazy}
         with ThreadPoolExecutor(self.workers) as pool:
-            leaves = dict(zip(sources, pool.map(self._read, sources.values()), strict=True))
+            leaves = dict(zip(eager, pool.map(self._read, eager.values()), strict=True))
+        for name, source in lazy.items():
+            shape, dtype = self._leaf_shape(source)
+            scale = leaves.pop(name + SCALE, None)      # fp8 kept: each group of experts dequantized as it is read
+            leaves[name] = OrbaxExpertLeaf(self, source, shape, dtype, self.expert_group, scale)
         for leaf in [k for k in leaves if k + SCALE in leaves]:    # fp8 kept: dequantized here, one layer at a time
             leaves[leaf] = dequantize(leaves[leaf], leaves.pop(leaf + SCALE))
-        return leaves
+        return {n: leaves[n] for n in sources if n in leaves}
 
 
 def dequantize(w: np.ndarray, scale: np.ndarray) -> np.ndarray:
@@ -138,6 +172,48 @@ def dequantize(w: np.ndarray, scale: np.ndarray) -> np.ndarray:
     expanded = w.astype(np.float32).reshape(grid) * scale.astype(np.float32).reshape(
         tuple(x for s in scale.shape for x in (s, 1)))
     return expanded.reshape(w.shape)
+
+
+
+
+class OrbaxExpertLeaf:
+    """One layer's stacked (X, ...) routed-expert leaf, left in the checkpoint: `read_experts(xs)` reads experts
+    `xs` only (each run of consecutive experts one tensorstore slice of the expert axis, concurrently)."""
+
+    def __init__(self, params: OrbaxParams, source: SourceSlice, shape: tuple[int, ...], dtype: np.dtype,
+                 group: int, scale: np.ndarray | None = None):
+        self.params, self.source, self.shape, self.group = params, source, shape, group
+        self.scale = scale      # an fp8 leaf's (X, ...) block scale: the experts read are dequantized (float32)
+        self.dtype = np.dtype(np.float32) if scale is not None else np.dtype(dtype)
+
+    def read_experts(self, xs) -> np.ndarray:
+        xs = [int(x) for x in xs]
+        w = self._read_experts(xs)
+        return w if self.scale is None else dequantize(w, self.scale[xs])
+
+    def _read_experts(self, xs: list[int]) -> np.ndarray:
+        xs = [int(x) for x in xs]
+        if any(not 0 <= x < self.shape[0] for x in xs):
+            raise IndexError(f"{self.source.name}: experts {xs} out of range (it has {self.shape[0]})")
+        runs: list[tuple[int, int]] = []
+        for x in xs:
+            if runs and runs[-1][1] == x:
+                runs[-1] = (runs[-1][0], x + 1)
+            else:
+                runs.append((x, x + 1))
+        axis = next(a for a in range(len(self.shape) + len(self.source.axes)) if a not in self.source.axes)
+        slices = [dataclasses.replace(self.source, rows=run, rows_axis=axis) for run in runs]
+        if len(slices) == 1:
+            return self.params._read(slices[0])
+        out = np.empty((len(xs), *self.shape[1:]), dtype=self.params.ckpt.describe(self.source.name)[1])
+        starts = np.cumsum([0] + [b - a for a, b in runs])
+        with ThreadPoolExecutor(min(self.params.workers, len(slices))) as pool:   # each run copied in, then freed
+            for start, part in zip(starts, pool.map(self.params._read, slices), strict=False):
+                out[start:start + len(part)] = part
+        return out
+
+    def __getitem__(self, x: int) -> np.ndarray:
+        return self.read_experts([x])[0]
 
 
 def _nbytes(shape: tuple[int, ...], dtype: np.dtype) -> int:

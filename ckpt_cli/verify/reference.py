@@ -17,8 +17,20 @@ real positions). Two ways to hold the weights, chosen by `load`:
   A multimodal release (Gemma 3/4, Llama 4: the language model under `model.language_model.` or
   `language_model.model.`) streams its text model alone (the config's text config, the files' text tensors
   renamed), which is the model ckpt converts.
+  A MoE layer's routed experts are not loaded with their layer: the layer's experts module (transformers'
+  `*Experts` class) runs its own forward (its configured experts implementation, `grouped_mm` by default) a
+  group of hit experts at a time (`expert_group`; the group's file tensors read and converted as above, then
+  dropped), as one expert-parallel rank of transformers would: the group's experts renumbered 0..G-1, the slots
+  routed elsewhere given transformers' EP sentinel G. So a layer larger than memory runs with transformers' own
+  expert math: one group (every hit expert) gives the whole layer's bits; several give the same figures up to
+  rounding (the groups' outputs, each cast to the compute dtype by transformers, are added in float32). Llama 4's
+  experts (a batched matmul over every expert) run a group of experts' rows at a time, the experts no token
+  reaches (all-zero input, so zero output) skipped.
+  fp8 weights (DeepSeek-V3 / Kimi K2: e4m3 with a float32 `weight_scale_inv` per 128x128 block) are read through
+  ckpt's own reader and dequantized on the fly (in float32, then the compute dtype), as MXFP4 and int4 weights are.
 * `auto` (default): `full` when the estimate fits in the available memory, else `stream`; when
-  even streaming does not fit, a one-line error instead of running out of memory.
+  even streaming does not fit, a one-line error instead of running out of memory. A quantized (fp8) source is
+  always streamed: its weights are dequantized by ckpt's reader, which `from_pretrained` does not use.
 """
 
 from __future__ import annotations
@@ -35,6 +47,7 @@ import numpy as np
 
 from ckpt_cli.errors import CkptError, SourceError
 from ckpt_cli.io.safetensors import SafetensorsFolder
+from ckpt_cli.plan import SourceSlice
 from ckpt_cli.units import human_bytes
 from ckpt_cli.verify.prompts import Prompt
 
@@ -42,7 +55,12 @@ LOAD_MODES = ("auto", "full", "stream")
 LAYERS_PREFIX = "model.layers."
 OVERHEAD_BYTES = 512 * 1024 * 1024   # interpreter, torch, transformers, allocator slack
 FIT_FRACTION = 0.85                  # use at most this share of the available memory
+# Bytes held per expert of a streamed group, in units of the expert's own bytes: the file tensors read, the stacked
+# copies and allocator slack (measured 2.6 on a full-width Kimi K2 MoE layer, benchmarks/bench_kimi_experts.py).
+EXPERT_COPIES = 3
 PER_EXPERT = re.compile(r"\.experts\.\d+\.")   # released per-expert tensors (transformers 5 fuses them)
+EXPERT_NUMBER = re.compile(r"\.experts\.(\d+)\.")
+ROUTED_EXPERTS = re.compile(r"\.experts\.")    # a routed expert's tensor, fused (X, ...) or per expert
 
 
 class NotEnoughMemory(CkptError):
@@ -51,11 +69,25 @@ class NotEnoughMemory(CkptError):
 
 @dataclass(frozen=True)
 class MemoryEstimate:
-    """Bytes the HF forward needs, loaded whole or layer-streamed, and the bytes available."""
+    """Bytes the HF forward needs, loaded whole or layer-streamed, and the bytes available.
+
+    Streamed, a MoE layer's routed experts are loaded a group at a time: `stream_fixed` plus, per expert of the
+    group, `EXPERT_COPIES` times `expert_bytes` (the tensors read, the stacked copies, slack); `stream` is the need
+    with one expert a
+    time (`stream_with(group)` with more). `quantized`: the folder holds fp8 weights (streamed only)."""
 
     full: int
     stream: int | None          # None when the folder cannot be streamed (no safetensors)
     available: int
+    stream_fixed: int = 0
+    expert_bytes: int = 0       # one routed expert of one layer in the compute dtype
+    experts: int = 0            # routed experts of a MoE layer
+    quantized: bool = False
+
+    def stream_with(self, group: int | None) -> int | None:
+        if self.stream is None or not self.experts:
+            return self.stream
+        return self.stream_fixed + EXPERT_COPIES * self.expert_bytes * max(1, min(group or self.experts, self.experts))
 
 
 def available_memory() -> int:
@@ -121,27 +153,45 @@ def estimate_memory(folder: Path, cfg: dict, prompts: Sequence[Prompt], dtype: s
         stored = 2 if str(cfg.get("dtype") or cfg.get("torch_dtype")) in ("bfloat16", "float16") else 4
         return MemoryEstimate(size * itemsize // stored + activations + OVERHEAD_BYTES, None, available_memory())
     layer_bytes: dict[int, int] = {}
+    expert_bytes: dict[int, int] = {}
+    expert_ids: dict[int, set[int]] = {}
+    fused_experts = 0
     other = largest_read = 0
-    per_expert = False
+    quantized = False
     for name, file_name in text_names(files.tensors).items():   # a multimodal release: its language model
         info = files.tensors[file_name]
+        if info.dtype.itemsize == 1 and info.dtype.name.startswith("float8"):
+            quantized = True
+        if name.endswith("_scale_inv"):
+            continue   # an fp8 weight's block scales: read with it, not held
         n = int(np.prod(info.shape, dtype=np.int64)) * itemsize
-        largest_read = max(largest_read, info.nbytes)
+        largest_read = max(largest_read, n if info.dtype.itemsize == 1 else info.nbytes)
         if name.startswith(LAYERS_PREFIX):
             i = int(name[len(LAYERS_PREFIX):].split(".", 1)[0])
-            layer_bytes[i] = layer_bytes.get(i, 0) + n
-            per_expert = per_expert or PER_EXPERT.search(name) is not None
+            if ROUTED_EXPERTS.search(name):
+                number = EXPERT_NUMBER.search(name)
+                if number:
+                    expert_ids.setdefault(i, set()).add(int(number.group(1)))
+                    expert_bytes[i] = expert_bytes.get(i, 0) + n
+                else:   # fused (X, ...) in the file
+                    fused_experts = max(fused_experts, info.shape[0])
+                    expert_bytes[i] = expert_bytes.get(i, 0) + n
+            else:
+                layer_bytes[i] = layer_bytes.get(i, 0) + n
         else:
             other += n
+    experts = max([len(v) for v in expert_ids.values()] + [fused_experts], default=0)
+    per_expert = max(expert_bytes.values(), default=0) // experts if experts else 0
     # from_pretrained maps the safetensors files while it copies out of them: their pages count in RSS then
     stored = sum(info.nbytes for info in files.tensors.values())
-    full = other + sum(layer_bytes.values()) + stored + activations + OVERHEAD_BYTES
-    # streaming: one layer live (the previous one is dropped first) plus one tensor being read and cast; where
-    # transformers stacks per-expert file tensors into fused ones, the read tensors and the stacked copies of a
-    # layer coexist while it is built (at most about twice the layer)
+    whole = other + sum(layer_bytes.values()) + sum(expert_bytes.values())
+    full = whole + stored + activations + OVERHEAD_BYTES
+    # streaming: one layer without its experts live (the previous one is dropped first) plus one tensor being read
+    # and cast, and a group of experts: the tensors read and transformers' stacked copies coexist while it is built
     layer = max(layer_bytes.values(), default=0)
-    stream = other + layer * (2 if per_expert else 1) + largest_read + activations + OVERHEAD_BYTES
-    return MemoryEstimate(full, stream, available_memory())
+    fixed = other + layer + largest_read + activations + OVERHEAD_BYTES
+    stream = fixed + EXPERT_COPIES * per_expert
+    return MemoryEstimate(full, stream, available_memory(), fixed, per_expert, experts, quantized)
 
 
 def choose_load(load: str, est: MemoryEstimate, dtype: str) -> str:
@@ -149,7 +199,7 @@ def choose_load(load: str, est: MemoryEstimate, dtype: str) -> str:
     if load not in LOAD_MODES:
         raise CkptError(f"unknown --hf-load {load!r}: choose {', '.join(LOAD_MODES)}")
     budget = int(est.available * FIT_FRACTION)
-    fits_full = est.full <= budget
+    fits_full = est.full <= budget and not est.quantized
     fits_stream = est.stream is not None and est.stream <= budget
     if load == "full" and fits_full or load == "auto" and fits_full:
         return "full"
@@ -158,6 +208,9 @@ def choose_load(load: str, est: MemoryEstimate, dtype: str) -> str:
     precision = "float32" if dtype == "f32" else "bfloat16"
     if load == "stream" and est.stream is None:
         raise CkptError("--hf-load stream needs safetensors weights in the HF folder")
+    if load == "full" and est.quantized:
+        raise CkptError("--hf-load full cannot run fp8 weights on this machine: use --hf-load stream (ckpt "
+                        "dequantizes them as it reads each layer)")
     need = est.full if load == "full" or est.stream is None else est.stream
     how = "loaded whole" if need == est.full else "streamed layer by layer"
     hints = "--golden FILE made with --save-golden on a larger machine"
@@ -170,21 +223,25 @@ def choose_load(load: str, est: MemoryEstimate, dtype: str) -> str:
 
 
 def hf_logits(folder: Path, cfg: dict, prompts: Sequence[Prompt], dtype: str, load: str = "auto",
-              note: Callable[[str], None] | None = None, adapter: Path | None = None
-              ) -> tuple[list[np.ndarray], dict]:
+              note: Callable[[str], None] | None = None, adapter: Path | None = None,
+              expert_group: int | None = None, est: MemoryEstimate | None = None) -> tuple[list[np.ndarray], dict]:
     """(T_n, V) float32 logits of transformers' forward for each prompt, and how the model was held; with
-    `adapter`, of the model with that PEFT LoRA adapter applied (the whole model in memory)."""
+    `adapter`, of the model with that PEFT LoRA adapter applied (the whole model in memory).
+
+    `expert_group`: streamed, the routed experts a MoE layer loads at a time (None: all its hit experts)."""
     import torch
 
-    est = estimate_memory(folder, cfg, prompts, dtype)
+    est = est or estimate_memory(folder, cfg, prompts, dtype)
     mode = choose_load(load, est, dtype)
     if adapter is not None and mode != "full":
         raise CkptError("a LoRA adapter is applied to the whole HF model in memory: pass --hf-load full")
+    need = est.full if mode == "full" else est.stream_with(expert_group) or 0
     if note:
+        experts = f", experts {expert_group} at a time" if mode == "stream" and est.experts and expert_group else ""
         note(f"running the Hugging Face model with transformers ({'float32' if dtype == 'f32' else 'bfloat16'}, "
-             f"eager attention, {'whole model' if mode == 'full' else 'layer-streamed'}, "
-             f"~{human_bytes(est.full if mode == 'full' else est.stream or 0)} needed)")
-    model = _load_full(folder, dtype) if mode == "full" else StreamedModel(folder, dtype)
+             f"eager attention, {'whole model' if mode == 'full' else 'layer-streamed'}{experts}, "
+             f"~{human_bytes(need)} needed)")
+    model = _load_full(folder, dtype) if mode == "full" else StreamedModel(folder, dtype, expert_group)
     if adapter is not None:
         from ckpt_cli.lora_convert import apply_peft
 
@@ -197,8 +254,9 @@ def hf_logits(folder: Path, cfg: dict, prompts: Sequence[Prompt], dtype: str, lo
         out = model(input_ids=batch, use_cache=False).logits
         logits = [out[n, : len(p.ids)].float().numpy().copy() for n, p in enumerate(prompts)]
     del model, out
-    info = {"load": mode, "estimated_bytes": est.full if mode == "full" else est.stream,
-            "available_bytes": est.available}
+    info = {"load": mode, "estimated_bytes": need, "available_bytes": est.available}
+    if mode == "stream" and est.experts:
+        info["expert_group"] = expert_group or est.experts
     return logits, info
 
 
@@ -295,11 +353,16 @@ class WeightMap:
     def keys_under(self, prefix: str) -> list[str]:
         return [k for k in self.groups if k.startswith(prefix)]
 
-    def build(self, keys, read: Callable[[str], object]) -> dict:
-        """The model's tensors for the group `keys`, made from the file tensors `read(name)` gives."""
+    def build(self, keys, read: Callable[[str], object], experts: Sequence[int] | None = None) -> dict:
+        """The model's tensors for the group `keys`, made from the file tensors `read(name)` gives; `experts`: of
+        per-expert file tensors (`.experts.<e>.`), only those experts' (the result stacks just them, in order)."""
         out = {}
         for key in keys:
             converter, sources = self.groups[key]
+            if experts is not None:
+                chosen = set(experts)
+                sources = [(n, p) for n, p in sources
+                           if (m := EXPERT_NUMBER.search(n)) is None or int(m.group(1)) in chosen]
             if converter is None:
                 out[key] = read(sources[0][0])
                 continue
@@ -324,12 +387,16 @@ def _conversion_api():
 class StreamedModel:
     """A transformers causal LM whose decoder layers are loaded from safetensors only while they run."""
 
-    def __init__(self, folder: Path, dtype: str):
+    def __init__(self, folder: Path, dtype: str, expert_group: int | None = None):
         import torch
         from transformers import AutoModelForCausalLM
 
+        from ckpt_cli.io.hf import SafetensorsReader
+
         self.files = SafetensorsFolder(folder)
+        self.reader = SafetensorsReader(self.files)   # fp8 block-scaled weights dequantized on the fly (float32)
         self.dtype = _torch_dtype(dtype)
+        self.expert_group = expert_group
         config = hf_config(folder)
         self.names = text_names(self.files.tensors)
         if any(k != v for k, v in self.names.items()):   # a multimodal release: stream its text model
@@ -341,8 +408,20 @@ class StreamedModel:
             raise CkptError(f"{type(model).__name__} has no {LAYERS_PREFIX.rstrip('.')}: cannot stream it; "
                             f"use --hf-load full")
         cls = type(model).__name__
-        self.map = WeightMap(model, list(self.names))
+        companions = {c for name in self.files.tensors for c in self.reader.consumed_with(name)}
+        self.map = WeightMap(model, [n for n, f in self.names.items() if f not in companions])
         self.layer_groups = [self.map.keys_under(f"{LAYERS_PREFIX}{i}.") for i in range(len(layers))]
+        # each layer's routed experts module (transformers' *Experts class): its tensors load a group at a time
+        self.expert_keys: list[list[str]] = []
+        for i, layer in enumerate(layers):
+            keys: list[str] = []
+            for name, module in layer.named_modules():
+                if name and type(module).__name__.endswith("Experts") and not name.endswith("shared_experts"):
+                    prefix = f"{LAYERS_PREFIX}{i}.{name}."
+                    keys += [k for k in self.layer_groups[i] if k.startswith(prefix)]
+                    module.forward = self._experts_forward(module, prefix, i)
+            self.expert_keys.append(keys)
+            self.layer_groups[i] = [k for k in self.layer_groups[i] if k not in keys]
         for i, layer in enumerate(layers):
             unbuilt = [k for k in layer.state_dict() if f"{LAYERS_PREFIX}{i}.{k}" not in self.map.produced]
             if unbuilt:   # e.g. experts stored in a layout transformers' load-time conversion does not know
@@ -370,7 +449,93 @@ class StreamedModel:
         self.model = model.eval()
 
     def _read(self, name: str):
-        return _to_torch(self.files.read(self.names[name]), self.dtype)
+        return _to_torch(self.reader.read(SourceSlice(self.names[name])), self.dtype)
+
+    def _read_experts(self, name: str, experts: Sequence[int]):
+        """Experts `experts` of a fused (X, ...) file tensor, stacked (one expert read at a time)."""
+        import torch
+
+        return torch.cat([_to_torch(self.reader.read(SourceSlice(self.names[name], rows=(x, x + 1))), self.dtype)
+                          for x in experts])
+
+    def _expert_tensors(self, i: int, prefix: str, experts: list[int]) -> dict:
+        """The experts module's tensors for `experts` only (each (len(experts), ...)), by parameter name."""
+        keys = [k for k in self.expert_keys[i] if k.startswith(prefix)]
+
+        def read(name: str):
+            return self._read(name) if EXPERT_NUMBER.search(name) else self._read_experts(name, experts)
+
+        return {k.removeprefix(prefix): v for k, v in self.map.build(keys, read, experts).items()}
+
+    def _experts_forward(self, module, prefix: str, i: int):
+        """The experts module's forward, its tensors loaded a group of hit experts at a time (see the module doc).
+
+        Called as transformers calls it: `(hidden (BT,E), top_k_index (BT,k), top_k_weights (BT,k))`, or Llama 4's
+        `(routed_in (X·BT, E))`. Each group runs the class's own forward (its configured experts implementation) on
+        the module holding just that group's experts, renumbered 0..G-1, as one expert-parallel rank of
+        transformers: the slots routed elsewhere carry its sentinel (G) and contribute nothing. One group (every
+        hit expert) is exactly the whole layer's computation; with several, the groups' outputs are added in
+        float32, then cast once.
+        """
+        import torch
+
+        forward = type(module).forward
+        meta = dict(module.named_parameters(recurse=False))
+        size = self.expert_group
+
+        def install(experts: list[int]) -> None:
+            for name, value in self._expert_tensors(i, prefix, experts).items():
+                module._parameters[name] = torch.nn.Parameter(value, requires_grad=False)
+            module.num_experts = len(experts)
+
+        def restore() -> None:
+            module._parameters.update(meta)
+            module.num_experts = total
+            module._is_expert_parallel = parallel
+
+        def split(hit: list[int]) -> list[list[int]]:
+            step = max(1, size or len(hit) or 1)
+            return [hit[a:a + step] for a in range(0, len(hit), step)]
+
+        total, parallel = module.num_experts, getattr(module, "_is_expert_parallel", False)
+
+        def routed(hidden, top_k_index, top_k_weights):
+            groups = split(torch.unique(top_k_index).tolist())
+            total_out = None
+            for experts in groups:
+                local = torch.full_like(top_k_index, len(experts))   # transformers' expert-parallel sentinel
+                for j, x in enumerate(experts):
+                    local[top_k_index == x] = j
+                install(experts)
+                module._is_expert_parallel = len(groups) > 1
+                try:
+                    out = forward(module, hidden, local, top_k_weights)
+                finally:
+                    restore()
+                if len(groups) == 1:
+                    return out
+                total_out = out.float() if total_out is None else total_out + out.float()
+            return torch.zeros_like(hidden) if total_out is None else total_out.to(hidden.dtype)
+
+        def dense(routed_in):
+            per = routed_in.view(total, -1, routed_in.shape[-1])
+            out = torch.zeros_like(per)
+            hit = [x for x in range(total) if bool(per[x].any())]
+            for experts in split(hit):
+                install(experts)
+                try:
+                    rows = forward(module, per[experts].reshape(-1, per.shape[-1]))
+                finally:
+                    restore()
+                out[experts] = rows.view(len(experts), -1, per.shape[-1])
+                del rows
+            return out.view(-1, per.shape[-1])
+
+        def stream(*args, **kwargs):
+            args = (*args, *kwargs.values())
+            return dense(*args) if len(args) == 1 else routed(*args)
+
+        return stream
 
     @staticmethod
     def _rebuild_buffers(model, config) -> None:
@@ -395,7 +560,13 @@ class StreamedModel:
 
         def hook(module, args):
             weights = self.map.build(self.layer_groups[i], self._read)
-            module.load_state_dict({k.removeprefix(prefix): v for k, v in weights.items()}, strict=True, assign=True)
+            missing, _ = module.load_state_dict({k.removeprefix(prefix): v for k, v in weights.items()},
+                                                strict=False, assign=True)
+            streamed = {k.removeprefix(prefix) for k in self.expert_keys[i]}
+            left = [k for k in missing if k not in streamed and not any(k.startswith(s.rsplit(".", 1)[0] + ".")
+                                                                         for s in streamed)]
+            if left:
+                raise CkptError(f"cannot stream: {prefix}{left[0]} was not loaded; use --hf-load full")
 
         return hook
 

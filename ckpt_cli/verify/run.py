@@ -51,6 +51,7 @@ class VerifyOptions:
     revision: str | None = None
     lora: Path | None = None        # a MaxText LoRA checkpoint applied in the MaxText forward
     hf_lora: str | None = None      # a PEFT adapter applied to the HF model (default: the one --lora came from)
+    expert_group: int | None = None   # routed experts a MoE layer reads at a time (None: from the memory budget)
 
 
 @dataclass
@@ -75,6 +76,7 @@ class VerifyResult:
     maxtext_bytes_read: int
     token_text: TokenText | None = field(default=None, repr=False)
     notes: list[str] = field(default_factory=list)
+    memory_plan: dict | None = None
 
     @property
     def kl_max(self) -> float:
@@ -149,6 +151,7 @@ class VerifyResult:
             },
             "prompts": prompts, "timings_s": {k: round(v, 3) for k, v in self.timings.items()},
             "maxtext_bytes_read": self.maxtext_bytes_read, "peak_rss": self.peak_rss, "notes": self.notes,
+            "memory_plan": self.memory_plan,
         }
 
 
@@ -338,6 +341,22 @@ def verify_logits(opts: VerifyOptions, note: Callable[[str], None] | None = None
     token_text = TokenText.find(hf_folder)
     timings["setup"] = time.perf_counter() - t0
 
+    if opts.expert_group is not None and opts.expert_group < 1:
+        raise CkptError("--expert-group must be at least 1")
+    params = OrbaxParams(ckpt, family, cfg, scan, progress=progress)   # metadata only so far
+    hf_est = hf_mode = None
+    if golden is None:
+        from ckpt_cli.verify.reference import choose_load, estimate_memory
+
+        hf_est = estimate_memory(hf_folder, cfg, prompts, opts.dtype)
+        hf_mode = choose_load(opts.hf_load, hf_est, opts.dtype)
+    from ckpt_cli.verify.budget import plan_memory
+
+    plan = plan_memory(params, prompts, opts.dtype, hf_est, hf_mode, opts.expert_group)
+    for line in plan.lines():
+        say(line)
+    params.expert_group = plan.group or None
+
     t = time.perf_counter()
     if golden is not None:
         ref_logits = golden.logits
@@ -346,7 +365,8 @@ def verify_logits(opts: VerifyOptions, note: Callable[[str], None] | None = None
     else:
         from ckpt_cli.verify.reference import hf_logits
 
-        ref_logits, info = hf_logits(hf_folder, cfg, prompts, opts.dtype, opts.hf_load, say, adapter=hf_adapter)
+        ref_logits, info = hf_logits(hf_folder, cfg, prompts, opts.dtype, hf_mode, say, adapter=hf_adapter,
+                                     expert_group=plan.group or None, est=hf_est)
         if hf_adapter is not None:
             info["lora"] = str(hf_adapter)
         reference = {"kind": "hf", "path": str(hf_folder), "hf_dtype": opts.dtype, **info}
@@ -360,8 +380,8 @@ def verify_logits(opts: VerifyOptions, note: Callable[[str], None] | None = None
 
     t = time.perf_counter()
     say(f"running the MaxText forward in JAX ({COMPUTE_DTYPES[opts.dtype]}, {family.name}, "
-        f"{'scanned' if scan else 'unscanned'}, one layer at a time)")
-    params = OrbaxParams(ckpt, family, cfg, scan, progress=progress)
+        f"{'scanned' if scan else 'unscanned'}, one layer at a time"
+        f"{f', experts {plan.group} at a time' if plan.group else ''})")
     if lora_ckpt is not None:
         from ckpt_cli.lora_convert import LoraParams
 
@@ -378,7 +398,7 @@ def verify_logits(opts: VerifyOptions, note: Callable[[str], None] | None = None
                for p, r, m in zip(prompts, ref_logits, mt_logits, strict=True)]
     timings["total"] = time.perf_counter() - t0
     return VerifyResult(opts, family.name, scan, config_source, reference, results, vocab, timings,
-                        peak_rss_bytes(), params.bytes_read, token_text, notes)
+                        peak_rss_bytes(), params.bytes_read, token_text, notes, plan.record())
 
 
 def _hf_adapter(opts: VerifyOptions, lora_ckpt: OrbaxCheckpoint | None) -> Path | None:

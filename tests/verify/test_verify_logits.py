@@ -179,17 +179,24 @@ def test_streamed_logits_equal_whole_model_logits_bit_for_bit(hf_models, kind, s
 
 
 @pytest.mark.parametrize("kind", ["qwen3-moe", "mixtral"])
-def test_stream_estimate_counts_a_fused_layer_twice(hf_models, monkeypatch, kind):
-    """While a layer of per-expert file tensors is stacked into transformers' fused ones, the read tensors and the
-    stacked copies coexist: the streaming estimate holds two layers, still far below the whole model."""
+def test_stream_estimate_counts_a_group_of_experts_twice(hf_models, monkeypatch, kind):
+    """Streamed, a layer's non-expert tensors are held once and its routed experts a group at a time; while a group's
+    per-expert file tensors are stacked into transformers' fused ones, both coexist (plus slack): EXPERT_COPIES times
+    the group's bytes."""
     src = hf_models(kind, "float32")
     cfg, prompts = read_config(src), [Prompt((1,) * 40)] * 3
     est = reference.estimate_memory(src, cfg, prompts, "f32")
-    layer = max(sum(int(np.prod(info.shape)) * 4 for name, info in SafetensorsFolder(src).tensors.items()
-                    if name.startswith(f"model.layers.{i}.")) for i in range(cfg["num_hidden_layers"]))
-    monkeypatch.setattr(reference, "PER_EXPERT", re.compile(r"(?!)"))   # as if the files held the fused layout
-    assert est.stream - reference.estimate_memory(src, cfg, prompts, "f32").stream == layer
-    assert est.stream < est.full
+    files = SafetensorsFolder(src).tensors
+    expert = sum(int(np.prod(info.shape)) * 4 for name, info in files.items()
+                 if name.startswith("model.layers.0.") and ".experts.0." in name)
+    assert est.experts == 4 and est.expert_bytes == expert
+    copies = reference.EXPERT_COPIES
+    assert copies >= 2   # at least the tensors read and the stacked copies
+    assert est.stream == est.stream_with(1) == est.stream_fixed + copies * expert
+    assert est.stream_with(None) == est.stream_with(4) == est.stream_fixed + copies * 4 * expert
+    monkeypatch.setattr(reference, "ROUTED_EXPERTS", re.compile(r"(?!)"))   # as if the experts were plain tensors
+    assert reference.estimate_memory(src, cfg, prompts, "f32").stream_fixed - est.stream_fixed == 4 * expert
+    assert est.stream_with(None) < est.full
 
 
 def test_expert_layout_transformers_cannot_build_is_refused_in_one_line(converted, tmp_path):
