@@ -155,11 +155,17 @@ class OrbaxParams:
             leaves = dict(zip(eager, pool.map(self._read, eager.values()), strict=True))
         for name, source in lazy.items():
             shape, dtype = self._leaf_shape(source)
-            scale = leaves.pop(name + SCALE, None)      # fp8 kept: each group of experts dequantized as it is read
+            scale = leaves.pop(name + SCALE) if _fp8(dtype) else None   # fp8 kept: dequantized as a group is read
             leaves[name] = OrbaxExpertLeaf(self, source, shape, dtype, self.expert_group, scale)
-        for leaf in [k for k in leaves if k + SCALE in leaves]:    # fp8 kept: dequantized here, one layer at a time
+        for leaf in [k for k in leaves if k + SCALE in leaves and _fp8(getattr(leaves[k], "dtype", None))]:
+            # fp8 kept: dequantized here, one layer at a time (DeepSeek-V4's `pre_alpha_scale` is no block scale)
             leaves[leaf] = dequantize(leaves[leaf], leaves.pop(leaf + SCALE))
         return {n: leaves[n] for n in sources if n in leaves}
+
+
+def _fp8(dtype) -> bool:
+    """Whether a leaf's dtype is a kept fp8 weight's (float8_e4m3fn): only such a leaf has a block scale beside it."""
+    return dtype is not None and np.dtype(dtype).name.startswith("float8")
 
 
 def dequantize(w: np.ndarray, scale: np.ndarray) -> np.ndarray:
