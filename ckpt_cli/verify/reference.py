@@ -422,13 +422,16 @@ class StreamedModel:
                     module.forward = self._experts_forward(module, prefix, i)
             self.expert_keys.append(keys)
             self.layer_groups[i] = [k for k in self.layer_groups[i] if k not in keys]
+        # RoPE modules inside a layer (DeepSeek-V4's compressors and indexer): rebuilt from the config as it loads
+        self.layer_ropes = [[n for n, m in layer.named_modules() if n.endswith("rotary_emb")] for layer in layers]
         for i, layer in enumerate(layers):
             unbuilt = [k for k in layer.state_dict() if f"{LAYERS_PREFIX}{i}.{k}" not in self.map.produced]
             if unbuilt:   # e.g. experts stored in a layout transformers' load-time conversion does not know
                 how = "" if self.map.api else " (this transformers has no weight-conversion API)"
                 raise CkptError(f"cannot stream {cls}: transformers holds {LAYERS_PREFIX}{i}.{unbuilt[0]}, which "
                                 f"it cannot build from the weight files{how}; use --hf-load full, or --golden")
-            lost = {n for n, _ in layer.named_buffers()} - set(layer.state_dict())
+            lost = {n for n, _ in layer.named_buffers() if not any(n.startswith(r + ".") for r in self.layer_ropes[i])
+                    } - set(layer.state_dict())
             if lost:
                 raise CkptError(f"cannot stream {cls}: {LAYERS_PREFIX}{i}.{sorted(lost)[0]} is a buffer not in the "
                                 "weight files; use --hf-load full")
@@ -567,6 +570,11 @@ class StreamedModel:
                                                                          for s in streamed)]
             if left:
                 raise CkptError(f"cannot stream: {prefix}{left[0]} was not loaded; use --hf-load full")
+            for name in self.layer_ropes[i]:
+                rope = module.get_submodule(name)
+                parent, _, attr = name.rpartition(".")
+                setattr(module.get_submodule(parent) if parent else module, attr,
+                        type(rope)(config=getattr(rope, "config", self.model.config)))
 
         return hook
 

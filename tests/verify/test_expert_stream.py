@@ -31,8 +31,8 @@ from ckpt_cli.verify.run import forward_config, maxtext_forward
 from tests.conftest import make_hf_model, read_config
 
 runner = CliRunner()
-KINDS = ["qwen3-moe", "mixtral", "gpt-oss", "qwen3-next", "deepseek-v3", "llama4"]
-PROMPTS = [Prompt(tuple(range(3, 43))), Prompt((5, 9, 77, 2, 11))]
+KINDS = ["qwen3-moe", "mixtral", "gpt-oss", "qwen3-next", "deepseek-v3", "llama4", "deepseek4"]
+PROMPTS = [Prompt(tuple(range(3, 43))), Prompt((5, 9, 61, 2, 11))]   # ids < 64: the tiny DeepSeek-V4 vocabulary
 
 
 def _model(kind: str):
@@ -44,6 +44,10 @@ def _model(kind: str):
         from tests.families.test_llama4 import make_model
 
         return make_model("scout", "float32")
+    if kind == "deepseek4":   # hash-routed layers 0-2, then bias-routed ones; 16 indexer heads: no ties
+        from tests.families.test_deepseek4 import tiny_model
+
+        return tiny_model(seed=2, index_n_heads=16)
     return make_hf_model(kind, "float32")
 
 
