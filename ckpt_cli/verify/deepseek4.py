@@ -25,7 +25,8 @@ head (theta `rope_theta` on sliding layers, `compress_rope_theta` on compressed 
 Scores × D^-½ with a learned per-head sink; the output's rope channels rotated back (−angle at the query), then
 the grouped projection `o_a_proj (G, N·D/G, O)` and `o_b_proj`. MoE: `s = sqrt(softplus(h·gate))`; experts by
 `tid2eid[token]` on the hash layers, else top-k of `s + bias`; weights `s_k / (Σ s_k + 1e-20) · routed_scaling_factor`;
-experts and the shared expert are SwiGLUs with `min(gate, limit)` and `clip(up, ±limit)`. Head: `pre = σ(RMSNorm(x)·
+experts and the shared expert are SwiGLUs with `min(gate, limit)` and `clip(up, ±limit)` (`GatedExpert`), the routed
+ones streamed by `routed_experts` (only the hit experts, read a group at a time). Head: `pre = σ(RMSNorm(x)·
 hc_fn · hc_scale + hc_base) + ε`, `Σ_h pre_h x_h`, the final norm and `logits_dense`.
 """
 

@@ -13,7 +13,8 @@ real positions). Two ways to hold the weights, chosen by `load`:
   Mixtral into `mlp.experts.gate_up_proj` / `down_proj` and renames Mixtral's `block_sparse_moe` to
   `mlp`), each layer's file tensors go through transformers' own load-time conversion
   (`transformers.conversion_mapping`), the one `from_pretrained` applies. Non-persistent buffers
-  computed from the config (RoPE frequencies, Gemma3's embedding scale) are rebuilt.
+  computed from the config (RoPE frequencies, Gemma3's embedding scale) are rebuilt; so are the RoPE modules inside
+  a layer (DeepSeek-V4's compressors and indexer), each time the layer loads.
   A multimodal release (Gemma 3/4, Llama 4: the language model under `model.language_model.` or
   `language_model.model.`) streams its text model alone (the config's text config, the files' text tensors
   renamed), which is the model ckpt converts.
