@@ -424,7 +424,8 @@ class StreamedModel:
             self.expert_keys.append(keys)
             self.layer_groups[i] = [k for k in self.layer_groups[i] if k not in keys]
         # RoPE modules inside a layer (DeepSeek-V4's compressors and indexer): rebuilt from the config as it loads
-        self.layer_ropes = [[n for n, m in layer.named_modules() if n.endswith("rotary_emb")] for layer in layers]
+        self.layer_ropes = [[n for n, m in layer.named_modules() if n.endswith("rotary_emb")
+                             and _rebuildable(m, config)] for layer in layers]
         for i, layer in enumerate(layers):
             unbuilt = [k for k in layer.state_dict() if f"{LAYERS_PREFIX}{i}.{k}" not in self.map.produced]
             if unbuilt:   # e.g. experts stored in a layout transformers' load-time conversion does not know
@@ -588,6 +589,15 @@ class StreamedModel:
 
     def __call__(self, **kwargs):
         return self.model(**kwargs)
+
+
+def _rebuildable(rope, config) -> bool:
+    """Whether a RoPE module inside a layer can be built again from its config alone (else the layer is refused)."""
+    try:
+        type(rope)(config=getattr(rope, "config", config))
+    except (TypeError, ValueError, KeyError, AttributeError):
+        return False
+    return True
 
 
 def _init_buffers(model, name: str, module, torch) -> None:
