@@ -25,7 +25,8 @@ Blocks (all pure functions of arrays; ``dtype`` is the compute dtype, norm stati
   :func:`attention_shapes` lists the leaves such a subtree must have; :func:`mla_attention` (DeepSeek's multi-head
   latent attention from its subtree, low-rank or plain query, shared RoPE key part) with :func:`mla_query_latent`
   and :func:`mla_shapes`.
-* MLP: :func:`gated_mlp` (``act(h·wi_0) * (h·wi_1) · wo``, ``act`` "silu" for SwiGLU or "gelu_tanh" for GeGLU),
+* MLP: :func:`gated_mlp` (``act(h·wi_0) * (h·wi_1) · wo``, ``act`` "silu" for SwiGLU or "gelu_tanh" for GeGLU,
+  optionally clamped by a ``limit``),
   :func:`swiglu` (the "silu" one), :func:`mlp_shapes`.
 * MoE routing (float32): :func:`route_softmax_topk` (softmax over all experts, then top-k, optionally
   renormalised, optionally group-limited: Qwen3 MoE, Mixtral, DeepSeek V2), :func:`route_topk_softmax` (top-k
@@ -35,7 +36,8 @@ Blocks (all pure functions of arrays; ``dtype`` is the compute dtype, norm stati
   reads only a layer's hit experts, a group at a time (:class:`ExpertLeaf`: straight from the checkpoint, so a MoE
   layer is never whole in memory), sends them one at a time to the device and computes each only on the tokens
   routed to it, with
-  any expert FFN (:func:`swiglu_expert` or a family's own, a hashable callable ``ffn(h, w)``), the routing weight
+  any expert FFN (:func:`swiglu_expert`, :class:`GatedExpert` (an activation, a clamp ``limit``: DeepSeek-V4)
+  or a family's own, a hashable callable ``ffn(h, w)``), the routing weight
   scaling its output or (``scale_input``, Llama 4) its input; :func:`moe_shapes`.
 * Embedding and logits: :func:`embed_tokens` (checked lookup), :func:`lm_head` (tied or untied head),
   :func:`final_logits` (final RMSNorm, head, optional ``/√E`` and final soft-cap, float32 out); Gemma 4's
@@ -83,6 +85,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from functools import partial
 from typing import Protocol
 
@@ -401,14 +404,21 @@ ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
 }
 
 
-def gated_mlp(h: jax.Array, wi0: jax.Array, wi1: jax.Array, wo: jax.Array, activation: str = "silu") -> jax.Array:
-    """Gated MLP ``(act(h·wi_0) * (h·wi_1))·wo``: SwiGLU with "silu", GeGLU with "gelu_tanh"."""
-    return (ACTIVATIONS[activation](h @ wi0) * (h @ wi1)) @ wo
+def gated_mlp(h: jax.Array, wi0: jax.Array, wi1: jax.Array, wo: jax.Array, activation: str = "silu",
+              limit: float | None = None) -> jax.Array:
+    """Gated MLP ``(act(h·wi_0) * (h·wi_1))·wo``: SwiGLU with "silu", GeGLU with "gelu_tanh". A ``limit`` (MaxText's
+    ``mlp_activations_limit``, DeepSeek-V4's ``swiglu_limit``; 0 or None: none) clamps first: ``min(h·wi_0, limit)``
+    and ``clip(h·wi_1, ±limit)``."""
+    gate, up = h @ wi0, h @ wi1
+    if limit:
+        gate, up = jnp.minimum(gate, limit), jnp.clip(up, -limit, limit)
+    return (ACTIVATIONS[activation](gate) * up) @ wo
 
 
-def swiglu(h: jax.Array, wi_0: jax.Array, wi_1: jax.Array, wo: jax.Array) -> jax.Array:
-    """MaxText's MLP with activations ["silu", "linear"]: ``(silu(h·wi_0) * (h·wi_1))·wo``."""
-    return gated_mlp(h, wi_0, wi_1, wo, "silu")
+def swiglu(h: jax.Array, wi_0: jax.Array, wi_1: jax.Array, wo: jax.Array, limit: float | None = None) -> jax.Array:
+    """MaxText's MLP with activations ["silu", "linear"]: ``(silu(h·wi_0) * (h·wi_1))·wo`` (``limit``: clamped, as
+    :func:`gated_mlp`)."""
+    return gated_mlp(h, wi_0, wi_1, wo, "silu", limit)
 
 
 def mlp_shapes(e: int, f: int, prefix: str = "mlp/") -> dict[str, tuple[int, ...]]:
@@ -477,6 +487,18 @@ def swiglu_expert(h: jax.Array, w: Mapping[str, jax.Array]) -> jax.Array:
 def geglu_expert(h: jax.Array, w: Mapping[str, jax.Array]) -> jax.Array:
     """One routed expert as a GeGLU (tanh gelu) MLP over its ``wi_0``, ``wi_1``, ``wo`` (Gemma 4)."""
     return gated_mlp(h, w["wi_0"], w["wi_1"], w["wo"], "gelu_tanh")
+
+
+@dataclass(frozen=True)
+class GatedExpert:
+    """One routed expert as :func:`gated_mlp` over its ``wi_0``, ``wi_1``, ``wo`` with an activation and a clamp
+    ``limit`` (hashable, for :func:`routed_experts`): ``GatedExpert(limit=10.0)`` is DeepSeek-V4's clamped SwiGLU."""
+
+    activation: str = "silu"
+    limit: float | None = None
+
+    def __call__(self, h: jax.Array, w: Mapping[str, jax.Array]) -> jax.Array:
+        return gated_mlp(h, w["wi_0"], w["wi_1"], w["wo"], self.activation, self.limit)
 
 
 @partial(jax.jit, static_argnames=("ffn", "dtype", "scale_input"))

@@ -25,7 +25,8 @@ head (theta `rope_theta` on sliding layers, `compress_rope_theta` on compressed 
 Scores × D^-½ with a learned per-head sink; the output's rope channels rotated back (−angle at the query), then
 the grouped projection `o_a_proj (G, N·D/G, O)` and `o_b_proj`. MoE: `s = sqrt(softplus(h·gate))`; experts by
 `tid2eid[token]` on the hash layers, else top-k of `s + bias`; weights `s_k / (Σ s_k + 1e-20) · routed_scaling_factor`;
-experts and the shared expert are SwiGLUs with `min(gate, limit)` and `clip(up, ±limit)`. Head: `pre = σ(RMSNorm(x)·
+experts and the shared expert are SwiGLUs with `min(gate, limit)` and `clip(up, ±limit)` (`GatedExpert`), the routed
+ones streamed by `routed_experts` (only the hit experts, read a group at a time). Head: `pre = σ(RMSNorm(x)·
 hc_fn · hc_scale + hc_base) + ε`, `Σ_h pre_h x_h`, the final norm and `logits_dense`.
 """
 
@@ -43,6 +44,7 @@ from ckpt_cli.verify.blocks import (
     FINAL_NORM,
     LM_HEAD,
     MASK_VALUE,
+    GatedExpert,
     ParamSource,
     apply_rope,
     attention_mask,
@@ -51,6 +53,8 @@ from ckpt_cli.verify.blocks import (
     rms_norm,
     rope_inv_freq,
     rope_tables,
+    routed_experts,
+    swiglu,
     to_device,
     unscaled_rms_norm,
 )
@@ -235,36 +239,43 @@ def attention(h: jax.Array, w: dict[str, jax.Array], cfg: Deepseek4Config, ratio
 
 # ------------------------------------------------------------------------------------------------------------ MoE
 
-def clamped_swiglu(h: np.ndarray, wi0: np.ndarray, wi1: np.ndarray, wo: np.ndarray, limit: float) -> np.ndarray:
-    gate, up = h @ wi0, h @ wi1
-    if limit:
-        gate, up = np.minimum(gate, limit), np.clip(up, -limit, limit)
-    return (gate / (1 + np.exp(-gate)) * up) @ wo
+EXPERTS = ("wi_0", "wi_1", "wo")
+_SHARED = "mlp/shared_experts/"
 
 
-def moe(h: np.ndarray, w: dict[str, np.ndarray], tokens: np.ndarray, cfg: Deepseek4Config, hashed: bool
-        ) -> np.ndarray:
-    """Routed experts (each for the tokens routed to it, its weights read as they are needed) plus the shared
-    expert, in float32 on the host (numpy: no compilation per expert and row count)."""
+@partial(jax.jit, static_argnames=("cfg",))
+def route(h: jax.Array, gate: jax.Array, bias: jax.Array | None, hash_ids: jax.Array | None, cfg: Deepseek4Config
+          ) -> tuple[jax.Array, jax.Array]:
+    """(weights, ids) (BT,k) in float32: `s = sqrt(softplus(h·gate))`; ids `hash_ids` (a hash layer's
+    `tid2eid[token]`) or else the top-k of `s + bias` (ties to the lower index); weights `s_k / (Σ s_k + 1e-20) ·
+    routed_scaling_factor`."""
+    scores = jnp.sqrt(jax.nn.softplus(h @ gate))
+    ids = hash_ids if hash_ids is not None else jax.lax.top_k(scores + bias, cfg.experts_per_tok)[1]
+    weights = jnp.take_along_axis(scores, ids, axis=-1)
+    return weights / (weights.sum(-1, keepdims=True) + 1e-20) * cfg.routed_scale, ids
+
+
+@partial(jax.jit, static_argnames=("limit",))
+def _shared_expert(routed: jax.Array, h: jax.Array, w: dict[str, jax.Array], *, limit: float) -> jax.Array:
+    return routed + swiglu(h, *(w[f"{_SHARED}{n}/kernel"] for n in EXPERTS), limit=limit)
+
+
+def moe(h: jax.Array, layer: dict[str, np.ndarray], w: dict[str, jax.Array], tokens: np.ndarray,
+        cfg: Deepseek4Config, hashed: bool) -> jax.Array:
+    """The MoE block on its normalised input h (B,T,E), float32: routed experts streamed by the shared block
+    (`routed_experts`: only the hit experts, read from `layer` a group at a time), then the shared expert (`w`: the
+    layer's other leaves, on the device)."""
     b, t, e = h.shape
-    f32 = lambda a: np.asarray(a, np.float32)  # noqa: E731
-    flat = f32(h).reshape(-1, e)
-    scores = np.sqrt(np.logaddexp(np.float32(0), flat @ f32(w[MOE + "gate/kernel"])))
-    if hashed:
-        ids = np.asarray(w[MOE + "tid2eid"]).astype(np.int64)[tokens.reshape(-1)]
-    else:   # top-k, ties to the lower index (jax.lax.top_k's order)
-        ids = np.argsort(-(scores + f32(w[MOE + "gate/bias"])), axis=-1, kind="stable")[:, : cfg.experts_per_tok]
-    weights = np.take_along_axis(scores, ids, axis=-1)
-    weights = weights / (weights.sum(-1, keepdims=True) + np.float32(1e-20)) * np.float32(cfg.routed_scale)
-    out = np.zeros_like(flat)
-    for x in np.unique(ids):
-        rows, slot = np.nonzero(ids == x)
-        y = clamped_swiglu(flat[rows], f32(w[MOE + "wi_0"][x]), f32(w[MOE + "wi_1"][x]), f32(w[MOE + "wo"][x]),
-                           cfg.swiglu_limit)
-        np.add.at(out, rows, y * weights[rows, slot][:, None])
-    shared = clamped_swiglu(flat, *(f32(w[f"mlp/shared_experts/{n}/kernel"]) for n in ("wi_0", "wi_1", "wo")),
-                            cfg.swiglu_limit)
-    return (out + shared).reshape(b, t, e)
+    flat = h.reshape(-1, e)
+    if hashed:   # tid2eid is float32 in MaxText (exact below 2^24)
+        hash_ids, bias = jnp.asarray(np.asarray(layer[MOE + "tid2eid"])[tokens.reshape(-1)].astype(np.int32)), None
+    else:
+        hash_ids, bias = None, w[MOE + "gate/bias"]
+    weights, ids = route(flat, w[MOE + "gate/kernel"], bias, hash_ids, cfg)
+    experts = {n: layer[MOE + n] for n in EXPERTS}
+    routed = routed_experts(jnp.zeros_like(flat), flat, np.asarray(ids), np.asarray(weights), experts, "float32",
+                            GatedExpert(limit=cfg.swiglu_limit or None))
+    return _shared_expert(routed, flat, w, limit=cfg.swiglu_limit or None).reshape(b, t, e)
 
 
 # -------------------------------------------------------------------------------------------------------- forward
@@ -282,14 +293,14 @@ def rope_cos_sin(cfg: Deepseek4Config, length: int) -> dict:
 def deepseek4_logits(params: ParamSource, cfg: Deepseek4Config, tokens: np.ndarray, dtype: str = "float32"
                      ) -> tuple[np.ndarray, list[str]]:
     """tokens int (B,T) -> (logits float32 (B,T,V), notes), with MaxText's deepseek4 math in float32, one layer
-    read at a time (its MoE computed on the host in numpy, expert by expert)."""
+    read at a time (its routed experts a group at a time: `routed_experts`)."""
     tokens = np.asarray(tokens)
     x = embed_tokens(params, cfg, tokens, "float32")
     x = jnp.broadcast_to(x[:, :, None, :], (*x.shape[:2], cfg.hc_mult, x.shape[-1]))
     tables = rope_cos_sin(cfg, tokens.shape[1])
     for i in range(cfg.num_layers):
         layer = params.layer(i)
-        dense = to_device(layer, skip=tuple(k for k in layer if k.startswith("mlp/")))   # the MoE runs on the host
+        dense = to_device(layer, skip=tuple(MOE + n for n in (*EXPERTS, "tid2eid")))   # experts: streamed
         w = {k: v.astype(jnp.float32) for k, v in dense.items()}
         post, comb, h = hyper_connection(x, {k.removeprefix("mhc_attention/"): v for k, v in w.items()}, cfg)
         attn = attention(_norm(h, w[_PRE_NORM], eps=cfg.rms_eps),
@@ -297,11 +308,10 @@ def deepseek4_logits(params: ParamSource, cfg: Deepseek4Config, tokens: np.ndarr
                          *tables["compress" if cfg.ratios[i] else "main"])
         x = mix_streams(x, attn, post, comb)
         post, comb, h = hyper_connection(x, {k.removeprefix("mhc_mlp/"): v for k, v in w.items()}, cfg)
-        experts = {k: v for k, v in layer.items() if k.startswith("mlp/")}
-        y = moe(np.asarray(_norm(h, w[_POST_NORM], eps=cfg.rms_eps)), experts, tokens, cfg, i < cfg.hash_layers)
-        x = mix_streams(x, jnp.asarray(y), post, comb).block_until_ready()
+        y = moe(_norm(h, w[_POST_NORM], eps=cfg.rms_eps), layer, w, tokens, cfg, i < cfg.hash_layers)
+        x = mix_streams(x, y, post, comb).block_until_ready()
         release(dense)
-        del layer, experts, w
+        del layer, w
     head = {k: jnp.asarray(params.top(f"decoder/hc_head/{k}"), jnp.float32) for k in ("hc_fn", "hc_scale", "hc_base")}
     logits = _head(x, head, jnp.asarray(params.top(FINAL_NORM)), jnp.asarray(params.top(LM_HEAD)), cfg=cfg)
     return np.asarray(logits, np.float32)[..., : cfg.vocab], list(cfg.notes)

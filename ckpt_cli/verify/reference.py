@@ -13,7 +13,8 @@ real positions). Two ways to hold the weights, chosen by `load`:
   Mixtral into `mlp.experts.gate_up_proj` / `down_proj` and renames Mixtral's `block_sparse_moe` to
   `mlp`), each layer's file tensors go through transformers' own load-time conversion
   (`transformers.conversion_mapping`), the one `from_pretrained` applies. Non-persistent buffers
-  computed from the config (RoPE frequencies, Gemma3's embedding scale) are rebuilt.
+  computed from the config (RoPE frequencies, Gemma3's embedding scale) are rebuilt; so are the RoPE modules inside
+  a layer (DeepSeek-V4's compressors and indexer), each time the layer loads.
   A multimodal release (Gemma 3/4, Llama 4: the language model under `model.language_model.` or
   `language_model.model.`) streams its text model alone (the config's text config, the files' text tensors
   renamed), which is the model ckpt converts.
@@ -422,13 +423,17 @@ class StreamedModel:
                     module.forward = self._experts_forward(module, prefix, i)
             self.expert_keys.append(keys)
             self.layer_groups[i] = [k for k in self.layer_groups[i] if k not in keys]
+        # RoPE modules inside a layer (DeepSeek-V4's compressors and indexer): rebuilt from the config as it loads
+        self.layer_ropes = [[n for n, m in layer.named_modules() if n.endswith("rotary_emb")
+                             and _rebuildable(m, config)] for layer in layers]
         for i, layer in enumerate(layers):
             unbuilt = [k for k in layer.state_dict() if f"{LAYERS_PREFIX}{i}.{k}" not in self.map.produced]
             if unbuilt:   # e.g. experts stored in a layout transformers' load-time conversion does not know
                 how = "" if self.map.api else " (this transformers has no weight-conversion API)"
                 raise CkptError(f"cannot stream {cls}: transformers holds {LAYERS_PREFIX}{i}.{unbuilt[0]}, which "
                                 f"it cannot build from the weight files{how}; use --hf-load full, or --golden")
-            lost = {n for n, _ in layer.named_buffers()} - set(layer.state_dict())
+            lost = {n for n, _ in layer.named_buffers() if not any(n.startswith(r + ".") for r in self.layer_ropes[i])
+                    } - set(layer.state_dict())
             if lost:
                 raise CkptError(f"cannot stream {cls}: {LAYERS_PREFIX}{i}.{sorted(lost)[0]} is a buffer not in the "
                                 "weight files; use --hf-load full")
@@ -567,6 +572,11 @@ class StreamedModel:
                                                                          for s in streamed)]
             if left:
                 raise CkptError(f"cannot stream: {prefix}{left[0]} was not loaded; use --hf-load full")
+            for name in self.layer_ropes[i]:
+                rope = module.get_submodule(name)
+                parent, _, attr = name.rpartition(".")
+                setattr(module.get_submodule(parent) if parent else module, attr,
+                        type(rope)(config=getattr(rope, "config", self.model.config)))
 
         return hook
 
@@ -579,6 +589,15 @@ class StreamedModel:
 
     def __call__(self, **kwargs):
         return self.model(**kwargs)
+
+
+def _rebuildable(rope, config) -> bool:
+    """Whether a RoPE module inside a layer can be built again from its config alone (else the layer is refused)."""
+    try:
+        type(rope)(config=getattr(rope, "config", config))
+    except (TypeError, ValueError, KeyError, AttributeError):
+        return False
+    return True
 
 
 def _init_buffers(model, name: str, module, torch) -> None:

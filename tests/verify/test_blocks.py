@@ -2,7 +2,8 @@
 the Gemma `+1` RMSNorm, partial rotary RoPE, attention with logit soft-cap and a sliding window (Gemma 2), q/k
 RMSNorm over the whole projection (OLMo 3), q/k/v biases (Qwen2), and the final-logit soft-cap; and, in isolation,
 the pieces only the Llama 4 and Qwen3-Next forwards use: the chunked mask, the L2 and weightless RMS norms, top-k
-sigmoid routing with experts fed the weighted input. Each case also checks that the option changes the result, so a
+sigmoid routing with experts fed the weighted input; the clamped SwiGLU (DeepSeek-V4's `swiglu_limit`, which its
+tiny models' activations never reach). Each case also checks that the option changes the result, so a
 block that ignored it would fail."""
 
 from __future__ import annotations
@@ -221,3 +222,27 @@ def test_sigmoid_routed_experts_fed_the_weighted_input_match_llama4_moe(top_k: i
 
     np.testing.assert_allclose(ours(True), ref.numpy(), rtol=0, atol=2e-5)
     assert np.abs(ours(False) - ref.numpy()).max() > 1e-3
+
+
+def test_clamped_swiglu_matches_deepseek_v4_mlp() -> None:
+    """`gated_mlp(limit=...)` / `GatedExpert(limit=...)` (DeepSeek-V4's `swiglu_limit`) equal transformers'
+    DeepseekV4MLP where the clamp binds (inputs large enough that gate and up exceed the limit); without the limit
+    the result differs."""
+    from transformers import DeepseekV4Config
+    from transformers.models.deepseek_v4.modeling_deepseek_v4 import DeepseekV4MLP
+
+    from ckpt_cli.verify.blocks import GatedExpert, gated_mlp
+
+    torch.manual_seed(0)
+    cfg = DeepseekV4Config(hidden_size=16, moe_intermediate_size=8, swiglu_limit=1.5)
+    mlp = DeepseekV4MLP(cfg).float().eval()
+    x = 3 * torch.randn(5, 16)
+    with torch.no_grad():
+        want = mlp(x).numpy()
+    wi0, wi1, wo = (jnp.asarray(m.weight.detach().numpy().T) for m in (mlp.gate_proj, mlp.up_proj, mlp.down_proj))
+    h = jnp.asarray(x.numpy())
+    got = np.asarray(gated_mlp(h, wi0, wi1, wo, "silu", cfg.swiglu_limit))
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    expert = np.asarray(GatedExpert(limit=cfg.swiglu_limit)(h, {"wi_0": wi0, "wi_1": wi1, "wo": wo}))
+    np.testing.assert_array_equal(expert, got)
+    assert np.abs(np.asarray(gated_mlp(h, wi0, wi1, wo)) - want).max() > 1e-2

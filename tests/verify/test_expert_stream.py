@@ -2,7 +2,8 @@
 
 * MaxText side: the forward with experts read a group at a time from the checkpoint equals the forward with the
   layer read whole, bit for bit (same per-expert math, same order), for Qwen3 MoE, Mixtral, GPT-OSS, Qwen3-Next,
-  DeepSeek-V3 and Llama 4; no read of an expert leaf spans more than a group.
+  DeepSeek-V3, Llama 4 and DeepSeek-V4 (hash-routed and bias-routed layers); experts are read a group at a time,
+  no read of an expert leaf spanning more than a group.
 * Hugging Face side: transformers' own experts module run a group at a time equals the whole model within float32
   rounding (bit for bit with one group), holding at most a group of experts.
 * The group comes from the memory budget (or --expert-group), and the plan is printed up front and in --json.
@@ -31,8 +32,8 @@ from ckpt_cli.verify.run import forward_config, maxtext_forward
 from tests.conftest import make_hf_model, read_config
 
 runner = CliRunner()
-KINDS = ["qwen3-moe", "mixtral", "gpt-oss", "qwen3-next", "deepseek-v3", "llama4"]
-PROMPTS = [Prompt(tuple(range(3, 43))), Prompt((5, 9, 77, 2, 11))]
+KINDS = ["qwen3-moe", "mixtral", "gpt-oss", "qwen3-next", "deepseek-v3", "llama4", "deepseek4"]
+PROMPTS = [Prompt(tuple(range(3, 43))), Prompt((5, 9, 61, 2, 11))]   # ids < 64: the tiny DeepSeek-V4 vocabulary
 
 
 def _model(kind: str):
@@ -44,6 +45,10 @@ def _model(kind: str):
         from tests.families.test_llama4 import make_model
 
         return make_model("scout", "float32")
+    if kind == "deepseek4":   # hash-routed layers 0-2, then bias-routed ones; 16 indexer heads: no ties
+        from tests.families.test_deepseek4 import tiny_model
+
+        return tiny_model(seed=2, index_n_heads=16)
     return make_hf_model(kind, "float32")
 
 
@@ -90,6 +95,7 @@ def test_maxtext_forward_with_streamed_experts_equals_whole_layers_bit_for_bit(m
         params, _ = _params(mt, group)
         got, _ = maxtext_forward(params, fcfg, PROMPTS, "f32")
         assert widest and max(widest) <= group
+        assert group == 1 or max(widest) > 1        # read a group at a time, not expert by expert
         assert params.bytes_read <= whole.bytes_read
         for a, b in zip(expected, got, strict=True):
             np.testing.assert_array_equal(a, b)
