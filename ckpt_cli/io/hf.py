@@ -372,7 +372,27 @@ def dequantize_blocks(w: np.ndarray, scale_inv: np.ndarray, row_offset: int, blo
     if scale_inv.shape[1] != want[1] or scale_inv.shape[0] < want[0]:
         raise SourceError(f"fp8 scale shape {scale_inv.shape} does not cover a weight of {cols} columns "
                           f"in {bh}x{bw} blocks")
+    x = _as_float32(w)
+    if rows and row_offset % bh == 0 and rows % bh == 0 and cols % bw == 0:   # whole blocks: scaled in place
+        first = row_offset // bh
+        scale = scale_inv[first:first + rows // bh].astype(np.float32)
+        x.reshape(rows // bh, bh, cols // bw, bw).__imul__(scale[:, None, :, None])
+        return x.astype(dtype)
     r_idx = np.arange(row_offset, row_offset + rows) // bh
     c_idx = np.arange(cols) // bw
     scale = scale_inv.astype(np.float32)[r_idx][:, c_idx]
-    return (w.astype(np.float32) * scale).astype(dtype)
+    return (x * scale).astype(dtype)
+
+
+_FLOAT32_OF_BYTE: dict[np.dtype, np.ndarray] = {}
+
+
+def _as_float32(w: np.ndarray) -> np.ndarray:
+    """`w` as a new float32 array: a one-byte float (e4m3) through a 256-entry table (the same values as
+    `astype`, several times faster: the dequantization is CPU-bound on small machines)."""
+    if w.dtype.itemsize != 1:
+        return w.astype(np.float32)
+    table = _FLOAT32_OF_BYTE.get(w.dtype)
+    if table is None:
+        table = _FLOAT32_OF_BYTE[w.dtype] = np.arange(256, dtype=np.uint8).view(w.dtype).astype(np.float32)
+    return np.take(table, np.ascontiguousarray(w).view(np.uint8))

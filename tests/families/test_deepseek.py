@@ -368,6 +368,26 @@ def test_fp8_row_pieces_dequantize_with_offsets(monkeypatch):
         assert np.array_equal(dequantize_blocks(q[a:b], s, a, (128, 128), np.dtype(np.float32)), whole[a:b])
 
 
+@pytest.mark.parametrize("shape,offset,block", [((256, 384), 0, (128, 128)), ((128, 256), 128, (128, 128)),
+                                                 ((100, 200), 0, (128, 128)), ((64, 64), 32, (16, 16)),
+                                                 ((16, 16), 0, (8, 8))])
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_fp8_dequantization_equals_the_formula_bit_for_bit(shape, offset, block, dtype):
+    """Every e4m3 byte (NaNs included), whole and ragged blocks, row pieces: the fast path (a byte table, scales
+    applied in place per block) gives exactly `float32(w) * float32(scale[i // bh, j // bw])`, cast once."""
+    from ckpt_cli.io.hf import dequantize_blocks
+
+    rng = np.random.default_rng(7)
+    w = rng.integers(0, 256, size=shape, dtype=np.uint8).view(ml_dtypes.float8_e4m3fn)
+    bh, bw = block
+    s = rng.random((-(-(offset + shape[0]) // bh), -(-shape[1] // bw))).astype(np.float32)
+    want = (w.astype(np.float32) * s[np.arange(offset, offset + shape[0]) // bh][:, np.arange(shape[1]) // bw])
+    want = want.astype(ml_dtypes.bfloat16 if dtype == "bfloat16" else np.float32)
+    got = dequantize_blocks(w, s, offset, block, want.dtype)
+    assert got.dtype == want.dtype
+    assert np.array_equal(got.view(f"u{got.itemsize}"), want.view(f"u{want.itemsize}"))
+
+
 # ---------------------------------------------------------------- golden shapes (Appendix A), no data
 
 V2_LITE = {
