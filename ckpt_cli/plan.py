@@ -353,14 +353,18 @@ def _span_axis(rule: Rule, shape: Shape, stack_axes: tuple[int, ...], dims: Dims
     return None
 
 
+def _block_layers(block: Block | None) -> list[tuple[tuple[int, ...], int | None]]:
+    """(stack index, HF layer) of every layer a block's leaf holds: one unindexed entry for a global leaf."""
+    if block is None:
+        return [((), None)]
+    if block.stacked:
+        return [(block.stack_index(s), hf) for s, hf in enumerate(block.hf_layers)]
+    return [((), block.hf_layers[0])]
+
+
 def _tasks(rule: Rule, block: Block | None, dims: Dims) -> tuple[SliceTask, ...]:
     experts = range(dims[rule.experts]) if rule.experts is not None else [None]
-    if block is None:
-        layers: list[tuple[tuple[int, ...], int | None]] = [((), None)]
-    elif block.stacked:
-        layers = [(block.stack_index(s), hf) for s, hf in enumerate(block.hf_layers)]
-    else:
-        layers = [((), block.hf_layers[0])]
+    layers = _block_layers(block)
     tasks = []
     for e, (s, hf_layer) in itertools.product(experts, layers):
         index = (*(() if e is None else (e,)), *s)
@@ -380,12 +384,7 @@ def _joined_tasks(rule: Rule, block: Block | None, dims: Dims) -> tuple[SliceTas
     assert join is not None
     rest = eval_shape(rule.hf_shape[1:], dims)
     shapes = {name: (rows, *rest) for name, rows in join.rows(dims).items()}
-    if block is None:
-        layers: list[tuple[tuple[int, ...], int | None]] = [((), None)]
-    elif block.stacked:
-        layers = [(block.stack_index(s), hf) for s, hf in enumerate(block.hf_layers)]
-    else:
-        layers = [((), block.hf_layers[0])]
+    layers = _block_layers(block)
     tasks = []
     for index, hf_layer in layers:
         at = 0
