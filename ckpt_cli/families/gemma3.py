@@ -95,18 +95,27 @@ def model_config(cfg: dict) -> dict:
     return {**TEXT_DEFAULTS, **cfg}
 
 
-def source_names(cfg: dict, names: Collection[str]) -> tuple[Callable[[str], str] | None, list[str]]:
-    """(plan name -> file name, notes) for a multimodal source; (None, []) for a text-only one."""
-    if cfg.get("model_type") != "gemma3":
-        return None, []
-    for prefix in MULTIMODAL_PREFIXES:
-        if any(n.startswith(prefix + "layers.") for n in names):
-            note = (f"multimodal gemma3 source: only the language model ({prefix}*) is converted; the vision "
-                    "tower and projector are left out (MaxText use_multimodal: false), and maxtext-to-hf writes "
-                    "a text-only Gemma3ForCausalLM")
-            return (lambda name, p=prefix: p + name.removeprefix("model.")), [note]
-    raise SourceError("multimodal gemma3 config, but no text-model tensors in the files (expected "
-                      f"{' or '.join(p + 'layers.*' for p in MULTIMODAL_PREFIXES)})")
+def multimodal_source_names(model_type: str, left_out: str, text_class: str):
+    """A family's `source_names` for its multimodal releases (config `model_type`): the language model's tensors,
+    under one of MULTIMODAL_PREFIXES, read as a text model's; `left_out` names the towers skipped (said in a note)."""
+
+    def source_names(cfg: dict, names: Collection[str]) -> tuple[Callable[[str], str] | None, list[str]]:
+        """(plan name -> file name, notes) for a multimodal source; (None, []) for a text-only one."""
+        if cfg.get("model_type") != model_type:
+            return None, []
+        for prefix in MULTIMODAL_PREFIXES:
+            if any(n.startswith(prefix + "layers.") for n in names):
+                note = (f"multimodal {model_type} source: only the language model ({prefix}*) is converted; the "
+                        f"{left_out} are left out (MaxText use_multimodal: false), and maxtext-to-hf writes a "
+                        f"text-only {text_class}")
+                return (lambda name, p=prefix: p + name.removeprefix("model.")), [note]
+        raise SourceError(f"multimodal {model_type} config, but no text-model tensors in the files (expected "
+                          f"{' or '.join(p + 'layers.*' for p in MULTIMODAL_PREFIXES)})")
+
+    return source_names
+
+
+source_names = multimodal_source_names("gemma3", "vision tower and projector", "Gemma3ForCausalLM")
 
 
 def dims(cfg: dict) -> Dims:

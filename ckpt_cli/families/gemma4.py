@@ -35,11 +35,9 @@ use_multimodal: false), and maxtext-to-hf writes a text-only Gemma4ForCausalLM.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection
-
 from ckpt_cli.errors import SourceError, UnsupportedError
 from ckpt_cli.families.base import Block, Dims, Family, Part, attention_dims, config_int, row
-from ckpt_cli.families.gemma3 import MULTIMODAL_PREFIXES, TANH_GELU
+from ckpt_cli.families.gemma3 import TANH_GELU, multimodal_source_names
 
 P = "model.layers.{layer}."
 BLOCK = 6                    # gemma4 (26b, 31b): five local layers, then one global
@@ -75,18 +73,7 @@ def model_config(cfg: dict) -> dict:
     return {**TEXT_DEFAULTS, **{k: v for k, v in cfg.items() if v is not None or k not in TEXT_DEFAULTS}}
 
 
-def source_names(cfg: dict, names: Collection[str]) -> tuple[Callable[[str], str] | None, list[str]]:
-    """(plan name -> file name, notes) for a multimodal source; (None, []) for a text-only one."""
-    if cfg.get("model_type") != "gemma4":
-        return None, []
-    for prefix in MULTIMODAL_PREFIXES:
-        if any(n.startswith(prefix + "layers.") for n in names):
-            note = (f"multimodal gemma4 source: only the language model ({prefix}*) is converted; the vision and "
-                    "audio towers are left out (MaxText use_multimodal: false), and maxtext-to-hf writes a text-only "
-                    "Gemma4ForCausalLM")
-            return (lambda name, p=prefix: p + name.removeprefix("model.")), [note]
-    raise SourceError("multimodal gemma4 config, but no text-model tensors in the files (expected "
-                      f"{' or '.join(p + 'layers.*' for p in MULTIMODAL_PREFIXES)})")
+source_names = multimodal_source_names("gemma4", "vision and audio towers", "Gemma4ForCausalLM")
 
 
 def layer_types(cfg: dict) -> list[str]:
